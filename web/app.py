@@ -1,0 +1,34 @@
+"""Flask application factory: `create_app(settings)`; with no argument, settings from the env."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Response, jsonify
+
+from web.enqueue import Enqueuer
+from web.webhooks.twilio import twilio_blueprint
+from worker.settings import Settings, load_settings
+
+log = logging.getLogger("switchboard.web")
+
+
+def create_app(settings: Settings | None = None, enqueuer: Enqueuer | None = None) -> Flask:
+    """Build the receiver: verify, validate, enqueue. It never calls FHIR or a provider."""
+    settings = settings or load_settings()
+    app = Flask("switchboard")
+    # Twilio posts small forms; anything bigger than this is not a Twilio webhook.
+    app.config["MAX_CONTENT_LENGTH"] = 256 * 1024
+    app.extensions["switchboard.settings"] = settings
+    app.extensions["switchboard.enqueuer"] = enqueuer or Enqueuer.from_settings(settings)
+    app.register_blueprint(twilio_blueprint(settings))
+
+    @app.get("/healthz")
+    def healthz() -> tuple[Response, int]:
+        return jsonify(status="ok"), 200
+
+    @app.errorhandler(413)
+    def too_large(_: Exception) -> tuple[Response, int]:
+        return jsonify(error="payload-too-large"), 413
+
+    return app

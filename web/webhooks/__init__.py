@@ -1,0 +1,1 @@
+"""Provider webhooks: one module per provider."""

@@ -1,0 +1,1 @@
+"""Switchboard worker: FHIR writes, thread matching, channel sends, dead letters."""

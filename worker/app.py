@@ -1,0 +1,19 @@
+"""The worker's Celery app, configured from the environment: `celery -A worker.app worker`."""
+
+from __future__ import annotations
+
+import sys
+
+from worker.celery_app import create_celery
+from worker.runtime import get_runtime
+from worker.settings import ConfigError
+
+try:
+    app = create_celery(get_runtime().settings)
+except ConfigError as exc:  # fail fast, with every problem listed
+    print(exc, file=sys.stderr)
+    raise SystemExit(2) from None
+app.set_current()
+app.set_default()
+
+import worker.tasks  # noqa: E402,F401  (registers the tasks on this app)

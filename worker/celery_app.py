@@ -1,0 +1,52 @@
+"""The Celery application: broker settings that make an accepted message hard to lose."""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu.entity import Queue
+
+from worker.settings import Settings
+
+# Queue names and task names are the public contract with the web receiver and other services.
+QUEUE_INBOUND = "inbound"
+QUEUE_OUTBOUND = "outbound"
+QUEUE_STATUS = "status"
+QUEUES = (QUEUE_INBOUND, QUEUE_OUTBOUND, QUEUE_STATUS)
+TASK_INBOUND_SMS = "switchboard.inbound.sms"
+
+
+def create_celery(settings: Settings) -> Celery:
+    """A Celery app for `settings` (the web uses it only to publish; the worker runs tasks)."""
+    app = Celery("switchboard", set_as_current=False)
+    app.conf.update(
+        broker_url=settings.redis_url,
+        # No result backend: outcomes are written to FHIR and to the dead-letter store.
+        result_backend=None,
+        task_ignore_result=True,
+        # Ack after the task ran, and give the message back if the worker process dies, so a
+        # SIGKILL mid-task means a redelivery (made harmless by conditional creates), not a loss.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_serializer="json",
+        accept_content=["json"],
+        task_queues=[Queue(name) for name in QUEUES],  # type: ignore[no-untyped-call]
+        task_default_queue=QUEUE_INBOUND,
+        task_routes={TASK_INBOUND_SMS: {"queue": QUEUE_INBOUND}},
+        task_create_missing_queues=False,
+        broker_transport_options={
+            # kombu's Redis transport re-delivers an unacked message after this long; it must
+            # exceed every retry countdown, or a message waiting for its ETA runs twice.
+            "visibility_timeout": settings.broker_visibility_timeout_seconds,
+        },
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=3,
+        # The worker reconnects to Redis forever (a restart must not stop processing); the web
+        # publishes with retry=False instead, so a webhook during an outage answers 503 at once.
+        broker_connection_max_retries=None,
+        worker_send_task_events=True,
+        task_send_sent_event=False,
+        worker_hijack_root_logger=True,
+        worker_redirect_stdouts=False,
+    )
+    return app

@@ -1,0 +1,234 @@
+"""`switchboard` console script: dead-letter tooling and the local launcher (`make run`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import urlencode
+
+import redis
+from twilio.request_validator import RequestValidator
+
+from worker.dead_letter import REPLAY_HEADER, DeadLetter, DeadLetterStore
+from worker.settings import ConfigError, Settings, load_settings
+
+
+def _ts(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
+
+
+def _store(settings: Settings) -> DeadLetterStore:
+    return DeadLetterStore(redis.Redis.from_url(settings.redis_url, socket_timeout=5))
+
+
+def _print_entry_line(e: DeadLetter) -> None:
+    print(f"{e.id}  {_ts(e.last_failed_at)}  {e.task:<28} {e.reason:<22} attempts={e.attempts}")
+
+
+def cmd_dlq_list(settings: Settings, args: argparse.Namespace) -> int:
+    """List dead letters, newest failure first."""
+    entries = _store(settings).list(args.limit)
+    if args.json:
+        print(json.dumps([asdict(e) for e in entries], indent=2))
+        return 0
+    if not entries:
+        print("dead-letter store is empty")
+    for e in entries:
+        _print_entry_line(e)
+    return 0
+
+
+def cmd_dlq_show(settings: Settings, args: argparse.Namespace) -> int:
+    """Show one entry in full (payload included: this is an operator tool, not a log)."""
+    entry = _store(settings).get(args.id)
+    if entry is None:
+        print(f"no dead letter {args.id}", file=sys.stderr)
+        return 1
+    data = asdict(entry)
+    data["first_failed_at"] = _ts(entry.first_failed_at)
+    data["last_failed_at"] = _ts(entry.last_failed_at)
+    print(json.dumps(data, indent=2))
+    return 0
+
+
+def cmd_dlq_replay(settings: Settings, args: argparse.Namespace) -> int:
+    """Send entries back to their queue; an entry is removed when its replay succeeds."""
+    from worker.celery_app import create_celery
+
+    store = _store(settings)
+    if args.all:
+        entries = store.list(limit=1_000_000)
+    else:
+        found = store.get(args.id) if args.id else None
+        if found is None:
+            print(f"no dead letter {args.id}", file=sys.stderr)
+            return 1
+        entries = [found]
+    celery = create_celery(settings)
+    for e in entries:
+        celery.send_task(e.task, args=e.args, kwargs=e.kwargs, queue=e.queue or None,
+                         headers={REPLAY_HEADER: e.id})
+        print(f"replaying {e.id} ({e.task}, {e.reason})")
+    print(f"{len(entries)} replayed; entries are removed as their replays succeed")
+    return 0
+
+
+def cmd_dlq_purge(settings: Settings, args: argparse.Namespace) -> int:
+    """Delete every entry."""
+    if not args.yes:
+        print("refusing to purge without --yes", file=sys.stderr)
+        return 2
+    print(f"purged {_store(settings).purge()} dead letters")
+    return 0
+
+
+# -- make run ---------------------------------------------------------------------------------
+
+DEV_DEFAULTS = {
+    "FHIR_CLIENT_ID": "switchboard-dev",
+    "FHIR_CLIENT_SECRET": "switchboard-dev-secret",
+    "TWILIO_ACCOUNT_SID": "ACdev00000000000000000000000000000",
+    "TWILIO_AUTH_TOKEN": "dev-twilio-auth-token",
+    "SMS_THREAD_STRATEGY": "conversation",
+    "UNKNOWN_SENDER_POLICY": "reject",
+}
+DEMO_PATIENT_PHONE = "+15551234567"
+DEMO_CLINIC_PHONE = "+15557654321"
+
+
+def signed_example(settings: Settings, body: str = "Hello from the demo patient") -> str:
+    """A curl command posting a correctly signed Twilio SMS webhook to this service."""
+    url = settings.public_base_url + "/webhooks/twilio/sms"
+    params = {"MessageSid": "SM" + os.urandom(16).hex(), "AccountSid": settings.twilio_account_sid,
+              "From": DEMO_PATIENT_PHONE, "To": DEMO_CLINIC_PHONE, "Body": body, "NumMedia": "0"}
+    sig = RequestValidator(settings.twilio_auth_token.get_secret_value()).compute_signature(
+        url, params)
+    return (f"curl -sS -X POST {shlex.quote(url)} -H {shlex.quote('X-Twilio-Signature: ' + sig)}"
+            f" --data {shlex.quote(urlencode(params))}")
+
+
+def cmd_run(_: Settings | None, args: argparse.Namespace) -> int:
+    """Run the whole service locally on embedded defaults until Ctrl-C."""
+    from worker import devstack
+    from worker.fhir.client import FhirClient
+    from worker.fhir.resources import patient_with_phone
+
+    log_dir = Path(args.log_dir).resolve()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = {**DEV_DEFAULTS, **{k: v for k, v in os.environ.items() if k in DEV_DEFAULTS}}
+    stack = devstack.Stack()
+    try:
+        if "REDIS_URL" in os.environ:
+            env["REDIS_URL"] = os.environ["REDIS_URL"]
+        else:
+            rs = devstack.start_redis(log_dir, port=args.redis_port,
+                                      data_dir=log_dir / "redis-data")
+            stack.children.append(rs)
+            env["REDIS_URL"] = rs.url
+        if "FHIR_BASE_URL" in os.environ:
+            env["FHIR_BASE_URL"] = os.environ["FHIR_BASE_URL"]
+            sandbox = None
+        else:
+            print("starting the FHIR sandbox (Medplum engine; indexing takes a few seconds)...")
+            sandbox = devstack.start_fhir_sandbox(log_dir, port=args.fhir_port)
+            stack.children.append(sandbox)
+            env["FHIR_BASE_URL"] = sandbox.base_url
+        env["PUBLIC_BASE_URL"] = os.environ.get("PUBLIC_BASE_URL",
+                                                f"http://127.0.0.1:{args.port}")
+        settings = load_settings(env)
+        if sandbox is not None:
+            fhir = FhirClient(settings.fhir_base_url, settings.fhir_token_url,
+                              settings.fhir_client_id,
+                              settings.fhir_client_secret.get_secret_value())
+            fhir.create(patient_with_phone(DEMO_PATIENT_PHONE),
+                        if_none_exist=[("phone", DEMO_PATIENT_PHONE)])
+            fhir.close()
+        child_env = settings.as_env()
+        stack.children.append(devstack.start_worker(child_env, log_dir))
+        stack.children.append(devstack.start_web(child_env, log_dir, args.port))
+        print(f"""
+Switchboard is running (logs in {log_dir}).
+  webhook URL   {settings.public_base_url}/webhooks/twilio/sms
+  health        {settings.public_base_url}/healthz
+  FHIR          {settings.fhir_base_url}  (token: POST {settings.fhir_token_url})
+  Redis         {settings.redis_url}
+  strategy      {settings.sms_thread_strategy}, unknown senders: {settings.unknown_sender_policy}
+
+A signed SMS from the demo patient {DEMO_PATIENT_PHONE} (paste it into another shell):
+
+{signed_example(settings)}
+
+Then look for it:  curl -s '{settings.fhir_base_url}Communication?_count=5' with a token, or
+`switchboard dlq list` if it could not be processed. Ctrl-C stops everything.
+""", flush=True)
+        while all(_alive(c) for c in stack.children):
+            time.sleep(0.5)
+        print("a component exited; stopping", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopping...")
+        return 0
+    finally:
+        stack.stop()
+
+
+def _alive(c: object) -> bool:
+    # Stack members are Child objects or wrappers holding one in `.child`.
+    child = c if hasattr(c, "proc") else getattr(c, "child", None)
+    proc = getattr(child, "proc", None)
+    return proc is None or proc.poll() is None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line."""
+    p = argparse.ArgumentParser(prog="switchboard", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the whole service locally (make run)")
+    run.add_argument("--port", type=int, default=int(os.environ.get("WEB_PORT", "8000")))
+    run.add_argument("--redis-port", type=int, default=None)
+    run.add_argument("--fhir-port", type=int, default=0)
+    run.add_argument("--log-dir", default=".run")
+    run.set_defaults(func=cmd_run, needs_settings=False)
+
+    dlq = sub.add_parser("dlq", help="dead-letter store").add_subparsers(dest="dlq",
+                                                                          required=True)
+    ls = dlq.add_parser("list", help="list entries, newest first")
+    ls.add_argument("--limit", type=int, default=100)
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_dlq_list)
+    show = dlq.add_parser("show", help="one entry in full")
+    show.add_argument("id")
+    show.set_defaults(func=cmd_dlq_show)
+    replay = dlq.add_parser("replay", help="send entries back to their queue")
+    group = replay.add_mutually_exclusive_group(required=True)
+    group.add_argument("id", nargs="?")
+    group.add_argument("--all", action="store_true")
+    replay.set_defaults(func=cmd_dlq_replay)
+    purge = dlq.add_parser("purge", help="delete every entry")
+    purge.add_argument("--yes", action="store_true")
+    purge.set_defaults(func=cmd_dlq_purge)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `switchboard` console script."""
+    args = build_parser().parse_args(argv)
+    settings = None
+    if getattr(args, "needs_settings", True):
+        try:
+            settings = load_settings()
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+    return int(args.func(settings, args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

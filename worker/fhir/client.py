@@ -1,0 +1,194 @@
+"""One pooled FHIR HTTP client per worker process, with OAuth2 client credentials."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from worker.fhir.outcome import FhirTransientError, classify
+from worker.fhir.query import Params, query_string
+
+FHIR_JSON = "application/fhir+json"
+# Refresh this long before the token's stated expiry, so a request never races the deadline.
+TOKEN_REFRESH_MARGIN_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class FhirResponse:
+    """A successful FHIR answer: status (200/201) and the resource or Bundle returned."""
+
+    status: int
+    resource: dict[str, Any]
+
+    @property
+    def created(self) -> bool:
+        """True when the server created a new resource (201), False when it found one (200)."""
+        return self.status == 201
+
+
+class TokenSource:
+    """OAuth2 client-credentials token, cached and refreshed before expiry (thread-safe)."""
+
+    def __init__(self, http: httpx.Client, token_url: str, client_id: str, secret: str) -> None:
+        self._http = http
+        self._token_url = token_url
+        self._client_id = client_id
+        self._secret = secret
+        self._lock = threading.Lock()
+        self._token: str | None = None
+        self._expires_at = 0.0
+
+    def get(self) -> str:
+        """A bearer token valid for at least the refresh margin."""
+        with self._lock:
+            if self._token is None or time.monotonic() >= self._expires_at:
+                self._fetch()
+            assert self._token is not None
+            return self._token
+
+    def invalidate(self, token: str) -> None:
+        """Forget `token` after a 401, unless another thread already replaced it."""
+        with self._lock:
+            if self._token == token:
+                self._token = None
+
+    def _fetch(self) -> None:
+        try:
+            resp = self._http.post(
+                self._token_url,
+                data={
+                    "grant_type": "client_credentials",
+                    "client_id": self._client_id,
+                    "client_secret": self._secret,
+                },
+                headers={"Accept": "application/json"},
+            )
+        except httpx.HTTPError as exc:
+            raise FhirTransientError(f"token endpoint unreachable: {type(exc).__name__}") from exc
+        if resp.status_code >= 500 or resp.status_code == 429:
+            raise FhirTransientError(f"token endpoint answered {resp.status_code}",
+                                     resp.status_code)
+        if resp.status_code != 200:
+            # Wrong credentials: retrying the message will not help until an operator fixes
+            # the configuration, but the message must survive until then (see classify, 401).
+            raise FhirTransientError(f"token request refused ({resp.status_code})", 401)
+        body = resp.json()
+        self._token = str(body["access_token"])
+        ttl = float(body.get("expires_in", 3600))
+        self._expires_at = time.monotonic() + max(ttl - TOKEN_REFRESH_MARGIN_SECONDS, ttl / 2)
+
+
+class FhirClient:
+    """The FHIR operations Switchboard uses; every failure is a FhirTransientError or
+    FhirPermanentError (worker.fhir.outcome)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token_url: str,
+        client_id: str,
+        client_secret: str,
+        timeout: float = 10.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._http = httpx.Client(
+            base_url=base_url,
+            timeout=timeout,
+            transport=transport,
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
+            headers={"Accept": FHIR_JSON},
+        )
+        self._tokens = TokenSource(self._http, token_url, client_id, client_secret)
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    # -- operations ---------------------------------------------------------------------------
+
+    def read(self, resource_type: str, resource_id: str) -> FhirResponse:
+        """GET Type/id."""
+        return self._request("GET", f"{resource_type}/{resource_id}")
+
+    def search(self, resource_type: str, params: Params) -> dict[str, Any]:
+        """GET Type?params, returning the searchset Bundle."""
+        return self._request("GET", f"{resource_type}?{query_string(params)}").resource
+
+    def create(self, resource: Mapping[str, Any], if_none_exist: Params | None = None
+               ) -> FhirResponse:
+        """POST a resource; with `if_none_exist`, a conditional create (201 new, 200 found)."""
+        headers = {"If-None-Exist": query_string(if_none_exist)} if if_none_exist else {}
+        return self._request("POST", str(resource["resourceType"]), json=resource,
+                             headers=headers)
+
+    def update(self, resource: Mapping[str, Any], if_match_version: str | None = None
+               ) -> FhirResponse:
+        """PUT Type/id; with a version, only if the stored version still matches (If-Match)."""
+        headers = {"If-Match": f'W/"{if_match_version}"'} if if_match_version else {}
+        return self._request("PUT", f"{resource['resourceType']}/{resource['id']}",
+                             json=resource, headers=headers)
+
+    def upsert(self, resource: Mapping[str, Any], params: Params) -> FhirResponse:
+        """Conditional update `PUT Type?params`: creates (201) or updates (200) one resource."""
+        return self._request("PUT", f"{resource['resourceType']}?{query_string(params)}",
+                             json=resource)
+
+    def transaction(self, bundle: Mapping[str, Any]) -> dict[str, Any]:
+        """POST a transaction Bundle and check every entry's status.
+
+        Without Medplum's `transaction-bundles` feature a failing entry does not roll back the
+        others and the Bundle still comes back 200, so the per-entry statuses are the truth.
+        """
+        result = self._request("POST", "", json=bundle).resource
+        for entry in result.get("entry") or []:
+            status = str((entry.get("response") or {}).get("status", "200"))
+            code = int(status.split()[0])
+            err = classify(code, {}, (entry.get("response") or {}).get("outcome"))
+            if err is not None:
+                raise err
+        return result
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def _request(self, method: str, url: str, json: Any = None,
+                 headers: Mapping[str, str] | None = None) -> FhirResponse:
+        hdrs = dict(headers or {})
+        if json is not None:
+            hdrs["Content-Type"] = FHIR_JSON
+        for attempt in (1, 2):
+            token = self._tokens.get()
+            hdrs["Authorization"] = f"Bearer {token}"
+            try:
+                resp = self._http.request(method, url, json=json, headers=hdrs)
+            except httpx.TimeoutException as exc:
+                raise FhirTransientError(f"timeout on {method} {_path(url)}") from exc
+            except httpx.TransportError as exc:
+                raise FhirTransientError(
+                    f"{type(exc).__name__} on {method} {_path(url)}") from exc
+            if resp.status_code == 401 and attempt == 1:
+                # Tokens can be revoked or expire early; refresh once, then believe the 401.
+                self._tokens.invalidate(token)
+                continue
+            break
+        body = _json_or_none(resp)
+        err = classify(resp.status_code, resp.headers, body)
+        if err is not None:
+            raise err
+        return FhirResponse(resp.status_code, body if isinstance(body, dict) else {})
+
+
+def _path(url: str) -> str:
+    # Only the resource type goes into error text: a query string may carry a phone number.
+    return url.split("?", 1)[0].split("/", 1)[0] or "/"
+
+
+def _json_or_none(resp: httpx.Response) -> Any:
+    try:
+        return resp.json()
+    except ValueError:
+        return None

@@ -1,0 +1,102 @@
+"""Builders for the FHIR resources Switchboard writes (pure; no I/O).
+
+Data model (Medplum messaging): a thread is a header `Communication` without `partOf`, with the
+patient as `subject`, a `topic`, the `medium` and the participants as `recipient`; each message is
+a child `Communication` whose `partOf` points at the header.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from worker.channels import InboundMessage
+
+PARTICIPATION_MODE = "http://terminology.hl7.org/CodeSystem/v3-ParticipationMode"
+_MEDIUM_DISPLAY = {"SMSWRIT": "SMS writing", "EMAILWRIT": "email writing"}
+_TOPIC = {"sms": "SMS conversation", "email": "Email conversation"}
+
+Resource = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class IdentifierSystems:
+    """The identifier systems that make our writes idempotent (configurable, see README)."""
+
+    message: str  # provider message ids (Twilio MessageSid)
+    conversation: str  # external conversation ids on thread headers
+    thread: str  # deterministic ids of headers we create (active-thread, new-thread)
+    clinic_number: str  # the clinic's own number, when the clinic is a logical reference
+
+
+def medium(code: str) -> Resource:
+    """A `medium` CodeableConcept in v3-ParticipationMode."""
+    return {"coding": [{"system": PARTICIPATION_MODE, "code": code,
+                        "display": _MEDIUM_DISPLAY.get(code, code)}]}
+
+
+def identifier(system: str, value: str) -> Resource:
+    """An Identifier."""
+    return {"system": system, "value": value}
+
+
+def clinic_participant(msg: InboundMessage, systems: IdentifierSystems, clinic_reference: str
+                       ) -> Resource:
+    """The clinic side of a thread: a configured reference, else the clinic's number."""
+    if clinic_reference:
+        return {"reference": clinic_reference}
+    return {"identifier": identifier(systems.clinic_number, msg.clinic_address),
+            "display": f"Clinic {msg.channel.upper()} line"}
+
+
+def payload(msg: InboundMessage) -> list[Resource]:
+    """Text then attachments; FHIR forbids empty strings, so an empty body adds no text."""
+    items: list[Resource] = []
+    if msg.body:
+        items.append({"contentString": msg.body})
+    items += [{"contentAttachment": {"url": a.url, "contentType": a.content_type}}
+              for a in msg.attachments]
+    return items
+
+
+def thread_header(msg: InboundMessage, patient_ref: str, identifiers: list[Resource],
+                  clinic: Resource) -> Resource:
+    """A new thread header for `msg`'s patient."""
+    return {
+        "resourceType": "Communication",
+        "status": "in-progress",
+        "identifier": identifiers,
+        "subject": {"reference": patient_ref},
+        "topic": {"text": _TOPIC.get(msg.channel, "Conversation")},
+        "medium": [medium(msg.medium_code)],
+        "recipient": [{"reference": patient_ref}, clinic],
+        "sent": msg.received_at,
+    }
+
+
+def inbound_message(msg: InboundMessage, header_ref: str, patient_ref: str,
+                    systems: IdentifierSystems, clinic: Resource) -> Resource:
+    """The child Communication for one inbound message."""
+    resource: Resource = {
+        "resourceType": "Communication",
+        "status": "in-progress",
+        "identifier": [identifier(systems.message, msg.provider_message_id)],
+        "partOf": [{"reference": header_ref}],
+        "subject": {"reference": patient_ref},
+        "sender": {"reference": patient_ref},
+        "recipient": [clinic],
+        "sent": msg.received_at,
+        "medium": [medium(msg.medium_code)],
+    }
+    content = payload(msg)
+    if content:
+        resource["payload"] = content
+    return resource
+
+
+def patient_with_phone(e164: str) -> Resource:
+    """A minimal Patient for an unknown sender (UNKNOWN_SENDER_POLICY=create-patient)."""
+    return {
+        "resourceType": "Patient",
+        "telecom": [{"system": "phone", "value": e164, "use": "mobile"}],
+    }

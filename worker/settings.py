@@ -1,0 +1,137 @@
+"""Typed settings: the only reader of the environment (STYLE.md habit 8)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ThreadStrategy = Literal["conversation", "active-thread", "new-thread"]
+UnknownSenderPolicy = Literal["reject", "create-patient"]
+
+# What to tell an operator for each setting that is missing or wrong.
+_HINTS: dict[str, str] = {
+    "REDIS_URL": "set it to the broker, e.g. redis://127.0.0.1:6379/0",
+    "FHIR_BASE_URL": "set it to the FHIR base, e.g. https://api.medplum.com/fhir/R4/",
+    "FHIR_CLIENT_ID": "set it to the Medplum ClientApplication id (client credentials)",
+    "FHIR_CLIENT_SECRET": "set it to the Medplum ClientApplication secret",
+    "FHIR_TOKEN_URL": "leave unset for <base origin>/oauth2/token, or give the full token URL",
+    "TWILIO_ACCOUNT_SID": "set it to your Twilio Account SID (starts with AC)",
+    "TWILIO_AUTH_TOKEN": "set it to your Twilio auth token (used to verify webhook signatures)",
+    "PUBLIC_BASE_URL": "set it to the public https URL Twilio calls, e.g. https://sb.example.org",
+    "SMS_THREAD_STRATEGY": "one of: conversation, active-thread, new-thread",
+    "UNKNOWN_SENDER_POLICY": "one of: reject, create-patient",
+}
+
+
+class ConfigError(Exception):
+    """The environment does not describe a runnable service; str() lists every problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+        self.problems = problems
+
+
+class Settings(BaseSettings):
+    """Everything Switchboard reads from its environment, validated at start-up."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+
+    redis_url: str
+    fhir_base_url: str
+    fhir_client_id: str = Field(min_length=1)
+    fhir_client_secret: SecretStr
+    fhir_token_url: str = ""
+    fhir_timeout_seconds: float = Field(default=10.0, gt=0)
+    twilio_account_sid: str = Field(min_length=1)
+    twilio_auth_token: SecretStr
+    public_base_url: str
+    sms_thread_strategy: ThreadStrategy = "conversation"
+    unknown_sender_policy: UnknownSenderPolicy = "reject"
+
+    # Identifier systems (documented in the README). Changing one after go-live orphans the
+    # idempotency keys already written, so they are settings rather than code constants.
+    message_id_system: str = "https://www.twilio.com/docs/api/messaging/message#sid"
+    conversation_id_system: str = "urn:switchboard:sms-conversation"
+    thread_id_system: str = "urn:switchboard:thread"
+    clinic_number_system: str = "urn:switchboard:clinic-number"
+    # Optional reference (e.g. "Organization/123") for the clinic side of a thread; when empty
+    # the clinic is a logical reference by its Twilio number.
+    clinic_reference: str = ""
+
+    # Retries of transient failures: exponential backoff with full jitter, capped.
+    retry_max_attempts: int = Field(default=10, ge=1, le=100)
+    retry_backoff_base_seconds: float = Field(default=2.0, gt=0)
+    retry_backoff_max_seconds: float = Field(default=300.0, gt=0)
+    # Must exceed the longest countdown, or Redis redelivers a message still waiting (kombu).
+    broker_visibility_timeout_seconds: int = Field(default=3600, ge=60)
+    # How long a processed MessageSid is remembered to skip FHIR for provider retries.
+    inbound_seen_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
+    thread_lock_timeout_seconds: float = Field(default=30.0, gt=0)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, *args, **kwargs):  # type: ignore[no-untyped-def]
+        # load_settings() is the one reader of the environment; the model only validates.
+        return (init_settings,)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, v: str) -> str:
+        if urlsplit(v).scheme not in {"redis", "rediss", "unix"}:
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return v
+
+    @field_validator("fhir_base_url", "public_base_url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in {"http", "https"} or not parts.netloc:
+            raise ValueError("must be an absolute http(s) URL")
+        return v
+
+    @field_validator("fhir_base_url")
+    @classmethod
+    def _trailing_slash(cls, v: str) -> str:
+        # httpx joins relative paths onto the base only when it ends with a slash.
+        return v if v.endswith("/") else v + "/"
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _no_trailing_slash(cls, v: str) -> str:
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _default_token_url(self) -> Settings:
+        if not self.fhir_token_url:
+            parts = urlsplit(self.fhir_base_url)
+            object.__setattr__(self, "fhir_token_url", f"{parts.scheme}://{parts.netloc}/oauth2/token")
+        return self
+
+    def as_env(self) -> dict[str, str]:
+        """The settings as environment variables, to hand to a child process."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump().items():
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            env[name.upper()] = str(value)
+        return env
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from the environment, or raise ConfigError naming every bad value."""
+    source = os.environ if environ is None else environ
+    values = {k.lower(): v for k, v in source.items() if k.lower() in Settings.model_fields}
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            name = str(err["loc"][0]).upper() if err["loc"] else "SETTINGS"
+            what = "missing" if err["type"] == "missing" else err["msg"]
+            hint = _HINTS.get(name, "")
+            problems.append(f"{name}: {what}" + (f" ({hint})" if hint else ""))
+        raise ConfigError(problems) from None
