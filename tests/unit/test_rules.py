@@ -1,0 +1,161 @@
+"""Pure rules: phone numbers, query encoding, error classification, backoff, payload parsing."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from worker.backoff import retry_delay
+from worker.channels.twilio import TwilioSignature, missing_fields, parse_inbound
+from worker.errors import PermanentError
+from worker.fhir.outcome import (
+    FhirPermanentError,
+    FhirTransientError,
+    classify,
+    outcome_text,
+    retry_after_seconds,
+)
+from worker.fhir.query import conditional_reference, query_string
+from worker.phones import InvalidPhoneNumber, search_variants, to_e164
+
+
+@pytest.mark.parametrize(("raw", "e164"), [
+    ("+15551234567", "+15551234567"),
+    ("+1 (555) 123-4567", "+15551234567"),
+    ("(555) 123-4567", "+15551234567"),
+    ("555.123.4567", "+15551234567"),
+    ("15551234567", "+15551234567"),
+    ("whatsapp:+447911123456", "+447911123456"),
+    ("00447911123456", "+447911123456"),
+    (" 15551234567", "+15551234567"),  # '+' decoded to ' ' by a careless hop
+])
+def test_to_e164(raw: str, e164: str) -> None:
+    assert to_e164(raw) == e164
+
+
+@pytest.mark.parametrize("raw", ["", "hello", "+0123456789", "+12", "+1234567890123456"])
+def test_to_e164_rejects_non_numbers(raw: str) -> None:
+    with pytest.raises(InvalidPhoneNumber):
+        to_e164(raw)
+
+
+def test_search_variants_cover_common_national_formats() -> None:
+    v = search_variants("+15551234567")
+    assert v[0] == "+15551234567"
+    for fmt in ("15551234567", "5551234567", "(555) 123-4567", "555-123-4567", "555.123.4567"):
+        assert fmt in v
+    assert search_variants("+447911123456") == ["+447911123456", "447911123456"]
+
+
+def test_plus_is_always_percent_encoded() -> None:
+    assert query_string([("phone", "+15551234567")]) == "phone=%2B15551234567"
+    assert conditional_reference("Patient", {"phone": "+1 555"}) == "Patient?phone=%2B1%20555"
+    # '|' and ',' keep their FHIR meaning.
+    assert query_string([("identifier", "sys|v1,v2")]) == "identifier=sys|v1,v2"
+
+
+@given(st.text())
+def test_no_raw_plus_or_space_ever_reaches_a_query(value: str) -> None:
+    q = query_string([("k", value)])
+    assert "+" not in q and " " not in q
+
+
+def test_classify_table() -> None:
+    oo = {"resourceType": "OperationOutcome",
+          "issue": [{"severity": "error", "code": "invalid", "details": {"text": "Bad thing"},
+                     "expression": ["Communication.status"]}]}
+    assert classify(200, {}, {}) is None
+    assert classify(201, {}, {}) is None
+    for status in (500, 502, 503, 504, 408):
+        assert isinstance(classify(status, {}, None), FhirTransientError)
+    for status in (400, 404, 409, 410, 412, 422):
+        err = classify(status, {}, oo)
+        assert isinstance(err, FhirPermanentError)
+        assert err.outcome_text == "Bad thing (Communication.status)"
+        assert err.reason == f"fhir-{status}"
+    throttled = classify(429, {"RateLimit": '"requests";r=0;t=7, "fhirInteractions";r=0;t=56'},
+                         None)
+    assert isinstance(throttled, FhirTransientError)
+    assert throttled.retry_after == 56
+    assert throttled.reason == "fhir-throttled"
+    assert isinstance(classify(401, {}, None), FhirTransientError)
+
+
+def test_retry_after_prefers_retry_after_header() -> None:
+    assert retry_after_seconds({"Retry-After": "3"}) == 3
+    assert retry_after_seconds({"ratelimit": '"requests";r=10;t=2'}) == 2
+    assert retry_after_seconds({}) is None
+
+
+def test_unresolved_reference_is_read_from_the_outcome() -> None:
+    text = outcome_text({"resourceType": "OperationOutcome", "issue": [{
+        "details": {"text": "Conditional reference 'Patient?phone=%2B1' did not match any "
+                            "resources"}, "expression": ["Communication.sender"]}]})
+    err = FhirPermanentError(400, text)
+    assert err.unresolved_reference() == "Patient?phone=%2B1"
+    assert err.ambiguous_reference() is None
+    many = FhirPermanentError(400, "Conditional reference 'Patient?x=1' matched multiple "
+                                   "resources")
+    assert many.ambiguous_reference() == "Patient?x=1"
+
+
+@given(st.integers(min_value=1, max_value=50), st.floats(min_value=0, max_value=1000))
+def test_backoff_is_bounded_and_honours_server_hint(attempt: int, hint: float) -> None:
+    rng = random.Random(attempt)
+    d = retry_delay(attempt, 2.0, 300.0, None, rng)
+    assert 0 < d <= 300
+    assert retry_delay(attempt, 2.0, 300.0, hint, rng) >= min(hint, 300)
+
+
+def test_backoff_grows_exponentially() -> None:
+    rng = random.Random(1)
+    lows = [retry_delay(n, 1.0, 1000.0, None, rng) for n in range(1, 8)]
+    for n, d in enumerate(lows, start=1):
+        assert 2 ** (n - 1) / 2 <= d <= 2 ** (n - 1)
+
+
+def test_parse_inbound_mms_and_conversation() -> None:
+    msg = parse_inbound({
+        "MessageSid": "SM1", "From": "+15551234567", "To": "+15557654321", "Body": "pic",
+        "NumMedia": "2", "MediaUrl0": "https://m/0", "MediaContentType0": "image/jpeg",
+        "MediaUrl1": "https://m/1", "ConversationSid": "CH9",
+    }, received_at="2026-11-24T10:00:00.000+00:00")
+    assert msg.sender == "+15551234567"
+    assert [a.url for a in msg.attachments] == ["https://m/0", "https://m/1"]
+    assert msg.attachments[1].content_type == "application/octet-stream"
+    assert msg.conversation_key() == "CH9"
+    plain = parse_inbound({"MessageSid": "SM2", "From": "+15551234567", "To": "+15557654321"},
+                          received_at="2026-11-24T10:00:00Z")
+    assert plain.conversation_key() == "sms:+15551234567:+15557654321"
+    assert plain.body == "" and plain.attachments == ()
+
+
+@pytest.mark.parametrize(("params", "reason"), [
+    ({"From": "+15551234567", "To": "+1555"}, "invalid-payload"),
+    ({"MessageSid": "SM1", "From": "not a number", "To": "+15557654321"}, "invalid-sender"),
+])
+def test_parse_inbound_permanent_errors(params: dict[str, str], reason: str) -> None:
+    with pytest.raises(PermanentError) as exc:
+        parse_inbound(params, received_at="2026-11-24T10:00:00Z")
+    assert exc.value.reason == reason
+
+
+def test_missing_fields_counts_blank_as_missing() -> None:
+    assert missing_fields({"MessageSid": " ", "From": "+1", "To": "x"}) == ["MessageSid"]
+
+
+def test_signature_check_uses_url_and_every_param() -> None:
+    from twilio.request_validator import RequestValidator
+
+    url = "https://sb.example/webhooks/twilio/sms"
+    params = {"MessageSid": "SM1", "Body": "hi"}
+    sig = RequestValidator("tok").compute_signature(url, params)
+    check = TwilioSignature("tok")
+    assert check.is_valid(url, params, sig)
+    assert not check.is_valid(url, {**params, "Body": "changed"}, sig)
+    assert not check.is_valid(url + "?x=1", params, sig)
+    assert not check.is_valid(url, params, None)
+    assert not TwilioSignature("other").is_valid(url, params, sig)
