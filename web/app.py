@@ -8,6 +8,7 @@ from flask import Flask, Response, jsonify
 
 from web.enqueue import Enqueuer
 from web.webhooks.twilio import twilio_blueprint
+from worker import logs
 from worker.settings import Settings, load_settings
 
 log = logging.getLogger("switchboard.web")
@@ -16,6 +17,8 @@ log = logging.getLogger("switchboard.web")
 def create_app(settings: Settings | None = None, enqueuer: Enqueuer | None = None) -> Flask:
     """Build the receiver: verify, validate, enqueue. It never calls FHIR or a provider."""
     settings = settings or load_settings()
+    logs.install()
+    logs.install(logging.getLogger("gunicorn.error"))
     app = Flask("switchboard")
     # Twilio posts small forms; anything bigger than this is not a Twilio webhook.
     app.config["MAX_CONTENT_LENGTH"] = 256 * 1024

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import sys
+from typing import Any
 
+from celery.signals import after_setup_logger, after_setup_task_logger
+
+from worker import logs
 from worker.celery_app import create_celery
 from worker.runtime import get_runtime
 from worker.settings import ConfigError
@@ -17,3 +22,10 @@ app.set_current()
 app.set_default()
 
 import worker.tasks  # noqa: E402,F401  (registers the tasks on this app)
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _redact_worker_logs(logger: logging.Logger, **_: Any) -> None:
+    # Celery configures its handlers after import; attach the PHI filter once they exist.
+    logs.install(logger)

@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     retry_backoff_base_seconds: float = Field(default=2.0, gt=0)
     retry_backoff_max_seconds: float = Field(default=300.0, gt=0)
     # Must exceed the longest countdown, or Redis redelivers a message still waiting (kombu).
-    broker_visibility_timeout_seconds: int = Field(default=3600, ge=60)
+    broker_visibility_timeout_seconds: int = Field(default=3600, ge=1)
     # How long a processed MessageSid is remembered to skip FHIR for provider retries.
     inbound_seen_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
     thread_lock_timeout_seconds: float = Field(default=30.0, gt=0)

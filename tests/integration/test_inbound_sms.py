@@ -7,7 +7,7 @@ import concurrent.futures as cf
 import pytest
 
 from tests.conftest import Services
-from tests.support import CLINIC, Sandbox, eventually, new_sid, post_signed, sms_params
+from tests.support import CLINIC, Sandbox, eventually, post_signed, sms_params
 from worker.fhir.resources import PARTICIPATION_MODE
 
 PATIENT = "+15551234567"

@@ -159,3 +159,18 @@ def test_signature_check_uses_url_and_every_param() -> None:
     assert not check.is_valid(url + "?x=1", params, sig)
     assert not check.is_valid(url, params, None)
     assert not TwilioSignature("other").is_valid(url, params, sig)
+
+
+@pytest.mark.parametrize(("raw", "clean"), [
+    ("GET /Patient?phone=%2B15551234567,5551234567", "GET /Patient?phone=[phone],[phone]"),
+    ("from +1 (555) 123-4567 and (555) 123-4567", "from [phone] and [phone]"),
+    ("mail jane.doe+x@example.org now", "mail [email] now"),
+    ("Authorization: Bearer abc.def-ghi", "Authorization: Bearer [redacted]"),
+    ("Communication/2f7e1e3d-b0f9-4774-a1f4-0179b22a7f5f ok",
+     "Communication/2f7e1e3d-b0f9-4774-a1f4-0179b22a7f5f ok"),
+    ("task abc[SM0123456789abcdef] attempt 3", "task abc[SM0123456789abcdef] attempt 3"),
+])
+def test_redact(raw: str, clean: str) -> None:
+    from worker.logs import redact
+
+    assert redact(raw) == clean

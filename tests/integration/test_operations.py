@@ -1,0 +1,137 @@
+"""The service as operators run it: gunicorn, the dlq commands, a killed worker, clean logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import Services, make_env
+from tests.integration.test_inbound_sms import PATIENT, deliver, landed
+from tests.support import Sandbox, eventually, post_signed, sms_params
+from worker import devstack
+
+SWITCHBOARD = [sys.executable, "-m", "worker.cli"]
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the `switchboard` command line with this configuration."""
+    return subprocess.run([*SWITCHBOARD, *args], env={**os.environ, **env}, capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def test_dead_letter_commands_list_show_replay_purge(services: Services, sandbox: Sandbox
+                                                     ) -> None:
+    svc = services.get(SMS_THREAD_STRATEGY="conversation", UNKNOWN_SENDER_POLICY="reject")
+    params = sms_params(PATIENT, "before I was registered")
+    deliver(svc, params)
+    entry = eventually(lambda: svc.dead_letters.list(), what="dead letter")[0]
+
+    listed = cli(svc.env, "dlq", "list")
+    assert listed.returncode == 0 and entry.id in listed.stdout and "unknown-sender" in \
+        listed.stdout
+    as_json = json.loads(cli(svc.env, "dlq", "list", "--json").stdout)
+    assert as_json[0]["args"][0]["MessageSid"] == params["MessageSid"]
+    shown = json.loads(cli(svc.env, "dlq", "show", entry.id).stdout)
+    assert shown["reason"] == "unknown-sender" and shown["attempts"] == 1
+    assert cli(svc.env, "dlq", "show", "nope").returncode == 1
+
+    # The clinic registers the patient; the replay now succeeds and removes the entry.
+    sandbox.patient(PATIENT)
+    replayed = cli(svc.env, "dlq", "replay", entry.id)
+    assert replayed.returncode == 0, replayed.stderr
+    landed(sandbox, params["MessageSid"])
+    eventually(lambda: svc.dead_letters.count() == 0, what="entry removed after replay")
+
+    # A replay that fails again keeps one entry, with its history.
+    other = sms_params("+15550000001", "still unknown")
+    deliver(svc, other)
+    first = eventually(lambda: svc.dead_letters.list(), what="dead letter")[0]
+    assert cli(svc.env, "dlq", "replay", "--all").returncode == 0
+    again = eventually(lambda: [e for e in svc.dead_letters.list() if e.failures == 2],
+                       what="second failure recorded")[0]
+    assert again.id == first.id and again.attempts == 2
+    assert cli(svc.env, "dlq", "purge").returncode == 2  # needs --yes
+    assert "purged 1" in cli(svc.env, "dlq", "purge", "--yes").stdout
+
+
+def test_bad_configuration_fails_fast_with_every_problem(services: Services) -> None:
+    bad = {k: v for k, v in make_env("redis://x", "https://f/fhir/R4/").items()
+           if k != "TWILIO_AUTH_TOKEN"}
+    bad["SMS_THREAD_STRATEGY"] = "nope"
+    env = {k: v for k, v in os.environ.items() if k not in bad and k != "TWILIO_AUTH_TOKEN"}
+    proc = subprocess.run([*SWITCHBOARD, "dlq", "list"], env={**env, **bad},
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2
+    assert "TWILIO_AUTH_TOKEN: missing" in proc.stderr
+    assert "SMS_THREAD_STRATEGY" in proc.stderr
+
+
+def test_gunicorn_receiver_end_to_end(services: Services, sandbox: Sandbox, log_dir: Path
+                                      ) -> None:
+    svc = services.get(SMS_THREAD_STRATEGY="conversation")
+    port = devstack.free_port()
+    web = devstack.start_web(svc.env, log_dir, port)
+    try:
+        patient = sandbox.patient(PATIENT)
+        params = sms_params(PATIENT, "through gunicorn")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as http:
+            assert http.get("/healthz").json() == {"status": "ok"}
+            resp = post_signed(http, params)
+            assert resp.status_code == 200 and "<Response>" in resp.text
+            forged = http.post("/webhooks/twilio/sms", data=params)
+            assert forged.status_code == 403
+        msg = landed(sandbox, params["MessageSid"])
+        assert msg["sender"]["reference"] == f"Patient/{patient['id']}"
+    finally:
+        web.stop()
+
+
+def test_worker_killed_mid_message_loses_nothing(services: Services, sandbox: Sandbox,
+                                                 log_dir: Path) -> None:
+    svc = services.get(worker=False)
+    env = {**svc.env, "BROKER_VISIBILITY_TIMEOUT_SECONDS": "3"}
+    sandbox.patient(PATIENT)
+    # The worker's first write hangs long enough for us to kill it mid-task.
+    sandbox.fault(delay_ms=4000, count=1, method="POST")
+    worker = devstack.start_worker(env, log_dir, name="worker-doomed", concurrency=2)
+    params = sms_params(PATIENT, "survives a crash")
+    deliver(svc, params)
+    eventually(lambda: svc.redis.hlen("unacked") == 1, what="message in flight")
+    worker.kill()
+    replacement = devstack.start_worker(env, log_dir, name="worker-replacement", concurrency=2)
+    try:
+        eventually(lambda: sandbox.messages(params["MessageSid"]), timeout=60,
+                   what="message restored and written")
+        eventually(lambda: svc.redis.hlen("unacked") == 0, what="message acked")
+        assert len(sandbox.messages(params["MessageSid"])) == 1
+        assert svc.dead_letters.count() == 0
+    finally:
+        replacement.stop()
+
+
+def test_logs_hold_no_phone_numbers_bodies_or_secrets(services: Services, sandbox: Sandbox,
+                                                      log_dir: Path) -> None:
+    svc = services.get(SMS_THREAD_STRATEGY="active-thread", UNKNOWN_SENDER_POLICY="reject")
+    secret_body = "my rash is worse zq7x"
+    sandbox.patient("+15553217654")
+    ok = sms_params("+15553217654", secret_body)
+    unknown = sms_params("+15553219999", secret_body + " unknown")
+    sandbox.fault(status=503, count=1, method="POST")  # a retry path too
+    deliver(svc, ok)
+    deliver(svc, unknown)
+    landed(sandbox, ok["MessageSid"])
+    eventually(lambda: svc.dead_letters.list(), what="dead letter")
+    text = "\n".join(p.read_text(errors="replace") for p in log_dir.glob("*.log")
+                     if not p.name.startswith("fhir-sandbox"))
+    assert "inbound " + ok["MessageSid"] in text  # the logs were captured at all
+    for needle in ("5553217654", "555-321", secret_body, "zq7x", "test-twilio-auth-token",
+                   "switchboard-test-secret"):
+        assert needle not in text, needle
+    # No E.164 number of any test in any worker or web log.
+    assert not re.search(r"\+1555\d{7}|%2B1555\d{7}", text)
