@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -120,6 +121,11 @@ def cmd_run(_: Settings | None, args: argparse.Namespace) -> int:
     from worker.fhir.client import FhirClient
     from worker.fhir.resources import patient_with_phone
 
+    def _terminate(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # stop the stack in order, as for Ctrl-C
+
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
     log_dir = Path(args.log_dir).resolve()
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**DEV_DEFAULTS, **{k: v for k, v in os.environ.items() if k in DEV_DEFAULTS}}
@@ -165,8 +171,16 @@ A signed SMS from the demo patient {DEMO_PATIENT_PHONE} (paste it into another s
 
 {signed_example(settings)}
 
-Then look for it:  curl -s '{settings.fhir_base_url}Communication?_count=5' with a token, or
-`switchboard dlq list` if it could not be processed. Ctrl-C stops everything.
+Then see it in the FHIR sandbox (newest Communications first):
+
+TOKEN=$(curl -s {settings.fhir_token_url} -d grant_type=client_credentials \
+  -d client_id={settings.fhir_client_id} -d client_secret=anything \
+  | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+curl -s -H "Authorization: Bearer $TOKEN" \
+  '{settings.fhir_base_url}Communication?_sort=-_lastUpdated&_count=5'
+
+(the sandbox accepts any client secret). For a message the worker could not process, see
+`switchboard dlq list` with REDIS_URL={settings.redis_url}). Ctrl-C stops everything.
 """, flush=True)
         while all(_alive(c) for c in stack.children):
             time.sleep(0.5)

@@ -56,6 +56,7 @@ class Child:
     name: str
     proc: subprocess.Popen[bytes]
     log_path: Path
+    log_offset: int = 0  # the log is appended across runs; this child's output starts here
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL if it lingers."""
@@ -74,18 +75,35 @@ class Child:
             self.proc.wait(5)
 
     def output(self) -> str:
-        """Everything the process printed so far."""
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        """Everything this process printed so far."""
+        if not self.log_path.exists():
+            return ""
+        with open(self.log_path, "rb") as f:
+            f.seek(self.log_offset)
+            return f.read().decode(errors="replace")
+
+
+def _child_setup() -> None:
+    # Own session (a Ctrl-C in the terminal reaches only the launcher, which stops children in
+    # order), and on Linux a SIGTERM when the launcher dies, so nothing is left running even
+    # if `switchboard run` or pytest is killed outright.
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _spawn(name: str, cmd: list[str], log_dir: Path, env: Mapping[str, str] | None = None,
            cwd: Path | None = None) -> Child:
     log_path = log_dir / f"{name}.log"
     out = open(log_path, "ab")
+    offset = out.seek(0, os.SEEK_END)
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
                             env=dict(env) if env is not None else None,
-                            start_new_session=True)
-    return Child(name, proc, log_path)
+                            preexec_fn=_child_setup)
+    return Child(name, proc, log_path, offset)
 
 
 def _wait_for(child: Child, ready: str, timeout: float) -> str:
@@ -151,6 +169,7 @@ def start_redis(log_dir: Path, port: int | None = None, data_dir: Path | None = 
                 ) -> RedisServer:
     """Start a private redis-server on a free port."""
     data = data_dir or Path(tempfile.mkdtemp(prefix="switchboard-redis-"))
+    data.mkdir(parents=True, exist_ok=True)
     return RedisServer(port or free_port(), data, log_dir).start()
 
 
