@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, Response, jsonify
+from flask.logging import default_handler
 
 from web.enqueue import Enqueuer
 from web.webhooks.twilio import twilio_blueprint
@@ -17,8 +18,9 @@ log = logging.getLogger("switchboard.web")
 def create_app(settings: Settings | None = None, enqueuer: Enqueuer | None = None) -> Flask:
     """Build the receiver: verify, validate, enqueue. It never calls FHIR or a provider."""
     settings = settings or load_settings()
-    logs.install()
-    logs.install(logging.getLogger("gunicorn.error"))
+    # Under gunicorn the root logger has no handlers; gunicorn's and Flask's own do the writing.
+    logs.install(logging.getLogger("gunicorn.error"), logging.getLogger("gunicorn.access"))
+    logs.protect(default_handler)
     app = Flask("switchboard")
     # Twilio posts small forms; anything bigger than this is not a Twilio webhook.
     app.config["MAX_CONTENT_LENGTH"] = 256 * 1024

@@ -7,7 +7,7 @@ from typing import Any
 
 from celery import Celery
 
-from worker.celery_app import create_celery
+from worker.celery_app import REDACTED_ARGS, create_celery
 from worker.settings import Settings
 
 log = logging.getLogger("switchboard.web")
@@ -35,7 +35,8 @@ class Enqueuer:
         is safer than holding the request open while kombu reconnects.
         """
         try:
-            result = self._celery.send_task(task, args=args, queue=queue, retry=False)
+            result = self._celery.send_task(task, args=args, queue=queue, retry=False,
+                                            **REDACTED_ARGS)
         except Exception as exc:  # kombu/redis raise many types; all mean "not enqueued"
             log.error("enqueue of %s failed: %s", task, type(exc).__name__)
             raise EnqueueFailed(type(exc).__name__) from exc

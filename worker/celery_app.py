@@ -13,6 +13,9 @@ QUEUE_OUTBOUND = "outbound"
 QUEUE_STATUS = "status"
 QUEUES = (QUEUE_INBOUND, QUEUE_OUTBOUND, QUEUE_STATUS)
 TASK_INBOUND_SMS = "switchboard.inbound.sms"
+# Publish options that keep payloads out of task events (and so out of Flower): the args of
+# our tasks carry phone numbers and message bodies.
+REDACTED_ARGS = {"argsrepr": "(redacted)", "kwargsrepr": "{}"}
 
 
 def create_celery(settings: Settings) -> Celery:

@@ -61,7 +61,7 @@ def cmd_dlq_show(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_dlq_replay(settings: Settings, args: argparse.Namespace) -> int:
     """Send entries back to their queue; an entry is removed when its replay succeeds."""
-    from worker.celery_app import create_celery
+    from worker.celery_app import REDACTED_ARGS, create_celery
 
     store = _store(settings)
     if args.all:
@@ -75,7 +75,7 @@ def cmd_dlq_replay(settings: Settings, args: argparse.Namespace) -> int:
     celery = create_celery(settings)
     for e in entries:
         celery.send_task(e.task, args=e.args, kwargs=e.kwargs, queue=e.queue or None,
-                         headers={REPLAY_HEADER: e.id})
+                         headers={REPLAY_HEADER: e.id}, **REDACTED_ARGS)
         print(f"replaying {e.id} ({e.task}, {e.reason})")
     print(f"{len(entries)} replayed; entries are removed as their replays succeed")
     return 0

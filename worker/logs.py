@@ -40,17 +40,32 @@ class RedactingFilter(logging.Filter):
             message = str(record.msg)
         record.msg = redact(message)
         record.args = None
+        if record.exc_info and not record.exc_text:
+            # Format the traceback now so its text (exception messages can hold a URL with a
+            # phone number) is redacted too; handlers then print exc_text as it is.
+            record.exc_text = _FORMATTER.formatException(record.exc_info)
         if record.exc_text:
             record.exc_text = redact(record.exc_text)
+        record.exc_info = None
         return True
 
 
-def install(logger: logging.Logger | None = None) -> None:
-    """Quiet chatty libraries and put the redacting filter on every handler of `logger`
-    (default: root). Idempotent."""
+_FORMATTER = logging.Formatter()
+
+
+def protect(handler: logging.Handler) -> None:
+    """Put the redacting filter on one handler (idempotent)."""
+    if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+        handler.addFilter(RedactingFilter())
+
+
+def install(*loggers: logging.Logger) -> None:
+    """Quiet chatty libraries and protect every handler of the root logger, of `loggers`, and
+    the last-resort handler. Call again after a framework adds handlers."""
     for name in _CHATTY:
         logging.getLogger(name).setLevel(logging.WARNING)
-    target = logger or logging.getLogger()
-    for handler in target.handlers:
-        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
-            handler.addFilter(RedactingFilter())
+    for logger in (logging.getLogger(), *loggers):
+        for handler in logger.handlers:
+            protect(handler)
+    if logging.lastResort is not None:
+        protect(logging.lastResort)

@@ -5,6 +5,11 @@
 - PermanentError: dead letter at once with its reason; the task then succeeds (the message is
   safe in the store, so Celery must not redeliver it).
 - Anything else is a bug: dead letter as `unexpected-error` and re-raise so it is loud.
+- A message whose processing keeps killing the worker (redelivered by the broker without ever
+  finishing) is dead-lettered as `delivery-loop` after MAX_DELIVERIES.
+- If the dead-letter write or the retry publish itself fails (Redis down, out of memory), the
+  message is handed back to the broker (Reject requeue=True), never acknowledged: a message is
+  only ever acked once it is written, dead-lettered, or re-published.
 Logs carry reasons and ids only, never payloads or error details (which can hold PHI).
 """
 
@@ -15,13 +20,21 @@ from typing import Any
 
 import redis.exceptions
 from celery import Task
+from celery.exceptions import Reject, Retry
 
 from worker.backoff import retry_delay
+from worker.celery_app import REDACTED_ARGS
 from worker.dead_letter import REPLAY_HEADER
 from worker.errors import PermanentError, TransientError
 from worker.runtime import get_runtime
 
 log = logging.getLogger("switchboard.tasks")
+
+# Redis answers that mean "not now" rather than "never": a dropped connection, a timeout, a
+# full instance under noeviction, a replica after failover.
+REDIS_TRANSIENT = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                   redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)
+DELIVERY_KEY = "switchboard:deliveries:"
 
 
 class SwitchboardTask(Task):  # type: ignore[misc]
@@ -36,9 +49,10 @@ class SwitchboardTask(Task):  # type: ignore[misc]
         settings = rt.settings
         attempt = int(self.request.retries or 0) + 1
         try:
+            if self._deliveries(attempt) > settings.max_deliveries:
+                raise PermanentError("delivery-loop", "the worker died on every delivery")
             result = self.run(*args, **kwargs)
-        except (TransientError, redis.exceptions.ConnectionError,
-                redis.exceptions.TimeoutError) as exc:
+        except (TransientError, *REDIS_TRANSIENT) as exc:
             reason = exc.reason if isinstance(exc, TransientError) else "redis-unavailable"
             if attempt >= settings.retry_max_attempts:
                 detail = exc.detail if isinstance(exc, TransientError) else type(exc).__name__
@@ -50,26 +64,52 @@ class SwitchboardTask(Task):  # type: ignore[misc]
                                     settings.retry_backoff_max_seconds, hint)
             log.warning("task %s[%s] attempt %d failed (%s); retry in %.1fs", self.name,
                         self.request.id, attempt, reason, countdown)
-            # exc= is shown in Celery's own log line: give it the reason only, no detail.
-            raise self.retry(exc=TransientError(reason), countdown=countdown) from None
+            self._retry(reason, countdown)
         except PermanentError as exc:
             self._dead_letter(args, kwargs, exc.reason, exc.detail, attempt)
             return None
         except Exception as exc:
             self._dead_letter(args, kwargs, "unexpected-error", type(exc).__name__, attempt)
             raise
-        replay_of = self.request.get(REPLAY_HEADER) or (self.request.headers or {}).get(
-            REPLAY_HEADER)
+        replay_of = self.request.get(REPLAY_HEADER)
         if replay_of:
             rt.dead_letters.remove(str(replay_of))
             log.info("task %s[%s] replay of dead letter %s succeeded; entry removed",
                      self.name, self.request.id, replay_of)
         return result
 
+    def _deliveries(self, attempt: int) -> int:
+        """How often the broker has handed us this attempt (>1 means a worker died on it)."""
+        key = f"{DELIVERY_KEY}{self.request.id}:{attempt}"
+        pipe = get_runtime().redis.pipeline()
+        pipe.incr(key)
+        pipe.expire(key, 7 * 24 * 3600)
+        count, _ = pipe.execute()
+        return int(count)
+
+    def _retry(self, reason: str, countdown: float) -> None:
+        try:
+            # exc= is shown in Celery's own log line: give it the reason only, no detail.
+            raise self.retry(exc=TransientError(reason), countdown=countdown, **REDACTED_ARGS)
+        except Reject as rejected:
+            # Celery drops the message (requeue=False) when the retry cannot be published;
+            # hand it back to the broker instead, to be redelivered later.
+            log.error("task %s[%s] retry could not be published; requeued", self.name,
+                      self.request.id)
+            raise Reject(rejected.reason, requeue=True) from None
+        except Retry:
+            raise
+
     def _dead_letter(self, args: Any, kwargs: Any, reason: str, detail: str, attempts: int
                      ) -> None:
         queue = (self.request.delivery_info or {}).get("routing_key") or self.queue or ""
-        entry = get_runtime().dead_letters.record(
-            self.name, str(queue), list(args), dict(kwargs), reason, detail, attempts)
+        try:
+            entry = get_runtime().dead_letters.record(
+                self.name, str(queue), list(args), dict(kwargs), reason, detail, attempts)
+        except Exception as exc:
+            # Not stored means not safe: refuse to ack, so the broker keeps the message.
+            log.error("task %s[%s] could not be dead-lettered (%s); requeued", self.name,
+                      self.request.id, type(exc).__name__)
+            raise Reject(type(exc).__name__, requeue=True) from None
         log.error("task %s[%s] dead-lettered as %s (reason %s, after %d attempts)",
                   self.name, self.request.id, entry.id, reason, attempts)

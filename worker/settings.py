@@ -64,14 +64,19 @@ class Settings(BaseSettings):
     clinic_reference: str = ""
 
     # Retries of transient failures: exponential backoff with full jitter, capped.
-    retry_max_attempts: int = Field(default=10, ge=1, le=100)
+    # Defaults keep retrying for about 3 hours (cap 600 s), long enough to ride out a FHIR
+    # maintenance window; then the message waits in the dead-letter store for a replay.
+    retry_max_attempts: int = Field(default=25, ge=1, le=1000)
     retry_backoff_base_seconds: float = Field(default=2.0, gt=0)
-    retry_backoff_max_seconds: float = Field(default=300.0, gt=0)
+    retry_backoff_max_seconds: float = Field(default=600.0, gt=0)
+    # A message the broker redelivers this often without the task ever finishing (the worker
+    # died each time) is dead-lettered as `delivery-loop` instead of killing workers forever.
+    max_deliveries: int = Field(default=5, ge=1)
     # Must exceed the longest countdown, or Redis redelivers a message still waiting (kombu).
     broker_visibility_timeout_seconds: int = Field(default=3600, ge=1)
     # How long a processed MessageSid is remembered to skip FHIR for provider retries.
     inbound_seen_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
-    thread_lock_timeout_seconds: float = Field(default=30.0, gt=0)
+    thread_lock_timeout_seconds: float = Field(default=60.0, gt=0)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -103,6 +108,21 @@ class Settings(BaseSettings):
     @classmethod
     def _no_trailing_slash(cls, v: str) -> str:
         return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _visibility_outlasts_retries(self) -> Settings:
+        # kombu hands a reserved message to another worker after the visibility timeout; a
+        # retry waiting for its countdown, or a task still talking to FHIR, would run twice.
+        needed = self.retry_backoff_max_seconds + self.fhir_timeout_seconds
+        if self.broker_visibility_timeout_seconds <= needed:
+            raise ValueError(
+                f"BROKER_VISIBILITY_TIMEOUT_SECONDS must exceed RETRY_BACKOFF_MAX_SECONDS + "
+                f"FHIR_TIMEOUT_SECONDS ({needed:g})")
+        if self.thread_lock_timeout_seconds < 4 * self.fhir_timeout_seconds:
+            raise ValueError("THREAD_LOCK_TIMEOUT_SECONDS must be at least 4 x "
+                             "FHIR_TIMEOUT_SECONDS (a token fetch, a retried 401, a search "
+                             "and a write happen under the lock)")
+        return self
 
     @model_validator(mode="after")
     def _default_token_url(self) -> Settings:

@@ -36,7 +36,13 @@ class Fhir(Protocol):
     def transaction(self, bundle: Any) -> dict[str, Any]: ...
 
 
-LockFactory = Callable[[str], AbstractContextManager[object]]
+class Held(Protocol):
+    """A held lock (worker.coordination.HeldLock)."""
+
+    def confirm(self) -> None: ...
+
+
+LockFactory = Callable[[str], AbstractContextManager[Held]]
 
 
 @dataclass(frozen=True)
@@ -135,7 +141,7 @@ def by_active_thread(ctx: ThreadContext, msg: InboundMessage) -> Written:
     the whole decision runs under a per-number Redis lock.
     """
     variants = ",".join(search_variants(msg.sender))
-    with ctx.lock("active-thread:" + _digest(msg.sender)):
+    with ctx.lock("active-thread:" + _digest(msg.sender)) as held:
         found = ctx.fhir.search("Communication", [
             ("part-of:missing", "true"),
             ("subject:Patient.phone", variants),
@@ -145,6 +151,7 @@ def by_active_thread(ctx: ThreadContext, msg: InboundMessage) -> Written:
         ])
         headers = [e["resource"] for e in found.get("entry") or []
                    if (e.get("search") or {}).get("mode", "match") == "match"]
+        held.confirm()  # the search result is only ours to act on while we hold the lock
         if headers:
             header = headers[0]
             patient_ref = header["subject"]["reference"]

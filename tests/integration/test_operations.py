@@ -95,10 +95,11 @@ def test_gunicorn_receiver_end_to_end(services: Services, sandbox: Sandbox, log_
 def test_worker_killed_mid_message_loses_nothing(services: Services, sandbox: Sandbox,
                                                  log_dir: Path) -> None:
     svc = services.get(worker=False)
-    env = {**svc.env, "BROKER_VISIBILITY_TIMEOUT_SECONDS": "3"}
+    env = {**svc.env, "BROKER_VISIBILITY_TIMEOUT_SECONDS": "5", "FHIR_TIMEOUT_SECONDS": "1"}
     sandbox.patient(PATIENT)
-    # The worker's first write hangs long enough for us to kill it mid-task.
-    sandbox.fault(delay_ms=4000, count=1, method="POST")
+    # The worker's first write hangs long enough for us to kill it mid-task, and then fails,
+    # so only a redelivery to another worker can write the message.
+    sandbox.fault(delay_ms=4000, status=503, count=1, method="POST")
     worker = devstack.start_worker(env, log_dir, name="worker-doomed", concurrency=2)
     params = sms_params(PATIENT, "survives a crash")
     deliver(svc, params)
@@ -106,8 +107,9 @@ def test_worker_killed_mid_message_loses_nothing(services: Services, sandbox: Sa
     worker.kill()
     replacement = devstack.start_worker(env, log_dir, name="worker-replacement", concurrency=2)
     try:
-        eventually(lambda: sandbox.messages(params["MessageSid"]), timeout=60,
-                   what="message restored and written")
+        marker = f"inbound {params['MessageSid']}: created"
+        eventually(lambda: marker in replacement.output(), timeout=60,
+                   what="the replacement worker wrote the message")
         eventually(lambda: svc.redis.hlen("unacked") == 0, what="message acked")
         assert len(sandbox.messages(params["MessageSid"])) == 1
         assert svc.dead_letters.count() == 0

@@ -146,8 +146,17 @@ def test_transaction_checks_every_entry() -> None:
             "resourceType": "OperationOutcome",
             "issue": [{"details": {"text": "second entry failed"}}]}}},
     ]}
+    sent = {"resourceType": "Bundle", "type": "transaction", "entry": [{}, {}]}
     fake = FakeFhir(lambda r: httpx.Response(200, json=body))
     with pytest.raises(FhirPermanentError) as exc:
-        fake.client().transaction({"resourceType": "Bundle", "type": "transaction"})
+        fake.client().transaction(sent)
     assert "second entry failed" in exc.value.outcome_text
     assert json.loads(fake.fhir_requests()[0].content)["type"] == "transaction"
+
+
+def test_a_short_transaction_answer_is_not_success() -> None:
+    body = {"resourceType": "Bundle", "type": "transaction-response",
+            "entry": [{"response": {"status": "201 Created"}}]}
+    fake = FakeFhir(lambda r: httpx.Response(200, json=body))
+    with pytest.raises(FhirTransientError):
+        fake.client().transaction({"resourceType": "Bundle", "entry": [{}, {}]})

@@ -174,3 +174,28 @@ def test_redact(raw: str, clean: str) -> None:
     from worker.logs import redact
 
     assert redact(raw) == clean
+
+
+def test_redacting_filter_covers_args_and_tracebacks() -> None:
+    import io
+    import logging
+
+    from worker.logs import protect
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    protect(handler)
+    logger = logging.getLogger("test.redaction")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("search %s", "Patient?phone=%2B15551234567")
+        try:
+            raise ValueError("bad reference Patient?phone=%2B15557654321 for jo@example.org")
+        except ValueError:
+            logger.exception("failed")
+    finally:
+        logger.removeHandler(handler)
+    out = stream.getvalue()
+    assert "5551234567" not in out and "5557654321" not in out and "jo@example.org" not in out
+    assert "Patient?phone=[phone]" in out and "ValueError: bad reference" in out

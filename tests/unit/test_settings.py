@@ -46,3 +46,13 @@ def test_environment_is_read_only_through_load_settings(monkeypatch: pytest.Monk
         load_settings({**GOOD, "UNKNOWN_SENDER_POLICY": "ignore"})
     assert load_settings({**GOOD, "FHIR_TOKEN_URL": "https://auth/t"}).fhir_token_url == \
         "https://auth/t"
+
+
+def test_visibility_timeout_must_outlast_retry_countdowns() -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_settings({**GOOD, "BROKER_VISIBILITY_TIMEOUT_SECONDS": "100",
+                       "RETRY_BACKOFF_MAX_SECONDS": "600"})
+    assert "BROKER_VISIBILITY_TIMEOUT_SECONDS must exceed" in str(exc.value)
+    with pytest.raises(ConfigError) as exc:
+        load_settings({**GOOD, "THREAD_LOCK_TIMEOUT_SECONDS": "5"})
+    assert "THREAD_LOCK_TIMEOUT_SECONDS" in str(exc.value)

@@ -47,7 +47,8 @@ def twilio_blueprint(settings: Settings) -> Blueprint:
         try:
             enqueuer.send(TASK_INBOUND_SMS, QUEUE_INBOUND, [params, meta])
         except EnqueueFailed:
-            # Not accepted: Twilio retries a 5xx, so nothing is lost.
+            # Not accepted, and said so: Twilio retries only as the webhook URL's connection
+            # overrides allow (README: use `#rc=3&rp=5xx,ct` and a fallback URL).
             return jsonify(error="unavailable", detail="queue unavailable, retry later"), 503
         return Response(EMPTY_TWIML, mimetype="text/xml"), 200
 

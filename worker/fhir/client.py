@@ -145,6 +145,10 @@ class FhirClient:
         others and the Bundle still comes back 200, so the per-entry statuses are the truth.
         """
         result = self._request("POST", "", json=bundle).resource
+        sent, got = len(bundle.get("entry") or []), len(result.get("entry") or [])
+        if got != sent:
+            # Never take a short answer as success; the entries are idempotent, so retry.
+            raise FhirTransientError(f"transaction answered {got} entries for {sent}")
         for entry in result.get("entry") or []:
             status = str((entry.get("response") or {}).get("status", "200"))
             code = int(status.split()[0])
