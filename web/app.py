@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 
+import redis
 from flask import Flask, Response, jsonify
 from flask.logging import default_handler
 
+from web.api import MAX_WAIT_SECONDS, api_blueprint
 from web.enqueue import Enqueuer
 from web.webhooks.twilio import twilio_blueprint
 from worker import logs
@@ -27,6 +29,8 @@ def create_app(settings: Settings | None = None, enqueuer: Enqueuer | None = Non
     app.extensions["switchboard.settings"] = settings
     app.extensions["switchboard.enqueuer"] = enqueuer or Enqueuer.from_settings(settings)
     app.register_blueprint(twilio_blueprint(settings))
+    app.register_blueprint(api_blueprint(settings, redis.Redis.from_url(
+        settings.redis_url, socket_timeout=MAX_WAIT_SECONDS + 5, socket_connect_timeout=3)))
 
     @app.get("/healthz")
     def healthz() -> tuple[Response, int]:

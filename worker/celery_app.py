@@ -13,6 +13,8 @@ QUEUE_OUTBOUND = "outbound"
 QUEUE_STATUS = "status"
 QUEUES = (QUEUE_INBOUND, QUEUE_OUTBOUND, QUEUE_STATUS)
 TASK_INBOUND_SMS = "switchboard.inbound.sms"
+TASK_OUTBOUND_SEND = "switchboard.outbound.send"
+TASK_TWILIO_STATUS = "switchboard.status.twilio"
 # Publish options that keep payloads out of task events (and so out of Flower): the args of
 # our tasks carry phone numbers and message bodies.
 REDACTED_ARGS = {"argsrepr": "(redacted)", "kwargsrepr": "{}"}
@@ -35,7 +37,9 @@ def create_celery(settings: Settings) -> Celery:
         accept_content=["json"],
         task_queues=[Queue(name) for name in QUEUES],  # type: ignore[no-untyped-call]
         task_default_queue=QUEUE_INBOUND,
-        task_routes={TASK_INBOUND_SMS: {"queue": QUEUE_INBOUND}},
+        task_routes={TASK_INBOUND_SMS: {"queue": QUEUE_INBOUND},
+                     TASK_OUTBOUND_SEND: {"queue": QUEUE_OUTBOUND},
+                     TASK_TWILIO_STATUS: {"queue": QUEUE_STATUS}},
         task_create_missing_queues=False,
         broker_transport_options={
             # kombu's Redis transport re-delivers an unacked message after this long; it must

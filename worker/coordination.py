@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -72,3 +73,107 @@ class RedisLocks:
                 lock.release()
             except redis.exceptions.LockError:
                 pass  # expired while we worked; the next holder already has it
+
+
+def _h(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()[:32]
+
+
+class SendLedger:
+    """Never send one Communication twice: a claim before the provider call, a sent record
+    right after it (before FHIR is updated and before the task is acknowledged).
+
+    Keys: `switchboard:send:claim:<comm>` (task id, expires) and `switchboard:send:done:<comm>`
+    (JSON of the provider's answer, kept 30 days).
+    """
+
+    CLAIM = "switchboard:send:claim:"
+    DONE = "switchboard:send:done:"
+
+    def __init__(self, client: redis.Redis, claim_seconds: int) -> None:
+        self._r: Any = client
+        self._claim_seconds = claim_seconds
+
+    def done(self, communication_id: str) -> dict[str, str] | None:
+        """The recorded result of an earlier send of this Communication, if any."""
+        raw = self._r.get(self.DONE + communication_id)
+        return json.loads(raw) if raw else None
+
+    def claim(self, communication_id: str, task_id: str) -> str | None:
+        """Take the right to send. Returns None when taken, else the holder's task id (which
+        may be this very task: an earlier delivery of it died while the provider answered)."""
+        key = self.CLAIM + communication_id
+        if self._r.set(key, task_id, nx=True, ex=self._claim_seconds):
+            return None
+        holder = self._r.get(key)
+        return holder.decode() if isinstance(holder, bytes) else str(holder or "")
+
+    def release(self, communication_id: str) -> None:
+        """Give the claim back (the provider refused before sending, so a retry is safe)."""
+        self._r.delete(self.CLAIM + communication_id)
+
+    def record(self, communication_id: str, result: dict[str, str]) -> None:
+        """Remember that the provider took the message (first thing after its answer)."""
+        self._r.set(self.DONE + communication_id, json.dumps(result), ex=30 * 24 * 3600)
+
+
+class OptOuts:
+    """Addresses that told a provider to stop (Twilio 21610): later sends are refused locally.
+
+    Kept in Redis as hashes of `<channel>:<address>` (no phone numbers at rest in key names),
+    without expiry: an opt-out lasts until the patient texts START (then remove it).
+    """
+
+    KEY = "switchboard:optout"
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._r: Any = client
+
+    def add(self, channel: str, address: str) -> None:
+        """Record an opt-out."""
+        self._r.sadd(self.KEY, _h(f"{channel}:{address}"))
+
+    def remove(self, channel: str, address: str) -> None:
+        """Forget an opt-out (the patient opted back in)."""
+        self._r.srem(self.KEY, _h(f"{channel}:{address}"))
+
+    def has(self, channel: str, address: str) -> bool:
+        """True if this address opted out of this channel."""
+        return bool(self._r.sismember(self.KEY, _h(f"{channel}:{address}")))
+
+
+# Token bucket in one atomic step: refill by elapsed time, take a token or say how long to wait.
+_BUCKET = """
+local key = KEYS[1]
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local state = redis.call('HMGET', key, 'tokens', 'at')
+local tokens = tonumber(state[1]) or burst
+local at = tonumber(state[2]) or now
+tokens = math.min(burst, tokens + (now - at) * rate)
+local wait = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+else
+  wait = (1 - tokens) / rate
+end
+redis.call('HSET', key, 'tokens', tostring(tokens), 'at', tostring(now))
+redis.call('EXPIRE', key, math.ceil(burst / rate) + 60)
+return tostring(wait)
+"""
+
+
+class RateLimiter:
+    """A send rate shared by every worker on every machine (Redis token bucket, Redis clock)."""
+
+    KEY = "switchboard:rate:"
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._r: Any = client
+        self._script = self._r.register_script(_BUCKET)
+
+    def acquire(self, key: str, rate: float, burst: float = 1.0) -> float:
+        """Take one token; returns 0.0 if granted, else the seconds to wait before asking again."""
+        return float(self._script(keys=[self.KEY + _h(key)], args=[rate, burst]))

@@ -30,3 +30,14 @@ class TransientError(SwitchboardError):
 
 class PermanentError(SwitchboardError):
     """Retrying cannot help; the message goes to the dead-letter store with this reason."""
+
+
+class Deferred(SwitchboardError):
+    """Not a failure: try again after `countdown` seconds without spending a retry attempt
+    (a send waiting for its turn under the shared rate limit)."""
+
+    retryable = True
+
+    def __init__(self, countdown: float, reason: str = "deferred") -> None:
+        super().__init__(reason)
+        self.countdown = countdown

@@ -25,7 +25,7 @@ from celery.exceptions import Reject, Retry
 from worker.backoff import retry_delay
 from worker.celery_app import REDACTED_ARGS
 from worker.dead_letter import REPLAY_HEADER
-from worker.errors import PermanentError, TransientError
+from worker.errors import Deferred, PermanentError, TransientError
 from worker.runtime import get_runtime
 
 log = logging.getLogger("switchboard.tasks")
@@ -52,6 +52,9 @@ class SwitchboardTask(Task):  # type: ignore[misc]
             if self._deliveries(attempt) > settings.max_deliveries:
                 raise PermanentError("delivery-loop", "the worker died on every delivery")
             result = self.run(*args, **kwargs)
+        except Deferred as exc:
+            self._defer(args, kwargs, exc.countdown)
+            return None
         except (TransientError, *REDIS_TRANSIENT) as exc:
             reason = exc.reason if isinstance(exc, TransientError) else "redis-unavailable"
             if attempt >= settings.retry_max_attempts:
@@ -78,14 +81,28 @@ class SwitchboardTask(Task):  # type: ignore[misc]
                      self.name, self.request.id, replay_of)
         return result
 
+    def _delivery_key(self, attempt: int) -> str:
+        return f"{DELIVERY_KEY}{self.request.id}:{attempt}"
+
     def _deliveries(self, attempt: int) -> int:
         """How often the broker has handed us this attempt (>1 means a worker died on it)."""
-        key = f"{DELIVERY_KEY}{self.request.id}:{attempt}"
+        key = self._delivery_key(attempt)
         pipe = get_runtime().redis.pipeline()
         pipe.incr(key)
         pipe.expire(key, 7 * 24 * 3600)
         count, _ = pipe.execute()
         return int(count)
+
+    def _defer(self, args: Any, kwargs: Any, countdown: float) -> None:
+        """Publish this task again for later without spending a retry attempt, then ack."""
+        sig = self.signature_from_request(self.request, args, kwargs, countdown=countdown,
+                                          retries=self.request.retries, **REDACTED_ARGS)
+        try:
+            sig.apply_async()
+        except Exception as exc:
+            raise Reject(type(exc).__name__, requeue=True) from None
+        # The deferred copy is a new delivery of the same attempt, not a crash loop.
+        get_runtime().redis.delete(self._delivery_key(int(self.request.retries or 0) + 1))
 
     def _retry(self, reason: str, countdown: float) -> None:
         try:
@@ -113,3 +130,7 @@ class SwitchboardTask(Task):  # type: ignore[misc]
             raise Reject(type(exc).__name__, requeue=True) from None
         log.error("task %s[%s] dead-lettered as %s (reason %s, after %d attempts)",
                   self.name, self.request.id, entry.id, reason, attempts)
+        self.dead_lettered(args, kwargs, reason, detail)
+
+    def dead_lettered(self, args: Any, kwargs: Any, reason: str, detail: str) -> None:
+        """Hook for a task that must tell someone its message was dead-lettered."""

@@ -8,10 +8,13 @@ from dataclasses import dataclass
 
 import redis
 
-from worker.coordination import RedisLocks, RedisSeenMessages
+from worker.channels.registry import build_channels
+from worker.coordination import OptOuts, RateLimiter, RedisLocks, RedisSeenMessages, SendLedger
 from worker.dead_letter import DeadLetterStore
 from worker.fhir.client import FhirClient
 from worker.fhir.resources import IdentifierSystems
+from worker.outbound import OutboundDeps
+from worker.outbound_state import OutboundState
 from worker.settings import Settings, load_settings
 
 
@@ -25,6 +28,7 @@ class Runtime:
     dead_letters: DeadLetterStore
     seen: RedisSeenMessages
     locks: RedisLocks
+    outbound: OutboundDeps
 
     @property
     def systems(self) -> IdentifierSystems:
@@ -43,9 +47,18 @@ def build_runtime(settings: Settings) -> Runtime:
     fhir = FhirClient(settings.fhir_base_url, settings.fhir_token_url, settings.fhir_client_id,
                       settings.fhir_client_secret.get_secret_value(),
                       timeout=settings.fhir_timeout_seconds)
+    outbound = OutboundDeps(
+        fhir=fhir, channels=build_channels(settings),
+        ledger=SendLedger(client, settings.send_claim_seconds), optouts=OptOuts(client),
+        limiter=RateLimiter(client), state=OutboundState(client),
+        rates={"sms": settings.sms_rate_per_second, "email": settings.email_rate_per_second},
+        id_systems={"sms": settings.message_id_system,
+                    "email": settings.email_message_id_system},
+        request_system=settings.outbound_request_system,
+        reply_source=settings.reply_channel_source, fallback=settings.channel_fallback)
     return Runtime(settings, fhir, client, DeadLetterStore(client),
                    RedisSeenMessages(client, settings.inbound_seen_ttl_seconds),
-                   RedisLocks(client, settings.thread_lock_timeout_seconds))
+                   RedisLocks(client, settings.thread_lock_timeout_seconds), outbound)
 
 
 _lock = threading.Lock()

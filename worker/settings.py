@@ -53,6 +53,28 @@ class Settings(BaseSettings):
     sms_thread_strategy: ThreadStrategy = "conversation"
     unknown_sender_policy: UnknownSenderPolicy = "reject"
 
+    # Outbound (all optional: a channel without credentials refuses sends as misconfigured).
+    twilio_from_number: str = ""
+    twilio_messaging_service_sid: str = ""
+    twilio_api_base_url: str = "https://api.twilio.com"
+    sendgrid_api_key: SecretStr = SecretStr("")
+    sendgrid_from_email: str = ""
+    sendgrid_api_base_url: str = "https://api.sendgrid.com"
+    # Bearer tokens accepted by POST /v1/messages, comma-separated.
+    api_tokens: SecretStr = SecretStr("")
+    # Which medium a reply follows: the thread header's, or the patient's last inbound message's.
+    reply_channel_source: Literal["header", "last-inbound"] = "header"
+    # Send pacing shared by every worker: messages per second per channel and sending address
+    # (a Twilio long code takes about 1/s).
+    sms_rate_per_second: float = Field(default=1.0, gt=0)
+    email_rate_per_second: float = Field(default=10.0, gt=0)
+    # When an SMS fails because the number cannot take texts, send the same message by email.
+    channel_fallback: bool = False
+    email_message_id_system: str = "https://docs.sendgrid.com/x-message-id"
+    outbound_request_system: str = "urn:switchboard:outbound-request"
+    # How long a send claim blocks another attempt at the same Communication.
+    send_claim_seconds: int = Field(default=600, ge=10)
+
     # Identifier systems (documented in the README). Changing one after go-live orphans the
     # idempotency keys already written, so they are settings rather than code constants.
     message_id_system: str = "https://www.twilio.com/docs/api/messaging/message#sid"
@@ -90,7 +112,8 @@ class Settings(BaseSettings):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
         return v
 
-    @field_validator("fhir_base_url", "public_base_url")
+    @field_validator("fhir_base_url", "public_base_url", "twilio_api_base_url",
+                     "sendgrid_api_base_url")
     @classmethod
     def _http_url(cls, v: str) -> str:
         parts = urlsplit(v)
@@ -104,7 +127,7 @@ class Settings(BaseSettings):
         # httpx joins relative paths onto the base only when it ends with a slash.
         return v if v.endswith("/") else v + "/"
 
-    @field_validator("public_base_url")
+    @field_validator("public_base_url", "twilio_api_base_url", "sendgrid_api_base_url")
     @classmethod
     def _no_trailing_slash(cls, v: str) -> str:
         return v.rstrip("/")
@@ -130,6 +153,10 @@ class Settings(BaseSettings):
             parts = urlsplit(self.fhir_base_url)
             object.__setattr__(self, "fhir_token_url", f"{parts.scheme}://{parts.netloc}/oauth2/token")
         return self
+
+    def api_token_list(self) -> list[str]:
+        """The accepted API bearer tokens."""
+        return [t.strip() for t in self.api_tokens.get_secret_value().split(",") if t.strip()]
 
     def as_env(self) -> dict[str, str]:
         """The settings as environment variables, to hand to a child process."""

@@ -7,12 +7,14 @@ from typing import Any
 
 from celery import shared_task
 
-from worker.celery_app import TASK_INBOUND_SMS
+from worker.celery_app import TASK_INBOUND_SMS, TASK_OUTBOUND_SEND, TASK_TWILIO_STATUS
 from worker.channels import twilio
 from worker.fhir.resources import clinic_participant
 from worker.inbound import deliver_inbound
+from worker.outbound import OutboundRequest, send_outbound
 from worker.reliability import SwitchboardTask
 from worker.runtime import get_runtime
+from worker.status import apply_status
 from worker.threads import ThreadContext
 
 log = logging.getLogger("switchboard.inbound")
@@ -33,3 +35,36 @@ def inbound_sms(self: SwitchboardTask, params: dict[str, str], meta: dict[str, A
              outcome.communication_id, outcome.thread_ref)
     return {"communication": outcome.communication_id, "thread": outcome.thread_ref,
             "result": outcome.result}
+
+
+class OutboundTask(SwitchboardTask):
+    """Outbound sends also tell the API caller when a message ends in the dead-letter store."""
+
+    abstract = True
+
+    def dead_lettered(self, args: Any, kwargs: Any, reason: str, detail: str) -> None:
+        """Mark the request failed unless the send pipeline already said why."""
+        request_id = str((args[0] if args else {}).get("request_id") or "")
+        state = get_runtime().outbound.state
+        current = state.get(request_id) if request_id else None
+        if request_id and (current is None or current["status"] != "failed"):
+            state.update(request_id, "failed", error=reason)
+
+
+@shared_task(bind=True, base=OutboundTask, name=TASK_OUTBOUND_SEND)
+def outbound_send(self: OutboundTask, payload: dict[str, Any]) -> dict[str, Any]:
+    """Send one outbound message (payload schema: README, "The outbound task")."""
+    rt = get_runtime()
+    result = send_outbound(OutboundRequest.from_payload(payload), rt.outbound,
+                           str(self.request.id))
+    return {"provider_id": result.provider_id, "status": result.status}
+
+
+@shared_task(bind=True, base=SwitchboardTask, name=TASK_TWILIO_STATUS)
+def twilio_status(self: SwitchboardTask, params: dict[str, str]) -> dict[str, Any]:
+    """Apply one Twilio status callback to the Communication it is about."""
+    rt = get_runtime()
+    applied = apply_status(rt.fhir, rt.settings.message_id_system, params, rt.outbound.state,
+                           rt.settings.outbound_request_system)
+    log.info("status %s: %s", params.get("MessageSid", "?"), applied)
+    return {"result": applied}

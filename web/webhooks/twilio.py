@@ -1,4 +1,4 @@
-"""`POST /webhooks/twilio/sms`: verify the signature, check required fields, enqueue."""
+"""Twilio webhooks (incoming SMS, delivery status): verify the signature, check fields, enqueue."""
 
 from __future__ import annotations
 
@@ -8,8 +8,14 @@ from datetime import UTC, datetime
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from web.enqueue import EnqueueFailed, Enqueuer
-from worker.celery_app import QUEUE_INBOUND, TASK_INBOUND_SMS
-from worker.channels.twilio import TwilioSignature, missing_fields
+from worker.celery_app import QUEUE_INBOUND, QUEUE_STATUS, TASK_INBOUND_SMS, TASK_TWILIO_STATUS
+from worker.channels.registry import STATUS_CALLBACK_PATH
+from worker.channels.twilio import (
+    REQUIRED_FIELDS,
+    STATUS_FIELDS,
+    TwilioSignature,
+    missing_fields,
+)
 from worker.settings import Settings
 
 log = logging.getLogger("switchboard.web")
@@ -28,28 +34,40 @@ def twilio_blueprint(settings: Settings) -> Blueprint:
     bp = Blueprint("twilio", __name__)
     signature = TwilioSignature(settings.twilio_auth_token.get_secret_value())
 
-    @bp.post("/webhooks/twilio/sms")
-    def inbound_sms() -> tuple[Response, int]:
+    def accept(kind: str, required: tuple[str, ...], task: str, queue: str,
+               with_meta: bool) -> tuple[Response, int]:
+        """Verify, validate, enqueue: the whole of a Twilio webhook."""
         form = request.form
         if not signature.is_valid(public_url(settings), form,
                                   request.headers.get("X-Twilio-Signature")):
-            log.warning("twilio sms webhook rejected: bad-signature")
+            log.warning("twilio %s webhook rejected: bad-signature", kind)
             return jsonify(error="bad-signature",
                            detail="X-Twilio-Signature is missing or does not match"), 403
         params = form.to_dict(flat=True)
-        missing = missing_fields(params)
+        missing = missing_fields(params, required)
         if missing:
-            log.warning("twilio sms webhook rejected: missing %s", ",".join(missing))
+            log.warning("twilio %s webhook rejected: missing %s", kind, ",".join(missing))
             return jsonify(error="missing-fields", fields=missing,
                            detail="required: " + ", ".join(missing)), 400
         enqueuer: Enqueuer = current_app.extensions["switchboard.enqueuer"]
-        meta = {"received_at": datetime.now(UTC).isoformat(timespec="milliseconds")}
+        args: list[object] = [params]
+        if with_meta:
+            args.append({"received_at": datetime.now(UTC).isoformat(timespec="milliseconds")})
         try:
-            enqueuer.send(TASK_INBOUND_SMS, QUEUE_INBOUND, [params, meta])
+            enqueuer.send(task, queue, args)
         except EnqueueFailed:
             # Not accepted, and said so: Twilio retries only as the webhook URL's connection
-            # overrides allow (README: use `#rc=3&rp=5xx,ct` and a fallback URL).
+            # overrides allow (README: configure retries and a fallback URL).
             return jsonify(error="unavailable", detail="queue unavailable, retry later"), 503
         return Response(EMPTY_TWIML, mimetype="text/xml"), 200
+
+    @bp.post("/webhooks/twilio/sms")
+    def inbound_sms() -> tuple[Response, int]:
+        return accept("sms", REQUIRED_FIELDS, TASK_INBOUND_SMS, QUEUE_INBOUND, with_meta=True)
+
+    @bp.post(STATUS_CALLBACK_PATH)
+    def status_callback() -> tuple[Response, int]:
+        return accept("status", STATUS_FIELDS, TASK_TWILIO_STATUS, QUEUE_STATUS,
+                      with_meta=False)
 
     return bp

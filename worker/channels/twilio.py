@@ -1,19 +1,21 @@
-"""Twilio SMS/MMS: webhook signature check and inbound payload parsing."""
+"""Twilio SMS/MMS: webhook signature check, inbound parsing, sending, error and status mapping."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from typing import Any
 
 from twilio.request_validator import RequestValidator
 
-from worker.channels import Attachment, InboundMessage
+from worker.channels import Attachment, InboundMessage, OutboundMessage, SendError, SendResult
 from worker.errors import PermanentError
 from worker.phones import InvalidPhoneNumber, to_e164
 
 CHANNEL = "sms"
 MEDIUM_CODE = "SMSWRIT"
 REQUIRED_FIELDS = ("MessageSid", "From", "To")
+STATUS_FIELDS = ("MessageSid", "MessageStatus")
 # Twilio sends at most 10 media items per MMS (MediaUrl0..MediaUrl9).
 MAX_MEDIA = 10
 
@@ -34,9 +36,10 @@ class TwilioSignature:
         return bool(self._validator.validate(url, params, signature))
 
 
-def missing_fields(params: Mapping[str, str]) -> list[str]:
+def missing_fields(params: Mapping[str, str], required: tuple[str, ...] = REQUIRED_FIELDS
+                   ) -> list[str]:
     """The required webhook fields that are absent or blank."""
-    return [name for name in REQUIRED_FIELDS if not (params.get(name) or "").strip()]
+    return [name for name in required if not (params.get(name) or "").strip()]
 
 
 def parse_inbound(params: Mapping[str, str], received_at: str) -> InboundMessage:
@@ -78,3 +81,119 @@ def parse_inbound(params: Mapping[str, str], received_at: str) -> InboundMessage
         attachments=attachments,
         provider_conversation_id=(params.get("ConversationSid") or "").strip() or None,
     )
+
+
+# -- outbound -------------------------------------------------------------------------------------
+
+# Twilio error codes → our send-error vocabulary (https://www.twilio.com/docs/api/errors).
+ERROR_KINDS: dict[int, str] = {
+    20429: "throttled",  # too many requests
+    30001: "provider-unavailable",  # queue overflow: Twilio asks us to slow down and retry
+    20003: "misconfigured",  # authentication failed
+    21606: "misconfigured",  # From is not a Twilio number we own
+    21211: "invalid-recipient",  # invalid 'To' number
+    21408: "rejected",  # sending to this region is not enabled on the account
+    21610: "opted-out",  # the recipient replied STOP
+    21612: "unreachable",  # not reachable via SMS
+    21614: "unreachable",  # not a mobile number
+    21635: "unreachable",  # a landline
+    30003: "unreachable",  # unreachable handset
+    30004: "unreachable",  # blocked
+    30005: "unreachable",  # unknown handset
+    30006: "unreachable",  # landline or unreachable carrier
+    30007: "rejected",  # carrier filtered the message
+}
+
+
+def classify_error(status: int | None, code: int | None, retry_after: float | None = None
+                   ) -> SendError:
+    """The SendError for a Twilio failure (pure): the code decides, then the HTTP status."""
+    kind = ERROR_KINDS.get(code or 0)
+    if kind is None:
+        if status == 429:
+            kind = "throttled"
+        elif status is None or status >= 500:
+            kind = "provider-unavailable"
+        elif status in (401, 403):
+            kind = "misconfigured"
+        else:
+            kind = "rejected"
+    return SendError(kind, f"Twilio HTTP {status}" if status else "Twilio unreachable", code,
+                     retry_after)
+
+
+class TwilioSms:
+    """Sends SMS/MMS through Twilio's Messages API with the official SDK.
+
+    The SDK's client is not safe to share between threads (it keeps the last response on the
+    client, which is also where the Retry-After header is found), so each thread has its own.
+    """
+
+    name = CHANNEL
+    medium_code = MEDIUM_CODE
+
+    def __init__(self, account_sid: str, auth_token: str, from_number: str,
+                 messaging_service_sid: str, status_callback: str, api_base_url: str,
+                 timeout: float = 10.0) -> None:
+        if not (from_number or messaging_service_sid):
+            raise ValueError("TWILIO_FROM_NUMBER or TWILIO_MESSAGING_SERVICE_SID is required")
+        self._sid = account_sid
+        self._token = auth_token
+        self._from = from_number
+        self._service = messaging_service_sid
+        self._callback = status_callback
+        self._base = api_base_url
+        self._timeout = timeout
+        self._local = threading.local()
+
+    def sender_key(self) -> str:
+        """Rate limits are per sending number (or messaging service)."""
+        return self._service or self._from
+
+    def _client(self) -> Any:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            from twilio.http.http_client import TwilioHttpClient
+            from twilio.rest import Client
+
+            client = Client(self._sid, self._token,
+                            http_client=TwilioHttpClient(timeout=self._timeout))
+            # Provider sandbox / regional endpoints: the SDK builds every URL from this.
+            client.api.base_url = self._base
+            self._local.client = client
+        return client
+
+    def send(self, message: OutboundMessage) -> SendResult:
+        """Send one message; raises SendError."""
+        from requests import RequestException
+        from twilio.base.exceptions import TwilioRestException
+
+        client = self._client()
+        kwargs: dict[str, Any] = {"to": message.to, "status_callback": self._callback}
+        if self._service:
+            kwargs["messaging_service_sid"] = self._service
+        else:
+            kwargs["from_"] = self._from
+        if message.body:
+            kwargs["body"] = message.body
+        if message.attachments:
+            kwargs["media_url"] = [a.url for a in message.attachments]
+        try:
+            created = client.messages.create(**kwargs)
+        except TwilioRestException as exc:
+            last = getattr(client.http_client, "last_response", None)
+            retry_after = _retry_after((last.headers or {}) if last is not None else {})
+            raise classify_error(exc.status, exc.code, retry_after) from None
+        except RequestException as exc:  # connection refused, timeout, TLS…
+            raise SendError("provider-unavailable", type(exc).__name__) from None
+        return SendResult(provider_id=str(created.sid), status=str(created.status))
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    for name, value in headers.items():
+        if name.lower() == "retry-after":
+            try:
+                return float(value)
+            except ValueError:
+                return None
+    return None

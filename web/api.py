@@ -1,0 +1,138 @@
+"""`/v1/messages`: other services ask for a message to be sent, and may wait for the verdict."""
+
+from __future__ import annotations
+
+import hmac
+import re
+import time
+import uuid
+from typing import Any, Literal
+
+import redis
+from flask import Blueprint, Response, current_app, jsonify, request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from web.enqueue import EnqueueFailed, Enqueuer
+from worker.celery_app import QUEUE_OUTBOUND, TASK_OUTBOUND_SEND
+from worker.outbound_state import SETTLED, OutboundState
+from worker.settings import Settings
+
+MAX_WAIT_SECONDS = 30
+_PREFER_WAIT = re.compile(r"\bwait=(\d+)")
+# How a failed send is told to the caller: the patient's side → 422, ours → 503, provider → 502.
+_FAILURE_STATUS = {"throttled": 429, "provider-unavailable": 502, "misconfigured": 503}
+
+
+class ByReference(BaseModel):
+    """Send a Communication that already exists on the FHIR server."""
+
+    model_config = ConfigDict(extra="forbid")
+    communication: str = Field(pattern=r"^Communication/[A-Za-z0-9\-.]{1,64}$")
+    channel: Literal["sms", "email"] | None = None
+
+
+class Payload(BaseModel):
+    """One Communication.payload item."""
+
+    model_config = ConfigDict(extra="forbid")
+    contentString: str | None = Field(default=None, min_length=1)
+    contentAttachment: dict[str, Any] | None = None
+
+
+class Reference(BaseModel):
+    """A FHIR Reference."""
+
+    model_config = ConfigDict(extra="allow")
+    reference: str = Field(min_length=3)
+
+
+class ByResource(BaseModel):
+    """A new child Communication to create and send (`channel` is ours, not FHIR's)."""
+
+    model_config = ConfigDict(extra="allow")
+    resourceType: Literal["Communication"]
+    status: Literal["preparation", "in-progress"] = "in-progress"
+    payload: list[Payload] = Field(min_length=1)
+    recipient: list[Reference] | None = None
+    partOf: list[Reference] | None = None
+    channel: Literal["sms", "email"] | None = None
+
+
+def _authorised(settings: Settings) -> bool:
+    header = request.headers.get("Authorization", "")
+    if not header.startswith("Bearer "):
+        return False
+    given = header[7:].strip().encode()
+    # Compare against every token in constant time (no early exit on the first match).
+    matches = [hmac.compare_digest(given, t.encode()) for t in settings.api_token_list()]
+    return any(matches)
+
+
+def _verdict(request_id: str, state: dict[str, Any] | None) -> tuple[Response, int]:
+    body: dict[str, Any] = {"id": request_id, "status_url": f"/v1/messages/{request_id}",
+                            **(state or {"status": "queued"})}
+    status = (state or {}).get("status")
+    if status in ("sent", "delivered"):
+        return jsonify(body), 200
+    if status == "failed":
+        error = str(body.get("error", "failed"))
+        return jsonify({**body, "error": error}), _FAILURE_STATUS.get(error, 422)
+    if status == "queued" and body.get("last_error") == "throttled":
+        return jsonify({**body, "error": "throttled"}), 429
+    return jsonify(body), 202
+
+
+def api_blueprint(settings: Settings, client: redis.Redis) -> Blueprint:
+    """Routes of the outbound API."""
+    bp = Blueprint("api", __name__)
+    state = OutboundState(client)
+
+    @bp.post("/v1/messages")
+    def send_message() -> tuple[Response, int]:
+        if not _authorised(settings):
+            return jsonify(error="unauthorized", detail="a valid bearer token is required"), 401
+        data = request.get_json(silent=True)
+        if not isinstance(data, dict):
+            return jsonify(error="invalid-json", detail="the body must be a JSON object"), 400
+        model: type[BaseModel] = ByReference if "communication" in data else ByResource
+        try:
+            parsed = model.model_validate(data)
+        except ValidationError as exc:
+            fields = [{"field": ".".join(str(p) for p in e["loc"]), "error": e["msg"]}
+                      for e in exc.errors()]
+            return jsonify(error="invalid-body", fields=fields), 422
+        request_id = uuid.uuid4().hex
+        payload: dict[str, Any] = {"request_id": request_id,
+                                   "channel": getattr(parsed, "channel", None)}
+        if isinstance(parsed, ByReference):
+            payload["communication"] = parsed.communication
+        else:
+            resource = {k: v for k, v in data.items() if k != "channel"}
+            payload["resource"] = resource
+        state.update(request_id, "queued")
+        enqueuer: Enqueuer = current_app.extensions["switchboard.enqueuer"]
+        try:
+            enqueuer.send(TASK_OUTBOUND_SEND, QUEUE_OUTBOUND, [payload])
+        except EnqueueFailed:
+            return jsonify(error="unavailable", detail="queue unavailable, retry later"), 503
+        wait = _PREFER_WAIT.search(request.headers.get("Prefer", ""))
+        if not wait:
+            return _verdict(request_id, None)
+        deadline = time.monotonic() + min(int(wait.group(1)), MAX_WAIT_SECONDS)
+        current = state.get(request_id)
+        while time.monotonic() < deadline:
+            current = state.wait(request_id, max(0.0, deadline - time.monotonic()))
+            if current and (current["status"] in SETTLED or current.get("last_error")):
+                break
+        return _verdict(request_id, current)
+
+    @bp.get("/v1/messages/<request_id>")
+    def message_state(request_id: str) -> tuple[Response, int]:
+        if not _authorised(settings):
+            return jsonify(error="unauthorized", detail="a valid bearer token is required"), 401
+        current = state.get(request_id)
+        if current is None:
+            return jsonify(error="not-found", detail="no such message request"), 404
+        return jsonify({"id": request_id, **current}), 200
+
+    return bp

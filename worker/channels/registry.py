@@ -1,0 +1,27 @@
+"""The channel registry: which channels this deployment can send on, built from settings."""
+
+from __future__ import annotations
+
+from worker.channels import Channel
+from worker.settings import Settings
+
+STATUS_CALLBACK_PATH = "/webhooks/twilio/status"
+
+
+def build_channels(settings: Settings) -> dict[str, Channel]:
+    """Every channel whose credentials are configured (others refuse sends as misconfigured)."""
+    channels: dict[str, Channel] = {}
+    if settings.twilio_from_number or settings.twilio_messaging_service_sid:
+        from worker.channels.twilio import TwilioSms
+
+        channels["sms"] = TwilioSms(
+            settings.twilio_account_sid, settings.twilio_auth_token.get_secret_value(),
+            settings.twilio_from_number, settings.twilio_messaging_service_sid,
+            settings.public_base_url + STATUS_CALLBACK_PATH, settings.twilio_api_base_url)
+    if settings.sendgrid_api_key.get_secret_value() and settings.sendgrid_from_email:
+        from worker.channels.sendgrid import SendGridEmail
+
+        channels["email"] = SendGridEmail(
+            settings.sendgrid_api_key.get_secret_value(), settings.sendgrid_from_email,
+            settings.sendgrid_api_base_url)
+    return channels

@@ -1,0 +1,57 @@
+"""What callers of the outbound API can see about a request: queued, sent, failed, delivered.
+
+A Redis hash per request id (30 days), plus a short list the web blocks on for `Prefer: wait`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+
+KEY = "switchboard:outbound:"
+EVENTS = "switchboard:outbound:events:"
+TTL = 30 * 24 * 3600
+# States after which a waiting caller gets its answer.
+SETTLED = frozenset({"sent", "failed", "delivered"})
+
+
+class OutboundState:
+    """Read and write the state of outbound requests."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._r: Any = client
+
+    def update(self, request_id: str, status: str, **fields: Any) -> None:
+        """Set the state (and any details); wakes waiters when the state is settled."""
+        values = {"status": status, "updated_at": f"{time.time():.3f}",
+                  **{k: json.dumps(v) for k, v in fields.items() if v is not None}}
+        pipe = self._r.pipeline()
+        pipe.hset(KEY + request_id, mapping=values)
+        pipe.expire(KEY + request_id, TTL)
+        # Every change wakes a waiting caller (it decides whether the news is final).
+        pipe.lpush(EVENTS + request_id, status)
+        pipe.expire(EVENTS + request_id, 120)
+        pipe.execute()
+
+    def get(self, request_id: str) -> dict[str, Any] | None:
+        """The state of a request, or None if unknown."""
+        raw = self._r.hgetall(KEY + request_id)
+        if not raw:
+            return None
+        out: dict[str, Any] = {}
+        for k, v in raw.items():
+            key, value = k.decode(), v.decode()
+            out[key] = value if key in ("status", "updated_at") else json.loads(value)
+        return out
+
+    def wait(self, request_id: str, timeout: float) -> dict[str, Any] | None:
+        """Block until the request settles or `timeout` passes; returns the latest state."""
+        state = self.get(request_id)
+        if state and state["status"] in SETTLED:
+            return state
+        if timeout > 0:
+            self._r.blpop([EVENTS + request_id], timeout=timeout)
+        return self.get(request_id)

@@ -1,0 +1,76 @@
+"""Outbound routing rules (pure): which channel, and which of the patient's contacts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from worker.phones import InvalidPhoneNumber, to_e164
+
+MEDIUM_TO_CHANNEL = {"SMSWRIT": "sms", "EMAILWRIT": "email"}
+CHANNEL_TO_MEDIUM = {v: k for k, v in MEDIUM_TO_CHANNEL.items()}
+_SYSTEMS = {"sms": ("sms", "phone"), "email": ("email",)}
+
+
+def medium_channel(resource: Mapping[str, Any] | None) -> str | None:
+    """The channel named by a Communication's `medium` (SMSWRIT → sms), if any."""
+    for concept in (resource or {}).get("medium") or []:
+        for coding in concept.get("coding") or []:
+            channel = MEDIUM_TO_CHANNEL.get(str(coding.get("code", "")))
+            if channel:
+                return channel
+    return None
+
+
+def _active(telecom: Mapping[str, Any], now: datetime) -> bool:
+    end = (telecom.get("period") or {}).get("end")
+    if not end:
+        return True
+    try:
+        ended = datetime.fromisoformat(str(end).replace("Z", "+00:00"))
+    except ValueError:
+        return True  # an unreadable period does not hide a contact
+    if ended.tzinfo is None:
+        ended = ended.replace(tzinfo=UTC)
+    return ended > now
+
+
+def pick_contact(telecoms: Iterable[Mapping[str, Any]], channel: str,
+                 now: datetime | None = None) -> str | None:
+    """The best address of a patient for `channel`, or None.
+
+    Skips entries whose `period` has ended and `use=old`; for SMS prefers `use=mobile`, then
+    the lowest `rank`, then the listed order; phone numbers are normalised to E.164.
+    """
+    now = now or datetime.now(UTC)
+    candidates = []
+    for order, t in enumerate(telecoms):
+        if t.get("system") not in _SYSTEMS[channel] or not t.get("value"):
+            continue
+        if t.get("use") == "old" or not _active(t, now):
+            continue
+        value = str(t["value"]).strip()
+        if channel == "sms":
+            try:
+                value = to_e164(value)
+            except InvalidPhoneNumber:
+                continue
+        mobile_first = 0 if (channel != "sms" or t.get("use") == "mobile") else 1
+        candidates.append((mobile_first, int(t.get("rank") or 1_000_000), order, value))
+    return min(candidates)[3] if candidates else None
+
+
+def choose_channel(forced: str | None, reply_channel: str | None,
+                   telecoms: list[Mapping[str, Any]]) -> str | None:
+    """The channel to send on: the forced one; else the thread's (a reply goes back the way the
+    patient wrote) when the patient has a contact for it; else phone, else email (the seed's
+    rule). None when the patient cannot be reached at all."""
+    if forced:
+        return forced
+    if reply_channel and pick_contact(telecoms, reply_channel):
+        return reply_channel
+    for channel in ("sms", "email"):
+        if pick_contact(telecoms, channel):
+            return channel
+    return None
