@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import redis
 
-from tests.support import AUTH_TOKEN, PUBLIC_BASE_URL, Sandbox
+from tests.support import AUTH_TOKEN, PUBLIC_BASE_URL, ProviderSandbox, Sandbox
 from worker import devstack
 from worker.dead_letter import DeadLetterStore
 from worker.settings import Settings, load_settings
@@ -50,6 +50,32 @@ def fhir_server(log_dir: Path) -> Iterator[devstack.FhirSandbox]:
         "FHIR_SANDBOX_CLIENT_ID": FHIR_ID, "FHIR_SANDBOX_CLIENT_SECRET": FHIR_SECRET})
     yield sandbox
     sandbox.stop()
+
+
+API_TOKEN = "test-api-token"
+CLINIC_SMS = "+15557654321"
+CLINIC_EMAIL = "care@clinic.example"
+SENDGRID_KEY = "SG.test-key"
+
+
+@pytest.fixture(scope="session")
+def providers(log_dir: Path) -> Iterator[ProviderSandbox]:
+    """The Twilio/SendGrid sandbox, requiring our test credentials like the real APIs."""
+    child, origin = devstack.start_provider_sandbox(log_dir, [
+        "--twilio-account-sid", "ACtest", "--twilio-auth-token", AUTH_TOKEN,
+        "--sendgrid-api-key", SENDGRID_KEY])
+    sandbox = ProviderSandbox(origin)
+    yield sandbox
+    sandbox.close()
+    child.stop()
+
+
+def outbound_env(providers: ProviderSandbox, **overrides: str) -> dict[str, str]:
+    """Settings overrides that send through the provider sandbox."""
+    return {"TWILIO_API_BASE_URL": providers.origin, "TWILIO_FROM_NUMBER": CLINIC_SMS,
+            "SENDGRID_API_KEY": SENDGRID_KEY, "SENDGRID_FROM_EMAIL": CLINIC_EMAIL,
+            "SENDGRID_API_BASE_URL": providers.origin, "API_TOKENS": API_TOKEN,
+            "SMS_RATE_PER_SECOND": "50", "EMAIL_RATE_PER_SECOND": "50", **overrides}
 
 
 def make_env(redis_url: str, fhir_base: str, **overrides: str) -> dict[str, str]:
@@ -87,6 +113,7 @@ class Service:
     env: dict[str, str]
     redis: redis.Redis
     worker: devstack.Child | None
+    all_workers: list[devstack.Child]
 
     @property
     def dead_letters(self) -> DeadLetterStore:
@@ -110,19 +137,21 @@ class Services:
         self._log_dir = log_dir
         self._started: dict[tuple[tuple[str, str], ...], Service] = {}
 
-    def get(self, worker: bool = True, **overrides: str) -> Service:
+    def get(self, worker: bool = True, workers: int = 1, **overrides: str) -> Service:
         """The Service for these settings overrides (started on first use)."""
-        key = (("worker", str(worker)), *sorted(overrides.items()))
+        key = (("worker", str(worker)), ("workers", str(workers)), *sorted(overrides.items()))
         if key not in self._started:
             db = len(self._started) + 1
-            if db > 15:
+            if db > 63:
                 raise RuntimeError("too many distinct service configurations for Redis dbs")
             url = f"redis://127.0.0.1:{self._redis.port}/{db}"
             env = make_env(url, self._fhir.base_url, **overrides)
-            child = devstack.start_worker(env, self._log_dir, name=f"worker-db{db}",
-                                          concurrency=8) if worker else None
+            children = [devstack.start_worker(env, self._log_dir, name=f"worker-db{db}-{n}",
+                                              concurrency=8)
+                        for n in range(workers if worker else 0)]
             client = redis.Redis.from_url(url)
-            self._started[key] = Service(load_settings(env), env, client, child)
+            self._started[key] = Service(load_settings(env), env, client,
+                                         children[0] if children else None, children)
         service = self._started[key]
         service.dead_letters.purge()
         return service
@@ -134,8 +163,8 @@ class Services:
     def stop(self) -> None:
         """Stop every worker."""
         for service in self._started.values():
-            if service.worker:
-                service.worker.stop()
+            for child in service.all_workers:
+                child.stop()
             service.redis.close()
 
 

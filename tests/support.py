@@ -112,3 +112,29 @@ class Sandbox:
         """Close HTTP clients."""
         self.fhir.close()
         self._http.close()
+
+
+class ProviderSandbox:
+    """Test-side control of the Twilio/SendGrid sandbox (sandbox/providers/README.md)."""
+
+    def __init__(self, origin: str) -> None:
+        self.origin = origin
+        self._http = httpx.Client(base_url=origin, timeout=10)
+
+    def reset(self) -> None:
+        """Forget requests, messages and faults."""
+        self._http.post("/__reset").raise_for_status()
+
+    def fault(self, **spec: Any) -> None:
+        """Queue a fault for matching requests."""
+        self._http.post("/__faults", json=spec).raise_for_status()
+
+    def requests(self, provider: str | None = None, to: str | None = None
+                 ) -> list[dict[str, Any]]:
+        """Recorded provider requests, oldest first."""
+        params = {k: v for k, v in (("provider", provider), ("to", to)) if v}
+        return list(self._http.get("/__requests", params=params).json())
+
+    def close(self) -> None:
+        """Close the HTTP client."""
+        self._http.close()

@@ -137,7 +137,8 @@ class RedisServer:
         """Start (or restart) with AOF on and every write fsynced, noeviction."""
         cmd = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
                "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "always",
-               "--save", "", "--maxmemory-policy", "noeviction", "--protected-mode", "yes"]
+               "--save", "", "--maxmemory-policy", "noeviction", "--protected-mode", "yes",
+               "--databases", "64"]
         self.child = _spawn(f"redis-{self.port}", cmd, self.log_dir)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
         deadline = time.monotonic() + 15
@@ -207,6 +208,18 @@ def start_fhir_sandbox(log_dir: Path, port: int = 0, extra_env: Mapping[str, str
     line = _wait_for(child, FHIR_READY_PREFIX, timeout=90)
     origin = line.split(FHIR_READY_PREFIX, 1)[1].strip().rstrip("/")
     return FhirSandbox(child, origin)
+
+
+PROVIDER_SANDBOX = ROOT / "sandbox" / "providers" / "provider_sandbox.py"
+PROVIDER_READY_PREFIX = "Provider sandbox listening on "
+
+
+def start_provider_sandbox(log_dir: Path, args: list[str], port: int = 0) -> tuple[Child, str]:
+    """Start the Twilio/SendGrid sandbox; returns the child and its origin URL."""
+    child = _spawn("provider-sandbox", [sys.executable, str(PROVIDER_SANDBOX), "--port",
+                                        str(port), *args], log_dir, cwd=ROOT)
+    line = _wait_for(child, PROVIDER_READY_PREFIX, timeout=30)
+    return child, line.split(PROVIDER_READY_PREFIX, 1)[1].strip().rstrip("/")
 
 
 def _venv_bin(name: str) -> str:
