@@ -100,6 +100,8 @@ DEV_DEFAULTS = {
     "SMS_THREAD_STRATEGY": "conversation",
     "UNKNOWN_SENDER_POLICY": "reject",
 }
+DEV_SENDGRID_KEY = "SG.dev-sandbox-key"
+DEV_API_TOKEN = "dev-api-token"  # noqa: S105 (make run's local sandbox only)
 DEMO_PATIENT_PHONE = "+15551234567"
 DEMO_CLINIC_PHONE = "+15557654321"
 
@@ -138,6 +140,7 @@ def cmd_run(_: Settings | None, args: argparse.Namespace) -> int:
                                       data_dir=log_dir / "redis-data")
             stack.children.append(rs)
             env["REDIS_URL"] = rs.url
+        demo_id = "<patient id>"
         if "FHIR_BASE_URL" in os.environ:
             env["FHIR_BASE_URL"] = os.environ["FHIR_BASE_URL"]
             sandbox = None
@@ -148,13 +151,29 @@ def cmd_run(_: Settings | None, args: argparse.Namespace) -> int:
             env["FHIR_BASE_URL"] = sandbox.base_url
         env["PUBLIC_BASE_URL"] = os.environ.get("PUBLIC_BASE_URL",
                                                 f"http://127.0.0.1:{args.port}")
+        providers_origin = ""
+        if not any(k in os.environ for k in ("TWILIO_FROM_NUMBER",
+                                             "TWILIO_MESSAGING_SERVICE_SID",
+                                             "SENDGRID_API_KEY")):
+            # No provider credentials: sends go to the local provider sandbox instead.
+            child, providers_origin = devstack.start_provider_sandbox(log_dir, [
+                "--twilio-account-sid", env["TWILIO_ACCOUNT_SID"],
+                "--twilio-auth-token", env["TWILIO_AUTH_TOKEN"],
+                "--sendgrid-api-key", DEV_SENDGRID_KEY])
+            stack.children.append(child)
+            env.update({"TWILIO_API_BASE_URL": providers_origin,
+                        "TWILIO_FROM_NUMBER": DEMO_CLINIC_PHONE,
+                        "SENDGRID_API_BASE_URL": providers_origin,
+                        "SENDGRID_API_KEY": DEV_SENDGRID_KEY,
+                        "SENDGRID_FROM_EMAIL": "care@clinic.example",
+                        "API_TOKENS": os.environ.get("API_TOKENS", DEV_API_TOKEN)})
         settings = load_settings(env)
         if sandbox is not None:
             fhir = FhirClient(settings.fhir_base_url, settings.fhir_token_url,
                               settings.fhir_client_id,
                               settings.fhir_client_secret.get_secret_value())
-            fhir.create(patient_with_phone(DEMO_PATIENT_PHONE),
-                        if_none_exist=[("phone", DEMO_PATIENT_PHONE)])
+            demo_id = fhir.create(patient_with_phone(DEMO_PATIENT_PHONE),
+                                  if_none_exist=[("phone", DEMO_PATIENT_PHONE)]).resource["id"]
             fhir.close()
         child_env = settings.as_env()
         stack.children.append(devstack.start_worker(child_env, log_dir))
@@ -181,6 +200,17 @@ curl -s -H "Authorization: Bearer $TOKEN" \
 
 (the sandbox accepts any client secret). For a message the worker could not process, see
 `switchboard dlq list` with REDIS_URL={settings.redis_url}). Ctrl-C stops everything.
+""", flush=True)
+        if providers_origin:
+            shown_token = DEV_API_TOKEN if "API_TOKENS" not in os.environ else "$API_TOKEN"
+            print(f"""Outbound: sends go to the provider sandbox at {providers_origin}
+(see what was sent: curl -s {providers_origin}/__requests). Reply to the demo patient:
+
+curl -sS -X POST {settings.public_base_url}/v1/messages \\
+  -H 'Authorization: Bearer {shown_token}' -H 'Prefer: wait=10' \\
+  -H 'Content-Type: application/json' \\
+  -d '{{"resourceType": "Communication", "recipient": [{{"reference": "Patient/{demo_id}"}}],
+       "payload": [{{"contentString": "Thanks, see you soon"}}]}}'
 """, flush=True)
         while all(_alive(c) for c in stack.children):
             time.sleep(0.5)
