@@ -126,6 +126,10 @@ def api_blueprint(settings: Settings, client: redis.Redis) -> Blueprint:
                 break
         return _verdict(request_id, current)
 
+    @bp.get("/v1/openapi.json")
+    def openapi() -> tuple[Response, int]:
+        return jsonify(openapi_document()), 200
+
     @bp.get("/v1/messages/<request_id>")
     def message_state(request_id: str) -> tuple[Response, int]:
         if not _authorised(settings):
@@ -136,3 +140,52 @@ def api_blueprint(settings: Settings, client: redis.Redis) -> Blueprint:
         return jsonify({"id": request_id, **current}), 200
 
     return bp
+
+
+def openapi_document() -> dict[str, Any]:
+    """OpenAPI 3.1 description of /v1/messages, with the request schemas from the models."""
+    state = {"type": "object", "properties": {
+        "id": {"type": "string"}, "status_url": {"type": "string"},
+        "status": {"enum": ["queued", "sent", "failed", "delivered"]},
+        "provider_id": {"type": "string"}, "channel": {"enum": ["sms", "email"]},
+        "communication": {"type": "string"}, "error": {"type": "string"},
+        "provider_code": {"type": ["integer", "null"]}, "last_error": {"type": "string"}}}
+    error = {"type": "object", "properties": {"error": {"type": "string"},
+                                              "detail": {"type": "string"},
+                                              "fields": {"type": "array"}}}
+
+    def answer(text: str, schema: dict[str, Any]) -> dict[str, Any]:
+        return {"description": text, "content": {"application/json": {"schema": schema}}}
+
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Switchboard outbound API", "version": "1"},
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+                       "schemas": {"ByReference": ByReference.model_json_schema(),
+                                   "ByResource": ByResource.model_json_schema(),
+                                   "State": state, "Error": error}},
+        "security": [{"bearer": []}],
+        "paths": {
+            "/v1/messages": {"post": {
+                "summary": "Send a child Communication to its patient by SMS or email",
+                "parameters": [{"name": "Prefer", "in": "header", "required": False,
+                                "schema": {"type": "string", "example": "wait=10"}}],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "oneOf": [{"$ref": "#/components/schemas/ByReference"},
+                              {"$ref": "#/components/schemas/ByResource"}]}}}},
+                "responses": {
+                    "200": answer("sent (with Prefer: wait)", state),
+                    "202": answer("queued", state),
+                    "400": answer("not JSON", error), "401": answer("no valid token", error),
+                    "422": answer("invalid body, or the provider refused", error),
+                    "429": answer("the provider throttles (still queued)", error),
+                    "502": answer("the provider is unavailable (still queued)", error),
+                    "503": answer("queue unavailable or channel not configured", error)}}},
+            "/v1/messages/{id}": {"get": {
+                "summary": "State of a send request",
+                "parameters": [{"name": "id", "in": "path", "required": True,
+                                "schema": {"type": "string"}}],
+                "responses": {"200": answer("state", state), "401": answer("no token", error),
+                              "404": answer("unknown id", error)}}},
+        },
+    }

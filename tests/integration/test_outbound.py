@@ -323,3 +323,11 @@ def test_two_workers_share_one_send_rate(services: Services, sandbox: Sandbox,
     assert spread >= 9.0, spread
     both = [w for w in svc.all_workers if "outbound Communication/" in w.output()]
     assert len(both) == 2  # the work really was shared
+
+
+def test_openapi_document_is_served(services: Services, providers: ProviderSandbox) -> None:
+    svc = services.get(worker=False, **outbound_env(providers))
+    doc = svc.app().test_client().get("/v1/openapi.json").get_json()
+    assert doc["openapi"] == "3.1.0"
+    assert set(doc["paths"]) == {"/v1/messages", "/v1/messages/{id}"}
+    assert "communication" in doc["components"]["schemas"]["ByReference"]["properties"]
