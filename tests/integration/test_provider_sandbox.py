@@ -5,6 +5,7 @@ channel code relies on: exception types, attributes, Retry-After, and that they 
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -54,7 +55,7 @@ class SandboxHttpClient(TwilioHttpClient):
 
     def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Response:
         parts = urllib.parse.urlsplit(url)
-        if (parts.hostname or "").endswith("twilio.com"):
+        if (parts.hostname or "").endswith(".twilio.com"):  # api.twilio.com, api.us1.…
             url = self.base_url + parts.path + (f"?{parts.query}" if parts.query else "")
         response = super().request(method, url, *args, **kwargs)
         self._local.last = response
@@ -98,8 +99,8 @@ def start_sandbox(*args: str) -> Running:
     return Running(line[len(READY):].strip(), process)
 
 
-def stop_sandbox(running: Running) -> None:
-    running.process.terminate()
+def stop_sandbox(running: Running, sig: int = signal.SIGTERM) -> None:
+    running.process.send_signal(sig)
     assert running.process.wait(timeout=5) == 0
     assert running.process.stdout is not None
     running.process.stdout.close()
@@ -125,7 +126,7 @@ def authed() -> Iterator[Running]:
     running = start_sandbox("--twilio-account-sid", ACCOUNT, "--twilio-auth-token", TOKEN,
                             "--sendgrid-api-key", SG_KEY)
     yield running
-    stop_sandbox(running)
+    stop_sandbox(running, signal.SIGINT)
 
 
 def twilio(sb: Running, token: str = TOKEN, **http: Any) -> Client:
@@ -212,6 +213,13 @@ def test_twilio_base_url_attribute_also_works(sb: Running) -> None:
     client.api.base_url = sb.url  # only the `api` domain (Messages); see the README
     msg = client.messages.create(to=PATIENT, from_=CLINIC, body="hi")
     assert sb.requests()[0]["message_sid"] == msg.sid
+
+
+def test_rewriting_client_survives_edge_and_region(sb: Running) -> None:
+    # TWILIO_EDGE / TWILIO_REGION make the SDK call api.dublin.ie1.twilio.com; still rewritten.
+    client = Client(ACCOUNT, TOKEN, edge="dublin", region="ie1",
+                    http_client=SandboxHttpClient(sb.url))
+    assert client.messages.create(to=PATIENT, from_=CLINIC, body="hi").status == "queued"
 
 
 def test_messaging_service_sid(sb: Running) -> None:

@@ -1,0 +1,817 @@
+"""Provider sandbox: a local stand-in for Twilio's Messages API and SendGrid's v3 mail/send.
+
+The real `twilio` and `sendgrid` SDKs can be pointed at it (see README.md next to this file).
+It records every provider request, injects faults per recipient and drives signed Twilio
+status callbacks. Standard library only.
+
+    python sandbox/providers/provider_sandbox.py --port 0 [--host 127.0.0.1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import math
+import os
+import re
+import secrets
+import signal
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+API_VERSION = "2010-04-01"
+DEFAULT_SIGNING_TOKEN = "sandbox-auth-token"  # noqa: S105 - documented sandbox default
+TWILIO_PREFIX = f"/{API_VERSION}/Accounts/"
+SEND_PATH = re.compile(rf"^/{API_VERSION}/Accounts/([^/]+)/Messages\.json$")
+FETCH_PATH = re.compile(rf"^/{API_VERSION}/Accounts/([^/]+)/Messages/([^/]+)\.json$")
+SENDGRID_SEND = "/v3/mail/send"
+CALLBACK_TIMEOUT_S = 10.0
+
+MESSAGE_STATUSES = frozenset({
+    "queued", "sending", "sent", "failed", "delivered", "undelivered", "receiving", "received",
+    "accepted", "scheduled", "read", "partially_delivered", "canceled",
+})
+SENT_STATUSES = frozenset({"sent", "delivered", "undelivered", "read", "partially_delivered"})
+
+# Message text for the Twilio error codes we fake; `{to}` / `{from_}` are filled in.
+TWILIO_MESSAGES: dict[int, str] = {
+    20003: "Authenticate",
+    20001: "Bad request",
+    20403: "Forbidden",
+    20404: "The requested resource {path} was not found",
+    20429: "Too Many Requests",
+    20500: "Internal Server Error",
+    20503: "Service Unavailable",
+    21211: "The 'To' number {to} is not a valid phone number.",
+    21408: "Permission to send an SMS has not been enabled for the region indicated by the "
+           "'To' number: {to}.",
+    21602: "Message body is required.",
+    21603: "A 'From' phone number is required.",
+    21604: "A 'To' phone number is required.",
+    21610: "Attempt to send to unsubscribed recipient",
+    21612: "The 'To' phone number: {to}, is not currently reachable using the 'From' phone "
+           "number: {from_} via SMS.",
+    21614: "'To' number {to} is not a valid mobile number",
+    21635: "'To' number {to} cannot be a landline.",
+    30001: "Queue overflow",
+    30003: "Unreachable destination handset",
+    30004: "Message blocked",
+    30005: "Unknown destination handset",
+    30006: "Landline or unreachable carrier",
+    30007: "Message filtered",
+}
+# Code used when a fault gives an HTTP status but no twilio_code.
+TWILIO_DEFAULT_CODES: dict[int, int] = {
+    401: 20003, 403: 20403, 404: 20404, 429: 20429, 500: 20500, 503: 20503,
+}
+SENDGRID_MESSAGES: dict[int, str] = {
+    400: "Bad Request",
+    401: "The provided authorization grant is invalid, expired, or revoked",
+    403: "access forbidden",
+    404: "not found",
+    413: "Payload Too Large",
+    429: "too many requests",
+    500: "internal error",
+    502: "bad gateway",
+    503: "service unavailable",
+    504: "gateway timeout",
+}
+
+GSM7_BASIC = frozenset(
+    "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?¡"
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà"
+)
+GSM7_EXTENDED = frozenset("^{}\\[~]|€\f")
+
+
+def num_segments(body: str) -> int:
+    """SMS segment count: GSM-7 160/153 septets, otherwise UCS-2 70/67 code units."""
+    if all(c in GSM7_BASIC or c in GSM7_EXTENDED for c in body):
+        units = sum(2 if c in GSM7_EXTENDED else 1 for c in body)
+        single, multi = 160, 153
+    else:
+        units = len(body.encode("utf-16-le")) // 2
+        single, multi = 70, 67
+    if units <= single:
+        return 1
+    return math.ceil(units / multi)
+
+
+def twilio_signature(token: str, url: str, params: dict[str, str]) -> str:
+    """X-Twilio-Signature: base64(HMAC-SHA1(token, url + sorted key+value pairs)).
+
+    Same algorithm as twilio.request_validator.RequestValidator.compute_signature for
+    single-valued form params (the test suite checks them against each other).
+    """
+    payload = url + "".join(k + params[k] for k in sorted(params))
+    mac = hmac.new(token.encode("utf-8"), payload.encode("utf-8"), hashlib.sha1)
+    return base64.b64encode(mac.digest()).decode("ascii")
+
+
+def rfc2822(ts: float) -> str:
+    """Twilio's date format: 'Thu, 24 Aug 2023 05:01:45 +0000'."""
+    return formatdate(ts, usegmt=False).replace("-0000", "+0000")
+
+
+class BadFault(ValueError):
+    """A /__faults body that does not describe a fault."""
+
+
+FAULT_KEYS = frozenset({
+    "provider", "to", "method", "status", "twilio_code", "retry_after", "delay_ms", "message",
+    "disconnect", "count", "sticky",
+})
+
+
+@dataclass
+class Fault:
+    """One queued fault; `remaining` None means sticky (applies forever)."""
+
+    id: int
+    provider: str | None = None
+    to: str | None = None
+    method: str | None = None
+    status: int | None = None
+    twilio_code: int | None = None
+    retry_after: float | None = None
+    delay_ms: int = 0
+    message: str | None = None
+    disconnect: bool = False
+    remaining: int | None = 1
+    applied: int = 0
+
+    @classmethod
+    def parse(cls, fid: int, spec: Any) -> Fault:
+        if not isinstance(spec, dict):
+            raise BadFault("a fault must be a JSON object")
+        unknown = set(spec) - FAULT_KEYS
+        if unknown:
+            raise BadFault(f"unknown fault keys: {sorted(unknown)}")
+        provider = spec.get("provider")
+        if provider not in (None, "twilio", "sendgrid"):
+            raise BadFault("provider must be 'twilio' or 'sendgrid'")
+        status = spec.get("status")
+        if status is not None and (not isinstance(status, int) or not 400 <= status <= 599):
+            raise BadFault("status must be an integer HTTP error status (400-599)")
+        delay_ms = spec.get("delay_ms", 0)
+        if not isinstance(delay_ms, int) or delay_ms < 0:
+            raise BadFault("delay_ms must be a non-negative integer")
+        disconnect = bool(spec.get("disconnect", False))
+        if status is None and not delay_ms and not disconnect:
+            raise BadFault("a fault needs at least one of status, delay_ms, disconnect")
+        code = spec.get("twilio_code")
+        if code is not None and not isinstance(code, int):
+            raise BadFault("twilio_code must be an integer")
+        retry_after = spec.get("retry_after")
+        if retry_after is not None and not isinstance(retry_after, int | float):
+            raise BadFault("retry_after must be a number of seconds")
+        method = spec.get("method")
+        if method is not None and not isinstance(method, str):
+            raise BadFault("method must be a string")
+        count = spec.get("count")
+        if count is not None and (not isinstance(count, int) or count < 0):
+            raise BadFault("count must be a non-negative integer")
+        sticky = bool(spec.get("sticky", False))
+        if count == 0 and not sticky:
+            raise BadFault("count 0 needs \"sticky\": true (forever)")
+        remaining = count if count else (None if sticky else 1)
+        to = spec.get("to")
+        message = spec.get("message")
+        return cls(
+            id=fid, provider=provider, to=None if to is None else str(to),
+            method=None if method is None else method.upper(), status=status, twilio_code=code,
+            retry_after=retry_after, delay_ms=delay_ms,
+            message=None if message is None else str(message), disconnect=disconnect,
+            remaining=remaining,
+        )
+
+    def matches(self, provider: str, method: str, recipients: list[str]) -> bool:
+        if self.provider is not None and self.provider != provider:
+            return False
+        if self.method is not None and self.method not in ("*", method):
+            return False
+        if self.to is not None:
+            wanted = self.to.lower() if provider == "sendgrid" else self.to
+            return wanted in recipients
+        return True
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "provider": self.provider, "to": self.to, "method": self.method,
+            "status": self.status, "twilio_code": self.twilio_code,
+            "retry_after": self.retry_after, "delay_ms": self.delay_ms, "message": self.message,
+            "disconnect": self.disconnect, "remaining": self.remaining,
+            "sticky": self.remaining is None, "applied": self.applied,
+        }
+
+
+@dataclass
+class State:
+    """Everything the sandbox remembers; guarded by `lock`."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    messages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    faults: list[Fault] = field(default_factory=list)
+    next_fault_id: int = 1
+
+    def reset(self) -> None:
+        with self.lock:
+            self.requests.clear()
+            self.messages.clear()
+            self.faults.clear()
+
+    def take_fault(self, provider: str, method: str, recipients: list[str]) -> Fault | None:
+        """The first queued fault matching this request, consumed once."""
+        with self.lock:
+            for fault in self.faults:
+                if fault.matches(provider, method, recipients):
+                    fault.applied += 1
+                    if fault.remaining is not None:
+                        fault.remaining -= 1
+                        if fault.remaining <= 0:
+                            self.faults.remove(fault)
+                    return fault
+        return None
+
+
+@dataclass
+class Config:
+    twilio_account_sid: str | None
+    twilio_auth_token: str | None
+    sendgrid_api_key: str | None
+    verbose: bool
+
+    @property
+    def signing_token(self) -> str:
+        return self.twilio_auth_token or DEFAULT_SIGNING_TOKEN
+
+
+class SandboxServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], config: Config) -> None:
+        super().__init__(address, Handler)
+        self.config = config
+        self.state = State()
+
+
+class Disconnect(Exception):
+    """Close the connection without answering."""
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: SandboxServer
+    protocol_version = "HTTP/1.0"
+
+    def version_string(self) -> str:
+        return "ProviderSandbox/1.0"
+
+    # --- plumbing ---------------------------------------------------------------------------
+
+    def log_message(self, format: str, *args: Any) -> None:
+        if self.server.config.verbose:
+            sys.stderr.write(f"provider-sandbox: {format % args}\n")
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def _dispatch(self, method: str) -> None:
+        parsed = urllib.parse.urlsplit(self.path)
+        path, query = parsed.path, urllib.parse.parse_qs(parsed.query)
+        body = self._read_body()
+        try:
+            if path.startswith("/__"):
+                self._control(method, path, query, body)
+            elif path.startswith(f"/{API_VERSION}/"):
+                self._twilio(method, path, body)
+            elif path.startswith("/v3/"):
+                self._sendgrid(method, path, body)
+            else:
+                self._json(404, {"error": f"no route {method} {path}"})
+        except Disconnect:
+            self.close_connection = True
+
+    def _read_body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length > 0 else b""
+
+    def _send(self, status: int, body: bytes, content_type: str | None,
+              headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        if content_type:
+            self.send_header("Content-Type", content_type)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if body and self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+        self._send(status, json.dumps(payload).encode("utf-8"), "application/json", headers)
+
+    def _record(self, provider: str, method: str, path: str, to: str | None,
+                body_key: str, body: Any) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "provider": provider, "method": method, "path": path, "to": to,
+            body_key: body, "answered": None, "at": time.time(),
+        }
+        with self.server.state.lock:
+            self.server.state.requests.append(entry)
+        return entry
+
+    def _answered(self, entry: dict[str, Any], status: int, **extra: Any) -> None:
+        with self.server.state.lock:
+            entry["answered"] = status
+            entry.update(extra)
+
+    def _apply_delay_or_disconnect(self, fault: Fault | None, entry: dict[str, Any]) -> None:
+        if fault is None:
+            return
+        if fault.delay_ms:
+            time.sleep(fault.delay_ms / 1000.0)
+        if fault.disconnect:
+            self._answered(entry, 0, fault=fault.id)
+            raise Disconnect
+
+    @staticmethod
+    def _retry_headers(fault: Fault) -> dict[str, str]:
+        if fault.retry_after is None:
+            return {}
+        value = fault.retry_after
+        return {"Retry-After": str(int(value)) if float(value).is_integer() else str(value)}
+
+    # --- Twilio -----------------------------------------------------------------------------
+
+    def _twilio_error(self, status: int, code: int, message: str,
+                      headers: dict[str, str] | None = None) -> None:
+        self._json(status, {
+            "code": code, "message": message,
+            "more_info": f"https://www.twilio.com/docs/errors/{code}", "status": status,
+        }, headers)
+
+    def _twilio_authorized(self) -> bool:
+        config = self.server.config
+        if not config.twilio_auth_token:
+            return True
+        header = self.headers.get("Authorization") or ""
+        scheme, _, encoded = header.partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            user, _, password = base64.b64decode(encoded).decode("utf-8").partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        ok_user = config.twilio_account_sid is None or hmac.compare_digest(
+            user, config.twilio_account_sid)
+        return ok_user and hmac.compare_digest(password, config.twilio_auth_token)
+
+    def _twilio(self, method: str, path: str, body: bytes) -> None:
+        send, fetch = SEND_PATH.match(path), FETCH_PATH.match(path)
+        form: dict[str, str | list[str]] = {}
+        to: str | None = None
+        if send and method == "POST":
+            pairs = urllib.parse.parse_qsl(body.decode("utf-8", "replace"),
+                                           keep_blank_values=True)
+            for key, value in pairs:
+                prior = form.get(key)
+                if prior is None:
+                    form[key] = value
+                elif isinstance(prior, list):
+                    prior.append(value)
+                else:
+                    form[key] = [prior, value]
+            raw_to = form.get("To")
+            to = raw_to if isinstance(raw_to, str) else None
+        elif fetch:
+            with self.server.state.lock:
+                stored = self.server.state.messages.get(fetch.group(2))
+                to = None if stored is None else stored["to"]
+        entry = self._record("twilio", method, path, to, "form", form)
+
+        if not self._twilio_authorized():
+            self._answered(entry, 401)
+            self._twilio_error(401, 20003, TWILIO_MESSAGES[20003],
+                               {"WWW-Authenticate": 'Basic realm="Twilio API"'})
+            return
+
+        fault = self.server.state.take_fault("twilio", method, [to] if to else [])
+        self._apply_delay_or_disconnect(fault, entry)
+        if fault is not None and fault.status is not None:
+            code = fault.twilio_code or TWILIO_DEFAULT_CODES.get(
+                fault.status, 20500 if fault.status >= 500 else 20001)
+            from_ = form.get("From") or form.get("MessagingServiceSid") or ""
+            template = fault.message or TWILIO_MESSAGES.get(
+                code, "Bad request" if fault.status < 500 else "Service error")
+            message = template.replace("{to}", to or "").replace("{path}", path).replace(
+                "{from_}", from_ if isinstance(from_, str) else "")
+            self._answered(entry, fault.status, fault=fault.id)
+            self._twilio_error(fault.status, code, message, self._retry_headers(fault))
+            return
+
+        if send and method == "POST":
+            status, payload = self._create_message(send.group(1), form)
+            self._answered(entry, status, message_sid=payload.get("sid"))
+            self._json(status, payload)
+        elif fetch and method == "GET":
+            with self.server.state.lock:
+                stored = self.server.state.messages.get(fetch.group(2))
+                found = (None if stored is None or stored["account_sid"] != fetch.group(1)
+                         else self._public(stored))
+            if found is None:
+                self._answered(entry, 404)
+                self._twilio_error(404, 20404, TWILIO_MESSAGES[20404].format(path=path))
+            else:
+                self._answered(entry, 200)
+                self._json(200, found)
+        elif send or fetch:
+            self._answered(entry, 405)
+            self._twilio_error(405, 20004, "Method not allowed")
+        else:
+            self._answered(entry, 404)
+            self._twilio_error(404, 20404, TWILIO_MESSAGES[20404].format(path=path))
+
+    @staticmethod
+    def _public(message: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in message.items() if not k.startswith("_")}
+
+    def _create_message(self, account_sid: str, form: dict[str, str | list[str]]
+                        ) -> tuple[int, dict[str, Any]]:
+        def one(key: str) -> str:
+            value = form.get(key)
+            if isinstance(value, list):
+                return value[0] if value else ""
+            return value or ""
+
+        media = form.get("MediaUrl") or []
+        media_urls = [media] if isinstance(media, str) else [m for m in media if m]
+        to, from_, service, body = one("To"), one("From"), one("MessagingServiceSid"), one("Body")
+        error: tuple[int, str] | None = None
+        if not to:
+            error = (21604, TWILIO_MESSAGES[21604])
+        elif not from_ and not service:
+            error = (21603, TWILIO_MESSAGES[21603])
+        elif not body and not media_urls:
+            error = (21602, TWILIO_MESSAGES[21602])
+        if error is not None:
+            code, text = error
+            return 400, {"code": code, "message": text,
+                         "more_info": f"https://www.twilio.com/docs/errors/{code}",
+                         "status": 400}
+
+        sid = "SM" + uuid.uuid4().hex
+        now = time.time()
+        uri = f"/{API_VERSION}/Accounts/{account_sid}/Messages/{sid}.json"
+        via_service = bool(service) and not from_
+        message: dict[str, Any] = {
+            "account_sid": account_sid,
+            "api_version": API_VERSION,
+            "body": body,
+            "date_created": rfc2822(now),
+            "date_sent": None,
+            "date_updated": rfc2822(now),
+            "direction": "outbound-api",
+            "error_code": None,
+            "error_message": None,
+            "from": from_ or None,
+            "messaging_service_sid": service or None,
+            "num_media": str(len(media_urls)),
+            "num_segments": "0" if via_service else str(num_segments(body)),
+            "price": None,
+            "price_unit": "USD",
+            "sid": sid,
+            "status": "accepted" if via_service else "queued",
+            "subresource_uris": {
+                "media": f"/{API_VERSION}/Accounts/{account_sid}/Messages/{sid}/Media.json",
+            },
+            "to": to,
+            "uri": uri,
+            "_status_callback": one("StatusCallback") or None,
+            "_media_urls": media_urls,
+        }
+        with self.server.state.lock:
+            self.server.state.messages[sid] = message
+            public = self._public(message)
+        return 201, public
+
+    # --- SendGrid ---------------------------------------------------------------------------
+
+    def _sendgrid_error(self, status: int, errors: list[tuple[str, str | None]],
+                        headers: dict[str, str] | None = None) -> None:
+        self._json(status, {"errors": [
+            {"message": message, "field": fld, "help": None} for message, fld in errors
+        ]}, headers)
+
+    def _sendgrid(self, method: str, path: str, body: bytes) -> None:
+        payload: Any = None
+        parse_error = False
+        if body:
+            try:
+                payload = json.loads(body)
+            except ValueError:
+                parse_error = True
+        recipients = self._sendgrid_recipients(payload)
+        entry = self._record("sendgrid", method, path, recipients[0] if recipients else None,
+                             "json", payload)
+
+        key = self.server.config.sendgrid_api_key
+        if key is not None and not hmac.compare_digest(
+                self.headers.get("Authorization") or "", f"Bearer {key}"):
+            self._answered(entry, 401)
+            self._sendgrid_error(401, [(SENDGRID_MESSAGES[401], None)])
+            return
+
+        fault = self.server.state.take_fault("sendgrid", method, recipients)
+        self._apply_delay_or_disconnect(fault, entry)
+        if fault is not None and fault.status is not None:
+            headers = self._retry_headers(fault)
+            if fault.status == 429:
+                reset = int(time.time() + (fault.retry_after or 1))
+                headers.update({"X-RateLimit-Limit": "600", "X-RateLimit-Remaining": "0",
+                                "X-RateLimit-Reset": str(reset)})
+            text = fault.message or SENDGRID_MESSAGES.get(fault.status, "error")
+            self._answered(entry, fault.status, fault=fault.id)
+            self._sendgrid_error(fault.status, [(text, None)], headers)
+            return
+
+        if path != SENDGRID_SEND:
+            self._answered(entry, 404)
+            self._sendgrid_error(404, [(SENDGRID_MESSAGES[404], None)])
+            return
+        if method != "POST":
+            self._answered(entry, 405)
+            self._sendgrid_error(405, [("method not allowed", None)])
+            return
+        if parse_error or not isinstance(payload, dict):
+            self._answered(entry, 400)
+            self._sendgrid_error(400, [("Bad Request", None)])
+            return
+        errors = self._sendgrid_validate(payload)
+        if errors:
+            self._answered(entry, 400)
+            self._sendgrid_error(400, errors)
+            return
+        message_id = secrets.token_urlsafe(16)[:22]
+        self._answered(entry, 202, message_id=message_id)
+        self._send(202, b"", None, {"X-Message-Id": message_id})
+
+    @staticmethod
+    def _sendgrid_recipients(payload: Any) -> list[str]:
+        """Every personalizations[].to[].email, lower-cased, in order."""
+        found: list[str] = []
+        if not isinstance(payload, dict):
+            return found
+        personalizations = payload.get("personalizations")
+        if not isinstance(personalizations, list):
+            return found
+        for p in personalizations:
+            tos = p.get("to") if isinstance(p, dict) else None
+            for t in tos if isinstance(tos, list) else []:
+                if isinstance(t, dict) and isinstance(t.get("email"), str):
+                    found.append(t["email"].lower())
+        return found
+
+    @staticmethod
+    def _sendgrid_validate(payload: dict[str, Any]) -> list[tuple[str, str | None]]:
+        errors: list[tuple[str, str | None]] = []
+        personalizations = payload.get("personalizations")
+        if not isinstance(personalizations, list) or not personalizations:
+            errors.append(("The personalizations field is required and must have at least one "
+                           "personalization.", "personalizations"))
+            personalizations = []
+        for i, p in enumerate(personalizations):
+            tos = p.get("to") if isinstance(p, dict) else None
+            if not isinstance(tos, list) or not tos or not all(
+                    isinstance(t, dict) and t.get("email") for t in tos):
+                errors.append(("The to array is required for all personalization objects, and "
+                               "must have at least one email object with a valid email address.",
+                               f"personalizations.{i}.to"))
+        sender = payload.get("from")
+        if not isinstance(sender, dict) or not sender.get("email"):
+            errors.append(("The from email does not contain a valid address.", "from.email"))
+        templated = bool(payload.get("template_id"))
+        every_subject = bool(personalizations) and all(
+            isinstance(p, dict) and p.get("subject") for p in personalizations)
+        if not payload.get("subject") and not templated and not every_subject:
+            errors.append(("The subject is required. You can get around this requirement if you "
+                           "use a template with a subject defined or if every personalization "
+                           "has a subject defined.", "subject"))
+        content = payload.get("content")
+        if not templated and (not isinstance(content, list) or not content or not all(
+                isinstance(c, dict) and c.get("type") and c.get("value") for c in content)):
+            errors.append(("Unless a valid template_id is provided, the content parameter is "
+                           "required. There must be at least one defined content block.",
+                           "content"))
+        return errors
+
+    # --- control routes ---------------------------------------------------------------------
+
+    def _control(self, method: str, path: str, query: dict[str, list[str]],
+                 body: bytes) -> None:
+        state = self.server.state
+        route = (method, path)
+        if route == ("GET", "/__health"):
+            self._json(200, {"ok": True})
+        elif route == ("GET", "/__requests"):
+            provider = next(iter(query.get("provider", [])), None)
+            to = next(iter(query.get("to", [])), None)
+            with state.lock:
+                rows = [dict(r) for r in state.requests
+                        if (provider is None or r["provider"] == provider)
+                        and (to is None or (r["to"] or "").lower() == to.lower())]
+            self._json(200, rows)
+        elif route == ("POST", "/__reset"):
+            state.reset()
+            self._json(200, {"reset": True})
+        elif route == ("GET", "/__messages"):
+            with state.lock:
+                rows = [dict(self._public(m), status_callback=m["_status_callback"],
+                             media_url=m["_media_urls"]) for m in state.messages.values()]
+            self._json(200, rows)
+        elif route == ("GET", "/__faults"):
+            with state.lock:
+                rows = [f.describe() for f in state.faults]
+            self._json(200, rows)
+        elif route == ("POST", "/__faults"):
+            self._add_faults(body)
+        elif route == ("DELETE", "/__faults"):
+            with state.lock:
+                state.faults.clear()
+            self._json(200, {"cleared": True})
+        elif route == ("POST", "/__status"):
+            self._set_status(body)
+        else:
+            self._json(404, {"error": f"no control route {method} {path}"})
+
+    def _load_json(self, body: bytes) -> Any:
+        try:
+            return json.loads(body or b"null")
+        except ValueError as exc:
+            raise BadFault(f"body is not JSON: {exc}") from exc
+
+    def _add_faults(self, body: bytes) -> None:
+        state = self.server.state
+        try:
+            spec = self._load_json(body)
+            specs = spec if isinstance(spec, list) else [spec]
+            with state.lock:
+                faults = [Fault.parse(state.next_fault_id + i, s) for i, s in enumerate(specs)]
+                state.next_fault_id += len(faults)
+                state.faults.extend(faults)
+                described = [f.describe() for f in faults]
+        except BadFault as exc:
+            self._json(400, {"error": str(exc)})
+            return
+        self._json(201, described if isinstance(spec, list) else described[0])
+
+    def _set_status(self, body: bytes) -> None:
+        state, config = self.server.state, self.server.config
+        try:
+            spec = self._load_json(body)
+        except BadFault as exc:
+            self._json(400, {"error": str(exc)})
+            return
+        if not isinstance(spec, dict) or not isinstance(spec.get("sid"), str):
+            self._json(400, {"error": "body must be {\"sid\": ..., \"status\": ...}"})
+            return
+        status, error_code = spec.get("status"), spec.get("error_code")
+        if status not in MESSAGE_STATUSES:
+            self._json(400, {"error": f"status must be one of {sorted(MESSAGE_STATUSES)}"})
+            return
+        if error_code is not None and not isinstance(error_code, int):
+            self._json(400, {"error": "error_code must be an integer"})
+            return
+        now = time.time()
+        with state.lock:
+            message = state.messages.get(spec["sid"])
+            if message is not None:
+                callback_url, params, public = self._advance(message, status, error_code, spec,
+                                                             now)
+        if message is None:
+            self._json(404, {"error": f"unknown message {spec['sid']}"})
+            return
+        answer: dict[str, Any] = {"sid": spec["sid"], "status": status, "message": public,
+                                  "callback": None}
+        if callback_url:
+            answer["callback"] = self._post_callback(callback_url, params, config.signing_token)
+        self._json(200, answer)
+
+    def _advance(self, message: dict[str, Any], status: str, error_code: int | None,
+                 spec: dict[str, Any], now: float
+                 ) -> tuple[str | None, dict[str, str], dict[str, Any]]:
+        """Move a stored message to `status` (caller holds the lock); the callback to send."""
+        message["status"] = status
+        message["date_updated"] = rfc2822(now)
+        if status in SENT_STATUSES and message["date_sent"] is None:
+            message["date_sent"] = rfc2822(now)
+        if error_code is not None:
+            message["error_code"] = error_code
+            message["error_message"] = spec.get("error_message") or TWILIO_MESSAGES.get(
+                error_code, "Error")
+        callback_url: str | None = message["_status_callback"]
+        params = {
+            "MessageSid": message["sid"], "MessageStatus": status,
+            "SmsSid": message["sid"], "SmsStatus": status,
+            "AccountSid": message["account_sid"], "To": message["to"],
+            "ApiVersion": API_VERSION,
+        }
+        if message["from"]:
+            params["From"] = message["from"]
+        if message["messaging_service_sid"]:
+            params["MessagingServiceSid"] = message["messaging_service_sid"]
+        if error_code is not None:
+            params["ErrorCode"] = str(error_code)
+        return callback_url, params, self._public(message)
+
+    @staticmethod
+    def _post_callback(url: str, params: dict[str, str], token: str) -> dict[str, Any]:
+        data = urllib.parse.urlencode(params).encode("utf-8")
+        if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+            return {"url": url, "params": params, "status": None,
+                    "error": "StatusCallback must be an http(s) URL"}
+        request = urllib.request.Request(url, data=data, method="POST", headers={  # noqa: S310
+            "Content-Type": "application/x-www-form-urlencoded; charset=utf-8",
+            "User-Agent": "TwilioProxy/1.1",
+            "X-Twilio-Signature": twilio_signature(token, url, params),
+            "I-Twilio-Idempotency-Token": str(uuid.uuid4()),
+        })
+        result: dict[str, Any] = {"url": url, "params": params}
+        try:
+            with urllib.request.urlopen(request, timeout=CALLBACK_TIMEOUT_S) as response:  # noqa: S310
+                result["status"] = response.status
+        except urllib.error.HTTPError as exc:
+            result["status"] = exc.code
+        except (urllib.error.URLError, OSError) as exc:
+            result["status"] = None
+            result["error"] = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
+        return result
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--host", default=env("PROVIDER_SANDBOX_HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(env("PROVIDER_SANDBOX_PORT", "0")))
+    parser.add_argument("--twilio-account-sid",
+                        default=env("PROVIDER_SANDBOX_TWILIO_ACCOUNT_SID"),
+                        help="with --twilio-auth-token: the only accepted Basic auth user")
+    parser.add_argument("--twilio-auth-token", default=env("PROVIDER_SANDBOX_TWILIO_AUTH_TOKEN"),
+                        help="require Basic auth on Twilio routes and sign status callbacks "
+                             f"with it (callbacks are signed with {DEFAULT_SIGNING_TOKEN!r} "
+                             "when not given)")
+    parser.add_argument("--sendgrid-api-key", default=env("PROVIDER_SANDBOX_SENDGRID_API_KEY"),
+                        help="require 'Authorization: Bearer <key>' on SendGrid routes")
+    parser.add_argument("--verbose", action="store_true",
+                        help="log one line per request to stderr")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    config = Config(args.twilio_account_sid, args.twilio_auth_token, args.sendgrid_api_key,
+                    args.verbose)
+    # Block SIGINT/SIGTERM in every thread (threads inherit the mask) and wait for them with
+    # sigwait in the main thread: no Python signal handler runs, so nothing can deadlock.
+    stop_signals = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    server = SandboxServer((args.host, args.port), config)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
+                              name="provider-sandbox", daemon=True)
+    thread.start()
+    host, port = str(server.server_address[0]), int(server.server_address[1])
+    print(f"Provider sandbox listening on http://{host}:{port}", flush=True)
+    try:
+        signal.sigwait(stop_signals)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
