@@ -176,9 +176,13 @@ def test_transient_provider_errors_retry_until_sent_once(
     providers_clean.fault(provider="twilio", to=MOBILE, **fault)
     resp = send(svc, {"communication": f"Communication/{comm['id']}"})
     state(svc, resp.get_json()["id"], "sent")
-    answered = [r["answered"] for r in providers_clean.requests("twilio")]
+    reqs = providers_clean.requests("twilio")
+    answered = [r["answered"] for r in reqs]
     assert len(answered) == calls and answered[-1] == 201
     assert svc.dead_letters.count() == 0
+    if "retry_after" in fault:
+        # Our own backoff here starts at 0.1-0.2 s; the provider asked for 1 s.
+        assert reqs[1]["at"] - reqs[0]["at"] >= 0.95
 
 
 def test_throttling_is_reported_to_a_waiting_caller(
@@ -331,3 +335,22 @@ def test_openapi_document_is_served(services: Services, providers: ProviderSandb
     assert doc["openapi"] == "3.1.0"
     assert set(doc["paths"]) == {"/v1/messages", "/v1/messages/{id}"}
     assert "communication" in doc["components"]["schemas"]["ByReference"]["properties"]
+
+
+def test_outbound_logs_hold_no_contacts_bodies_or_secrets(log_dir: Any) -> None:
+    """Runs after the flows above: every worker, web and sandbox-free log of the session."""
+    import re
+    from pathlib import Path
+
+    from tests.conftest import SENDGRID_KEY
+    from tests.support import AUTH_TOKEN
+
+    logs = [p for p in Path(log_dir).glob("*.log")
+            if not p.name.startswith(("fhir-sandbox", "provider-sandbox", "redis"))]
+    text = "\n".join(p.read_text(errors="replace") for p in logs)
+    assert "outbound Communication/" in text  # the outbound flows were logged at all
+    for needle in (MOBILE, MOBILE[2:], "5553334444", "5556667777", EMAIL, "Your results",
+                   "See you Tuesday", API_TOKEN, SENDGRID_KEY, AUTH_TOKEN):
+        assert needle not in text, needle
+    # Any address of the test domains (worker names like worker-db3-0@host are not addresses).
+    assert not re.search(r"@(example\.org|clinic\.example)", text)

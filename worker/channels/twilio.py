@@ -16,6 +16,7 @@ CHANNEL = "sms"
 MEDIUM_CODE = "SMSWRIT"
 REQUIRED_FIELDS = ("MessageSid", "From", "To")
 STATUS_FIELDS = ("MessageSid", "MessageStatus")
+TWILIO_API = "https://api.twilio.com"
 # Twilio sends at most 10 media items per MMS (MediaUrl0..MediaUrl9).
 MAX_MEDIA = 10
 
@@ -153,20 +154,17 @@ class TwilioSms:
     def _client(self) -> Any:
         client = getattr(self._local, "client", None)
         if client is None:
-            from twilio.http.http_client import TwilioHttpClient
             from twilio.rest import Client
 
             client = Client(self._sid, self._token,
-                            http_client=TwilioHttpClient(timeout=self._timeout))
-            # Provider sandbox / regional endpoints: the SDK builds every URL from this.
-            client.api.base_url = self._base
+                            http_client=_http_client(self._base, self._timeout))
             self._local.client = client
         return client
 
     def send(self, message: OutboundMessage) -> SendResult:
         """Send one message; raises SendError."""
         from requests import RequestException
-        from twilio.base.exceptions import TwilioRestException
+        from twilio.base.exceptions import TwilioException
 
         client = self._client()
         kwargs: dict[str, Any] = {"to": message.to, "status_callback": self._callback}
@@ -180,13 +178,44 @@ class TwilioSms:
             kwargs["media_url"] = [a.url for a in message.attachments]
         try:
             created = client.messages.create(**kwargs)
-        except TwilioRestException as exc:
-            last = getattr(client.http_client, "last_response", None)
-            retry_after = _retry_after((last.headers or {}) if last is not None else {})
-            raise classify_error(exc.status, exc.code, retry_after) from None
+        except TwilioException as exc:
+            # TwilioRestException (classic error JSON) and TwilioServiceException (newer
+            # problem+json bodies) share no base but this one; both carry status and code.
+            # The Retry-After header is not on the exception: our HTTP client kept it.
+            retry_after = _retry_after(client.http_client.last_headers)
+            raise classify_error(getattr(exc, "status", None), getattr(exc, "code", None),
+                                 retry_after) from None
         except RequestException as exc:  # connection refused, timeout, TLS…
             raise SendError("provider-unavailable", type(exc).__name__) from None
         return SendResult(provider_id=str(created.sid), status=str(created.status))
+
+
+def _http_client(base_url: str, timeout: float) -> Any:
+    """The SDK's HTTP client, sending to `base_url` and keeping the last response's headers.
+
+    Rewriting every *.twilio.com URL (rather than setting `client.api.base_url`) keeps working
+    when the SDK itself rewrites hosts for TWILIO_EDGE / TWILIO_REGION. One instance per thread.
+    """
+    from urllib.parse import urlsplit
+
+    from twilio.http.http_client import TwilioHttpClient
+
+    rewrite = base_url.rstrip("/") != TWILIO_API
+    base_url = base_url.rstrip("/")
+
+    class RecordingHttpClient(TwilioHttpClient):  # type: ignore[misc]
+        last_headers: Mapping[str, str] = {}
+
+        def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+            parts = urlsplit(url)
+            if rewrite and (parts.hostname or "").endswith(".twilio.com"):
+                url = base_url + parts.path + (f"?{parts.query}" if parts.query else "")
+            self.last_headers = {}
+            response = super().request(method, url, *args, **kwargs)
+            self.last_headers = dict(response.headers or {})
+            return response
+
+    return RecordingHttpClient(timeout=timeout)
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
