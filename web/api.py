@@ -77,8 +77,10 @@ def _verdict(request_id: str, state: dict[str, Any] | None) -> tuple[Response, i
     if status == "failed":
         error = str(body.get("error", "failed"))
         return jsonify({**body, "error": error}), _FAILURE_STATUS.get(error, 422)
-    if status == "queued" and body.get("last_error") == "throttled":
-        return jsonify({**body, "error": "throttled"}), 429
+    if status == "queued" and body.get("last_error") in _FAILURE_STATUS:
+        # Still being retried, but the caller asked to hear about trouble at once.
+        error = str(body["last_error"])
+        return jsonify({**body, "error": error}), _FAILURE_STATUS[error]
     return jsonify(body), 202
 
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -79,34 +80,51 @@ def _h(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()[:32]
 
 
+@dataclass(frozen=True)
+class Claim:
+    """Who claimed a send, and when (Redis server time, seconds)."""
+
+    task_id: str
+    at: float
+
+
 class SendLedger:
     """Never send one Communication twice: a claim before the provider call, a sent record
     right after it (before FHIR is updated and before the task is acknowledged).
 
-    Keys: `switchboard:send:claim:<comm>` (task id, expires) and `switchboard:send:done:<comm>`
-    (JSON of the provider's answer, kept 30 days).
+    Keys: `switchboard:send:claim:<comm>` (who and when; kept 30 days, removed only when the
+    provider refused, so a claim never silently expires under a task that died mid-send) and
+    `switchboard:send:done:<comm>` (the provider's answer, 30 days).
     """
 
     CLAIM = "switchboard:send:claim:"
     DONE = "switchboard:send:done:"
+    KEEP = 30 * 24 * 3600
 
-    def __init__(self, client: redis.Redis, claim_seconds: int) -> None:
+    def __init__(self, client: redis.Redis) -> None:
         self._r: Any = client
-        self._claim_seconds = claim_seconds
 
     def done(self, communication_id: str) -> dict[str, str] | None:
         """The recorded result of an earlier send of this Communication, if any."""
         raw = self._r.get(self.DONE + communication_id)
         return json.loads(raw) if raw else None
 
-    def claim(self, communication_id: str, task_id: str) -> str | None:
-        """Take the right to send. Returns None when taken, else the holder's task id (which
-        may be this very task: an earlier delivery of it died while the provider answered)."""
+    def now(self) -> float:
+        """Redis's clock (shared by every worker)."""
+        secs, micros = self._r.time()
+        return float(secs) + float(micros) / 1e6
+
+    def claim(self, communication_id: str, task_id: str) -> Claim | None:
+        """Take the right to send. Returns None when taken, else the existing claim."""
         key = self.CLAIM + communication_id
-        if self._r.set(key, task_id, nx=True, ex=self._claim_seconds):
+        mine = json.dumps({"task_id": task_id, "at": self.now()})
+        if self._r.set(key, mine, nx=True, ex=self.KEEP):
             return None
-        holder = self._r.get(key)
-        return holder.decode() if isinstance(holder, bytes) else str(holder or "")
+        raw = self._r.get(key)
+        if not raw:  # released in between: try once more
+            return None if self._r.set(key, mine, nx=True, ex=self.KEEP) else Claim("", 0.0)
+        held = json.loads(raw)
+        return Claim(str(held.get("task_id", "")), float(held.get("at", 0.0)))
 
     def release(self, communication_id: str) -> None:
         """Give the claim back (the provider refused before sending, so a retry is safe)."""
@@ -114,7 +132,7 @@ class SendLedger:
 
     def record(self, communication_id: str, result: dict[str, str]) -> None:
         """Remember that the provider took the message (first thing after its answer)."""
-        self._r.set(self.DONE + communication_id, json.dumps(result), ex=30 * 24 * 3600)
+        self._r.set(self.DONE + communication_id, json.dumps(result), ex=self.KEEP)
 
 
 class OptOuts:
@@ -142,7 +160,7 @@ class OptOuts:
         return bool(self._r.sismember(self.KEY, _h(f"{channel}:{address}")))
 
 
-# Token bucket in one atomic step: refill by elapsed time, take a token or say how long to wait.
+# Token bucket in one atomic step: refill by elapsed time, take a token, say how long to wait.
 _BUCKET = """
 local key = KEYS[1]
 local rate = tonumber(ARGV[1])
@@ -153,15 +171,16 @@ local state = redis.call('HMGET', key, 'tokens', 'at')
 local tokens = tonumber(state[1]) or burst
 local at = tonumber(state[2]) or now
 tokens = math.min(burst, tokens + (now - at) * rate)
+-- Always take the token, going into debt if need be: a waiting sender has reserved its slot
+-- (now + wait) and must not ask again, or every waiter would wake and race at each refill.
+tokens = tokens - 1
 local wait = 0
-if tokens >= 1 then
-  tokens = tokens - 1
-else
-  wait = (1 - tokens) / rate
+if tokens < 0 then
+  wait = -tokens / rate
 end
 redis.call('HSET', key, 'tokens', tostring(tokens), 'at', tostring(now))
-redis.call('EXPIRE', key, math.ceil(burst / rate) + 60)
-return tostring(wait)
+redis.call('EXPIRE', key, math.ceil(wait + burst / rate) + 60)
+return {tostring(wait), tostring(now)}
 """
 
 
@@ -174,6 +193,10 @@ class RateLimiter:
         self._r: Any = client
         self._script = self._r.register_script(_BUCKET)
 
-    def acquire(self, key: str, rate: float, burst: float = 1.0) -> float:
-        """Take one token; returns 0.0 if granted, else the seconds to wait before asking again."""
-        return float(self._script(keys=[self.KEY + _h(key)], args=[rate, burst]))
+    def acquire(self, key: str, rate: float, burst: float = 1.0) -> tuple[float, float]:
+        """Reserve one send slot: (seconds to wait before sending, Redis time now).
+
+        0 wait means send now. Otherwise the slot at now + wait is this caller's: it sends
+        then without asking again (see worker.outbound)."""
+        wait, now = self._script(keys=[self.KEY + _h(key)], args=[rate, burst])
+        return float(wait), float(now)

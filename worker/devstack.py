@@ -240,7 +240,9 @@ def start_worker(env: Mapping[str, str], log_dir: Path, name: str = "worker",
 
 def start_web(env: Mapping[str, str], log_dir: Path, port: int, workers: int = 2) -> Child:
     """The receiver under gunicorn (sync workers, as in the Procfile)."""
-    cmd = [_venv_bin("gunicorn"), "-k", "sync", "-w", str(workers), "-b", f"127.0.0.1:{port}",
+    # --timeout above the API's longest `Prefer: wait` (30 s).
+    cmd = [_venv_bin("gunicorn"), "--timeout", "45", "-k", "sync", "-w", str(workers),
+           "-b", f"127.0.0.1:{port}",
            "--access-logfile", "-", "--access-logformat", '%(m)s %(U)s %(s)s %(L)ss',
            "web.app:create_app()"]
     child = _spawn("web", cmd, log_dir, env={**os.environ, **env}, cwd=ROOT)

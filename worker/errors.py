@@ -38,6 +38,9 @@ class Deferred(SwitchboardError):
 
     retryable = True
 
-    def __init__(self, countdown: float, reason: str = "deferred") -> None:
+    def __init__(self, countdown: float, reason: str = "deferred",
+                 changes: dict[str, object] | None = None) -> None:
         super().__init__(reason)
         self.countdown = countdown
+        # Fields to update in the task's payload (its first argument) for the later run.
+        self.changes = changes or {}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,6 +25,7 @@ from worker.channels import Attachment, Channel, OutboundMessage, SendError, Sen
 from worker.coordination import OptOuts, RateLimiter, SendLedger
 from worker.errors import Deferred, PermanentError, TransientError
 from worker.fhir.client import FhirClient
+from worker.fhir.outcome import FhirPermanentError
 from worker.fhir.resources import identifier, medium
 from worker.fhir.update import guarded_update
 from worker.outbound_state import OutboundState
@@ -44,6 +45,9 @@ class OutboundRequest:
     communication_id: str | None = None
     resource: dict[str, Any] | None = None
     channel: str | None = None
+    # Set by the pipeline itself when it re-queues a send (not by callers):
+    attempts: tuple[str, ...] = ()  # failed attempts on other channels (fallback)
+    rate_slot: float | None = None  # the send slot this request reserved (Redis time)
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> OutboundRequest:
@@ -57,8 +61,11 @@ class OutboundRequest:
             comm = comm.split("/", 1)[1]
         if not comm and not isinstance(resource, dict):
             raise PermanentError("invalid-payload", "need communication or resource")
+        slot = payload.get("rate_slot")
         return cls(str(payload.get("request_id") or uuid.uuid4()), comm or None,
-                   resource if isinstance(resource, dict) else None, channel)
+                   resource if isinstance(resource, dict) else None, channel,
+                   tuple(str(a) for a in payload.get("attempts") or ()),
+                   float(slot) if isinstance(slot, int | float) else None)
 
 
 @dataclass
@@ -76,6 +83,8 @@ class OutboundDeps:
     request_system: str
     reply_source: str  # "header" | "last-inbound"
     fallback: bool
+    claim_seconds: float = 600.0  # a claim younger than this may still be sending
+    max_countdown: float = 1800.0  # keep ETAs well inside the broker's visibility timeout
 
 
 def send_outbound(req: OutboundRequest, deps: OutboundDeps, task_id: str) -> SendResult:
@@ -83,29 +92,29 @@ def send_outbound(req: OutboundRequest, deps: OutboundDeps, task_id: str) -> Sen
     Deferred for the task base class to act on."""
     comm = _load(req, deps)
     comm_id = str(comm["id"])
-    earlier = _already_sent(comm, comm_id, deps)
+    earlier = _already_sent(req, comm, comm_id, deps)
     if earlier is not None:
-        deps.state.update(req.request_id, "sent", communication=comm_id, **earlier)
-        return SendResult(earlier["provider_id"], "sent", earlier.get("message_id", ""))
+        return earlier
     header = _header(comm, deps)
     patient = _recipient(comm, header, deps)
     telecoms = patient.get("telecom") or []
-    channel = choose_channel(req.channel, _reply_channel(header, patient, deps), telecoms)
+    channel = req.channel or choose_channel(None, _reply_channel(header, patient, deps),
+                                            telecoms)
     try:
         if channel is None:
             raise SendError("invalid-recipient", "the patient has no phone or email")
-        return _send(req, deps, comm, comm_id, channel, telecoms, task_id, attempts=[])
+        return _send(req, deps, comm, comm_id, channel, telecoms, task_id)
     except SendError as exc:
         if exc.retryable:
             deps.state.update(req.request_id, "queued", communication=comm_id,
                               last_error=exc.kind)
             raise TransientError(exc.kind, exc.detail, exc.retry_after) from None
-        _record_failure(req, deps, comm_id, exc, channel)
+        _record_failure(req, deps, comm_id, exc, exc.channel or channel)
         raise PermanentError(exc.kind, _describe(exc)) from None
 
 
 def _send(req: OutboundRequest, deps: OutboundDeps, comm: Mapping[str, Any], comm_id: str,
-          channel: str, telecoms: list[Any], task_id: str, attempts: list[str]) -> SendResult:
+          channel: str, telecoms: list[Any], task_id: str) -> SendResult:
     impl = deps.channels.get(channel)
     if impl is None:
         raise SendError("misconfigured", f"channel {channel} is not configured")
@@ -114,42 +123,64 @@ def _send(req: OutboundRequest, deps: OutboundDeps, comm: Mapping[str, Any], com
         raise SendError("invalid-recipient", f"the patient has no usable {channel} contact")
     if deps.optouts.has(channel, to):
         raise SendError("opted-out", "the patient opted out (recorded locally)")
-    wait = deps.limiter.acquire(f"{channel}:{impl.sender_key()}", deps.rates[channel])
-    if wait > 0:
-        raise Deferred(wait, "rate-limited")
-    holder = deps.ledger.claim(comm_id, task_id)
-    if holder is not None:
+    _pace(req, deps, channel, impl.sender_key())
+    held = deps.ledger.claim(comm_id, task_id)
+    if held is not None:
         done = deps.ledger.done(comm_id)
         if done:
+            deps.state.update(req.request_id, "sent", communication=comm_id, **done)
             return SendResult(done["provider_id"], "sent", done.get("message_id", ""))
-        if holder == task_id:
-            # An earlier delivery of this very task claimed the send and died before the
-            # provider's answer was recorded: it may or may not have gone out. Sending again
-            # could text the patient twice, so a person decides (dlq show / replay).
-            raise PermanentError("send-outcome-unknown",
-                                 "a worker died while the provider was answering")
-        raise TransientError("send-in-progress", "another worker is sending this message")
-    message = _message(comm, comm_id, to)
+        if deps.ledger.now() - held.at < deps.claim_seconds:
+            # Someone (maybe an earlier delivery of this very task) is sending right now.
+            raise TransientError("send-in-progress", "another attempt is sending this message")
+        # A claim this old without a result: its holder died while the provider answered.
+        # The text may or may not have gone out; sending again could text the patient twice.
+        raise SendError("outcome-unknown", "a worker died while the provider was answering")
     try:
-        result = impl.send(message)
+        result = impl.send(_message(comm, comm_id, to))
     except SendError as exc:
-        deps.ledger.release(comm_id)  # the provider refused: nothing went out
+        if exc.kind != "outcome-unknown":
+            deps.ledger.release(comm_id)  # the provider refused: nothing went out
+        if exc.kind == "opted-out":
+            deps.optouts.add(channel, to)
+        exc.attempts, exc.channel = req.attempts, channel
         if (not exc.retryable and deps.fallback and channel == "sms"
                 and exc.kind in FALLBACK_KINDS and pick_contact(telecoms, "email")):
             log.warning("sms to Communication/%s failed (%s); falling back to email",
                         comm_id, exc.kind)
-            return _send(req, deps, comm, comm_id, "email", telecoms, task_id,
-                         [*attempts, f"sms failed: {_describe(exc)}"])
-        if exc.kind == "opted-out":
-            deps.optouts.add(channel, to)
+            again = replace(req, channel="email", rate_slot=None,
+                            attempts=(*req.attempts, f"sms failed: {_describe(exc)}"))
+            try:
+                return _send(again, deps, comm, comm_id, "email", telecoms, task_id)
+            except Deferred as deferred:
+                # Waiting for an email slot must not send the SMS again on the next run.
+                raise Deferred(deferred.countdown, deferred.reason, {
+                    **deferred.changes, "channel": "email",
+                    "attempts": list(again.attempts)}) from None
         raise
     sent = {"provider_id": result.provider_id, "channel": channel,
             "message_id": result.message_id}
     deps.ledger.record(comm_id, sent)  # first: from here on a redelivery will not send again
-    _record_sent(deps, comm_id, channel, result, attempts, req.request_id)
     deps.state.update(req.request_id, "sent", communication=comm_id, **sent)
     log.info("outbound Communication/%s sent by %s as %s", comm_id, channel, result.provider_id)
+    _record_sent(deps, comm_id, channel, result, list(req.attempts), req.request_id)
     return result
+
+
+def _pace(req: OutboundRequest, deps: OutboundDeps, channel: str, sender: str) -> None:
+    """Wait for this sender's shared rate: reserve a slot once, then keep to it."""
+    if req.rate_slot is not None:
+        wait = req.rate_slot - deps.ledger.now()
+        if wait <= 0:
+            return  # our reserved slot has come
+    else:
+        wait, now = deps.limiter.acquire(f"{channel}:{sender}", deps.rates[channel])
+        if wait <= 0:
+            return
+        req = replace(req, rate_slot=now + wait)
+    # Long waits are taken in steps, each well inside the broker's visibility timeout.
+    raise Deferred(min(wait, deps.max_countdown), "rate-limited",
+                   {"rate_slot": req.rate_slot, "channel": channel})
 
 
 def _load(req: OutboundRequest, deps: OutboundDeps) -> dict[str, Any]:
@@ -166,21 +197,24 @@ def _load(req: OutboundRequest, deps: OutboundDeps) -> dict[str, Any]:
         ("identifier", f"{deps.request_system}|{req.request_id}")]).resource
 
 
-def _already_sent(comm: Mapping[str, Any], comm_id: str, deps: OutboundDeps
-                  ) -> dict[str, str] | None:
+def _already_sent(req: OutboundRequest, comm: Mapping[str, Any], comm_id: str,
+                  deps: OutboundDeps) -> SendResult | None:
+    """The earlier send of this Communication, if there was one (and finish recording it)."""
     done = deps.ledger.done(comm_id)
     systems = {v: k for k, v in deps.id_systems.items()}
-    for ident in comm.get("identifier") or []:
-        if ident.get("system") in systems:
-            if done is None:
-                done = {"provider_id": str(ident.get("value")),
-                        "channel": systems[ident["system"]]}
-            return done
-    if done is not None:
+    recorded = next((i for i in comm.get("identifier") or [] if i.get("system") in systems),
+                    None)
+    if recorded is not None and done is None:
+        done = {"provider_id": str(recorded.get("value")),
+                "channel": systems[recorded["system"]], "message_id": ""}
+    if done is None:
+        return None
+    deps.state.update(req.request_id, "sent", communication=comm_id, **done)
+    result = SendResult(done["provider_id"], "sent", done.get("message_id", ""))
+    if recorded is None:
         # The provider took it but the FHIR write did not happen (worker died): finish that.
-        _record_sent(deps, comm_id, done["channel"],
-                     SendResult(done["provider_id"], "sent", done.get("message_id", "")), [])
-    return done
+        _record_sent(deps, comm_id, done["channel"], result, [], req.request_id)
+    return result
 
 
 def _header(comm: Mapping[str, Any], deps: OutboundDeps) -> dict[str, Any] | None:
@@ -231,6 +265,8 @@ def _message(comm: Mapping[str, Any], comm_id: str, to: str) -> OutboundMessage:
 
 def _record_sent(deps: OutboundDeps, comm_id: str, channel: str, result: SendResult,
                  attempts: list[str], request_id: str | None = None) -> None:
+    """Write the provider id onto the Communication (If-Match). A refusal here happens after
+    the message went out: it is dead-lettered as `record-failed`, never reported as unsent."""
     system = deps.id_systems[channel]
 
     def change(c: dict[str, Any]) -> dict[str, Any] | None:
@@ -253,7 +289,11 @@ def _record_sent(deps: OutboundDeps, comm_id: str, channel: str, result: SendRes
             c["note"] = [*(c.get("note") or []), *({"text": a} for a in attempts)]
         return c
 
-    guarded_update(deps.fhir, "Communication", comm_id, change)
+    try:
+        guarded_update(deps.fhir, "Communication", comm_id, change)
+    except FhirPermanentError as exc:
+        raise PermanentError("record-failed", f"sent as {result.provider_id}, but FHIR "
+                             f"refused the update: {exc.outcome_text}") from None
 
 
 def _record_failure(req: OutboundRequest, deps: OutboundDeps, comm_id: str, exc: SendError,
@@ -261,9 +301,12 @@ def _record_failure(req: OutboundRequest, deps: OutboundDeps, comm_id: str, exc:
     def change(c: dict[str, Any]) -> dict[str, Any] | None:
         if c.get("status") in ("completed", "stopped", "entered-in-error"):
             return None
-        c["status"] = "stopped"
+        # "unknown" is FHIR's word for "we cannot say whether it happened".
+        c["status"] = "unknown" if exc.kind == "outcome-unknown" else "stopped"
         c["statusReason"] = {"coding": [{"system": SEND_ERROR_SYSTEM, "code": exc.kind}],
                              "text": _describe(exc)}
+        if exc.attempts:  # the earlier channel's failure too (fallback)
+            c["note"] = [*(c.get("note") or []), *({"text": a} for a in exc.attempts)]
         return c
 
     guarded_update(deps.fhir, "Communication", comm_id, change)

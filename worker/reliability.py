@@ -53,6 +53,8 @@ class SwitchboardTask(Task):  # type: ignore[misc]
                 raise PermanentError("delivery-loop", "the worker died on every delivery")
             result = self.run(*args, **kwargs)
         except Deferred as exc:
+            if exc.changes and args and isinstance(args[0], dict):
+                args = ({**args[0], **exc.changes}, *args[1:])
             self._defer(args, kwargs, exc.countdown)
             return None
         except (TransientError, *REDIS_TRANSIENT) as exc:

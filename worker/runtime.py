@@ -49,13 +49,15 @@ def build_runtime(settings: Settings) -> Runtime:
                       timeout=settings.fhir_timeout_seconds)
     outbound = OutboundDeps(
         fhir=fhir, channels=build_channels(settings),
-        ledger=SendLedger(client, settings.send_claim_seconds), optouts=OptOuts(client),
+        ledger=SendLedger(client), optouts=OptOuts(client),
         limiter=RateLimiter(client), state=OutboundState(client),
         rates={"sms": settings.sms_rate_per_second, "email": settings.email_rate_per_second},
         id_systems={"sms": settings.message_id_system,
                     "email": settings.email_message_id_system},
         request_system=settings.outbound_request_system,
-        reply_source=settings.reply_channel_source, fallback=settings.channel_fallback)
+        reply_source=settings.reply_channel_source, fallback=settings.channel_fallback,
+        claim_seconds=settings.send_claim_seconds,
+        max_countdown=settings.broker_visibility_timeout_seconds / 2)
     return Runtime(settings, fhir, client, DeadLetterStore(client),
                    RedisSeenMessages(client, settings.inbound_seen_ttl_seconds),
                    RedisLocks(client, settings.thread_lock_timeout_seconds), outbound)

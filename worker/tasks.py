@@ -43,12 +43,17 @@ class OutboundTask(SwitchboardTask):
     abstract = True
 
     def dead_lettered(self, args: Any, kwargs: Any, reason: str, detail: str) -> None:
-        """Mark the request failed unless the send pipeline already said why."""
+        """Mark the request failed, unless the pipeline already said why or it was sent (a
+        failure after the send, such as `record-failed`, must not invite a second send)."""
         request_id = str((args[0] if args else {}).get("request_id") or "")
         state = get_runtime().outbound.state
         current = state.get(request_id) if request_id else None
-        if request_id and (current is None or current["status"] != "failed"):
-            state.update(request_id, "failed", error=reason)
+        if not request_id or (current and current["status"] in ("failed", "sent",
+                                                                 "delivered")):
+            return
+        # After exhausted retries, say what kept failing (e.g. provider-unavailable → 502).
+        error = (current or {}).get("last_error") if reason == "retries-exhausted" else None
+        state.update(request_id, "failed", error=error or reason)
 
 
 @shared_task(bind=True, base=OutboundTask, name=TASK_OUTBOUND_SEND)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -335,6 +336,47 @@ def test_openapi_document_is_served(services: Services, providers: ProviderSandb
     assert doc["openapi"] == "3.1.0"
     assert set(doc["paths"]) == {"/v1/messages", "/v1/messages/{id}"}
     assert "communication" in doc["components"]["schemas"]["ByReference"]["properties"]
+
+
+def test_provider_outage_is_reported_as_502_and_retries_go_on(
+        services: Services, sandbox: Sandbox, providers_clean: ProviderSandbox) -> None:
+    svc = outbound(services, providers_clean)
+    comm = message_in_thread(sandbox, patient(sandbox), "SMSWRIT")
+    providers_clean.fault(provider="twilio", to=MOBILE, status=503, count=2)
+    resp = send(svc, {"communication": f"Communication/{comm['id']}"}, wait=20)
+    assert resp.status_code == 502 and resp.get_json()["error"] == "provider-unavailable"
+    state(svc, resp.get_json()["id"], "sent")
+    assert len(providers_clean.requests("twilio")) == 3
+
+
+def test_worker_killed_while_the_provider_answers_never_sends_twice(
+        services: Services, sandbox: Sandbox, providers_clean: ProviderSandbox,
+        log_dir: Any) -> None:
+    """The one window no ledger closes: the request left, the answer was never recorded.
+    Switchboard must not guess: exactly one provider request, and a dead letter for a person."""
+    svc = services.get(worker=False, **outbound_env(
+        providers_clean, BROKER_VISIBILITY_TIMEOUT_SECONDS="5", FHIR_TIMEOUT_SECONDS="1",
+        SEND_CLAIM_SECONDS="10", RETRY_MAX_ATTEMPTS="50"))
+    comm = message_in_thread(sandbox, patient(sandbox), "SMSWRIT")
+    providers_clean.fault(provider="twilio", to=MOBILE, delay_ms=3000)  # slow, then 201
+    doomed = devstack.start_worker(svc.env, log_dir, name="worker-ambiguous-doomed",
+                                   concurrency=2)
+    resp = send(svc, {"communication": f"Communication/{comm['id']}"})
+    eventually(lambda: svc.redis.hlen("unacked") == 1, what="send in flight")
+    time.sleep(1.0)  # inside the provider call (it answers after 3 s)
+    doomed.kill()
+    replacement = devstack.start_worker(svc.env, log_dir, name="worker-ambiguous-replacement",
+                                        concurrency=2)
+    try:
+        entry = eventually(lambda: svc.dead_letters.list(), timeout=60,
+                           what="dead letter for the unknown outcome")[0]
+        assert entry.reason == "outcome-unknown"
+        assert len(providers_clean.requests("twilio")) == 1
+        stored = sandbox.fhir.read("Communication", comm["id"]).resource
+        assert stored["status"] == "unknown"
+        assert state(svc, resp.get_json()["id"], "failed")["error"] == "outcome-unknown"
+    finally:
+        replacement.stop()
 
 
 def test_outbound_logs_hold_no_contacts_bodies_or_secrets(log_dir: Any) -> None:

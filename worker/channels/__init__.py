@@ -52,6 +52,9 @@ SEND_ERROR_KINDS: dict[str, bool] = {
     "opted-out": False,  # Twilio 21610: the patient replied STOP
     "rejected": False,  # any other permanent refusal (SendGrid 400/403/413, 30007 filtered)
     "misconfigured": False,  # no credentials / sender configured for this channel
+    # The request may or may not have reached the provider (a read timeout, a worker killed
+    # mid-call): sending again could text the patient twice, so a person decides.
+    "outcome-unknown": False,
 }
 
 
@@ -66,6 +69,8 @@ class SendError(Exception):
         self.detail = detail
         self.provider_code = provider_code
         self.retry_after = retry_after
+        self.attempts: tuple[str, ...] = ()  # earlier failed attempts (channel fallback)
+        self.channel: str | None = None  # the channel that failed (set by the pipeline)
 
     @property
     def retryable(self) -> bool:

@@ -77,11 +77,14 @@ class SendGridEmail:
             resp = self._client.send(mail)
         except HTTPError as exc:
             raise classify_error(exc.status_code, exc.body, dict(exc.headers or {})) from None
-        except (URLError, TimeoutError, OSError) as exc:
+        except TimeoutError:
+            # Sent, then no answer in time: SendGrid may have accepted it (see twilio.py).
+            raise SendError("outcome-unknown", "SendGrid did not answer in time") from None
+        except (URLError, OSError) as exc:  # refused before anything was sent
             raise SendError("provider-unavailable", type(exc).__name__) from None
-        provider_id = str(resp.headers.get("X-Message-Id") or "")
-        if not provider_id:
-            raise SendError("provider-unavailable", "SendGrid answered without X-Message-Id")
+        # Any 2xx means accepted. Without X-Message-Id (it happens), our own Message-ID
+        # identifies the email; retrying would send it twice.
+        provider_id = str(resp.headers.get("X-Message-Id") or message_id)
         return SendResult(provider_id=provider_id, status="accepted", message_id=message_id)
 
 

@@ -163,7 +163,7 @@ class TwilioSms:
 
     def send(self, message: OutboundMessage) -> SendResult:
         """Send one message; raises SendError."""
-        from requests import RequestException
+        from requests import ReadTimeout, RequestException
         from twilio.base.exceptions import TwilioException
 
         client = self._client()
@@ -185,7 +185,11 @@ class TwilioSms:
             retry_after = _retry_after(client.http_client.last_headers)
             raise classify_error(getattr(exc, "status", None), getattr(exc, "code", None),
                                  retry_after) from None
-        except RequestException as exc:  # connection refused, timeout, TLS…
+        except ReadTimeout:
+            # The request reached Twilio, which may have created the message before we gave up
+            # waiting: retrying could text the patient twice (Twilio has no idempotency key).
+            raise SendError("outcome-unknown", "Twilio did not answer in time") from None
+        except RequestException as exc:  # refused, connect timeout, TLS: nothing was sent
             raise SendError("provider-unavailable", type(exc).__name__) from None
         return SendResult(provider_id=str(created.sid), status=str(created.status))
 
