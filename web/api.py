@@ -89,17 +89,26 @@ def api_blueprint(settings: Settings, client: redis.Redis) -> Blueprint:
     bp = Blueprint("api", __name__)
     state = OutboundState(client)
 
+    def rejected(reason: str) -> None:
+        current_app.extensions["switchboard.metrics"].inc(
+            "switchboard_webhooks_rejected", endpoint="api-messages", reason=reason)
+
     @bp.post("/v1/messages")
     def send_message() -> tuple[Response, int]:
+        current_app.extensions["switchboard.metrics"].inc(
+            "switchboard_webhooks_received", endpoint="api-messages")
         if not _authorised(settings):
+            rejected("unauthorized")
             return jsonify(error="unauthorized", detail="a valid bearer token is required"), 401
         data = request.get_json(silent=True)
         if not isinstance(data, dict):
+            rejected("invalid-json")
             return jsonify(error="invalid-json", detail="the body must be a JSON object"), 400
         model: type[BaseModel] = ByReference if "communication" in data else ByResource
         try:
             parsed = model.model_validate(data)
         except ValidationError as exc:
+            rejected("invalid-body")
             fields = [{"field": ".".join(str(p) for p in e["loc"]), "error": e["msg"]}
                       for e in exc.errors()]
             return jsonify(error="invalid-body", fields=fields), 422
@@ -116,7 +125,10 @@ def api_blueprint(settings: Settings, client: redis.Redis) -> Blueprint:
         try:
             enqueuer.send(TASK_OUTBOUND_SEND, QUEUE_OUTBOUND, [payload])
         except EnqueueFailed:
+            rejected("queue-unavailable")
             return jsonify(error="unavailable", detail="queue unavailable, retry later"), 503
+        current_app.extensions["switchboard.metrics"].inc(
+            "switchboard_webhooks_enqueued", endpoint="api-messages")
         wait = _PREFER_WAIT.search(request.headers.get("Prefer", ""))
         if not wait:
             return _verdict(request_id, None)

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import redis
 from flask import Flask, Response, jsonify
 from flask.logging import default_handler
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from web.api import MAX_WAIT_SECONDS, api_blueprint
 from web.enqueue import Enqueuer
 from web.webhooks.twilio import twilio_blueprint
 from worker import logs
+from worker.health import Check, readiness
+from worker.metrics import RedisCollector, for_redis
 from worker.settings import Settings, load_settings
 
 log = logging.getLogger("switchboard.web")
+READY_CACHE_SECONDS = 5.0
 
 
 def create_app(settings: Settings | None = None, enqueuer: Enqueuer | None = None) -> Flask:
@@ -28,6 +33,9 @@ def create_app(settings: Settings | None = None, enqueuer: Enqueuer | None = Non
     app.config["MAX_CONTENT_LENGTH"] = 256 * 1024
     app.extensions["switchboard.settings"] = settings
     app.extensions["switchboard.enqueuer"] = enqueuer or Enqueuer.from_settings(settings)
+    app.extensions["switchboard.metrics"] = for_redis(settings.redis_url)
+    metrics_redis = redis.Redis.from_url(settings.redis_url, socket_timeout=5,
+                                         socket_connect_timeout=3)
     app.register_blueprint(twilio_blueprint(settings))
     app.register_blueprint(api_blueprint(settings, redis.Redis.from_url(
         settings.redis_url, socket_timeout=MAX_WAIT_SECONDS + 5, socket_connect_timeout=3)))
@@ -35,6 +43,28 @@ def create_app(settings: Settings | None = None, enqueuer: Enqueuer | None = Non
     @app.get("/healthz")
     def healthz() -> tuple[Response, int]:
         return jsonify(status="ok"), 200
+
+    ready_cache: dict[str, tuple[float, list[Check]]] = {}
+
+    @app.get("/readyz")
+    def readyz() -> tuple[Response, int]:
+        # Probes come every few seconds: remember the answer briefly rather than asking the
+        # token endpoint each time.
+        at, checks = ready_cache.get("last", (0.0, []))
+        if time.monotonic() - at > READY_CACHE_SECONDS:
+            checks = readiness(settings)
+            ready_cache["last"] = (time.monotonic(), checks)
+        failed = {c.name: c.detail for c in checks if not c.ok}
+        if failed:
+            return jsonify(status="unavailable", failed=failed), 503
+        return jsonify(status="ready"), 200
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RedisCollector(metrics_redis))
+
+    @app.get("/metrics")
+    def metrics_text() -> Response:
+        return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
 
     @app.errorhandler(413)
     def too_large(_: Exception) -> tuple[Response, int]:

@@ -90,6 +90,29 @@ def cmd_dlq_purge(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(_: Settings | None, args: argparse.Namespace) -> int:
+    """Validate the configuration and reach every dependency; print each problem and its fix."""
+    from worker.health import configuration_warnings, readiness
+
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"FAIL config: {problem}")
+        return 1
+    print("ok   config: all settings valid")
+    failed = False
+    for check in readiness(settings):
+        if check.ok:
+            print(f"ok   {check.name}")
+        else:
+            failed = True
+            print(f"FAIL {check.name}: {check.detail} -> {check.fix}")
+    for warning in configuration_warnings(settings):
+        print(f"warn {warning.name}: {warning.detail} -> {warning.fix}")
+    return 1 if failed else 0
+
+
 # -- make run ---------------------------------------------------------------------------------
 
 DEV_DEFAULTS = {
@@ -240,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--fhir-port", type=int, default=0)
     run.add_argument("--log-dir", default=".run")
     run.set_defaults(func=cmd_run, needs_settings=False)
+    check = sub.add_parser("check", help="validate the configuration and the dependencies")
+    check.set_defaults(func=cmd_check, needs_settings=False)
 
     dlq = sub.add_parser("dlq", help="dead-letter store").add_subparsers(dest="dlq",
                                                                           required=True)

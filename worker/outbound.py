@@ -28,6 +28,7 @@ from worker.fhir.client import FhirClient
 from worker.fhir.outcome import FhirPermanentError
 from worker.fhir.resources import identifier, medium
 from worker.fhir.update import guarded_update
+from worker.metrics import Metrics
 from worker.outbound_state import OutboundState
 from worker.routing import CHANNEL_TO_MEDIUM, choose_channel, medium_channel, pick_contact
 
@@ -85,6 +86,7 @@ class OutboundDeps:
     fallback: bool
     claim_seconds: float = 600.0  # a claim younger than this may still be sending
     max_countdown: float = 1800.0  # keep ETAs well inside the broker's visibility timeout
+    metrics: Metrics | None = None
 
 
 def send_outbound(req: OutboundRequest, deps: OutboundDeps, task_id: str) -> SendResult:
@@ -139,6 +141,7 @@ def _send(req: OutboundRequest, deps: OutboundDeps, comm: Mapping[str, Any], com
     try:
         result = impl.send(_message(comm, comm_id, to))
     except SendError as exc:
+        _count(deps, channel, exc.kind)
         if exc.kind != "outcome-unknown":
             deps.ledger.release(comm_id)  # the provider refused: nothing went out
         if exc.kind == "opted-out":
@@ -158,6 +161,7 @@ def _send(req: OutboundRequest, deps: OutboundDeps, comm: Mapping[str, Any], com
                     **deferred.changes, "channel": "email",
                     "attempts": list(again.attempts)}) from None
         raise
+    _count(deps, channel, "sent")
     sent = {"provider_id": result.provider_id, "channel": channel,
             "message_id": result.message_id}
     deps.ledger.record(comm_id, sent)  # first: from here on a redelivery will not send again
@@ -165,6 +169,11 @@ def _send(req: OutboundRequest, deps: OutboundDeps, comm: Mapping[str, Any], com
     log.info("outbound Communication/%s sent by %s as %s", comm_id, channel, result.provider_id)
     _record_sent(deps, comm_id, channel, result, list(req.attempts), req.request_id)
     return result
+
+
+def _count(deps: OutboundDeps, channel: str, outcome: str) -> None:
+    if deps.metrics is not None:
+        deps.metrics.inc("switchboard_sends", channel=channel, outcome=outcome)
 
 
 def _pace(req: OutboundRequest, deps: OutboundDeps, channel: str, sender: str) -> None:

@@ -56,6 +56,7 @@ class SwitchboardTask(Task):  # type: ignore[misc]
             if exc.changes and args and isinstance(args[0], dict):
                 args = ({**args[0], **exc.changes}, *args[1:])
             self._defer(args, kwargs, exc.countdown)
+            self._count("deferred")
             return None
         except (TransientError, *REDIS_TRANSIENT) as exc:
             reason = exc.reason if isinstance(exc, TransientError) else "redis-unavailable"
@@ -69,13 +70,17 @@ class SwitchboardTask(Task):  # type: ignore[misc]
                                     settings.retry_backoff_max_seconds, hint)
             log.warning("task %s[%s] attempt %d failed (%s); retry in %.1fs", self.name,
                         self.request.id, attempt, reason, countdown)
+            self._count("retried")
+            rt.metrics.inc("switchboard_task_retries", task=self.name, reason=reason)
             self._retry(reason, countdown)
         except PermanentError as exc:
             self._dead_letter(args, kwargs, exc.reason, exc.detail, attempt)
             return None
         except Exception as exc:
             self._dead_letter(args, kwargs, "unexpected-error", type(exc).__name__, attempt)
+            self._count("failed")
             raise
+        self._count("succeeded")
         replay_of = self.request.get(REPLAY_HEADER)
         if replay_of:
             rt.dead_letters.remove(str(replay_of))
@@ -132,7 +137,12 @@ class SwitchboardTask(Task):  # type: ignore[misc]
             raise Reject(type(exc).__name__, requeue=True) from None
         log.error("task %s[%s] dead-lettered as %s (reason %s, after %d attempts)",
                   self.name, self.request.id, entry.id, reason, attempts)
+        self._count("dead_lettered")
+        get_runtime().metrics.inc("switchboard_dead_letters", task=self.name, reason=reason)
         self.dead_lettered(args, kwargs, reason, detail)
+
+    def _count(self, outcome: str) -> None:
+        get_runtime().metrics.inc("switchboard_tasks", task=self.name, outcome=outcome)
 
     def dead_lettered(self, args: Any, kwargs: Any, reason: str, detail: str) -> None:
         """Hook for a task that must tell someone its message was dead-lettered."""

@@ -13,6 +13,7 @@ from worker.coordination import OptOuts, RateLimiter, RedisLocks, RedisSeenMessa
 from worker.dead_letter import DeadLetterStore
 from worker.fhir.client import FhirClient
 from worker.fhir.resources import IdentifierSystems
+from worker.metrics import Metrics, for_redis
 from worker.outbound import OutboundDeps
 from worker.outbound_state import OutboundState
 from worker.settings import Settings, load_settings
@@ -29,6 +30,7 @@ class Runtime:
     seen: RedisSeenMessages
     locks: RedisLocks
     outbound: OutboundDeps
+    metrics: Metrics
 
     @property
     def systems(self) -> IdentifierSystems:
@@ -44,9 +46,12 @@ def build_runtime(settings: Settings) -> Runtime:
     """Build the process's dependencies from settings."""
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5,
                                   socket_connect_timeout=5, health_check_interval=30)
+    metrics = for_redis(settings.redis_url)
     fhir = FhirClient(settings.fhir_base_url, settings.fhir_token_url, settings.fhir_client_id,
                       settings.fhir_client_secret.get_secret_value(),
-                      timeout=settings.fhir_timeout_seconds)
+                      timeout=settings.fhir_timeout_seconds,
+                      observe=lambda op, seconds: metrics.observe(
+                          "switchboard_fhir_request_seconds", seconds, operation=op))
     outbound = OutboundDeps(
         fhir=fhir, channels=build_channels(settings),
         ledger=SendLedger(client), optouts=OptOuts(client),
@@ -57,10 +62,10 @@ def build_runtime(settings: Settings) -> Runtime:
         request_system=settings.outbound_request_system,
         reply_source=settings.reply_channel_source, fallback=settings.channel_fallback,
         claim_seconds=settings.send_claim_seconds,
-        max_countdown=settings.broker_visibility_timeout_seconds / 2)
+        max_countdown=settings.broker_visibility_timeout_seconds / 2, metrics=metrics)
     return Runtime(settings, fhir, client, DeadLetterStore(client),
                    RedisSeenMessages(client, settings.inbound_seen_ttl_seconds),
-                   RedisLocks(client, settings.thread_lock_timeout_seconds), outbound)
+                   RedisLocks(client, settings.thread_lock_timeout_seconds), outbound, metrics)
 
 
 _lock = threading.Lock()

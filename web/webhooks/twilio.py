@@ -16,6 +16,7 @@ from worker.channels.twilio import (
     TwilioSignature,
     missing_fields,
 )
+from worker.metrics import Metrics
 from worker.settings import Settings
 
 log = logging.getLogger("switchboard.web")
@@ -37,16 +38,23 @@ def twilio_blueprint(settings: Settings) -> Blueprint:
     def accept(kind: str, required: tuple[str, ...], task: str, queue: str,
                with_meta: bool) -> tuple[Response, int]:
         """Verify, validate, enqueue: the whole of a Twilio webhook."""
+        metrics: Metrics = current_app.extensions["switchboard.metrics"]
+        endpoint = f"twilio-{kind}"
+        metrics.inc("switchboard_webhooks_received", endpoint=endpoint)
         form = request.form
         if not signature.is_valid(public_url(settings), form,
                                   request.headers.get("X-Twilio-Signature")):
             log.warning("twilio %s webhook rejected: bad-signature", kind)
+            metrics.inc("switchboard_webhooks_rejected", endpoint=endpoint,
+                        reason="bad-signature")
             return jsonify(error="bad-signature",
                            detail="X-Twilio-Signature is missing or does not match"), 403
         params = form.to_dict(flat=True)
         missing = missing_fields(params, required)
         if missing:
             log.warning("twilio %s webhook rejected: missing %s", kind, ",".join(missing))
+            metrics.inc("switchboard_webhooks_rejected", endpoint=endpoint,
+                        reason="missing-fields")
             return jsonify(error="missing-fields", fields=missing,
                            detail="required: " + ", ".join(missing)), 400
         enqueuer: Enqueuer = current_app.extensions["switchboard.enqueuer"]
@@ -58,7 +66,10 @@ def twilio_blueprint(settings: Settings) -> Blueprint:
         except EnqueueFailed:
             # Not accepted, and said so: Twilio retries only as the webhook URL's connection
             # overrides allow (README: configure retries and a fallback URL).
+            metrics.inc("switchboard_webhooks_rejected", endpoint=endpoint,
+                        reason="queue-unavailable")
             return jsonify(error="unavailable", detail="queue unavailable, retry later"), 503
+        metrics.inc("switchboard_webhooks_enqueued", endpoint=endpoint)
         return Response(EMPTY_TWIML, mimetype="text/xml"), 200
 
     @bp.post("/webhooks/twilio/sms")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,7 +95,9 @@ class FhirClient:
         client_secret: str,
         timeout: float = 10.0,
         transport: httpx.BaseTransport | None = None,
+        observe: Callable[[str, float], None] | None = None,
     ) -> None:
+        self._observe = observe  # (operation, seconds) for the latency histogram
         self._http = httpx.Client(
             base_url=base_url,
             timeout=timeout,
@@ -113,30 +115,31 @@ class FhirClient:
 
     def read(self, resource_type: str, resource_id: str) -> FhirResponse:
         """GET Type/id."""
-        return self._request("GET", f"{resource_type}/{resource_id}")
+        return self._request("GET", f"{resource_type}/{resource_id}", op="read")
 
     def search(self, resource_type: str, params: Params) -> dict[str, Any]:
         """GET Type?params, returning the searchset Bundle."""
-        return self._request("GET", f"{resource_type}?{query_string(params)}").resource
+        return self._request("GET", f"{resource_type}?{query_string(params)}",
+                             op="search").resource
 
     def create(self, resource: Mapping[str, Any], if_none_exist: Params | None = None
                ) -> FhirResponse:
         """POST a resource; with `if_none_exist`, a conditional create (201 new, 200 found)."""
         headers = {"If-None-Exist": query_string(if_none_exist)} if if_none_exist else {}
         return self._request("POST", str(resource["resourceType"]), json=resource,
-                             headers=headers)
+                             headers=headers, op="conditional-create" if headers else "create")
 
     def update(self, resource: Mapping[str, Any], if_match_version: str | None = None
                ) -> FhirResponse:
         """PUT Type/id; with a version, only if the stored version still matches (If-Match)."""
         headers = {"If-Match": f'W/"{if_match_version}"'} if if_match_version else {}
         return self._request("PUT", f"{resource['resourceType']}/{resource['id']}",
-                             json=resource, headers=headers)
+                             json=resource, headers=headers, op="update")
 
     def upsert(self, resource: Mapping[str, Any], params: Params) -> FhirResponse:
         """Conditional update `PUT Type?params`: creates (201) or updates (200) one resource."""
         return self._request("PUT", f"{resource['resourceType']}?{query_string(params)}",
-                             json=resource)
+                             json=resource, op="upsert")
 
     def transaction(self, bundle: Mapping[str, Any]) -> dict[str, Any]:
         """POST a transaction Bundle and check every entry's status.
@@ -144,7 +147,7 @@ class FhirClient:
         Without Medplum's `transaction-bundles` feature a failing entry does not roll back the
         others and the Bundle still comes back 200, so the per-entry statuses are the truth.
         """
-        result = self._request("POST", "", json=bundle).resource
+        result = self._request("POST", "", json=bundle, op="transaction").resource
         sent, got = len(bundle.get("entry") or []), len(result.get("entry") or [])
         if got != sent:
             # Never take a short answer as success; the entries are idempotent, so retry.
@@ -160,13 +163,14 @@ class FhirClient:
     # -- plumbing -----------------------------------------------------------------------------
 
     def _request(self, method: str, url: str, json: Any = None,
-                 headers: Mapping[str, str] | None = None) -> FhirResponse:
+                 headers: Mapping[str, str] | None = None, op: str = "other") -> FhirResponse:
         hdrs = dict(headers or {})
         if json is not None:
             hdrs["Content-Type"] = FHIR_JSON
         for attempt in (1, 2):
             token = self._tokens.get()
             hdrs["Authorization"] = f"Bearer {token}"
+            started = time.perf_counter()
             try:
                 resp = self._http.request(method, url, json=json, headers=hdrs)
             except httpx.TimeoutException as exc:
@@ -174,6 +178,9 @@ class FhirClient:
             except httpx.TransportError as exc:
                 raise FhirTransientError(
                     f"{type(exc).__name__} on {method} {_path(url)}") from exc
+            finally:
+                if self._observe is not None:
+                    self._observe(op, time.perf_counter() - started)
             if resp.status_code == 401 and attempt == 1:
                 # Tokens can be revoked or expire early; refresh once, then believe the 401.
                 self._tokens.invalidate(token)

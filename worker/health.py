@@ -1,0 +1,73 @@
+"""Dependency checks shared by `/readyz` and `switchboard check` (one implementation)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+
+from worker.fhir.client import TokenSource
+from worker.settings import Settings
+
+
+@dataclass(frozen=True)
+class Check:
+    """One dependency's state, and what to do about it when it is down."""
+
+    name: str
+    ok: bool
+    detail: str = ""
+    fix: str = ""
+
+
+def check_redis(settings: Settings) -> Check:
+    """Redis answers PING."""
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=3, socket_connect_timeout=3)
+    try:
+        client.ping()
+        return Check("redis", True)
+    except redis.exceptions.RedisError as exc:
+        return Check("redis", False, type(exc).__name__,
+                     "start Redis or fix REDIS_URL (host, port, password, TLS)")
+    finally:
+        client.close()
+
+
+def check_fhir_token(settings: Settings) -> Check:
+    """A FHIR access token can be obtained with the configured client credentials."""
+    import httpx
+
+    with httpx.Client(timeout=settings.fhir_timeout_seconds) as http:
+        tokens = TokenSource(http, settings.fhir_token_url, settings.fhir_client_id,
+                             settings.fhir_client_secret.get_secret_value())
+        try:
+            tokens.get()
+            return Check("fhir", True)
+        except Exception as exc:  # FhirTransientError for every failure; text has no secret
+            refused = getattr(exc, "status", None) == 401
+            return Check("fhir", False, str(exc),
+                         "check FHIR_CLIENT_ID / FHIR_CLIENT_SECRET (the ClientApplication)"
+                         if refused else "check FHIR_BASE_URL / FHIR_TOKEN_URL and the network")
+
+
+def readiness(settings: Settings) -> list[Check]:
+    """Every dependency the service needs to work."""
+    return [check_redis(settings), check_fhir_token(settings)]
+
+
+def configuration_warnings(settings: Settings) -> list[Check]:
+    """Settings that are valid but leave a feature off."""
+    out = []
+    if not (settings.twilio_from_number or settings.twilio_messaging_service_sid):
+        out.append(Check("sms-sending", False, "no SMS sender configured",
+                         "set TWILIO_FROM_NUMBER or TWILIO_MESSAGING_SERVICE_SID"))
+    if not (settings.sendgrid_api_key.get_secret_value() and settings.sendgrid_from_email):
+        out.append(Check("email-sending", False, "no email sender configured",
+                         "set SENDGRID_API_KEY and SENDGRID_FROM_EMAIL"))
+    if not settings.api_token_list():
+        out.append(Check("api", False, "no API tokens: POST /v1/messages answers 401",
+                         "set API_TOKENS to one or more comma-separated secrets"))
+    if not settings.public_base_url.startswith("https://"):
+        out.append(Check("public-url", False, "PUBLIC_BASE_URL is not https",
+                         "Twilio only calls https URLs outside development"))
+    return out

@@ -1,0 +1,192 @@
+"""Metrics shared by every process on every machine, exposed as Prometheus text by the web app.
+
+Web and worker processes count in memory (no I/O on the hot path) and a background thread
+adds the counts to Redis hashes every second; `GET /metrics` on the web app renders those,
+plus gauges read at scrape time (queue depth per queue, in-flight messages, dead-letter size).
+One mechanism for gunicorn's processes and Celery workers on other machines alike.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import redis
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from worker.celery_app import QUEUES
+from worker.dead_letter import ENTRIES_KEY
+
+KEY = "switchboard:metrics:"
+SEP = "\x1f"  # between label values in a Redis field; never inside a label value we use
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+# name → (type, help, label names). The only metrics there are; inc()/observe() check this.
+DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "switchboard_webhooks_received": ("counter", "Webhook and API requests received",
+                                      ("endpoint",)),
+    "switchboard_webhooks_rejected": ("counter", "Requests rejected, by reason",
+                                      ("endpoint", "reason")),
+    "switchboard_webhooks_enqueued": ("counter", "Requests accepted onto a queue",
+                                      ("endpoint",)),
+    "switchboard_tasks": ("counter", "Task runs by outcome (succeeded, retried, "
+                          "dead_lettered, deferred, failed)", ("task", "outcome")),
+    "switchboard_task_retries": ("counter", "Retries scheduled, by reason", ("task", "reason")),
+    "switchboard_dead_letters": ("counter", "Messages dead-lettered, by reason",
+                                 ("task", "reason")),
+    "switchboard_sends": ("counter", "Outbound sends by channel and outcome",
+                          ("channel", "outcome")),
+    "switchboard_fhir_request_seconds": ("histogram", "FHIR request latency by operation",
+                                         ("operation",)),
+}
+
+
+class Metrics:
+    """In-process counters and histograms, flushed to Redis by a daemon thread."""
+
+    def __init__(self, client: redis.Redis, interval: float = 1.0) -> None:
+        self._r: Any = client
+        self._interval = interval
+        self._lock = threading.Lock()
+        self._counts: dict[tuple[str, str], float] = defaultdict(float)
+        self._pid = 0
+        self._stop = threading.Event()
+
+    def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
+        """Add to a counter."""
+        self._add(name, _field(name, labels), amount)
+
+    def observe(self, name: str, value: float, **labels: str) -> None:
+        """Record one observation in a histogram."""
+        base = _field(name, labels)
+        with self._lock:
+            self._ensure_thread()
+            for le in LATENCY_BUCKETS:
+                if value <= le:
+                    self._counts[(name, f"{base}{SEP}le={le}")] += 1
+            self._counts[(name, f"{base}{SEP}le=+Inf")] += 1
+            self._counts[(name, f"{base}{SEP}sum")] += value
+
+    def _add(self, name: str, field: str, amount: float) -> None:
+        with self._lock:
+            self._ensure_thread()
+            self._counts[(name, field)] += amount
+
+    def _ensure_thread(self) -> None:
+        if self._pid != os.getpid():  # first use, or we were forked
+            self._pid = os.getpid()
+            self._counts.clear()
+            threading.Thread(target=self._run, name="metrics-flush", daemon=True).start()
+            atexit.register(self.flush)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self.flush()
+            except redis.exceptions.RedisError:
+                pass  # counts stay in memory and go with the next flush
+
+    def flush(self) -> None:
+        """Add the counts so far to Redis (and forget them here once Redis has them)."""
+        with self._lock:
+            pending, self._counts = self._counts, defaultdict(float)
+        if not pending:
+            return
+        try:
+            pipe = self._r.pipeline(transaction=False)
+            for (name, field), amount in pending.items():
+                pipe.hincrbyfloat(KEY + name, field, amount)
+            pipe.execute()
+        except redis.exceptions.RedisError:
+            with self._lock:  # put them back: a Redis blip must not lose counts
+                for key, amount in pending.items():
+                    self._counts[key] += amount
+            raise
+
+
+def _field(name: str, labels: dict[str, str]) -> str:
+    _kind, _, names = DEFINITIONS[name]
+    if set(labels) != set(names):
+        raise ValueError(f"{name} takes labels {names}, got {sorted(labels)}")
+    return SEP.join(str(labels[n]).replace(SEP, " ") for n in names)
+
+
+class RedisCollector:
+    """A prometheus_client collector reading the shared counts and the live gauges."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._r: Any = client
+
+    def collect(self) -> Iterator[Metric]:
+        """Every defined metric, plus queue depth, in-flight and dead-letter gauges."""
+        pipe = self._r.pipeline(transaction=False)
+        for name in DEFINITIONS:
+            pipe.hgetall(KEY + name)
+        for queue in QUEUES:
+            pipe.llen(queue)
+        pipe.hlen("unacked")
+        pipe.hlen(ENTRIES_KEY)
+        results = pipe.execute()
+        stored = dict(zip(DEFINITIONS, results[: len(DEFINITIONS)], strict=True))
+        depths = results[len(DEFINITIONS): len(DEFINITIONS) + len(QUEUES)]
+        unacked, dead = results[-2], results[-1]
+        for name, (kind, doc, labels) in DEFINITIONS.items():
+            raw = {k.decode(): float(v) for k, v in (stored[name] or {}).items()}
+            if kind == "counter":
+                yield _counter(name, doc, labels, raw)
+            else:
+                yield _histogram(name, doc, labels, raw)
+        depth = GaugeMetricFamily("switchboard_queue_depth", "Messages waiting per queue",
+                                  labels=["queue"])
+        for queue, n in zip(QUEUES, depths, strict=True):
+            depth.add_metric([queue], float(n))
+        yield depth
+        yield GaugeMetricFamily("switchboard_messages_in_flight",
+                                "Messages taken by a worker and not yet acknowledged",
+                                value=float(unacked))
+        yield GaugeMetricFamily("switchboard_dead_letter_entries",
+                                "Entries in the dead-letter store", value=float(dead))
+
+
+def _counter(name: str, doc: str, labels: Iterable[str], raw: dict[str, float]
+             ) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=list(labels))
+    for field, value in sorted(raw.items()):
+        family.add_metric(field.split(SEP), value)
+    return family
+
+
+def _histogram(name: str, doc: str, labels: Iterable[str], raw: dict[str, float]
+               ) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, doc, labels=list(labels))
+    series: dict[str, dict[str, float]] = defaultdict(dict)
+    for field, value in raw.items():
+        base, _, part = field.rpartition(SEP)
+        series[base][part] = value
+    for base, parts in sorted(series.items()):
+        buckets = [(str(le), parts.get(f"le={le}", 0.0)) for le in LATENCY_BUCKETS]
+        buckets.append(("+Inf", parts.get("le=+Inf", 0.0)))
+        family.add_metric(base.split(SEP), buckets, parts.get("sum", 0.0))
+    return family
+
+
+_shared: dict[str, Metrics] = {}
+_shared_lock = threading.Lock()
+
+
+def for_redis(url: str) -> Metrics:
+    """The process-wide Metrics for this Redis URL."""
+    with _shared_lock:
+        if url not in _shared:
+            _shared[url] = Metrics(redis.Redis.from_url(url, socket_timeout=5,
+                                                        socket_connect_timeout=3))
+        return _shared[url]
