@@ -26,8 +26,10 @@ def create_app(settings: Settings | None = None, enqueuer: Enqueuer | None = Non
     """Build the receiver: verify, validate, enqueue. It never calls FHIR or a provider."""
     settings = settings or load_settings()
     # Under gunicorn the root logger has no handlers; gunicorn's and Flask's own do the writing.
-    logs.install(logging.getLogger("gunicorn.error"), logging.getLogger("gunicorn.access"))
+    logs.install(logging.getLogger("gunicorn.error"), logging.getLogger("gunicorn.access"),
+                 fmt=settings.log_format)
     logs.protect(default_handler)
+    default_handler.setFormatter(logs.formatter(settings.log_format))
     app = Flask("switchboard")
     # Twilio posts small forms; anything bigger than this is not a Twilio webhook.
     app.config["MAX_CONTENT_LENGTH"] = 256 * 1024

@@ -28,4 +28,4 @@ import worker.tasks  # noqa: E402,F401  (registers the tasks on this app)
 @after_setup_task_logger.connect
 def _redact_worker_logs(logger: logging.Logger, **_: Any) -> None:
     # Celery configures its handlers after import; attach the PHI filter once they exist.
-    logs.install(logger)
+    logs.install(logger, fmt=get_runtime().settings.log_format)

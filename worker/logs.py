@@ -1,15 +1,22 @@
-"""PHI-safe logging: our code logs ids and reasons only; this filter is the safety net.
+"""Structured, PHI-safe logs: JSON lines (structlog) with the task's context bound.
 
-Libraries log more than we would: httpx logs every request URL at INFO, and a FHIR search URL
-carries the patient's phone number. Those loggers are turned down, and one filter on every
-handler redacts phone numbers, emails and bearer tokens from whatever still gets through.
+Our code logs ids and reasons only. Libraries log more than we would: httpx logs every request
+URL at INFO, and a FHIR search URL carries the patient's phone number. Those loggers are turned
+down, and one redaction step on every handler (a filter, then a structlog processor over every
+field) removes phone numbers, emails and bearer tokens from whatever still gets through.
 Message bodies cannot be recognised by a pattern, so they are never passed to a logger at all.
+Every record carries the context bound for the current task (task id, task name, queue,
+message id) through structlog's contextvars.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
 
 _PATTERNS = [
     (re.compile(r"(?i)bearer\s+[\w\-.~+/]+=*"), "Bearer [redacted]"),
@@ -59,13 +66,65 @@ def protect(handler: logging.Handler) -> None:
         handler.addFilter(RedactingFilter())
 
 
-def install(*loggers: logging.Logger) -> None:
-    """Quiet chatty libraries and protect every handler of the root logger, of `loggers`, and
-    the last-resort handler. Call again after a framework adds handlers."""
+def _redact_fields(_: Any, __: str, event: MutableMapping[str, Any]
+                   ) -> MutableMapping[str, Any]:
+    """structlog processor: redact every string field (event text, exception, extras)."""
+    for key, value in list(event.items()):
+        if isinstance(value, str):
+            event[key] = redact(value)
+    return event
+
+
+def _record_exception(_: Any, __: str, event: MutableMapping[str, Any]
+                      ) -> MutableMapping[str, Any]:
+    # RedactingFilter already turned the traceback into (redacted) exc_text: keep it.
+    record = event.get("_record")
+    if record is not None and record.exc_text:
+        event["exception"] = record.exc_text
+    return event
+
+
+def formatter(fmt: str = "json") -> logging.Formatter:
+    """A stdlib Formatter that renders records as JSON lines (or console text) via structlog."""
+    renderer: Any = (structlog.processors.JSONRenderer() if fmt == "json"
+                     else structlog.dev.ConsoleRenderer(colors=False))
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.contextvars.merge_contextvars,
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.add_logger_name,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _record_exception,
+        ],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            _redact_fields,
+            renderer,
+        ],
+    )
+
+
+def install(*loggers: logging.Logger, fmt: str = "json") -> None:
+    """Quiet chatty libraries; give every handler of the root logger, of `loggers` and the
+    last-resort handler the redacting filter and the structured formatter. Idempotent; call
+    again after a framework adds handlers."""
     for name in _CHATTY:
         logging.getLogger(name).setLevel(logging.WARNING)
-    for logger in (logging.getLogger(), *loggers):
-        for handler in logger.handlers:
-            protect(handler)
+    handlers = [h for logger in (logging.getLogger(), *loggers) for h in logger.handlers]
     if logging.lastResort is not None:
-        protect(logging.lastResort)
+        handlers.append(logging.lastResort)
+    for handler in handlers:
+        protect(handler)
+        if not isinstance(handler.formatter, structlog.stdlib.ProcessorFormatter):
+            handler.setFormatter(formatter(fmt))
+
+
+def bind_task(**context: str | None) -> None:
+    """Bind task context (task_id, task, queue, message_id) to every log record of this task."""
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(**{k: v for k, v in context.items() if v})
+
+
+def unbind_task() -> None:
+    """Forget the task context (the thread goes on to another task)."""
+    structlog.contextvars.clear_contextvars()

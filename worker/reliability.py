@@ -22,6 +22,7 @@ import redis.exceptions
 from celery import Task
 from celery.exceptions import Reject, Retry
 
+from worker import logs
 from worker.backoff import retry_delay
 from worker.celery_app import REDACTED_ARGS
 from worker.dead_letter import REPLAY_HEADER
@@ -37,6 +38,16 @@ REDIS_TRANSIENT = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutErr
 DELIVERY_KEY = "switchboard:deliveries:"
 
 
+def message_key(args: Any) -> str | None:
+    """The id a person looks for in the logs: the provider message id, else the Communication
+    or the API request (never anything that names the patient)."""
+    payload = args[0] if args and isinstance(args[0], dict) else {}
+    for key in ("MessageSid", "communication", "request_id"):
+        if payload.get(key):
+            return str(payload[key])
+    return None
+
+
 class SwitchboardTask(Task):  # type: ignore[misc]
     """Base class of every Switchboard task: retry vs dead letter, decided here only."""
 
@@ -45,6 +56,15 @@ class SwitchboardTask(Task):  # type: ignore[misc]
     max_retries = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        queue = (self.request.delivery_info or {}).get("routing_key") or self.queue
+        logs.bind_task(task_id=str(self.request.id), task=self.name, queue=queue,
+                       message_id=message_key(args))
+        try:
+            return self._call(args, kwargs)
+        finally:
+            logs.unbind_task()
+
+    def _call(self, args: Any, kwargs: Any) -> Any:
         rt = get_runtime()
         settings = rt.settings
         attempt = int(self.request.retries or 0) + 1

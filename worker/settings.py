@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     # How long a send claim blocks another attempt at the same Communication.
     send_claim_seconds: int = Field(default=600, ge=10)
 
+    # Log lines: JSON (one object per line, for log shippers) or console text.
+    log_format: Literal["json", "console"] = "json"
+
     # Identifier systems (documented in the README). Changing one after go-live orphans the
     # idempotency keys already written, so they are settings rather than code constants.
     message_id_system: str = "https://www.twilio.com/docs/api/messaging/message#sid"
@@ -94,6 +97,8 @@ class Settings(BaseSettings):
     # A message the broker redelivers this often without the task ever finishing (the worker
     # died each time) is dead-lettered as `delivery-loop` instead of killing workers forever.
     max_deliveries: int = Field(default=5, ge=1)
+    # Dead letters whose last failure is older than this many days are pruned.
+    dead_letter_retention_days: int = Field(default=30, ge=1)
     # Must exceed the longest countdown, or Redis redelivers a message still waiting (kombu).
     broker_visibility_timeout_seconds: int = Field(default=3600, ge=1)
     # How long a processed MessageSid is remembered to skip FHIR for provider retries.

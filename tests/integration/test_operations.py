@@ -137,3 +137,10 @@ def test_logs_hold_no_phone_numbers_bodies_or_secrets(services: Services, sandbo
         assert needle not in text, needle
     # No E.164 number of any test in any worker or web log.
     assert not re.search(r"\+1555\d{7}|%2B1555\d{7}", text)
+    # Worker lines are JSON objects carrying the task's context.
+    ours = [json.loads(line) for line in text.splitlines()
+            if line.startswith("{") and ok["MessageSid"] in line]
+    written = [e for e in ours if e["event"].startswith(f"inbound {ok['MessageSid']}:")]
+    assert written and written[0]["message_id"] == ok["MessageSid"]
+    assert written[0]["queue"] == "inbound" and written[0]["task_id"]
+    assert written[0]["task"] == "switchboard.inbound.sms" and written[0]["level"] == "info"
