@@ -135,6 +135,13 @@ class ProviderSandbox:
         params = {k: v for k, v in (("provider", provider), ("to", to)) if v}
         return list(self._http.get("/__requests", params=params).json())
 
+    def set_status(self, sid: str, status: str, error_code: int | None = None) -> None:
+        """Change a message's status at the provider (its callback may not reach us)."""
+        body: dict[str, Any] = {"sid": sid, "status": status}
+        if error_code:
+            body["error_code"] = error_code
+        self._http.post("/__status", json=body).raise_for_status()
+
     def close(self) -> None:
         """Close the HTTP client."""
         self._http.close()

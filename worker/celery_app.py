@@ -15,6 +15,7 @@ QUEUES = (QUEUE_INBOUND, QUEUE_OUTBOUND, QUEUE_STATUS)
 TASK_INBOUND_SMS = "switchboard.inbound.sms"
 TASK_OUTBOUND_SEND = "switchboard.outbound.send"
 TASK_TWILIO_STATUS = "switchboard.status.twilio"
+TASK_RECONCILE = "switchboard.status.reconcile"
 # Publish options that keep payloads out of task events (and so out of Flower): the args of
 # our tasks carry phone numbers and message bodies.
 REDACTED_ARGS = {"argsrepr": "(redacted)", "kwargsrepr": "{}"}
@@ -39,7 +40,13 @@ def create_celery(settings: Settings) -> Celery:
         task_default_queue=QUEUE_INBOUND,
         task_routes={TASK_INBOUND_SMS: {"queue": QUEUE_INBOUND},
                      TASK_OUTBOUND_SEND: {"queue": QUEUE_OUTBOUND},
-                     TASK_TWILIO_STATUS: {"queue": QUEUE_STATUS}},
+                     TASK_TWILIO_STATUS: {"queue": QUEUE_STATUS},
+                     TASK_RECONCILE: {"queue": QUEUE_STATUS}},
+        # `celery beat` (one per deployment) asks for stuck sends to be reconciled.
+        beat_schedule={"reconcile-stuck-sends": {
+            "task": TASK_RECONCILE, "schedule": settings.reconcile_interval_seconds,
+            "options": {"queue": QUEUE_STATUS,
+                        "expires": settings.reconcile_interval_seconds}}},
         task_create_missing_queues=False,
         broker_transport_options={
             # kombu's Redis transport re-delivers an unacked message after this long; it must

@@ -45,6 +45,8 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                                  ("task", "reason")),
     "switchboard_sends": ("counter", "Outbound sends by channel and outcome",
                           ("channel", "outcome")),
+    "switchboard_reconciled": ("counter", "Stuck sends reconciled with the provider, by "
+                               "outcome (completed, stopped, unchanged, errors)", ("outcome",)),
     "switchboard_fhir_request_seconds": ("histogram", "FHIR request latency by operation",
                                          ("operation",)),
 }

@@ -75,6 +75,10 @@ class Settings(BaseSettings):
     # How long a send claim blocks another attempt at the same Communication.
     send_claim_seconds: int = Field(default=600, ge=10)
 
+    # Reconciliation of sends whose final status never arrived (Celery beat).
+    reconcile_interval_seconds: float = Field(default=300.0, gt=0)
+    stuck_after_seconds: float = Field(default=900.0, ge=0)
+
     # Log lines: JSON (one object per line, for log shippers) or console text.
     log_format: Literal["json", "console"] = "json"
 

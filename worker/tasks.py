@@ -7,11 +7,18 @@ from typing import Any
 
 from celery import shared_task
 
-from worker.celery_app import TASK_INBOUND_SMS, TASK_OUTBOUND_SEND, TASK_TWILIO_STATUS
+from worker.celery_app import (
+    TASK_INBOUND_SMS,
+    TASK_OUTBOUND_SEND,
+    TASK_RECONCILE,
+    TASK_TWILIO_STATUS,
+)
 from worker.channels import twilio
+from worker.channels.twilio import TwilioSms
 from worker.fhir.resources import clinic_participant
 from worker.inbound import deliver_inbound
 from worker.outbound import OutboundRequest, send_outbound
+from worker.reconcile import reconcile_stuck
 from worker.reliability import SwitchboardTask
 from worker.runtime import get_runtime
 from worker.status import apply_status
@@ -73,3 +80,16 @@ def twilio_status(self: SwitchboardTask, params: dict[str, str]) -> dict[str, An
                            rt.settings.outbound_request_system)
     log.info("status %s: %s", params.get("MessageSid", "?"), applied)
     return {"result": applied}
+
+
+@shared_task(bind=True, base=SwitchboardTask, name=TASK_RECONCILE)
+def reconcile(self: SwitchboardTask, stuck_after: float | None = None) -> dict[str, int]:
+    """Ask the provider about sends whose final status never arrived (Celery beat)."""
+    rt = get_runtime()
+    sms = rt.outbound.channels.get("sms")
+    if not isinstance(sms, TwilioSms):
+        return {}
+    s = rt.settings
+    return reconcile_stuck(rt.fhir, sms, s.message_id_system, s.outbound_request_system,
+                           rt.outbound.state, rt.metrics,
+                           s.stuck_after_seconds if stuck_after is None else stuck_after)

@@ -108,3 +108,35 @@ def test_switchboard_check_reports_each_problem_with_its_fix(services: Services)
     missing = check(**{k: v for k, v in make_env("redis://x", "https://f/").items()
                        if k != "FHIR_CLIENT_ID"})
     assert missing.returncode == 1 and "FAIL config: FHIR_CLIENT_ID: missing" in missing.stdout
+
+
+def test_stuck_sends_are_reconciled_with_the_provider(
+        services: Services, sandbox: Sandbox, providers: ProviderSandbox) -> None:
+    from worker.celery_app import QUEUE_STATUS, TASK_RECONCILE, create_celery
+
+    providers.reset()
+    svc = services.get(**outbound_env(providers))
+    comms = [message_in_thread(sandbox, patient(sandbox), "SMSWRIT") for _ in range(3)]
+    sids = [state(svc, send(svc, {"communication": f"Communication/{c['id']}"}).get_json()["id"],
+                  "sent")["provider_id"] for c in comms]
+    # The provider knows the outcome, but its callbacks never reached us.
+    providers.set_status(sids[0], "delivered")
+    providers.set_status(sids[1], "undelivered", error_code=30005)
+    create_celery(svc.settings).send_task(TASK_RECONCILE, kwargs={"stuck_after": 0},
+                                          queue=QUEUE_STATUS)
+
+    def status_of(comm: dict[str, str]) -> str:
+        return str(sandbox.fhir.read("Communication", comm["id"]).resource["status"])
+
+    eventually(lambda: status_of(comms[0]) == "completed" and status_of(comms[1]) == "stopped",
+               what="stuck sends reconciled")
+    assert status_of(comms[2]) == "in-progress"  # still only "queued" at the provider
+    def counted() -> str | None:
+        text = svc.app().test_client().get("/metrics").get_data(as_text=True)
+        done = metric(text, "switchboard_reconciled_total", outcome="completed") >= 1
+        return text if done else None
+
+    text = eventually(counted, what="reconcile metrics")
+    assert metric(text, "switchboard_reconciled_total", outcome="stopped") >= 1
+    fetched = [r for r in providers.requests("twilio") if r["method"] == "GET"]
+    assert len(fetched) == 3

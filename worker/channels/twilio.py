@@ -193,6 +193,21 @@ class TwilioSms:
             raise SendError("provider-unavailable", type(exc).__name__) from None
         return SendResult(provider_id=str(created.sid), status=str(created.status))
 
+    def fetch_status(self, sid: str) -> tuple[str, str]:
+        """Ask Twilio for a message's current status: (status, error code or "")."""
+        from requests import RequestException
+        from twilio.base.exceptions import TwilioException
+
+        try:
+            message = self._client().messages(sid).fetch()
+        except TwilioException as exc:
+            raise classify_error(getattr(exc, "status", None),
+                                 getattr(exc, "code", None)) from None
+        except RequestException as exc:
+            raise SendError("provider-unavailable", type(exc).__name__) from None
+        code = message.error_code
+        return str(message.status), "" if code in (None, "") else str(code)
+
 
 def _http_client(base_url: str, timeout: float) -> Any:
     """The SDK's HTTP client, sending to `base_url` and keeping the last response's headers.
