@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shlex
 import signal
@@ -17,7 +18,8 @@ from urllib.parse import urlencode
 import redis
 from twilio.request_validator import RequestValidator
 
-from worker.dead_letter import REPLAY_HEADER, DeadLetter, DeadLetterStore
+from worker import logs
+from worker.dead_letter import REPLAY_HEADER, DeadLetter, DeadLetterStore, parse_since
 from worker.settings import ConfigError, Settings, load_settings
 
 
@@ -33,14 +35,64 @@ def _print_entry_line(e: DeadLetter) -> None:
     print(f"{e.id}  {_ts(e.last_failed_at)}  {e.task:<28} {e.reason:<22} attempts={e.attempts}")
 
 
+def _since_arg(text: str) -> float:
+    try:
+        return parse_since(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
+def _add_filters(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--reason", help=f"{what} entries with this reason (e.g. unknown-sender)")
+    parser.add_argument("--task", help=f"{what} entries of this task name")
+    parser.add_argument("--since", type=_since_arg, metavar="WHEN",
+                        help=f"{what} entries that last failed since WHEN: a duration back from "
+                             "now (90s, 30m, 2h, 7d) or an ISO-8601 time with a timezone")
+
+
+def _filters(args: argparse.Namespace) -> dict[str, str | float]:
+    """The --reason/--task/--since given."""
+    return {k: getattr(args, k) for k in ("reason", "task", "since")
+            if getattr(args, k) is not None}
+
+
+def _describe(filters: dict[str, str | float]) -> str:
+    return " ".join(f"{k}={_ts(float(v)) if k == 'since' else v}" for k, v in filters.items())
+
+
+def _dlq_log(settings: Settings) -> logging.Logger:
+    """The audit logger of dlq actions (ids, task names, reasons and counts; never payloads),
+    on stderr in LOG_FORMAT unless logging was configured elsewhere."""
+    logger = logging.getLogger("switchboard.dlq")
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logs.formatter(settings.log_format))
+        logs.protect(handler)
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    return logger
+
+
 def cmd_dlq_list(settings: Settings, args: argparse.Namespace) -> int:
-    """List dead letters, newest failure first."""
-    entries = _store(settings).list(args.limit)
+    """List dead letters (all, or those matching the filters), newest failure first."""
+    filters = _filters(args)
+    entries = _store(settings).query(args.reason, args.task, args.since, limit=args.limit)
     if args.json:
         print(json.dumps([asdict(e) for e in entries], indent=2))
         return 0
     if not entries:
-        print("dead-letter store is empty")
+        print(f"no dead letters match {_describe(filters)}" if filters
+              else "dead-letter store is empty")
     for e in entries:
         _print_entry_line(e)
     return 0
@@ -60,33 +112,67 @@ def cmd_dlq_show(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_dlq_replay(settings: Settings, args: argparse.Namespace) -> int:
-    """Send entries back to their queue; an entry is removed when its replay succeeds."""
+    """Send entries (one, all, or those matching the filters) back to their queue; an entry is
+    removed when its replay succeeds."""
     from worker.celery_app import REDACTED_ARGS, create_celery
 
+    filters = _filters(args)
+    if (args.id or args.all) and filters:
+        print("give an ID, --all, or filters (--reason/--task/--since), not several",
+              file=sys.stderr)
+        return 2
+    if not (args.id or args.all or filters):
+        print("give an ID, --all, or filters (--reason/--task/--since)", file=sys.stderr)
+        return 2
     store = _store(settings)
-    if args.all:
-        entries = store.list(limit=1_000_000)
-    else:
-        found = store.get(args.id) if args.id else None
+    if args.id:
+        found = store.get(args.id)
         if found is None:
             print(f"no dead letter {args.id}", file=sys.stderr)
             return 1
         entries = [found]
+    else:
+        entries = store.query(args.reason, args.task, args.since, limit=None)
+    if args.dry_run:
+        for e in entries:
+            print(f"would replay {e.id} ({e.task}, {e.reason})")
+        print(f"{len(entries)} would be replayed (dry run: nothing sent)")
+        return 0
+    if not entries:
+        print(f"no dead letters match {_describe(filters)}" if filters
+              else "dead-letter store is empty")
+        return 0
+    log = _dlq_log(settings)
     celery = create_celery(settings)
     for e in entries:
         celery.send_task(e.task, args=e.args, kwargs=e.kwargs, queue=e.queue or None,
                          headers={REPLAY_HEADER: e.id}, **REDACTED_ARGS)
+        log.info("replaying dead letter %s (task %s, reason %s)", e.id, e.task, e.reason)
         print(f"replaying {e.id} ({e.task}, {e.reason})")
     print(f"{len(entries)} replayed; entries are removed as their replays succeed")
     return 0
 
 
 def cmd_dlq_purge(settings: Settings, args: argparse.Namespace) -> int:
-    """Delete every entry."""
+    """Delete every entry, or only those matching the filters."""
     if not args.yes:
         print("refusing to purge without --yes", file=sys.stderr)
         return 2
-    print(f"purged {_store(settings).purge()} dead letters")
+    filters = _filters(args)
+    n = _store(settings).purge(args.reason, args.task, args.since)
+    scope = f" matching {_describe(filters)}" if filters else ""
+    _dlq_log(settings).info("purged %d dead letters%s", n, scope)
+    print(f"purged {n} dead letters{scope}")
+    return 0
+
+
+def cmd_dlq_prune(settings: Settings, args: argparse.Namespace) -> int:
+    """Apply the retention now: delete entries that last failed over
+    DEAD_LETTER_RETENTION_DAYS ago."""
+    days = settings.dead_letter_retention_days
+    n = _store(settings).prune(days * 86400)
+    _dlq_log(settings).info("pruned %d dead letters older than %d days", n, days)
+    print(f"pruned {n} dead letters older than {days} days")
     return 0
 
 
@@ -269,20 +355,28 @@ def build_parser() -> argparse.ArgumentParser:
     dlq = sub.add_parser("dlq", help="dead-letter store").add_subparsers(dest="dlq",
                                                                           required=True)
     ls = dlq.add_parser("list", help="list entries, newest first")
-    ls.add_argument("--limit", type=int, default=100)
+    _add_filters(ls, "only")
+    ls.add_argument("--limit", type=_positive_int, default=100)
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_dlq_list)
     show = dlq.add_parser("show", help="one entry in full")
     show.add_argument("id")
     show.set_defaults(func=cmd_dlq_show)
-    replay = dlq.add_parser("replay", help="send entries back to their queue")
-    group = replay.add_mutually_exclusive_group(required=True)
+    replay = dlq.add_parser("replay", help="send entries back to their queue: ID, --all, or "
+                                           "the entries matching --reason/--task/--since")
+    group = replay.add_mutually_exclusive_group()
     group.add_argument("id", nargs="?")
     group.add_argument("--all", action="store_true")
+    _add_filters(replay, "replay")
+    replay.add_argument("--dry-run", action="store_true",
+                        help="list what would be replayed; send nothing")
     replay.set_defaults(func=cmd_dlq_replay)
-    purge = dlq.add_parser("purge", help="delete every entry")
+    purge = dlq.add_parser("purge", help="delete every entry, or those matching the filters")
     purge.add_argument("--yes", action="store_true")
+    _add_filters(purge, "delete only")
     purge.set_defaults(func=cmd_dlq_purge)
+    prune = dlq.add_parser("prune", help="delete entries older than DEAD_LETTER_RETENTION_DAYS")
+    prune.set_defaults(func=cmd_dlq_prune)
     return p
 
 

@@ -4,14 +4,22 @@ Celery on Redis has no native dead-letter queue (ARCHITECTURE.md A), so this is 
 of entries (JSON) and a sorted set indexing them by last failure time. An entry's id is derived
 from the task name and payload, so the same message failing again (say, after a replay) updates
 its one entry instead of adding another, and a replay that succeeds can remove it by that id.
+
+Entries are kept for a retention period: `prune` drops those whose last failure is older, and
+`record` calls it by itself at most once a minute per store when the store is given a retention.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import re
+import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from typing import Any
 
 import redis
@@ -20,6 +28,13 @@ ENTRIES_KEY = "switchboard:dlq:entries"
 INDEX_KEY = "switchboard:dlq:index"
 # The Celery message header a replay carries, naming the entry it replays.
 REPLAY_HEADER = "switchboard_replay_of"
+# How often `record` may prune, per store (one store per worker process).
+PRUNE_INTERVAL_SECONDS = 60.0
+# Ids per Redis round trip when scanning, pruning or removing many entries.
+_BATCH = 500
+
+# Ids, task names, reasons and counts only: an entry's payload holds phone numbers and bodies.
+log = logging.getLogger("switchboard.dlq")
 
 
 @dataclass(frozen=True)
@@ -39,6 +54,10 @@ class DeadLetter:
     failures: int = 1  # how many times this message reached the store (replays that failed again)
 
 
+# (`list` is a method name inside DeadLetterStore.)
+Entries = list[DeadLetter]
+
+
 def entry_id(task: str, args: list[Any], kwargs: dict[str, Any]) -> str:
     """Deterministic id of a message: same task and payload, same entry."""
     raw = json.dumps([task, args, kwargs], sort_keys=True, separators=(",", ":"))
@@ -48,8 +67,12 @@ def entry_id(task: str, args: list[Any], kwargs: dict[str, Any]) -> str:
 class DeadLetterStore:
     """Redis-backed dead-letter entries."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, retention_seconds: float | None = None) -> None:
+        """`retention_seconds`: prune older entries from `record` (None: only when asked)."""
         self._r: Any = client  # redis-py types every call as sync-or-async
+        self.retention_seconds = retention_seconds
+        self._prune_lock = threading.Lock()
+        self._next_prune = 0.0
 
     def record(self, task: str, queue: str, args: list[Any], kwargs: dict[str, Any],
                reason: str, detail: str, attempts: int, now: float | None = None) -> DeadLetter:
@@ -74,6 +97,7 @@ class DeadLetterStore:
             return entry
 
         result: DeadLetter = self._r.transaction(merge, ENTRIES_KEY, value_from_callable=True)
+        self._maybe_prune(now)
         return result
 
     def get(self, eid: str) -> DeadLetter | None:
@@ -83,11 +107,32 @@ class DeadLetterStore:
 
     def list(self, limit: int = 100) -> list[DeadLetter]:
         """Entries, most recent failure first."""
-        ids = self._r.zrevrange(INDEX_KEY, 0, max(limit, 1) - 1)
-        if not ids:
+        return self.query(limit=max(limit, 1))
+
+    def query(self, reason: str | None = None, task: str | None = None,
+              since: float | None = None, limit: int | None = 100) -> Entries:
+        """Entries matching every filter given, most recent failure first; at most `limit`
+        (None: all). `since` (epoch seconds, inclusive) bounds the last failure time in Redis;
+        reason and task are compared here, as they are only stored inside the entry's JSON."""
+        if limit is not None and limit < 1:
             return []
-        raws = self._r.hmget(ENTRIES_KEY, ids)
-        return [_load(r) for r in raws if r]
+        low = "-inf" if since is None else repr(float(since))
+        if reason is None and task is None and limit is not None:
+            ids = self._r.zrevrangebyscore(INDEX_KEY, "+inf", low, start=0, num=limit)
+        else:
+            ids = self._r.zrevrangebyscore(INDEX_KEY, "+inf", low)  # one snapshot of the ids
+        found: Entries = []
+        for start in range(0, len(ids), _BATCH):
+            for raw in self._r.hmget(ENTRIES_KEY, ids[start:start + _BATCH]):
+                if not raw:
+                    continue  # removed since the ids were read
+                entry = _load(raw)
+                if (reason is None or entry.reason == reason) and \
+                        (task is None or entry.task == task):
+                    found.append(entry)
+                    if limit is not None and len(found) >= limit:
+                        return found
+        return found
 
     def count(self) -> int:
         """How many entries are stored."""
@@ -101,13 +146,96 @@ class DeadLetterStore:
         removed, _ = pipe.execute()
         return bool(removed)
 
-    def purge(self) -> int:
-        """Delete every entry; returns how many there were."""
+    def remove_many(self, ids: Sequence[str]) -> int:
+        """Delete these entries; returns how many existed."""
+        removed = 0
+        for start in range(0, len(ids), _BATCH):
+            chunk = ids[start:start + _BATCH]
+            pipe = self._r.pipeline()
+            pipe.hdel(ENTRIES_KEY, *chunk)
+            pipe.zrem(INDEX_KEY, *chunk)
+            n, _ = pipe.execute()
+            removed += int(n)
+        return removed
+
+    def purge(self, reason: str | None = None, task: str | None = None,
+              since: float | None = None) -> int:
+        """Delete every entry, or with filters (as for `query`) only the matching ones;
+        returns how many were deleted."""
+        if reason is not None or task is not None or since is not None:
+            return self.remove_many([e.id for e in self.query(reason, task, since, limit=None)])
         pipe = self._r.pipeline()
         pipe.hlen(ENTRIES_KEY)
         pipe.delete(ENTRIES_KEY, INDEX_KEY)
         n, _ = pipe.execute()
         return int(n)
+
+    def prune(self, older_than_seconds: float, now: float | None = None) -> int:
+        """Delete entries whose last failure is more than `older_than_seconds` before `now`;
+        returns how many. Each batch is a WATCHed transaction, so an entry that fails again
+        while it is being pruned (its index score moves) is kept, not lost."""
+        if older_than_seconds <= 0:
+            raise ValueError("older_than_seconds must be positive")
+        cutoff = (time.time() if now is None else now) - older_than_seconds
+        total = 0
+        while True:
+            pruned = self._prune_batch(cutoff)
+            total += pruned
+            if pruned < _BATCH:
+                return total
+
+    def _prune_batch(self, cutoff: float) -> int:
+        def drop(pipe: Any) -> int:
+            ids = pipe.zrangebyscore(INDEX_KEY, "-inf", f"({cutoff!r}", start=0, num=_BATCH)
+            pipe.multi()
+            if ids:
+                pipe.hdel(ENTRIES_KEY, *ids)
+                pipe.zrem(INDEX_KEY, *ids)
+            return len(ids)
+
+        pruned: int = self._r.transaction(drop, INDEX_KEY, ENTRIES_KEY, value_from_callable=True)
+        return pruned
+
+    def _maybe_prune(self, now: float) -> None:
+        """Apply the retention from `record`, at most once per PRUNE_INTERVAL_SECONDS; never
+        fails the record (the entry is already stored)."""
+        if self.retention_seconds is None:
+            return
+        with self._prune_lock:
+            if now < self._next_prune:
+                return
+            self._next_prune = now + PRUNE_INTERVAL_SECONDS
+        try:
+            pruned = self.prune(self.retention_seconds, now=now)
+        except Exception as exc:
+            log.warning("dead-letter prune failed (%s); retrying in %gs", type(exc).__name__,
+                        PRUNE_INTERVAL_SECONDS)
+            return
+        if pruned:
+            log.info("pruned %d dead letters older than %gs", pruned, self.retention_seconds)
+
+
+_DURATION = re.compile(r"(\d+)([smhd])", re.IGNORECASE)
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """Epoch seconds for a `--since` value: a duration back from `now` (`90s`, `30m`, `2h`,
+    `7d`) or an ISO-8601 time with a timezone (`2024-05-01T12:00:00Z`). ValueError if neither."""
+    value = text.strip()
+    match = _DURATION.fullmatch(value)
+    if match:
+        base = time.time() if now is None else now
+        return base - int(match[1]) * _UNIT_SECONDS[match[2].lower()]
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"{text!r} is neither a duration (90s, 30m, 2h, 7d) nor an ISO-8601 "
+                         "time (2024-05-01T12:00:00Z)") from None
+    if when.tzinfo is None:
+        raise ValueError(f"{text!r} has no timezone; add one, e.g. 2024-05-01T12:00:00Z or "
+                         "2024-05-01T12:00:00+02:00")
+    return when.timestamp()
 
 
 def _load(raw: bytes | str) -> DeadLetter:

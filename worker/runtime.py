@@ -63,7 +63,8 @@ def build_runtime(settings: Settings) -> Runtime:
         reply_source=settings.reply_channel_source, fallback=settings.channel_fallback,
         claim_seconds=settings.send_claim_seconds,
         max_countdown=settings.broker_visibility_timeout_seconds / 2, metrics=metrics)
-    return Runtime(settings, fhir, client, DeadLetterStore(client),
+    return Runtime(settings, fhir, client, DeadLetterStore(
+        client, retention_seconds=settings.dead_letter_retention_days * 86400),
                    RedisSeenMessages(client, settings.inbound_seen_ttl_seconds),
                    RedisLocks(client, settings.thread_lock_timeout_seconds), outbound, metrics)
 

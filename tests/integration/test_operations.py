@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -15,6 +16,7 @@ from tests.conftest import Services, make_env
 from tests.integration.test_inbound_sms import PATIENT, deliver, landed
 from tests.support import Sandbox, eventually, post_signed, sms_params
 from worker import devstack
+from worker.dead_letter import DeadLetter
 
 SWITCHBOARD = [sys.executable, "-m", "worker.cli"]
 
@@ -37,6 +39,10 @@ def test_dead_letter_commands_list_show_replay_purge(services: Services, sandbox
         listed.stdout
     as_json = json.loads(cli(svc.env, "dlq", "list", "--json").stdout)
     assert as_json[0]["args"][0]["MessageSid"] == params["MessageSid"]
+    filtered = json.loads(cli(svc.env, "dlq", "list", "--reason", "unknown-sender", "--json",
+                              "--since", "10m").stdout)
+    assert [e["id"] for e in filtered] == [entry.id]
+    assert json.loads(cli(svc.env, "dlq", "list", "--reason", "fhir-422", "--json").stdout) == []
     shown = json.loads(cli(svc.env, "dlq", "show", entry.id).stdout)
     assert shown["reason"] == "unknown-sender" and shown["attempts"] == 1
     assert cli(svc.env, "dlq", "show", "nope").returncode == 1
@@ -144,3 +150,72 @@ def test_logs_hold_no_phone_numbers_bodies_or_secrets(services: Services, sandbo
     assert written and written[0]["message_id"] == ok["MessageSid"]
     assert written[0]["queue"] == "inbound" and written[0]["task_id"]
     assert written[0]["task"] == "switchboard.inbound.sms" and written[0]["level"] == "info"
+
+
+def test_dead_letter_filters_replay_purge_and_prune_a_filtered_set(services: Services,
+                                                                    sandbox: Sandbox) -> None:
+    svc = services.get(SMS_THREAD_STRATEGY="conversation", UNKNOWN_SENDER_POLICY="reject")
+    stranger = sms_params("+15550000002", "who is this")
+    deliver(svc, stranger)
+    unknown = eventually(lambda: svc.dead_letters.query(reason="unknown-sender"),
+                         what="unknown-sender dead letter")[0]
+    sandbox.patient(PATIENT)
+
+    def refused_once(body: str) -> tuple[dict[str, str], DeadLetter]:
+        sandbox.fault(status=422, count=1, method="POST", path_contains="Communication")
+        params = sms_params(PATIENT, body)
+        deliver(svc, params)
+        found = eventually(lambda: [e for e in svc.dead_letters.query(reason="fhir-422")
+                                    if e.args[0]["MessageSid"] == params["MessageSid"]],
+                           what="fhir-422 dead letter")
+        return params, found[0]
+
+    refused, rejected = refused_once("refused once zq8y")
+
+    listed = json.loads(cli(svc.env, "dlq", "list", "--reason", "unknown-sender", "--json").stdout)
+    assert [e["id"] for e in listed] == [unknown.id]
+    assert listed[0]["args"][0]["MessageSid"] == stranger["MessageSid"]
+    by_task = cli(svc.env, "dlq", "list", "--task", rejected.task, "--since", "10m").stdout
+    assert unknown.id in by_task and rejected.id in by_task
+    future = cli(svc.env, "dlq", "list", "--since", "2999-01-01T00:00:00+00:00")
+    assert "no dead letters match" in future.stdout
+    bad = cli(svc.env, "dlq", "list", "--since", "yesterday")
+    assert bad.returncode == 2 and "argument --since" in bad.stderr
+    assert cli(svc.env, "dlq", "replay").returncode == 2  # nothing selected
+    assert cli(svc.env, "dlq", "replay", rejected.id, "--reason", "x").returncode == 2
+
+    # A dry run lists the filtered set and sends nothing.
+    dry = cli(svc.env, "dlq", "replay", "--reason", "fhir-422", "--dry-run")
+    assert dry.returncode == 0 and f"would replay {rejected.id}" in dry.stdout
+    assert unknown.id not in dry.stdout and svc.dead_letters.count() == 2
+
+    # A filtered replay sends only that set, logs ids, tasks and reasons (no payload), and the
+    # replay that succeeds removes its entry.
+    replayed = cli(svc.env, "dlq", "replay", "--reason", "fhir-422")
+    assert replayed.returncode == 0, replayed.stderr
+    assert f"replaying {rejected.id}" in replayed.stdout and unknown.id not in replayed.stdout
+    assert (f"replaying dead letter {rejected.id} (task {rejected.task}, reason fhir-422)"
+            in replayed.stderr)
+    for needle in ("5551234567", "zq8y", refused["MessageSid"]):
+        assert needle not in replayed.stderr, needle
+    landed(sandbox, refused["MessageSid"])
+    eventually(lambda: [e.id for e in svc.dead_letters.list()] == [unknown.id],
+               what="only the replayed entry removed")
+
+    # A filtered purge deletes only that set.
+    _, rejected_again = refused_once("refused again")
+    assert svc.dead_letters.count() == 2
+    purge = cli(svc.env, "dlq", "purge", "--yes", "--reason", "unknown-sender")
+    assert purge.returncode == 0 and "purged 1 dead letters" in purge.stdout
+    assert [e.id for e in svc.dead_letters.list()] == [rejected_again.id]
+    assert "purged 0" in cli(svc.env, "dlq", "purge", "--yes", "--task", "nope").stdout
+
+    # prune applies DEAD_LETTER_RETENTION_DAYS (30 by default) now.
+    stale = svc.dead_letters.record("switchboard.test.stale", "inbound", [{"n": 1}], {},
+                                    "fhir-400", "", 1, now=time.time() - 31 * 86400)
+    pruned = cli(svc.env, "dlq", "prune")
+    assert pruned.returncode == 0 and "pruned 1 dead letters older than 30 days" in pruned.stdout
+    assert svc.dead_letters.get(stale.id) is None
+    assert [e.id for e in svc.dead_letters.list()] == [rejected_again.id]
+    shorter = cli({**svc.env, "DEAD_LETTER_RETENTION_DAYS": "1"}, "dlq", "prune")
+    assert "pruned 0 dead letters older than 1 days" in shorter.stdout
