@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import shlex
 import signal
 import sys
@@ -287,10 +288,16 @@ def cmd_run(_: Settings | None, args: argparse.Namespace) -> int:
         child_env = settings.as_env()
         stack.children.append(devstack.start_worker(child_env, log_dir))
         stack.children.append(devstack.start_web(child_env, log_dir, args.port))
+        flower_auth = os.environ.get("FLOWER_BASIC_AUTH") or f"admin:{secrets.token_urlsafe(9)}"
+        stack.children.append(devstack.start_flower(child_env, log_dir, args.flower_port,
+                                                    flower_auth))
         print(f"""
 Switchboard is running (logs in {log_dir}).
   webhook URL   {settings.public_base_url}/webhooks/twilio/sms
-  health        {settings.public_base_url}/healthz
+  health        {settings.public_base_url}/healthz  and  /readyz
+  metrics       {settings.public_base_url}/metrics
+  Flower        http://127.0.0.1:{args.flower_port}  (user:password {flower_auth}; its
+                Prometheus metrics at /metrics)
   FHIR          {settings.fhir_base_url}  (token: POST {settings.fhir_token_url})
   Redis         {settings.redis_url}
   strategy      {settings.sms_thread_strategy}, unknown senders: {settings.unknown_sender_policy}
@@ -346,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the whole service locally (make run)")
     run.add_argument("--port", type=int, default=int(os.environ.get("WEB_PORT", "8000")))
     run.add_argument("--redis-port", type=int, default=None)
+    run.add_argument("--flower-port", type=int, default=int(os.environ.get("FLOWER_PORT",
+                                                                            "5555")))
     run.add_argument("--fhir-port", type=int, default=0)
     run.add_argument("--log-dir", default=".run")
     run.set_defaults(func=cmd_run, needs_settings=False)

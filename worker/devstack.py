@@ -238,6 +238,16 @@ def start_worker(env: Mapping[str, str], log_dir: Path, name: str = "worker",
     return child
 
 
+def start_flower(env: Mapping[str, str], log_dir: Path, port: int, basic_auth: str) -> Child:
+    """Flower, the Celery monitor, with basic auth and persistence off (as in the Procfile)."""
+    cmd = [_venv_bin("celery"), "-A", "worker.app", "flower", f"--port={port}",
+           "--address=127.0.0.1", "--persistent=False"]
+    child = _spawn("flower", cmd, log_dir,
+                   env={**os.environ, **env, "FLOWER_BASIC_AUTH": basic_auth}, cwd=ROOT)
+    _wait_for(child, "Visit me at", timeout=60)
+    return child
+
+
 def start_web(env: Mapping[str, str], log_dir: Path, port: int, workers: int = 2) -> Child:
     """The receiver under gunicorn (sync workers, as in the Procfile)."""
     # --timeout above the API's longest `Prefer: wait` (30 s).
