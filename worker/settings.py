@@ -114,6 +114,14 @@ class Settings(BaseSettings):
         # load_settings() is the one reader of the environment; the model only validates.
         return (init_settings,)
 
+    @field_validator("twilio_auth_token", "fhir_client_secret")
+    @classmethod
+    def _secret_present(cls, v: SecretStr) -> SecretStr:
+        # An empty Twilio token would let anyone compute a valid webhook signature.
+        if not v.get_secret_value().strip():
+            raise ValueError("must not be empty")
+        return v
+
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, v: str) -> str:

@@ -56,3 +56,10 @@ def test_visibility_timeout_must_outlast_retry_countdowns() -> None:
     with pytest.raises(ConfigError) as exc:
         load_settings({**GOOD, "THREAD_LOCK_TIMEOUT_SECONDS": "5"})
     assert "THREAD_LOCK_TIMEOUT_SECONDS" in str(exc.value)
+
+
+def test_empty_secrets_are_refused() -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_settings({**GOOD, "TWILIO_AUTH_TOKEN": " ", "FHIR_CLIENT_SECRET": ""})
+    assert "TWILIO_AUTH_TOKEN: Value error, must not be empty" in str(exc.value)
+    assert "FHIR_CLIENT_SECRET" in str(exc.value)
