@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from tests.conftest import Services, make_env, outbound_env
-from tests.integration.test_outbound import message_in_thread, patient, send, state
+from tests.integration.test_outbound import message_in_thread, patient, recorded, send, state
 from tests.support import ProviderSandbox, Sandbox, eventually, post_signed, sms_params
 from worker import devstack
 
@@ -119,6 +119,8 @@ def test_stuck_sends_are_reconciled_with_the_provider(
     comms = [message_in_thread(sandbox, patient(sandbox), "SMSWRIT") for _ in range(3)]
     sids = [state(svc, send(svc, {"communication": f"Communication/{c['id']}"}).get_json()["id"],
                   "sent")["provider_id"] for c in comms]
+    for c in comms:  # reconciliation finds sends by the provider id written on them
+        recorded(sandbox, c["id"], svc.settings.message_id_system)
     # The provider knows the outcome, but its callbacks never reached us.
     providers.set_status(sids[0], "delivered")
     providers.set_status(sids[1], "undelivered", error_code=30005)

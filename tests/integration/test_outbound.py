@@ -50,6 +50,17 @@ def message_in_thread(sandbox: Sandbox, pat: dict[str, Any], medium: str | None 
         "payload": [{"contentString": text}]}).resource
 
 
+def recorded(sandbox: Sandbox, comm_id: str, system: str) -> dict[str, Any]:
+    """The Communication once the provider id is written on it. The API reports `sent` as
+    soon as the provider accepts, a moment before the FHIR write, so tests wait for it."""
+    def check() -> dict[str, Any] | None:
+        comm = sandbox.fhir.read("Communication", comm_id).resource
+        return comm if any(i.get("system") == system for i in comm.get("identifier") or [])\
+            else None
+
+    return eventually(check, what=f"provider id recorded on Communication/{comm_id}")
+
+
 def send(svc: Service, body: dict[str, Any], wait: int | None = None) -> Any:
     headers = dict(AUTH)
     if wait is not None:
@@ -85,7 +96,7 @@ def test_sms_reply_goes_out_once_and_is_recorded(services: Services, sandbox: Sa
     assert req["form"]["To"] == MOBILE and req["form"]["From"] == CLINIC_SMS
     assert req["form"]["Body"] == "Your results are ready"
     assert req["form"]["StatusCallback"] == "https://switchboard.test/webhooks/twilio/status"
-    stored = sandbox.fhir.read("Communication", comm["id"]).resource
+    stored = recorded(sandbox, comm["id"], svc.settings.message_id_system)
     sids = [i["value"] for i in stored["identifier"]
             if i["system"] == svc.settings.message_id_system]
     assert sids == [done["provider_id"]]
@@ -114,7 +125,7 @@ def test_email_from_a_posted_resource(services: Services, sandbox: Sandbox,
     assert mail["headers"]["Message-ID"] == body["message_id"]
     comm_id = body["communication"]
     assert mail["custom_args"] == {"communication_id": comm_id}
-    stored = sandbox.fhir.read("Communication", comm_id).resource
+    stored = recorded(sandbox, comm_id, svc.settings.email_message_id_system)
     systems = {i["system"]: i["value"] for i in stored["identifier"]}
     assert systems[svc.settings.email_message_id_system] == body["provider_id"]
     assert systems[svc.settings.outbound_request_system] == body["id"]
@@ -277,7 +288,7 @@ def test_fallback_to_email_when_the_number_cannot_take_texts(
     assert resp.status_code == 200 and resp.get_json()["channel"] == "email", (
         resp.get_json(), seen)
     assert [p for p, _, _ in seen] == ["twilio", "sendgrid"], seen
-    stored = sandbox.fhir.read("Communication", comm["id"]).resource
+    stored = recorded(sandbox, comm["id"], svc.settings.email_message_id_system)
     assert "sms failed: unreachable 21614" in stored["note"][0]["text"]
     assert stored["medium"][0]["coding"][0]["code"] == "EMAILWRIT"
 
