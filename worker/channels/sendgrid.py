@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -77,11 +78,16 @@ class SendGridEmail:
             resp = self._client.send(mail)
         except HTTPError as exc:
             raise classify_error(exc.status_code, exc.body, dict(exc.headers or {})) from None
-        except TimeoutError:
-            # Sent, then no answer in time: SendGrid may have accepted it (see twilio.py).
-            raise SendError("outcome-unknown", "SendGrid did not answer in time") from None
-        except (URLError, OSError) as exc:  # refused before anything was sent
-            raise SendError("provider-unavailable", type(exc).__name__) from None
+        except URLError as exc:
+            # urllib wraps connect and send failures; only a refused or unresolvable connection
+            # proves that nothing reached SendGrid.
+            if isinstance(exc.reason, ConnectionRefusedError | socket.gaierror):
+                raise SendError("provider-unavailable", type(exc.reason).__name__) from None
+            raise SendError("outcome-unknown", type(exc.reason).__name__) from None
+        except OSError as exc:
+            # No answer in time, or the connection dropped after the request was sent:
+            # SendGrid may have accepted it, so retrying could email twice (see twilio.py).
+            raise SendError("outcome-unknown", type(exc).__name__) from None
         # Any 2xx means accepted. Without X-Message-Id (it happens), our own Message-ID
         # identifies the email; retrying would send it twice.
         provider_id = str(resp.headers.get("X-Message-Id") or message_id)

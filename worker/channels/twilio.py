@@ -163,7 +163,7 @@ class TwilioSms:
 
     def send(self, message: OutboundMessage) -> SendResult:
         """Send one message; raises SendError."""
-        from requests import ReadTimeout, RequestException
+        from requests import RequestException
         from twilio.base.exceptions import TwilioException
 
         client = self._client()
@@ -185,12 +185,13 @@ class TwilioSms:
             retry_after = _retry_after(client.http_client.last_headers)
             raise classify_error(getattr(exc, "status", None), getattr(exc, "code", None),
                                  retry_after) from None
-        except ReadTimeout:
-            # The request reached Twilio, which may have created the message before we gave up
-            # waiting: retrying could text the patient twice (Twilio has no idempotency key).
-            raise SendError("outcome-unknown", "Twilio did not answer in time") from None
-        except RequestException as exc:  # refused, connect timeout, TLS: nothing was sent
-            raise SendError("provider-unavailable", type(exc).__name__) from None
+        except RequestException as exc:
+            if never_sent(exc):  # refused, unresolvable, connect timeout: nothing left us
+                raise SendError("provider-unavailable", type(exc).__name__) from None
+            # The request reached Twilio, which may have created the message before the answer
+            # was lost (read timeout, connection dropped): retrying could text the patient
+            # twice, and Twilio's Messages API has no idempotency key.
+            raise SendError("outcome-unknown", type(exc).__name__) from None
         return SendResult(provider_id=str(created.sid), status=str(created.status))
 
     def fetch_status(self, sid: str) -> tuple[str, str]:
@@ -207,6 +208,26 @@ class TwilioSms:
             raise SendError("provider-unavailable", type(exc).__name__) from None
         code = message.error_code
         return str(message.status), "" if code in (None, "") else str(code)
+
+
+def never_sent(exc: BaseException) -> bool:
+    """True when a requests failure happened before the request could reach the server."""
+    from requests.exceptions import ConnectTimeout
+    from urllib3.exceptions import NameResolutionError, NewConnectionError
+
+    if isinstance(exc, ConnectTimeout):
+        return True
+    seen: BaseException | None = exc
+    for _ in range(6):  # requests → urllib3 MaxRetryError → its `reason`
+        if seen is None:
+            break
+        if isinstance(seen, NewConnectionError | NameResolutionError | ConnectionRefusedError):
+            return True
+        inner = getattr(seen, "reason", None)
+        if not isinstance(inner, BaseException) and seen.args:
+            inner = seen.args[0] if isinstance(seen.args[0], BaseException) else None
+        seen = inner
+    return False
 
 
 def _http_client(base_url: str, timeout: float) -> Any:
