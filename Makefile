@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PY_STAMP   := $(VENV)/.installed
 NODE_STAMP := sandbox/fhir/node_modules/.installed
 
-.PHONY: install run test unit lint clean
+.PHONY: install run test unit lint clean reliability
 
 install: $(PY_STAMP) $(NODE_STAMP)
 
@@ -35,3 +35,7 @@ unit: $(PY_STAMP)
 
 clean:
 	rm -rf $(VENV) sandbox/fhir/node_modules .run .pytest_cache .mypy_cache .ruff_cache
+
+# The fault-injection suite at full size (loopback only; a few minutes): prints counted results.
+reliability: install
+	$(BIN)/python -m tests.reliability

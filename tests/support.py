@@ -88,6 +88,10 @@ class Sandbox:
         """Queue an injected fault (see sandbox/fhir/README.md)."""
         self._http.post("/__faults", json=spec).raise_for_status()
 
+    def clear_faults(self) -> None:
+        """Remove every queued fault (the outage ends)."""
+        self._http.delete("/__faults").raise_for_status()
+
     def all(self, resource_type: str, **params: str) -> list[dict[str, Any]]:
         """Every resource of a type matching params."""
         bundle = self.fhir.search(resource_type, [*params.items(), ("_count", "1000")])

@@ -100,7 +100,10 @@ def api_blueprint(settings: Settings, client: redis.Redis) -> Blueprint:
         if not _authorised(settings):
             rejected("unauthorized")
             return jsonify(error="unauthorized", detail="a valid bearer token is required"), 401
-        data = request.get_json(silent=True)
+        try:
+            data = request.get_json(silent=True)
+        except RecursionError:  # nesting deep enough to exhaust the parser is not a message
+            data = None
         if not isinstance(data, dict):
             rejected("invalid-json")
             return jsonify(error="invalid-json", detail="the body must be a JSON object"), 400
@@ -123,7 +126,8 @@ def api_blueprint(settings: Settings, client: redis.Redis) -> Blueprint:
         state.update(request_id, "queued")
         enqueuer: Enqueuer = current_app.extensions["switchboard.enqueuer"]
         try:
-            enqueuer.send(TASK_OUTBOUND_SEND, QUEUE_OUTBOUND, [payload])
+            enqueuer.send(TASK_OUTBOUND_SEND, QUEUE_OUTBOUND, [payload],
+                          inbox_key=f"outbound:{request_id}")
         except EnqueueFailed:
             rejected("queue-unavailable")
             return jsonify(error="unavailable", detail="queue unavailable, retry later"), 503

@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import redis
 from celery import Celery
 
 from worker.celery_app import REDACTED_ARGS, create_celery
+from worker.inbox import HEADER as INBOX_HEADER
+from worker.inbox import Inbox
 from worker.settings import Settings
 
 log = logging.getLogger("switchboard.web")
@@ -20,22 +23,28 @@ class EnqueueFailed(Exception):
 class Enqueuer:
     """Sends tasks by name (the web never imports task code)."""
 
-    def __init__(self, celery: Celery) -> None:
+    def __init__(self, celery: Celery, inbox: Inbox) -> None:
         self._celery = celery
+        self._inbox = inbox
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Enqueuer:
         """An Enqueuer publishing to the configured broker."""
-        return cls(create_celery(settings))
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=5,
+                                      socket_connect_timeout=3)
+        return cls(create_celery(settings), Inbox(client))
 
-    def send(self, task: str, queue: str, args: list[Any]) -> str:
-        """Publish one task message; raises EnqueueFailed if Redis did not accept it.
+    def send(self, task: str, queue: str, args: list[Any], inbox_key: str) -> str:
+        """Record the message in the inbox, then publish it; raises EnqueueFailed unless both
+        happened (the caller must then not answer 2xx).
 
         retry=False: during a Redis outage the provider gets a 5xx now and retries later, which
         is safer than holding the request open while kombu reconnects.
         """
         try:
+            self._inbox.accept(inbox_key, task, queue, args)
             result = self._celery.send_task(task, args=args, queue=queue, retry=False,
+                                            headers={INBOX_HEADER: inbox_key},
                                             **REDACTED_ARGS)
         except Exception as exc:  # kombu/redis raise many types; all mean "not enqueued"
             log.error("enqueue of %s failed: %s", task, type(exc).__name__)

@@ -16,6 +16,7 @@ TASK_INBOUND_SMS = "switchboard.inbound.sms"
 TASK_OUTBOUND_SEND = "switchboard.outbound.send"
 TASK_TWILIO_STATUS = "switchboard.status.twilio"
 TASK_RECONCILE = "switchboard.status.reconcile"
+TASK_INBOX_SWEEP = "switchboard.inbox.sweep"
 # Publish options that keep payloads out of task events (and so out of Flower): the args of
 # our tasks carry phone numbers and message bodies.
 REDACTED_ARGS = {"argsrepr": "(redacted)", "kwargsrepr": "{}"}
@@ -41,12 +42,17 @@ def create_celery(settings: Settings) -> Celery:
         task_routes={TASK_INBOUND_SMS: {"queue": QUEUE_INBOUND},
                      TASK_OUTBOUND_SEND: {"queue": QUEUE_OUTBOUND},
                      TASK_TWILIO_STATUS: {"queue": QUEUE_STATUS},
-                     TASK_RECONCILE: {"queue": QUEUE_STATUS}},
+                     TASK_RECONCILE: {"queue": QUEUE_STATUS},
+                     TASK_INBOX_SWEEP: {"queue": QUEUE_STATUS}},
         # `celery beat` (one per deployment) asks for stuck sends to be reconciled.
         beat_schedule={"reconcile-stuck-sends": {
             "task": TASK_RECONCILE, "schedule": settings.reconcile_interval_seconds,
             "options": {"queue": QUEUE_STATUS,
-                        "expires": settings.reconcile_interval_seconds}}},
+                        "expires": settings.reconcile_interval_seconds}},
+            "sweep-inbox": {
+                "task": TASK_INBOX_SWEEP, "schedule": settings.inbox_sweep_interval_seconds,
+                "options": {"queue": QUEUE_STATUS,
+                            "expires": settings.inbox_sweep_interval_seconds}}},
         task_create_missing_queues=False,
         broker_transport_options={
             # kombu's Redis transport re-delivers an unacked message after this long; it must

@@ -238,6 +238,15 @@ def start_worker(env: Mapping[str, str], log_dir: Path, name: str = "worker",
     return child
 
 
+def start_beat(env: Mapping[str, str], log_dir: Path) -> Child:
+    """Celery beat (exactly one per deployment): reconciliation and inbox sweeps."""
+    cmd = [_venv_bin("celery"), "-A", "worker.app", "beat", "--loglevel", "INFO",
+           "-s", str(log_dir / "beat-schedule")]
+    child = _spawn("beat", cmd, log_dir, env={**os.environ, **env}, cwd=ROOT)
+    _wait_for(child, "beat: Starting", timeout=60)
+    return child
+
+
 def start_flower(env: Mapping[str, str], log_dir: Path, port: int, basic_auth: str) -> Child:
     """Flower, the Celery monitor, with basic auth and persistence off (as in the Procfile)."""
     cmd = [_venv_bin("celery"), "-A", "worker.app", "flower", f"--port={port}",

@@ -25,6 +25,7 @@ from prometheus_client.core import (
 
 from worker.celery_app import QUEUES
 from worker.dead_letter import ENTRIES_KEY
+from worker.inbox import INDEX as INBOX_INDEX
 
 KEY = "switchboard:metrics:"
 SEP = "\x1f"  # between label values in a Redis field; never inside a label value we use
@@ -47,6 +48,8 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                           ("channel", "outcome")),
     "switchboard_reconciled": ("counter", "Stuck sends reconciled with the provider, by "
                                "outcome (completed, stopped, unchanged, errors)", ("outcome",)),
+    "switchboard_inbox_republished": ("counter", "Accepted messages published again by the "
+                                      "inbox sweep (lost between queue and worker)", ()),
     "switchboard_fhir_request_seconds": ("histogram", "FHIR request latency by operation",
                                          ("operation",)),
 }
@@ -88,7 +91,7 @@ class Metrics:
             self._pid = os.getpid()
             self._counts.clear()
             threading.Thread(target=self._run, name="metrics-flush", daemon=True).start()
-            atexit.register(self.flush)
+            atexit.register(self._flush_quietly)
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
@@ -96,6 +99,12 @@ class Metrics:
                 self.flush()
             except redis.exceptions.RedisError:
                 pass  # counts stay in memory and go with the next flush
+
+    def _flush_quietly(self) -> None:
+        try:
+            self.flush()
+        except redis.exceptions.RedisError:
+            pass  # at exit with Redis gone, there is nobody left to tell
 
     def flush(self) -> None:
         """Add the counts so far to Redis (and forget them here once Redis has them)."""
@@ -137,10 +146,11 @@ class RedisCollector:
             pipe.llen(queue)
         pipe.hlen("unacked")
         pipe.hlen(ENTRIES_KEY)
+        pipe.zcard(INBOX_INDEX)
         results = pipe.execute()
         stored = dict(zip(DEFINITIONS, results[: len(DEFINITIONS)], strict=True))
         depths = results[len(DEFINITIONS): len(DEFINITIONS) + len(QUEUES)]
-        unacked, dead = results[-2], results[-1]
+        unacked, dead, pending = results[-3], results[-2], results[-1]
         for name, (kind, doc, labels) in DEFINITIONS.items():
             raw = {k.decode(): float(v) for k, v in (stored[name] or {}).items()}
             if kind == "counter":
@@ -157,13 +167,17 @@ class RedisCollector:
                                 value=float(unacked))
         yield GaugeMetricFamily("switchboard_dead_letter_entries",
                                 "Entries in the dead-letter store", value=float(dead))
+        yield GaugeMetricFamily("switchboard_inbox_pending",
+                                "Accepted messages no worker has finished yet",
+                                value=float(pending))
 
 
 def _counter(name: str, doc: str, labels: Iterable[str], raw: dict[str, float]
              ) -> CounterMetricFamily:
-    family = CounterMetricFamily(name, doc, labels=list(labels))
+    names = list(labels)
+    family = CounterMetricFamily(name, doc, labels=names)
     for field, value in sorted(raw.items()):
-        family.add_metric(field.split(SEP), value)
+        family.add_metric(field.split(SEP) if names else [], value)
     return family
 
 

@@ -27,6 +27,7 @@ from worker.backoff import retry_delay
 from worker.celery_app import REDACTED_ARGS
 from worker.dead_letter import REPLAY_HEADER
 from worker.errors import Deferred, PermanentError, TransientError
+from worker.inbox import HEADER as INBOX_HEADER
 from worker.runtime import get_runtime
 
 log = logging.getLogger("switchboard.tasks")
@@ -77,6 +78,7 @@ class SwitchboardTask(Task):  # type: ignore[misc]
                 args = ({**args[0], **exc.changes}, *args[1:])
             self._defer(args, kwargs, exc.countdown)
             self._count("deferred")
+            self._inbox("touch")
             return None
         except (TransientError, *REDIS_TRANSIENT) as exc:
             reason = exc.reason if isinstance(exc, TransientError) else "redis-unavailable"
@@ -92,6 +94,7 @@ class SwitchboardTask(Task):  # type: ignore[misc]
                         self.request.id, attempt, reason, countdown)
             self._count("retried")
             rt.metrics.inc("switchboard_task_retries", task=self.name, reason=reason)
+            self._inbox("touch")
             self._retry(reason, countdown)
         except PermanentError as exc:
             self._dead_letter(args, kwargs, exc.reason, exc.detail, attempt)
@@ -101,6 +104,7 @@ class SwitchboardTask(Task):  # type: ignore[misc]
             self._count("failed")
             raise
         self._count("succeeded")
+        self._inbox("done")
         replay_of = self.request.get(REPLAY_HEADER)
         if replay_of:
             rt.dead_letters.remove(str(replay_of))
@@ -158,8 +162,15 @@ class SwitchboardTask(Task):  # type: ignore[misc]
         log.error("task %s[%s] dead-lettered as %s (reason %s, after %d attempts)",
                   self.name, self.request.id, entry.id, reason, attempts)
         self._count("dead_lettered")
+        self._inbox("done")  # safe in the dead-letter store: no longer the inbox's business
         get_runtime().metrics.inc("switchboard_dead_letters", task=self.name, reason=reason)
         self.dead_lettered(args, kwargs, reason, detail)
+
+    def _inbox(self, what: str) -> None:
+        key = self.request.get(INBOX_HEADER)
+        if key:
+            inbox = get_runtime().inbox
+            inbox.done(str(key)) if what == "done" else inbox.touch(str(key))
 
     def _count(self, outcome: str) -> None:
         get_runtime().metrics.inc("switchboard_tasks", task=self.name, outcome=outcome)

@@ -13,6 +13,7 @@ from worker.coordination import OptOuts, RateLimiter, RedisLocks, RedisSeenMessa
 from worker.dead_letter import DeadLetterStore
 from worker.fhir.client import FhirClient
 from worker.fhir.resources import IdentifierSystems
+from worker.inbox import Inbox
 from worker.metrics import Metrics, for_redis
 from worker.outbound import OutboundDeps
 from worker.outbound_state import OutboundState
@@ -31,6 +32,7 @@ class Runtime:
     locks: RedisLocks
     outbound: OutboundDeps
     metrics: Metrics
+    inbox: Inbox
 
     @property
     def systems(self) -> IdentifierSystems:
@@ -66,7 +68,8 @@ def build_runtime(settings: Settings) -> Runtime:
     return Runtime(settings, fhir, client, DeadLetterStore(
         client, retention_seconds=settings.dead_letter_retention_days * 86400),
                    RedisSeenMessages(client, settings.inbound_seen_ttl_seconds),
-                   RedisLocks(client, settings.thread_lock_timeout_seconds), outbound, metrics)
+                   RedisLocks(client, settings.thread_lock_timeout_seconds), outbound, metrics,
+                   Inbox(client))
 
 
 _lock = threading.Lock()

@@ -8,7 +8,9 @@ from typing import Any
 from celery import shared_task
 
 from worker.celery_app import (
+    REDACTED_ARGS,
     TASK_INBOUND_SMS,
+    TASK_INBOX_SWEEP,
     TASK_OUTBOUND_SEND,
     TASK_RECONCILE,
     TASK_TWILIO_STATUS,
@@ -17,6 +19,7 @@ from worker.channels import twilio
 from worker.channels.twilio import TwilioSms
 from worker.fhir.resources import clinic_participant
 from worker.inbound import deliver_inbound
+from worker.inbox import HEADER as INBOX_HEADER
 from worker.outbound import OutboundRequest, send_outbound
 from worker.reconcile import reconcile_stuck
 from worker.reliability import SwitchboardTask
@@ -93,3 +96,18 @@ def reconcile(self: SwitchboardTask, stuck_after: float | None = None) -> dict[s
     return reconcile_stuck(rt.fhir, sms, s.message_id_system, s.outbound_request_system,
                            rt.outbound.state, rt.metrics,
                            s.stuck_after_seconds if stuck_after is None else stuck_after)
+
+
+@shared_task(bind=True, base=SwitchboardTask, name=TASK_INBOX_SWEEP)
+def sweep_inbox(self: SwitchboardTask) -> dict[str, int]:
+    """Publish again the accepted messages that no worker has touched for too long."""
+    rt = get_runtime()
+    stale = rt.inbox.stale(rt.settings.inbox_stale_seconds)
+    for entry in stale:
+        self.app.send_task(entry.task, args=entry.args, queue=entry.queue,
+                           headers={INBOX_HEADER: entry.key}, **REDACTED_ARGS)
+        rt.inbox.touch(entry.key)
+    if stale:
+        log.warning("inbox sweep re-published %d stale accepted messages", len(stale))
+        rt.metrics.inc("switchboard_inbox_republished", len(stale))
+    return {"republished": len(stale)}

@@ -412,6 +412,10 @@ async function handleFhir(req, res, url) {
   if (fault?.delay_ms) {
     await new Promise((r) => setTimeout(r, fault.delay_ms));
   }
+  if (fault?.disconnect) {
+    req.socket.destroy();
+    return;
+  }
   if (fault?.status) {
     await readBody(req).catch(() => undefined);
     if (fault.status === 429) {
@@ -518,9 +522,11 @@ async function handleControl(req, res, path, bodyText) {
       path_contains: spec.path_contains,
       delay_ms: spec.delay_ms === undefined ? 0 : Number(spec.delay_ms),
       retry_after_seconds: spec.retry_after_seconds,
+      // Drop the connection without answering (an outage as the client sees it).
+      disconnect: spec.disconnect === true,
     };
-    if ((status !== undefined && !(status >= 100 && status <= 599)) || !(fault.count >= 1) || (!status && !fault.delay_ms)) {
-      send(res, 400, { error: 'need status (100-599) and/or delay_ms, and count >= 1' });
+    if ((status !== undefined && !(status >= 100 && status <= 599)) || !(fault.count >= 1) || (!status && !fault.delay_ms && !fault.disconnect)) {
+      send(res, 400, { error: 'need status (100-599), delay_ms and/or disconnect, and count >= 1' });
       return;
     }
     state.faults.push(fault);

@@ -36,11 +36,18 @@ def twilio_blueprint(settings: Settings) -> Blueprint:
     signature = TwilioSignature(settings.twilio_auth_token.get_secret_value())
 
     def accept(kind: str, required: tuple[str, ...], task: str, queue: str,
-               with_meta: bool) -> tuple[Response, int]:
+               with_meta: bool, key_fields: tuple[str, ...]) -> tuple[Response, int]:
         """Verify, validate, enqueue: the whole of a Twilio webhook."""
         metrics: Metrics = current_app.extensions["switchboard.metrics"]
         endpoint = f"twilio-{kind}"
         metrics.inc("switchboard_webhooks_received", endpoint=endpoint)
+        if request.mimetype != "application/x-www-form-urlencoded":
+            # Twilio only ever posts urlencoded forms; multipart bodies can carry nameless
+            # parts the signature check cannot even sort (found by the fuzz scenario).
+            metrics.inc("switchboard_webhooks_rejected", endpoint=endpoint,
+                        reason="unsupported-media-type")
+            return jsonify(error="unsupported-media-type",
+                           detail="expected application/x-www-form-urlencoded"), 415
         form = request.form
         if not signature.is_valid(public_url(settings), form,
                                   request.headers.get("X-Twilio-Signature")):
@@ -62,7 +69,8 @@ def twilio_blueprint(settings: Settings) -> Blueprint:
         if with_meta:
             args.append({"received_at": datetime.now(UTC).isoformat(timespec="milliseconds")})
         try:
-            enqueuer.send(task, queue, args)
+            key = ":".join([kind, *(params.get(f, "") for f in key_fields)])
+            enqueuer.send(task, queue, args, inbox_key=key)
         except EnqueueFailed:
             # Not accepted, and said so: Twilio retries only as the webhook URL's connection
             # overrides allow (README: configure retries and a fallback URL).
@@ -74,11 +82,12 @@ def twilio_blueprint(settings: Settings) -> Blueprint:
 
     @bp.post("/webhooks/twilio/sms")
     def inbound_sms() -> tuple[Response, int]:
-        return accept("sms", REQUIRED_FIELDS, TASK_INBOUND_SMS, QUEUE_INBOUND, with_meta=True)
+        return accept("sms", REQUIRED_FIELDS, TASK_INBOUND_SMS, QUEUE_INBOUND, with_meta=True,
+                      key_fields=("MessageSid",))
 
     @bp.post(STATUS_CALLBACK_PATH)
     def status_callback() -> tuple[Response, int]:
         return accept("status", STATUS_FIELDS, TASK_TWILIO_STATUS, QUEUE_STATUS,
-                      with_meta=False)
+                      with_meta=False, key_fields=("MessageSid", "MessageStatus"))
 
     return bp

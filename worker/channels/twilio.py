@@ -34,7 +34,10 @@ class TwilioSignature:
         """
         if not signature:
             return False
-        return bool(self._validator.validate(url, params, signature))
+        try:
+            return bool(self._validator.validate(url, params, signature))
+        except (TypeError, ValueError):  # keys or values a real Twilio request never has
+            return False
 
 
 def missing_fields(params: Mapping[str, str], required: tuple[str, ...] = REQUIRED_FIELDS

@@ -1,0 +1,1 @@
+"""Fault-injection suite: scenarios with counted results (make reliability)."""

@@ -1,0 +1,227 @@
+"""A whole Switchboard on loopback for fault scenarios: its own redis-server (AOF, always
+fsync), FHIR sandbox, provider sandbox, gunicorn receiver and Celery workers that can be killed
+and restarted. Every request goes to 127.0.0.1 and every loop is bounded."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import random
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import httpx
+import redis
+
+from tests.support import AUTH_TOKEN, PUBLIC_BASE_URL, ProviderSandbox, Sandbox, sign
+from worker import devstack
+from worker.dead_letter import DeadLetterStore
+from worker.settings import Settings, load_settings
+
+API_TOKEN = "reliability-api-token"
+CLINIC = "+15557654321"
+FHIR_ID, FHIR_SECRET = "reliability", "reliability-secret"
+
+
+@dataclass
+class Counts:
+    """What one scenario measured (the table `make reliability` prints)."""
+
+    scenario: str
+    sent: int = 0  # requests made (webhooks posted, sends asked for)
+    accepted: int = 0  # answered 2xx
+    written: int = 0  # distinct messages that reached FHIR / the provider
+    duplicates: int = 0  # extra rows or extra provider sends
+    lost: int = 0  # accepted but neither written nor dead-lettered
+    dead_lettered: int = 0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def ok(self) -> bool:
+        """The guarantees: nothing lost, nothing twice."""
+        return self.lost == 0 and self.duplicates == 0
+
+
+class Stack:
+    """Start, fault and inspect a private deployment."""
+
+    def __init__(self, log_dir: Path | None = None, workers: int = 2, **overrides: str) -> None:
+        self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="switchboard-reliability-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.redis = devstack.start_redis(self.log_dir, data_dir=self.log_dir / "redis")
+        self.fhir_server = devstack.start_fhir_sandbox(self.log_dir, extra_env={
+            "FHIR_SANDBOX_CLIENT_ID": FHIR_ID, "FHIR_SANDBOX_CLIENT_SECRET": FHIR_SECRET})
+        self.providers_child, origin = devstack.start_provider_sandbox(self.log_dir, [
+            "--twilio-account-sid", "ACtest", "--twilio-auth-token", AUTH_TOKEN,
+            "--sendgrid-api-key", "SG.reliability"])
+        self.providers = ProviderSandbox(origin)
+        self.env = {
+            "REDIS_URL": self.redis.url, "FHIR_BASE_URL": self.fhir_server.base_url,
+            "FHIR_CLIENT_ID": FHIR_ID, "FHIR_CLIENT_SECRET": FHIR_SECRET,
+            "TWILIO_ACCOUNT_SID": "ACtest", "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+            "PUBLIC_BASE_URL": PUBLIC_BASE_URL, "TWILIO_API_BASE_URL": origin,
+            "TWILIO_FROM_NUMBER": CLINIC, "SENDGRID_API_KEY": "SG.reliability",
+            "SENDGRID_FROM_EMAIL": "care@clinic.example", "SENDGRID_API_BASE_URL": origin,
+            "API_TOKENS": API_TOKEN, "SMS_RATE_PER_SECOND": "1000",
+            "EMAIL_RATE_PER_SECOND": "1000", "UNKNOWN_SENDER_POLICY": "create-patient",
+            # Fast, bounded recovery: retries within seconds, redelivery of a dead worker's
+            # message after 8 s, and enough attempts to outlast every injected outage.
+            "RETRY_BACKOFF_BASE_SECONDS": "0.3", "RETRY_BACKOFF_MAX_SECONDS": "3",
+            "RETRY_MAX_ATTEMPTS": "40", "FHIR_TIMEOUT_SECONDS": "3",
+            "BROKER_VISIBILITY_TIMEOUT_SECONDS": "8", "SEND_CLAIM_SECONDS": "30",
+            "THREAD_LOCK_TIMEOUT_SECONDS": "15", "INBOX_STALE_SECONDS": "15",
+            "INBOX_SWEEP_INTERVAL_SECONDS": "3", "RECONCILE_INTERVAL_SECONDS": "3600",
+            **overrides,
+        }
+        self.settings: Settings = load_settings(self.env)
+        self.sandbox = Sandbox(self.fhir_server.origin, self.settings)
+        self.port = devstack.free_port()
+        self.web = devstack.start_web(self.env, self.log_dir, self.port, workers=2)
+        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60,
+                                 limits=httpx.Limits(max_connections=32))
+        self.workers = [self.start_worker(n) for n in range(workers)]
+        self.beat = devstack.start_beat(self.env, self.log_dir)
+        # Like compose's `restart: unless-stopped` or a Procfile runner: a worker that exits is
+        # started again. (Celery exits with "Unrecoverable error" after some broker reconnects,
+        # an upstream bug, celery#8030 / #10205; deployments must supervise workers.)
+        self.restarts = 0
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._supervisor = threading.Thread(target=self._supervise, daemon=True)
+        self._supervisor.start()
+        self._r = redis.Redis.from_url(self.redis.url)
+
+    # -- processes ------------------------------------------------------------------------------
+
+    def start_worker(self, n: int) -> devstack.Child:
+        """A worker process (threads pool, 16 threads)."""
+        name = f"worker-{n}-{uuid.uuid4().hex[:6]}"
+        return devstack.start_worker(self.env, self.log_dir, name=name, concurrency=16)
+
+    def kill_worker(self, index: int) -> None:
+        """SIGKILL one worker and start a replacement in its place."""
+        with self._lock:
+            self.workers[index].kill()
+            self.workers[index] = self.start_worker(index)
+
+    def _supervise(self) -> None:
+        while not self._stopping.wait(0.5):
+            with self._lock:
+                for i, w in enumerate(self.workers):
+                    if w.proc.poll() is not None and not self._stopping.is_set():
+                        self.workers[i] = self.start_worker(i)
+                        self.restarts += 1
+
+    def stop(self) -> None:
+        """Stop everything."""
+        self._stopping.set()
+        self._supervisor.join(5)
+        self.http.close()
+        for w in self.workers:
+            w.stop()
+        self.beat.stop()
+        self.web.stop()
+        self.providers.close()
+        self.providers_child.stop()
+        self.sandbox.close()
+        self.fhir_server.stop()
+        self.redis.stop()
+
+    def reset(self) -> None:
+        """Empty FHIR, the provider record and the dead-letter store between scenarios."""
+        self.sandbox.reset()
+        self.providers.reset()
+        DeadLetterStore(self._r).purge()
+
+    # -- traffic --------------------------------------------------------------------------------
+
+    def post_sms(self, params: dict[str, str]) -> int:
+        """POST a signed Twilio SMS webhook to gunicorn; the HTTP status (599: no answer)."""
+        headers = {"X-Twilio-Signature": sign(params),
+                   "Content-Type": "application/x-www-form-urlencoded"}
+        try:
+            return self.http.post("/webhooks/twilio/sms", content=urlencode(params),
+                                  headers=headers).status_code
+        except httpx.HTTPError:
+            return 599
+
+    def send(self, communication_id: str) -> tuple[int, str]:
+        """Ask the API to send a Communication; (status, request id)."""
+        try:
+            resp = self.http.post("/v1/messages", json={
+                "communication": f"Communication/{communication_id}"},
+                headers={"Authorization": f"Bearer {API_TOKEN}"})
+        except httpx.HTTPError:
+            return 599, ""
+        return resp.status_code, str((resp.json() or {}).get("id", ""))
+
+    def parallel(self, fn: Any, items: list[Any], threads: int = 16) -> list[Any]:
+        """Run fn over items on a thread pool, keeping order."""
+        with cf.ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(fn, items))
+
+    # -- what happened --------------------------------------------------------------------------
+
+    def inbound_written(self) -> Counter[str]:
+        """MessageSid → number of inbound child Communications (sender: a Patient) with it."""
+        system = self.settings.message_id_system
+        bundle = self.sandbox.fhir.search("Communication", [
+            ("identifier", f"{system}|"), ("part-of:missing", "false"), ("_count", "10000")])
+        counts: Counter[str] = Counter()
+        for entry in bundle.get("entry") or []:
+            resource = entry["resource"]
+            if not str((resource.get("sender") or {}).get("reference", "")).startswith(
+                    "Patient/"):
+                continue  # an outbound message carrying its Twilio SID
+            for ident in resource.get("identifier") or []:
+                if ident.get("system") == system:
+                    counts[str(ident["value"])] += 1
+        return counts
+
+    def dead_letters(self) -> list[Any]:
+        """Every dead-letter entry."""
+        return DeadLetterStore(self._r).list(limit=100000)
+
+    def queues_idle(self) -> bool:
+        """No message waiting, in flight, or accepted and unfinished (the inbox)."""
+        pipe = self._r.pipeline()
+        for q in ("inbound", "outbound", "status"):
+            pipe.llen(q)
+        pipe.hlen("unacked")
+        pipe.zcard("switchboard:inbox:index")  # accepted, not yet finished
+        return sum(int(n) for n in pipe.execute()) == 0
+
+    def settle(self, timeout: float, check: Any = None) -> bool:
+        """Wait until queues are idle (and `check()` holds) or `timeout` passes."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.queues_idle() and (check is None or check()):
+                time.sleep(0.5)
+                if self.queues_idle():
+                    return True
+            time.sleep(0.25)
+        return False
+
+
+def sms(sender: str, body: str) -> dict[str, str]:
+    """A fresh inbound SMS from `sender`."""
+    return {"MessageSid": "SM" + uuid.uuid4().hex, "AccountSid": "ACtest", "From": sender,
+            "To": CLINIC, "Body": body, "NumMedia": "0"}
+
+
+def phone(n: int) -> str:
+    """Distinct test numbers in the 555 range."""
+    return f"+1555{2000000 + n:07d}"
+
+
+def shuffled(items: list[Any], seed: int = 7) -> list[Any]:
+    """A deterministic shuffle."""
+    out = list(items)
+    random.Random(seed).shuffle(out)
+    return out

@@ -1,0 +1,609 @@
+"""Scenarios 6 (bad input) and 7 (forgery): hostile requests against the receiver, counted.
+
+Both drive a Flask app from `web.app.create_app(settings)` through its test client, exactly as
+production would run it (no PROPAGATE_EXCEPTIONS, no testing mode), and measure the broker
+queues (`inbound`, `outbound`, `status`) in the app's Redis database around every request.
+Neither needs a worker, the FHIR sandbox or the provider sandbox.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import random
+import string
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import redis
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import seed as hypothesis_seed
+from hypothesis import strategies as st
+from twilio.request_validator import RequestValidator
+from werkzeug.datastructures import Headers
+
+log = logging.getLogger("switchboard.reliability")
+
+QUEUES = ("inbound", "outbound", "status")
+SMS_PATH = "/webhooks/twilio/sms"
+STATUS_PATH = "/webhooks/twilio/status"
+
+
+def queue_total(redis_client: redis.Redis) -> int:
+    """Messages waiting in the three broker queues."""
+    pipe = redis_client.pipeline()
+    for q in QUEUES:
+        pipe.llen(q)
+    return sum(int(n) for n in pipe.execute())
+
+
+# --------------------------------------------------------------------------------------------
+# Scenario 6: bad input
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Probe:
+    """One generated request."""
+
+    endpoint: str  # a label: which route this probes
+    method: str
+    path: str
+    query: str = ""
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes = b""
+    content_type: str | None = None
+    authorised: bool = False  # carries a valid bearer token (POST bodies never validate then)
+
+    def describe(self) -> str:
+        """A short, loggable description (bodies and headers truncated)."""
+        heads = [(k, v if len(v) <= 60 else f"{v[:60]}...({len(v)})") for k, v in self.headers]
+        body = self.body if len(self.body) <= 120 else self.body[:120] + b"..."
+        return (f"{self.method} {self.path}?{self.query[:80]} ct={self.content_type!r} "
+                f"auth={self.authorised} headers={heads} body[{len(self.body)}]={body!r}")
+
+
+# Header values travel as latin-1 on the wire; CR/LF/NUL and other controls are refused by every
+# HTTP server before an app sees them, so they are left out (a tab is allowed).
+_HEADER_CHARS = st.characters(min_codepoint=0x20, max_codepoint=0xFF,
+                              blacklist_characters="\x7f")
+_header_value = st.one_of(
+    st.text(_HEADER_CHARS, max_size=200),
+    st.builds(lambda c, n: c * n, st.sampled_from("aZ=+/ \t\xe9"), st.integers(1000, 20_000)),
+)
+_header_name = st.text(string.ascii_letters + string.digits + "-_", min_size=1, max_size=40
+                       ).filter(lambda n: n.lower() not in {
+                           "content-length", "content-type", "transfer-encoding", "host"})
+# Any unicode except lone surrogates (they cannot be encoded at all, so no client can send them).
+_char = st.characters(codec="utf-8")
+_text = st.text(_char, max_size=60)
+_huge = st.builds(lambda c, n: c * n, _char, st.integers(0, 300_000))
+_value = st.one_of(_text, _text, _text, _huge)
+
+
+def _json_values() -> st.SearchStrategy[Any]:
+    leaves = st.none() | st.booleans() | st.integers() | st.floats() | _text
+    return st.recursive(leaves, lambda c: st.lists(c, max_size=5)
+                        | st.dictionaries(_text, c, max_size=5), max_leaves=30)
+
+
+def _never_valid(value: Any) -> Any:
+    """A JSON value that cannot validate as a send request (so an authorised POST must fail)."""
+    if isinstance(value, dict):
+        value = {k: v for k, v in value.items() if k not in ("communication", "resourceType")}
+    return value
+
+
+@st.composite
+def _form_body(draw: st.DrawFn) -> tuple[bytes, str | None]:
+    pairs = draw(st.lists(st.tuples(_text, _value), max_size=8))
+    repeat = draw(st.booleans())
+    if pairs and repeat:  # repeated keys
+        pairs += [(pairs[0][0], draw(_value)) for _ in range(draw(st.integers(1, 3)))]
+    body = urlencode(pairs).encode()
+    if draw(st.integers(0, 4)) == 0:  # not what it claims: broken escapes, stray separators
+        body += draw(st.sampled_from([b"&%ZZ=%", b"&&==&", b"&x=%FF%FE%ED%A0%80", b"=", b"%"]))
+    ctype = draw(st.sampled_from([
+        "application/x-www-form-urlencoded", "application/x-www-form-urlencoded; charset=utf-8",
+        "application/x-www-form-urlencoded; charset=utf-16", "application/x-www-form-urlencoded;"
+        " charset=no-such-charset", "APPLICATION/X-WWW-FORM-URLENCODED", None]))
+    return body, ctype
+
+
+@st.composite
+def _json_body(draw: st.DrawFn) -> tuple[bytes, str | None]:
+    kind = draw(st.integers(0, 6))
+    if kind == 6:  # a number longer than Python converts by default (4300 digits)
+        body = b'{"payload": [' + b"9" * draw(st.integers(4000, 50_000)) + b"]}"
+    elif kind == 0:  # nested far deeper than any parser's recursion limit
+        depth = draw(st.integers(500, 100_000))
+        opener, middle, closer = draw(st.sampled_from([(b"[", b"", b"]"),
+                                                       (b'{"a":', b"1", b"}")]))
+        body = opener * depth + middle + closer * depth
+    else:
+        body = json.dumps(_never_valid(draw(_json_values())), allow_nan=True).encode()
+        if kind == 1:
+            body = body[: draw(st.integers(0, len(body)))]  # truncated
+    ctype = draw(st.sampled_from(["application/json", "application/json; charset=latin-1",
+                                  "application/vnd.api+json", "text/json", None]))
+    return body, ctype
+
+
+@st.composite
+def _multipart_body(draw: st.DrawFn) -> tuple[bytes, str | None]:
+    # Mostly parseable (so the parts reach request.form), some broken in structure.
+    boundary = draw(st.text(string.ascii_letters + string.digits + "-_", min_size=1,
+                            max_size=70))
+    parts = []
+    for _ in range(draw(st.integers(1, 5))):
+        name = draw(_text).replace('"', draw(st.sampled_from(['"', '\\"', "%22"])))
+        # A well-formed part, or one whose headers are not: no name, an unquoted name, another
+        # disposition, no Content-Disposition at all.
+        head = draw(st.sampled_from([
+            f'Content-Disposition: form-data; name="{name}"',
+            f'Content-Disposition: form-data; name="{name}"',
+            f'Content-Disposition: form-data; name="{name}"; filename="{name}.bin"',
+            "Content-Disposition: form-data", f"Content-Disposition: form-data; name={name}",
+            f'Content-Disposition: attachment; name="{name}"', "X-Other: 1"]))
+        content = draw(st.one_of(st.binary(max_size=200), _value.map(str.encode)))
+        parts.append(b"--" + boundary.encode() + b"\r\n" + head.encode() + b"\r\n\r\n"
+                     + content + b"\r\n")
+    body = b"".join(parts)
+    ending = draw(st.sampled_from(["closed", "closed", "closed", "open", "truncated"]))
+    if ending == "closed":
+        body += b"--" + boundary.encode() + b"--\r\n"
+    elif ending == "truncated":
+        body = body[: draw(st.integers(0, len(body)))]
+    ctype = draw(st.sampled_from([
+        f"multipart/form-data; boundary={boundary}", f"multipart/form-data; boundary={boundary}",
+        f'multipart/form-data; boundary="{boundary}"', "multipart/form-data",
+        "multipart/form-data; boundary=", f"multipart/mixed; boundary={boundary}",
+        f"multipart/form-data; boundary={boundary}x"]))
+    return body, ctype
+
+
+@st.composite
+def _raw_body(draw: st.DrawFn) -> tuple[bytes, str | None]:
+    body = draw(st.one_of(st.binary(max_size=2000),
+                          st.builds(lambda b, n: b * n, st.binary(min_size=1, max_size=4),
+                                    st.integers(0, 100_000))))
+    ctype = draw(st.one_of(st.none(), st.text(_HEADER_CHARS, max_size=80), st.sampled_from([
+        "application/octet-stream", "text/plain; charset=utf-8", "application/json",
+        "application/x-www-form-urlencoded", "multipart/form-data; boundary=zz", "*/*", ";;;",
+        "text/xml"])))
+    return body, ctype
+
+
+_BODIES = (_form_body(), _json_body(), _multipart_body(), _raw_body())
+# Every endpoint, auth state and body kind gets its share of the examples (one hypothesis run
+# per cell), rather than whatever share hypothesis's biased choices would give it. A body kind
+# of None: drawn from all four; "wrong-method" sends any route a method it does not take.
+_CELLS: tuple[tuple[str, bool, int | None], ...] = (
+    *((ep, auth, kind) for ep, auth in (("sms", False), ("status", False),
+                                        ("post-messages", False), ("post-messages", True))
+      for kind in range(len(_BODIES))),
+    ("get-message", False, None), ("get-message", True, None), ("healthz", False, None),
+    ("metrics", False, None), ("openapi", False, None), ("wrong-method", False, None))
+_PATHS = {"sms": SMS_PATH, "status": STATUS_PATH, "post-messages": "/v1/messages",
+          "healthz": "/healthz", "metrics": "/metrics", "openapi": "/v1/openapi.json"}
+
+
+@st.composite
+def _query(draw: st.DrawFn) -> str:
+    kind = draw(st.integers(0, 3))
+    if kind == 0:
+        return ""
+    if kind == 1:
+        return urlencode(draw(st.lists(st.tuples(_text, _text), max_size=5)))
+    if kind == 2:  # raw: broken escapes, separators, unreserved and reserved characters
+        return draw(st.text(string.ascii_letters + string.digits + "%&=;+?/:@!$'()*,-._~[]",
+                            max_size=200))
+    return "bodySHA256=" + draw(st.text(string.hexdigits, max_size=64))
+
+
+def _is_valid_bearer(value: str | None, token: str) -> bool:
+    return value is not None and value.startswith("Bearer ") and value[7:].strip() == token
+
+
+def _signature_garbage() -> st.SearchStrategy[str | None]:
+    return st.one_of(
+        st.none(), st.just(""),
+        st.text(_HEADER_CHARS, max_size=100),
+        st.binary(min_size=20, max_size=20).map(lambda b: base64.b64encode(b).decode()),
+        st.binary(min_size=32, max_size=32).map(lambda b: base64.b64encode(b).decode()),
+        _header_value,
+    )
+
+
+def _invalid_authorization(token: str) -> st.SearchStrategy[str | None]:
+    return st.one_of(
+        st.none(),
+        st.text(_HEADER_CHARS, max_size=100),
+        st.text(_HEADER_CHARS, max_size=100).map(lambda v: f"Bearer {v}"),
+        st.sampled_from(["Bearer", "Bearer ", "bearer " + token, "Basic " + token,
+                         f"Bearer {token}x", f"Bearer {token[:-1]}", f"Bearer{token}",
+                         f"Bearer {token},{token}", f"Token {token}", f" Bearer {token}"]),
+    ).filter(lambda v: not _is_valid_bearer(v, token))
+
+
+@st.composite
+def _probes(draw: st.DrawFn, token: str, endpoint: str, authorised: bool, body_kind: int | None
+            ) -> Probe:
+    """A request to `endpoint` (a _CELLS entry)."""
+    wrong_method = endpoint == "wrong-method"
+    if wrong_method:
+        endpoint = draw(st.sampled_from([*_PATHS, "get-message"]))
+    headers: list[tuple[str, str]] = draw(st.lists(st.tuples(_header_name, _header_value),
+                                                    max_size=4))
+    body, ctype = b"", None
+    method = "GET"
+    bodies = st.one_of(_BODIES) if body_kind is None else _BODIES[body_kind]
+    if endpoint in ("sms", "status", "post-messages"):
+        method = "POST"
+        body, ctype = draw(bodies)
+    elif draw(st.booleans()):  # a GET route with a body anyway
+        body, ctype = draw(bodies)
+    path = _PATHS.get(endpoint, "")
+    if endpoint == "get-message":
+        raw = draw(st.one_of(_text.filter(bool), st.text(string.hexdigits, min_size=32,
+                                                         max_size=32), _huge.filter(bool)))
+        path = "/v1/messages/" + quote(raw[:5000], safe=draw(st.sampled_from(["", "/", "%"])))
+    if endpoint in ("sms", "status"):
+        sig = draw(_signature_garbage())
+        if sig is not None:
+            name = draw(st.sampled_from(["X-Twilio-Signature", "x-twilio-signature"]))
+            headers.append((name, sig))
+        if draw(st.booleans()):
+            headers.append(("X-Twilio-Webhooks-Signature-Settings", draw(_header_value)))
+    auth = draw(st.sampled_from([f"Bearer {token}", f"Bearer  {token}\t", f"Bearer {token} "])
+                if authorised else _invalid_authorization(token))
+    if auth is not None:
+        headers.append(("Authorization", auth))
+    if endpoint == "post-messages" and draw(st.booleans()):
+        headers.append(("Prefer", draw(st.one_of(
+            _header_value, st.integers(-5, 10**30).map(lambda n: f"wait={n}")))))
+    if wrong_method:
+        method = draw(st.sampled_from(["PUT", "DELETE", "PATCH", "OPTIONS", "HEAD",
+                                       "GET" if method == "POST" else "POST"]))
+    return Probe(endpoint, method, path, draw(_query()), headers, body, ctype, authorised)
+
+
+def _known_probes(token: str) -> list[Probe]:
+    """Inputs that once found a defect, always sent first (a regression corpus)."""
+    nameless = (b'--b\r\nContent-Disposition: form-data; name="MessageSid"\r\n\r\nSM1\r\n'
+                b"--b\r\nContent-Disposition: form-data\r\n\r\nno name\r\n--b--\r\n")
+    deep = b"[" * 5000 + b"]" * 5000
+    return [
+        # A multipart part without a name becomes form key None: the signature check crashed.
+        Probe("sms", "POST", SMS_PATH, body=nameless, headers=[("X-Twilio-Signature", "x")],
+              content_type="multipart/form-data; boundary=b"),
+        Probe("status", "POST", STATUS_PATH, body=nameless, headers=[("X-Twilio-Signature", "x")],
+              content_type="multipart/form-data; boundary=b"),
+        # JSON nested deeper than the recursion limit: RecursionError, not ValueError.
+        Probe("post-messages", "POST", "/v1/messages", body=deep,
+              headers=[("Authorization", f"Bearer {token}")], content_type="application/json",
+              authorised=True),
+        Probe("post-messages", "POST", "/v1/messages", body=deep,
+              content_type="application/json"),
+    ]
+
+
+def run_bad_input(app: Any, redis_client: redis.Redis, examples: int, seed: int = 0,
+                  failures: list[str] | None = None) -> dict[str, int]:
+    """Scenario 6: `examples` generated hostile requests against every endpoint but /readyz.
+
+    Bodies: random forms (unicode, values up to ~300 KB, repeated keys, broken escapes), random
+    and deeply nested JSON, well- and ill-formed multipart, raw binary; random headers (huge,
+    garbage Content-Type, X-Twilio-Signature and Authorization garbage, `Bearer <random>`),
+    random query strings, path ids and wrong methods. No request carries a valid Twilio
+    signature; some POST /v1/messages carry the valid token with a body that cannot validate
+    (deep JSON reaches the parser only past authentication).
+
+    Counts (`requests` and `authorised` aside, all must be 0): `requests`, `authorised`,
+    `status_5xx`, `accepted_without_auth` (2xx from a webhook or a token-protected route
+    without valid credentials), `authorised_2xx` (2xx for a body that cannot validate),
+    `enqueued` (growth of the `inbound`/`outbound`/`status` lists), `exceptions` (raised through
+    the test client); plus `http_<code>`: how many requests got each status code.
+    `failures`, when given, receives a description of each offending request.
+
+    A few known-bad inputs (`_known_probes`) are sent first, then `examples` generated ones.
+    Deterministic: seed 0 runs hypothesis derandomized; another seed is passed to
+    `hypothesis.seed`.
+    """
+    token = (app.extensions["switchboard.settings"].api_token_list() or ["<none>"])[0]
+    counts: Counter[str] = Counter(requests=0, authorised=0, status_5xx=0,
+                                   accepted_without_auth=0, authorised_2xx=0, enqueued=0,
+                                   exceptions=0)
+    sink = failures if failures is not None else []
+    client = app.test_client()
+    start = queue_total(redis_client)
+
+    def note(what: str, probe: Probe) -> None:
+        counts[what] += 1
+        message = f"{what}: {probe.describe()}"
+        sink.append(message)
+        log.error("bad-input %s", message)
+
+    def probe_once(probe: Probe) -> None:
+        counts["requests"] += 1
+        counts["authorised"] += int(probe.authorised)
+        before = queue_total(redis_client)
+        try:
+            resp = client.open(probe.path, method=probe.method, query_string=probe.query,
+                               headers=Headers(probe.headers), data=probe.body,
+                               content_type=probe.content_type)
+        except Exception as exc:
+            note("exceptions", probe)
+            sink.append(f"  -> {type(exc).__name__}: {str(exc)[:200]}")
+            return
+        status = resp.status_code
+        resp.close()
+        counts[f"http_{status}"] += 1
+        if status >= 500:
+            note("status_5xx", probe)
+        needs_auth = probe.endpoint in ("sms", "status", "post-messages", "get-message")
+        if 200 <= status < 300 and needs_auth and probe.method in ("GET", "POST"):
+            if not probe.authorised:
+                note("accepted_without_auth", probe)
+            elif probe.endpoint == "post-messages" and probe.method == "POST":
+                note("authorised_2xx", probe)
+        grown = queue_total(redis_client) - before
+        if grown > 0:
+            counts["enqueued"] += grown
+            sink.append(f"enqueued {grown}: {probe.describe()}")
+
+    for known in _known_probes(token):
+        probe_once(known)
+    for i, cell in enumerate(_CELLS):
+        quota = examples // len(_CELLS) + int(i < examples % len(_CELLS))
+        if not quota:
+            continue
+        config = settings(max_examples=quota, derandomize=seed == 0, database=None,
+                          deadline=None, suppress_health_check=list(HealthCheck),
+                          phases=[Phase.generate], print_blob=False)
+        runner: Callable[[], None] = config(given(_probes(token, *cell))(probe_once))
+        if seed != 0:
+            runner = hypothesis_seed(seed + i)(runner)
+        runner()
+    # Belt and braces: nothing may have grown over the whole run either.
+    counts["enqueued"] = max(counts["enqueued"], queue_total(redis_client) - start)
+    return dict(counts)
+
+
+# --------------------------------------------------------------------------------------------
+# Scenario 7: forgery
+# --------------------------------------------------------------------------------------------
+
+_STATUSES = ("queued", "sending", "sent", "delivered", "undelivered", "failed", "read")
+_BODY_CHARS = string.ascii_letters + string.digits + " .,!?'é漢字🙂\n"
+
+
+def _sid(rng: random.Random, prefix: str) -> str:
+    return prefix + "".join(rng.choice("0123456789abcdef") for _ in range(32))
+
+
+def _phone(rng: random.Random) -> str:
+    return "+1555" + "".join(rng.choice(string.digits) for _ in range(7))
+
+
+def _payload(rng: random.Random, kind: str) -> dict[str, str]:
+    """A valid-looking Twilio webhook form of this kind (`sms` or `status`)."""
+    common = {"MessageSid": _sid(rng, "SM"), "AccountSid": _sid(rng, "AC"),
+              "From": _phone(rng), "To": _phone(rng), "ApiVersion": "2010-04-01"}
+    if kind == "sms":
+        body = "".join(rng.choice(_BODY_CHARS) for _ in range(rng.randint(1, 160)))
+        out = {**common, "SmsMessageSid": common["MessageSid"], "Body": body, "NumMedia": "0",
+               "NumSegments": "1", "FromCountry": "US"}
+        if rng.random() < 0.3:
+            out.update(NumMedia="1", MediaUrl0=f"https://api.twilio.com/media/{_sid(rng, 'ME')}",
+                       MediaContentType0="image/jpeg")
+        return out
+    out = {**common, "MessageStatus": rng.choice(_STATUSES)}
+    out["SmsStatus"] = out["MessageStatus"]
+    if out["MessageStatus"] in ("failed", "undelivered"):
+        out["ErrorCode"] = rng.choice(["30003", "30005", "21610"])
+    return out
+
+
+@dataclass
+class _Attempt:
+    category: str  # "attack", "control" or "tolerated"
+    name: str
+    path: str
+    params: list[tuple[str, str]]
+    headers: list[tuple[str, str]]
+    query: str = ""
+
+
+def _shifted(params: dict[str, str]) -> dict[str, str] | None:
+    """The params with one key/value boundary moved so that Twilio's signed string (url +
+    sorted name+value pairs, no separators) is unchanged, or None if no such shift exists.
+    The message's content fields are tried first."""
+    names = sorted(params)
+    first = ("Body", "MessageStatus", "ErrorCode")
+    for name in sorted(names, key=lambda n: (n not in first, first.index(n) if n in first
+                                             else 0)):
+        i = names.index(name)
+        value = params[name]
+        for cut in range(1, len(value)):
+            new_name = name + value[:cut]
+            others = [n for n in names if n != name]
+            if new_name in others:
+                continue
+            if sorted([*others, new_name]).index(new_name) == i:
+                out = {k: v for k, v in params.items() if k != name}
+                out[new_name] = value[cut:]
+                return out
+    return None
+
+
+def _attempts(rng: random.Random, base: str, token: str, kind: str
+              ) -> list[_Attempt]:
+    path = SMS_PATH if kind == "sms" else STATUS_PATH
+    other_path = STATUS_PATH if kind == "sms" else SMS_PATH
+    params = _payload(rng, kind)
+    items = list(params.items())
+    right = RequestValidator(token)
+
+    def sig(p: dict[str, str] | list[tuple[str, str]], url: str = base + path,
+            validator: RequestValidator = right, algorithm: str | None = None) -> str:
+        from werkzeug.datastructures import MultiDict
+
+        return str(validator.compute_signature(url, MultiDict(p), algorithm))
+
+    good = sig(params)
+    h = "X-Twilio-Signature"
+
+    def attack(name: str, p: list[tuple[str, str]], headers: list[tuple[str, str]],
+               at: str = path, query: str = "") -> _Attempt:
+        return _Attempt("attack", name, at, p, headers, query)
+
+    changed_key = rng.choice([k for k in params if k not in ("ApiVersion",)])
+    changed = {**params, changed_key: params[changed_key] + rng.choice(["x", " ", "0", "é"])}
+    removed_key = rng.choice(list(params))
+    removed = {k: v for k, v in params.items() if k != removed_key}
+    other = _payload(rng, kind)
+    flip = "".join(c.lower() if c.isupper() else c.upper() for c in good)
+    out = [
+        _Attempt("control", "signed", path, items, [(h, good)]),
+        attack("unsigned", items, []),
+        attack("empty-signature", items, [(h, "")]),
+        attack("other-body", items, [(h, sig(other))]),
+        attack(f"changed-{changed_key}", list(changed.items()), [(h, good)]),
+        attack("added-param", [*items, ("Foo", "bar")], [(h, good)]),
+        attack("added-repeat-value", [*items, (changed_key, "other")], [(h, good)]),
+        attack(f"removed-{removed_key}", list(removed.items()), [(h, good)]),
+        attack("url-other-path", items, [(h, sig(params, base + other_path))]),
+        attack("url-other-host", items, [(h, sig(params, "https://evil.example" + path))]),
+        attack("url-http", items, [(h, sig(params, base.replace("https://", "http://", 1)
+                                            + path))]),
+        attack("url-other-port", items, [(h, sig(params, base + ":8443" + path))]),
+        attack("url-signed-with-query", items, [(h, sig(params, base + path + "?x=1"))]),
+        attack("url-posted-with-query", items, [(h, good)], query="x=1"),
+        attack("url-trailing-slash", items, [(h, sig(params, base + path + "/"))]),
+        attack("other-token", items, [(h, sig(params, validator=RequestValidator(
+            token + "x")))]),
+        attack("sha256-signature", items, [(h, sig(params, algorithm="HMAC_SHA256"))]),
+        attack("replayed-other-endpoint", items, [(h, good)], at=other_path),
+        attack("value-case-flipped", items, [(h, flip)]),
+        attack("value-inner-space", items, [(h, good[:10] + " " + good[10:])]),
+        attack("value-truncated", items, [(h, good[:-2])]),
+        attack("value-extra-padding", items, [(h, good + "=")]),
+        attack("value-joined-twice", items, [(h, f"{good}, {good}")]),
+        attack("wrong-then-right-header", items, [(h, sig(other)), (h, good)]),
+        attack("other-header-name", items, [("X-Twilio-Signature-256", good)]),
+        attack("raw-hmac-not-base64", items, [(h, base64.b64decode(good).hex())]),
+        # Header name case is not part of HTTP (RFC 9110 §5.1): the same request.
+        _Attempt("control", "header-name-lower", path, items, [(h.lower(), good)]),
+        _Attempt("control", "header-name-upper", path, items, [(h.upper(), good)]),
+        # Outer whitespace is optional whitespace (RFC 9110 §5.5) that servers such as gunicorn
+        # strip before the app sees it; stripped it is byte-identical, so accepting it is fine,
+        # and so is refusing it (the test client passes it through unstripped).
+        _Attempt("tolerated", "value-outer-whitespace", path, items, [(h, f" {good}\t")]),
+    ]
+    # Same signed string under Twilio's scheme (the SDK signs url + sorted name+value with no
+    # separators, over the *set* of values): a default port, an identical repeated value, an
+    # empty pair, a moved key/value boundary. Accepted by any Twilio-SDK verifier.
+    out += [
+        _Attempt("tolerated", "url-default-port", path, items,
+                 [(h, sig(params, base + ":443" + path))]),
+        _Attempt("tolerated", "repeated-identical-value", path,
+                 [*items, (changed_key, params[changed_key])], [(h, good)]),
+        _Attempt("tolerated", "empty-pair", path, [*items, ("", "")], [(h, good)]),
+    ]
+    shifted = _shifted(params)
+    if shifted is not None:
+        out.append(_Attempt("tolerated", "boundary-shift", path, list(shifted.items()),
+                            [(h, good)]))
+    return out
+
+
+def run_forgery(app: Any, redis_client: redis.Redis, public_base_url: str, auth_token: str,
+                n: int, seed: int = 0, failures: list[str] | None = None) -> dict[str, int]:
+    """Scenario 7: forged and tampered Twilio webhooks for `n` random payloads (sms and status
+    alternately), each with a correctly signed control.
+
+    Attacks (must all be 403, nothing enqueued): unsigned, empty signature, the signature of
+    another body, a valid signature with a param changed / added / given a second value /
+    removed, signatures for another path, host, scheme, port, with or without a query param, a
+    trailing slash, another auth token, HMAC-SHA256 instead of SHA1, a valid request replayed
+    against the other webhook, and header values altered (case flipped, inner space, truncated,
+    padded, sent twice, a wrong header before the right one, another header name, hex).
+
+    Controls (must all be 200): the signed request, and the same with the header name in lower
+    or upper case (header names are case-insensitive, so it is the same request).
+
+    Tolerated (either answer is fine; counted, not asserted): the signature value with outer
+    whitespace (byte-identical once stripped, which the HTTP server does), and requests whose
+    signed string is identical under Twilio's scheme (url with :443, an identical repeated
+    value, an empty `=` pair, a key/value boundary moved: {"Body": "hello"} -> {"Bodyh": "ello"}).
+    The last one is a limit of Twilio's signature design, not of Switchboard: a party holding one
+    valid signed request can resend it with a field dropped or truncated. It requires capturing
+    the request (TLS prevents that), and the worker's MessageSid idempotency makes a copy
+    arriving after the genuine request write nothing.
+
+    Replay: Twilio's signature covers only the URL and the parameters (no timestamp or nonce),
+    so an identical valid request replayed later ("stale timestamp") cannot be told apart by the
+    signature and is accepted (`replays_accepted`). The defence is idempotency on MessageSid:
+    the worker's conditional creates (and the seen-marker) make a replay write nothing new, and
+    status callbacks never move a final state.
+
+    Counts: `attacks`, `rejected` (403 to an attack), `accepted` (2xx to an attack),
+    `enqueued` (queue growth caused by attacks; must be 0), `status_5xx`, `controls`,
+    `controls_accepted`, `controls_enqueued`, `tolerated`, `tolerated_accepted`, `replays`,
+    `replays_accepted`, `enqueued_total`; plus `tolerated.<name>.http_<code>` per variant.
+    """
+    rng = random.Random(seed)
+    client = app.test_client()
+    base = public_base_url.rstrip("/")
+    counts: Counter[str] = Counter(attacks=0, rejected=0, accepted=0, enqueued=0, status_5xx=0,
+                                   controls=0, controls_accepted=0, controls_enqueued=0,
+                                   tolerated=0, tolerated_accepted=0, replays=0,
+                                   replays_accepted=0, enqueued_total=0)
+    sink = failures if failures is not None else []
+    start = queue_total(redis_client)
+
+    def send(a: _Attempt) -> tuple[int, int]:
+        before = queue_total(redis_client)
+        resp = client.post(a.path, query_string=a.query, data=urlencode(a.params),
+                           headers=Headers(a.headers),
+                           content_type="application/x-www-form-urlencoded")
+        status = resp.status_code
+        resp.close()
+        return status, queue_total(redis_client) - before
+
+    for i in range(n):
+        kind = "sms" if i % 2 == 0 else "status"
+        attempts = _attempts(rng, base, auth_token, kind)
+        for a in attempts:
+            status, grown = send(a)
+            counts["status_5xx"] += int(status >= 500)
+            ok = 200 <= status < 300
+            if a.category == "attack":
+                counts["attacks"] += 1
+                counts["rejected"] += int(status == 403)
+                counts["accepted"] += int(ok)
+                counts["enqueued"] += grown
+                if status != 403 or grown:
+                    sink.append(f"attack {a.name} ({kind}) -> {status}, enqueued {grown}")
+            elif a.category == "control":
+                counts["controls"] += 1
+                counts["controls_accepted"] += int(ok)
+                counts["controls_enqueued"] += grown
+                if not ok:
+                    sink.append(f"control {a.name} ({kind}) -> {status}")
+            else:
+                counts["tolerated"] += 1
+                counts["tolerated_accepted"] += int(ok)
+                counts[f"tolerated.{a.name}.http_{status}"] += 1
+        control = attempts[0]
+        if i % 5 == 0:  # replay the control: identical bytes, later
+            status, _ = send(control)
+            counts["replays"] += 1
+            counts["replays_accepted"] += int(200 <= status < 300)
+    counts["enqueued_total"] = queue_total(redis_client) - start
+    return dict(counts)

@@ -1,0 +1,285 @@
+"""Fault scenarios 1-5 and 8 of the reliability suite, each returning counted results.
+
+Each takes a running `Stack` and a size; `make reliability` runs them at full size, the pytest
+suite (tests/integration/test_reliability.py) small. All bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from typing import Any
+
+from tests.reliability.harness import CLINIC, Counts, Stack, phone, shuffled, sms
+
+
+def _patients(stack: Stack, n: int) -> list[str]:
+    """n registered patients; returns their numbers."""
+    numbers = [phone(i) for i in range(n)]
+    stack.parallel(lambda p: stack.sandbox.patient(p), numbers, threads=8)
+    return numbers
+
+
+def _inbound_tally(stack: Stack, counts: Counts, accepted_sids: set[str],
+                   timeout: float) -> Counts:
+    """Wait for the flow to settle, then count written / duplicates / lost / dead letters."""
+    def all_there() -> bool:
+        dead = {e.args[0]["MessageSid"] for e in stack.dead_letters() if e.args}
+        return accepted_sids <= set(stack.inbound_written()) | dead
+
+    if not stack.settle(timeout, all_there):
+        counts.notes.append(f"did not settle within {timeout:.0f}s")
+    written = stack.inbound_written()
+    dead = {e.args[0].get("MessageSid") for e in stack.dead_letters() if e.args}
+    counts.written = len(set(written) & accepted_sids)
+    counts.duplicates = sum(n - 1 for n in written.values() if n > 1)
+    counts.dead_lettered = len(dead & accepted_sids)
+    counts.lost = len(accepted_sids - set(written) - dead)
+    return counts
+
+
+def duplicate_storm(stack: Stack, n: int) -> Counts:
+    """1. n distinct inbound SMS, each delivered 5x concurrently and once more a bit later."""
+    stack.reset()
+    started = time.monotonic()
+    counts = Counts("1 duplicate storm")
+    senders = _patients(stack, min(n, 25))
+    messages = [sms(senders[i % len(senders)], f"storm {i}") for i in range(n)]
+    burst = shuffled([m for m in messages for _ in range(5)])
+    codes = stack.parallel(stack.post_sms, burst, threads=32)
+    time.sleep(2.0)
+    codes += stack.parallel(stack.post_sms, messages, threads=16)
+    counts.sent = len(codes)
+    counts.accepted = sum(1 for c in codes if 200 <= c < 300)
+    accepted = {m["MessageSid"] for m in messages}  # every copy was answered 2xx (checked)
+    if counts.accepted != counts.sent:
+        counts.notes.append(f"{counts.sent - counts.accepted} webhooks not accepted")
+    _inbound_tally(stack, counts, accepted, timeout=60 + n / 5)
+    counts.seconds = time.monotonic() - started
+    return counts
+
+
+def _outbound_messages(stack: Stack, n: int, prefix: str) -> list[tuple[str, str]]:
+    """n clinician replies to n patients (each number distinct): (Communication id, body)."""
+    out = []
+    for i in range(n):
+        number = phone(5000 + i)
+        patient = stack.sandbox.patient(number)
+        body = f"{prefix} reply {i}"
+        comm = stack.sandbox.fhir.create({
+            "resourceType": "Communication", "status": "in-progress",
+            "recipient": [{"reference": f"Patient/{patient['id']}"}],
+            "payload": [{"contentString": body}]}).resource
+        out.append((str(comm["id"]), body))
+    return out
+
+
+def _outbound_tally(stack: Stack, counts: Counts, sent: list[tuple[str, str]],
+                    accepted: set[str], timeout: float) -> Counts:
+    dead_ids = {str(e.args[0].get("communication", "")).split("/")[-1]
+                for e in stack.dead_letters() if e.args}
+
+    def all_done() -> bool:
+        bodies = {r["form"].get("Body") for r in stack.providers.requests("twilio")
+                  if r["answered"] == 201}
+        dead_now = {str(e.args[0].get("communication", "")).split("/")[-1]
+                    for e in stack.dead_letters() if e.args}
+        return all(b in bodies or c in dead_now for c, b in sent if c in accepted)
+
+    if not stack.settle(timeout, all_done):
+        counts.notes.append(f"did not settle within {timeout:.0f}s")
+    dead_ids = {str(e.args[0].get("communication", "")).split("/")[-1]
+                for e in stack.dead_letters() if e.args}
+    created = [r["form"].get("Body") for r in stack.providers.requests("twilio")
+               if r["answered"] == 201]
+    per_body = {b: created.count(b) for b in set(created)}
+    bodies = {c: b for c, b in sent}
+    counts.written = sum(1 for c in accepted if per_body.get(bodies[c], 0) >= 1)
+    counts.duplicates = sum(n - 1 for n in per_body.values() if n > 1)
+    counts.dead_lettered = len(dead_ids & accepted)
+    counts.lost = sum(1 for c in accepted
+                      if per_body.get(bodies[c], 0) == 0 and c not in dead_ids)
+    return counts
+
+
+def worker_killed(stack: Stack, n_in: int, n_out: int, every: float = 3.0,
+                  duration: float = 20.0) -> tuple[Counts, Counts]:
+    """2. Inbound and outbound flow spread over `duration` seconds while a worker is SIGKILLed
+    (and restarted) every `every` seconds. Returns (inbound counts, outbound counts)."""
+    stack.reset()
+    started = time.monotonic()
+    senders = _patients(stack, 10)
+    inbound = [sms(senders[i % len(senders)], f"kill {i}") for i in range(n_in)]
+    outbound = _outbound_messages(stack, n_out, "kill")
+    results: dict[str, Any] = {}
+
+    gap = duration / max(1, n_in + n_out)
+
+    def paced(fn: Any) -> Any:
+        def run(item: Any) -> Any:
+            time.sleep(gap * 4)  # 4 threads: about one request per `gap`
+            return fn(item)
+        return run
+
+    def traffic() -> None:
+        mixed = [("in", m) for m in inbound] + [("out", c) for c in outbound]
+        answers = stack.parallel(paced(lambda x: stack.post_sms(x[1]) if x[0] == "in"
+                                       else stack.send(x[1][0])[0]),
+                                 shuffled(mixed, seed=3), threads=4)
+        by_item = dict(zip((id(x[1]) for x in shuffled(mixed, seed=3)), answers, strict=True))
+        results["in"] = [by_item[id(m)] for m in inbound]
+        results["out"] = [by_item[id(c)] for c in outbound]
+
+    flow = threading.Thread(target=traffic)
+    flow.start()
+    kills = 0
+    while flow.is_alive() and kills < 50:
+        time.sleep(every)
+        stack.kill_worker(kills % len(stack.workers))
+        kills += 1
+    flow.join()
+    # Keep killing while the backlog drains, then let it settle.
+    for _ in range(3):
+        if stack.queues_idle():
+            break
+        stack.kill_worker(kills % len(stack.workers))
+        kills += 1
+        time.sleep(every)
+    cin = Counts("2 worker killed (inbound)", sent=len(inbound))
+    cin.accepted = sum(1 for c in results["in"] if 200 <= c < 300)
+    accepted_in = {m["MessageSid"] for m, c in zip(inbound, results["in"], strict=True)
+                   if 200 <= c < 300}
+    _inbound_tally(stack, cin, accepted_in, timeout=90 + n_in / 5)
+    cout = Counts("2 worker killed (outbound)", sent=len(outbound))
+    accepted_out = {c for (c, _), code in zip(outbound, results["out"], strict=True)
+                    if 200 <= code < 300}
+    cout.accepted = len(accepted_out)
+    _outbound_tally(stack, cout, outbound, accepted_out, timeout=90 + n_out / 5)
+    cin.notes.append(f"{kills} workers SIGKILLed")
+    cin.seconds = cout.seconds = time.monotonic() - started
+    return cin, cout
+
+
+def fhir_outage(stack: Stack, n: int, phase_seconds: float = 10.0) -> Counts:
+    """3. Mid-flow, FHIR answers 503, then drops every connection, then 429 without
+    Retry-After, each for `phase_seconds` (about 30 s in all at full size), then recovers."""
+    stack.reset()
+    started = time.monotonic()
+    counts = Counts("3 FHIR outage")
+    senders = _patients(stack, 10)
+    messages = [sms(senders[i % len(senders)], f"outage {i}") for i in range(n)]
+    third = max(1, n // 3)
+    codes = stack.parallel(stack.post_sms, messages[:third], threads=8)
+    always = 10**9  # held until cleared
+    for phase in ({"status": 503}, {"disconnect": True},
+                  {"status": 429, "retry_after_seconds": 1}):
+        stack.sandbox.clear_faults()
+        stack.sandbox.fault(count=always, **phase)
+        time.sleep(phase_seconds / 2)
+        if phase.get("status") == 503:  # traffic keeps arriving during the outage
+            codes += stack.parallel(stack.post_sms, messages[third:2 * third], threads=8)
+        time.sleep(phase_seconds / 2)
+    stack.sandbox.clear_faults()
+    codes += stack.parallel(stack.post_sms, messages[2 * third:], threads=8)
+    counts.sent = len(codes)
+    counts.accepted = sum(1 for c in codes if 200 <= c < 300)
+    accepted = {m["MessageSid"] for m, c in zip(messages, codes, strict=True) if 200 <= c < 300}
+    _inbound_tally(stack, counts, accepted, timeout=120 + n / 5)
+    if counts.dead_lettered:
+        counts.notes.append("dead letters during a recoverable outage")
+    counts.seconds = time.monotonic() - started
+    return counts
+
+
+def redis_restart(stack: Stack, n: int, down_seconds: float = 2.0) -> Counts:
+    """4. SIGKILL redis-server mid-flow and restart it (AOF, appendfsync always)."""
+    stack.reset()
+    started = time.monotonic()
+    counts = Counts("4 Redis restart")
+    senders = _patients(stack, 10)
+    messages = [sms(senders[i % len(senders)], f"redis {i}") for i in range(n)]
+    codes: dict[str, int] = {}
+    stop = threading.Event()
+
+    def traffic() -> None:
+        for m in messages:
+            codes[m["MessageSid"]] = stack.post_sms(m)
+            time.sleep(0.01)
+        stop.set()
+
+    flow = threading.Thread(target=traffic)
+    flow.start()
+    time.sleep(0.5)
+    stack.redis.kill()
+    time.sleep(down_seconds)
+    stack.redis.start()
+    flow.join()
+    counts.sent = len(codes)
+    accepted = {sid for sid, c in codes.items() if 200 <= c < 300}
+    counts.accepted = len(accepted)
+    refused = sum(1 for c in codes.values() if c >= 500)
+    counts.notes.append(f"{refused} webhooks refused with 5xx while Redis was down "
+                        "(Twilio retries those)")
+    restarts_before = stack.restarts
+    _inbound_tally(stack, counts, accepted, timeout=90 + n / 5)
+    if stack.restarts > restarts_before:
+        counts.notes.append(f"{stack.restarts - restarts_before} workers exited after the "
+                            "reconnect (Celery bug) and were restarted by the supervisor")
+    counts.seconds = time.monotonic() - started
+    return counts
+
+
+def provider_faults(stack: Stack, n: int) -> Counts:
+    """5. Outbound sends meeting a mix of 429, 5xx, slow answers, dropped connections and
+    permanent errors: transient ones go out exactly once, the rest are dead-lettered."""
+    stack.reset()
+    started = time.monotonic()
+    counts = Counts("5 provider faults")
+    outbound = _outbound_messages(stack, n, "faults")
+    kinds = ["429", "503", "slow", "21211", "21610", "drop", "ok"]
+    expect_sent: set[str] = set()
+    expect_dead: set[str] = set()
+    for i, (comm_id, _) in enumerate(outbound):
+        kind, number = kinds[i % len(kinds)], phone(5000 + i)
+        if kind == "429":
+            stack.providers.fault(provider="twilio", to=number, status=429, twilio_code=20429,
+                                  retry_after=1, count=2)
+        elif kind == "503":
+            stack.providers.fault(provider="twilio", to=number, status=503, count=3)
+        elif kind == "slow":
+            stack.providers.fault(provider="twilio", to=number, delay_ms=1500)
+        elif kind in ("21211", "21610"):
+            stack.providers.fault(provider="twilio", to=number, status=400,
+                                  twilio_code=int(kind))
+        elif kind == "drop":
+            stack.providers.fault(provider="twilio", to=number, disconnect=True)
+        (expect_dead if kind in ("21211", "21610", "drop") else expect_sent).add(comm_id)
+    codes = stack.parallel(lambda c: stack.send(c[0])[0], outbound, threads=8)
+    counts.sent = len(codes)
+    accepted = {c for (c, _), code in zip(outbound, codes, strict=True) if 200 <= code < 300}
+    counts.accepted = len(accepted)
+    _outbound_tally(stack, counts, outbound, accepted, timeout=90 + n / 2)
+    # "drop": the connection closed without an answer, so whether Twilio took the message is
+    # unknown; Switchboard dead-letters it (outcome-unknown) rather than risk a second text.
+    counts.notes.append(f"expected {len(expect_sent)} sent, {len(expect_dead)} dead-lettered")
+    counts.seconds = time.monotonic() - started
+    return counts
+
+
+def privacy(stack: Stack, numbers: list[str], bodies: list[str]) -> Counts:
+    """8. Every log line of the stack's web, workers and tools, scanned for every phone number
+    and body used in the scenarios (the sandboxes, which play the outside world, excluded)."""
+    counts = Counts("8 privacy (log lines with PHI)")
+    logs = [p for p in stack.log_dir.glob("*.log")
+            if not p.name.startswith(("fhir-sandbox", "provider-sandbox", "redis"))]
+    text = "\n".join(p.read_text(errors="replace") for p in logs)
+    needles = {*numbers, *(n[2:] for n in numbers), *bodies, CLINIC}
+    hits = [n for n in needles if n and n in text]
+    hits += re.findall(r"\+1555\d{7}|%2B1555\d{7}", text)[:5]
+    counts.sent = len(text.splitlines())
+    counts.written = len(needles)
+    counts.duplicates = len(hits)  # reported in the "duplicates" column as "hits"
+    counts.notes.append(f"{len(logs)} log files, {len(needles)} values searched; "
+                        f"hits: {sorted(set(hits))[:5]}")
+    return counts
