@@ -25,13 +25,19 @@ def _inbound_tally(stack: Stack, counts: Counts, accepted_sids: set[str],
                    timeout: float) -> Counts:
     """Wait for the flow to settle, then count written / duplicates / lost / dead letters."""
     def all_there() -> bool:
-        dead = {e.args[0]["MessageSid"] for e in stack.dead_letters() if e.args}
+        dead = {e.args[0].get("MessageSid") for e in stack.dead_letters()
+                if e.args and isinstance(e.args[0], dict)}
         return accepted_sids <= set(stack.inbound_written()) | dead
 
     if not stack.settle(timeout, all_there):
         counts.notes.append(f"did not settle within {timeout:.0f}s")
     written = stack.inbound_written()
-    dead = {e.args[0].get("MessageSid") for e in stack.dead_letters() if e.args}
+    entries = stack.dead_letters()
+    dead = {e.args[0].get("MessageSid") for e in entries
+            if e.args and isinstance(e.args[0], dict)}
+    reasons = sorted({f"{e.task}:{e.reason}" for e in entries})
+    if reasons:
+        counts.notes.append("dead letters: " + ", ".join(reasons))
     counts.written = len(set(written) & accepted_sids)
     counts.duplicates = sum(n - 1 for n in written.values() if n > 1)
     counts.dead_lettered = len(dead & accepted_sids)
