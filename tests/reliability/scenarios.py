@@ -95,8 +95,15 @@ def _outbound_tally(stack: Stack, counts: Counts, sent: list[tuple[str, str]],
 
     if not stack.settle(timeout, all_done):
         counts.notes.append(f"did not settle within {timeout:.0f}s")
+    entries = stack.dead_letters()
     dead_ids = {str(e.args[0].get("communication", "")).split("/")[-1]
-                for e in stack.dead_letters() if e.args}
+                for e in entries if e.args}
+    reasons: dict[str, int] = {}
+    for e in entries:
+        reasons[e.reason] = reasons.get(e.reason, 0) + 1
+    if reasons:
+        counts.notes.append("dead letters by reason: " + ", ".join(
+            f"{k} {v}" for k, v in sorted(reasons.items())))
     created = [r["form"].get("Body") for r in stack.providers.requests("twilio")
                if r["answered"] == 201]
     per_body = {b: created.count(b) for b in set(created)}
