@@ -45,7 +45,11 @@ def check_fhir_token(settings: Settings) -> Check:
             return Check("fhir", True)
         except Exception as exc:  # FhirTransientError for every failure; text has no secret
             refused = getattr(exc, "status", None) == 401
-            return Check("fhir", False, str(exc),
+            # The reason slug and status only (no URL, no secret): /readyz is unauthenticated.
+            detail = f"{getattr(exc, 'reason', type(exc).__name__)}"
+            if getattr(exc, "status", None):
+                detail += f" ({exc.status})"  # type: ignore[attr-defined]
+            return Check("fhir", False, detail,
                          "check FHIR_CLIENT_ID / FHIR_CLIENT_SECRET (the ClientApplication)"
                          if refused else "check FHIR_BASE_URL / FHIR_TOKEN_URL and the network")
 

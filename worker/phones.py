@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 
-_DIGITS = re.compile(r"\d+")
 _STRIP = re.compile(r"[\s().\-]")
 
 

@@ -6,9 +6,11 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from worker.channels import sendgrid, twilio
 from worker.phones import InvalidPhoneNumber, to_e164
 
-MEDIUM_TO_CHANNEL = {"SMSWRIT": "sms", "EMAILWRIT": "email"}
+# Each channel module names its v3-ParticipationMode code; the mapping follows from them.
+MEDIUM_TO_CHANNEL = {twilio.MEDIUM_CODE: twilio.CHANNEL, sendgrid.MEDIUM_CODE: sendgrid.CHANNEL}
 CHANNEL_TO_MEDIUM = {v: k for k, v in MEDIUM_TO_CHANNEL.items()}
 _SYSTEMS = {"sms": ("sms", "phone"), "email": ("email",)}
 

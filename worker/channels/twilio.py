@@ -8,6 +8,7 @@ from typing import Any
 
 from twilio.request_validator import RequestValidator
 
+from worker.backoff import retry_after_seconds
 from worker.channels import Attachment, InboundMessage, OutboundMessage, SendError, SendResult
 from worker.errors import PermanentError
 from worker.phones import InvalidPhoneNumber, to_e164
@@ -185,7 +186,7 @@ class TwilioSms:
             # TwilioRestException (classic error JSON) and TwilioServiceException (newer
             # problem+json bodies) share no base but this one; both carry status and code.
             # The Retry-After header is not on the exception: our HTTP client kept it.
-            retry_after = _retry_after(client.http_client.last_headers)
+            retry_after = retry_after_seconds(client.http_client.last_headers)
             raise classify_error(getattr(exc, "status", None), getattr(exc, "code", None),
                                  retry_after) from None
         except RequestException as exc:
@@ -259,13 +260,3 @@ def _http_client(base_url: str, timeout: float) -> Any:
             return response
 
     return RecordingHttpClient(timeout=timeout)
-
-
-def _retry_after(headers: Mapping[str, str]) -> float | None:
-    for name, value in headers.items():
-        if name.lower() == "retry-after":
-            try:
-                return float(value)
-            except ValueError:
-                return None
-    return None

@@ -6,11 +6,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from worker.backoff import retry_after_seconds
 from worker.errors import PermanentError, TransientError
 
-# Statuses that mean "this request will never succeed as sent".
-PERMANENT_STATUSES = frozenset({400, 403, 404, 405, 409, 410, 412, 422})
-_RATELIMIT_T = re.compile(r"\bt=(\d+(?:\.\d+)?)")
 _NOT_FOUND = re.compile(r"Conditional reference '([^']+)' did not match any resources")
 _AMBIGUOUS = re.compile(r"Conditional reference '([^']+)' matched multiple resources")
 
@@ -58,27 +56,6 @@ def outcome_text(body: Any) -> str:
         if text or where:
             parts.append(f"{text} ({where})" if where else text)
     return "; ".join(parts)
-
-
-def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
-    """The server's wait hint: Retry-After, else the largest `t=` of Medplum's RateLimit header.
-
-    Medplum answers 429 with `RateLimit: "requests";r=…;t=…, "fhirInteractions";r=0;t=56` and no
-    Retry-After; the quota with r=0 is the one that blocks, and waiting the largest t is safe.
-    """
-    lowered = {k.lower(): v for k, v in headers.items()}
-    ra = lowered.get("retry-after")
-    if ra is not None:
-        try:
-            return max(0.0, float(ra))
-        except ValueError:
-            pass  # an HTTP-date; fall through to RateLimit / default backoff
-    rl = lowered.get("ratelimit")
-    if rl:
-        values = [float(t) for t in _RATELIMIT_T.findall(rl)]
-        if values:
-            return max(values)
-    return None
 
 
 def classify(status: int, headers: Mapping[str, str], body: Any) -> Exception | None:
