@@ -82,10 +82,23 @@ def _h(value: str) -> str:
 
 @dataclass(frozen=True)
 class Claim:
-    """Who claimed a send, and when (Redis server time, seconds)."""
+    """Who claimed a send, and how long ago (by Redis's clock, shared by every worker)."""
 
     task_id: str
-    at: float
+    age: float
+
+
+# Claim in one atomic step, stamped with Redis's own clock: either take the key (nil back) or
+# return the existing claim and the current time, so the caller can tell its age.
+_CLAIM = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local mine = cjson.encode({task_id = ARGV[1], at = now})
+if redis.call('SET', KEYS[1], mine, 'NX', 'EX', ARGV[2]) then
+  return nil
+end
+return {redis.call('GET', KEYS[1]), tostring(now)}
+"""
 
 
 class SendLedger:
@@ -103,6 +116,7 @@ class SendLedger:
 
     def __init__(self, client: redis.Redis) -> None:
         self._r: Any = client
+        self._claim = self._r.register_script(_CLAIM)
 
     def done(self, communication_id: str) -> dict[str, str] | None:
         """The recorded result of an earlier send of this Communication, if any."""
@@ -116,15 +130,11 @@ class SendLedger:
 
     def claim(self, communication_id: str, task_id: str) -> Claim | None:
         """Take the right to send. Returns None when taken, else the existing claim."""
-        key = self.CLAIM + communication_id
-        mine = json.dumps({"task_id": task_id, "at": self.now()})
-        if self._r.set(key, mine, nx=True, ex=self.KEEP):
+        found = self._claim(keys=[self.CLAIM + communication_id], args=[task_id, self.KEEP])
+        if found is None:
             return None
-        raw = self._r.get(key)
-        if not raw:  # released in between: try once more
-            return None if self._r.set(key, mine, nx=True, ex=self.KEEP) else Claim("", 0.0)
-        held = json.loads(raw)
-        return Claim(str(held.get("task_id", "")), float(held.get("at", 0.0)))
+        held, now = json.loads(found[0]), float(found[1])
+        return Claim(str(held.get("task_id", "")), now - float(held.get("at", 0.0)))
 
     def release(self, communication_id: str) -> None:
         """Give the claim back (the provider refused before sending, so a retry is safe)."""

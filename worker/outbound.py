@@ -132,7 +132,7 @@ def _send(req: OutboundRequest, deps: OutboundDeps, comm: Mapping[str, Any], com
         if done:
             deps.state.update(req.request_id, "sent", communication=comm_id, **done)
             return SendResult(done["provider_id"], "sent", done.get("message_id", ""))
-        if deps.ledger.now() - held.at < deps.claim_seconds:
+        if held.age < deps.claim_seconds:
             # Someone (maybe an earlier delivery of this very task) is sending right now.
             raise TransientError("send-in-progress", "another attempt is sending this message")
         # A claim this old without a result: its holder died while the provider answered.

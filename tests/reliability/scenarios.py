@@ -83,9 +83,6 @@ def _outbound_messages(stack: Stack, n: int, prefix: str) -> list[tuple[str, str
 
 def _outbound_tally(stack: Stack, counts: Counts, sent: list[tuple[str, str]],
                     accepted: set[str], timeout: float) -> Counts:
-    dead_ids = {str(e.args[0].get("communication", "")).split("/")[-1]
-                for e in stack.dead_letters() if e.args}
-
     def all_done() -> bool:
         bodies = {r["form"].get("Body") for r in stack.providers.requests("twilio")
                   if r["answered"] == 201}
@@ -136,11 +133,10 @@ def worker_killed(stack: Stack, n_in: int, n_out: int, every: float = 3.0,
         return run
 
     def traffic() -> None:
-        mixed = [("in", m) for m in inbound] + [("out", c) for c in outbound]
+        order = shuffled([("in", m) for m in inbound] + [("out", c) for c in outbound], seed=3)
         answers = stack.parallel(paced(lambda x: stack.post_sms(x[1]) if x[0] == "in"
-                                       else stack.send(x[1][0])[0]),
-                                 shuffled(mixed, seed=3), threads=4)
-        by_item = dict(zip((id(x[1]) for x in shuffled(mixed, seed=3)), answers, strict=True))
+                                       else stack.send(x[1][0])[0]), order, threads=4)
+        by_item = dict(zip((id(x[1]) for x in order), answers, strict=True))
         results["in"] = [by_item[id(m)] for m in inbound]
         results["out"] = [by_item[id(c)] for c in outbound]
 
