@@ -17,9 +17,9 @@ import pytest
 import redis
 
 from tests.support import AUTH_TOKEN, PUBLIC_BASE_URL, ProviderSandbox, Sandbox
-from worker import devstack
-from worker.dead_letter import DeadLetterStore
+from worker.ops import devstack
 from worker.settings import Settings, load_settings
+from worker.stores.dead_letters import DeadLetterStore
 
 FHIR_ID = "switchboard-test"
 FHIR_SECRET = "switchboard-test-secret"

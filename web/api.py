@@ -13,9 +13,9 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from web.enqueue import EnqueueFailed, Enqueuer
-from worker.celery_app import QUEUE_OUTBOUND, TASK_OUTBOUND_SEND
-from worker.outbound_state import SETTLED, OutboundState
+from worker.broker.celery_app import QUEUE_OUTBOUND, TASK_OUTBOUND_SEND
 from worker.settings import Settings
+from worker.stores.outbound_state import SETTLED, OutboundState
 
 MAX_WAIT_SECONDS = 30
 _PREFER_WAIT = re.compile(r"\bwait=(\d+)")

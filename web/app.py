@@ -13,9 +13,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from web.api import MAX_WAIT_SECONDS, api_blueprint
 from web.enqueue import Enqueuer
 from web.webhooks.twilio import twilio_blueprint
-from worker import logs
-from worker.health import Check, readiness
-from worker.metrics import RedisCollector, for_redis
+from worker.ops import logs
+from worker.ops.health import Check, readiness
+from worker.ops.metrics import RedisCollector, for_redis
 from worker.settings import Settings, load_settings
 
 log = logging.getLogger("switchboard.web")

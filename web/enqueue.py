@@ -8,10 +8,10 @@ from typing import Any
 import redis
 from celery import Celery
 
-from worker.celery_app import REDACTED_ARGS, create_celery
-from worker.inbox import HEADER as INBOX_HEADER
-from worker.inbox import Inbox
+from worker.broker.celery_app import REDACTED_ARGS, create_celery
 from worker.settings import Settings
+from worker.stores.inbox import HEADER as INBOX_HEADER
+from worker.stores.inbox import Inbox
 
 log = logging.getLogger("switchboard.web")
 

@@ -8,8 +8,8 @@ from typing import Any
 
 from celery.signals import after_setup_logger, after_setup_task_logger
 
-from worker import logs
-from worker.celery_app import create_celery
+from worker.broker.celery_app import create_celery
+from worker.ops import logs
 from worker.runtime import get_runtime
 from worker.settings import ConfigError
 

@@ -1,6 +1,6 @@
 """The closed vocabulary of failures: every error says whether a retry can help.
 
-Exactly one place acts on these (worker.reliability): a TransientError is retried with backoff,
+Exactly one place acts on these (worker.broker.retry): a TransientError is retried with backoff,
 a PermanentError goes to the dead-letter store with its reason.
 """
 

@@ -9,15 +9,19 @@ from dataclasses import dataclass
 import redis
 
 from worker.channels.registry import build_channels
-from worker.coordination import OptOuts, RateLimiter, RedisLocks, RedisSeenMessages, SendLedger
-from worker.dead_letter import DeadLetterStore
 from worker.fhir.client import FhirClient
 from worker.fhir.resources import IdentifierSystems
-from worker.inbox import Inbox
-from worker.metrics import Metrics, for_redis
-from worker.outbound import OutboundDeps
-from worker.outbound_state import OutboundState
+from worker.ops.metrics import Metrics, for_redis
+from worker.outbound.pipeline import OutboundDeps
 from worker.settings import Settings, load_settings
+from worker.stores.dead_letters import DeadLetterStore
+from worker.stores.inbox import Inbox
+from worker.stores.locks import RedisLocks
+from worker.stores.optouts import OptOuts
+from worker.stores.outbound_state import OutboundState
+from worker.stores.rate_limit import RateLimiter
+from worker.stores.seen import RedisSeenMessages
+from worker.stores.send_ledger import SendLedger
 
 
 @dataclass

@@ -80,7 +80,8 @@ class Settings(BaseSettings):
     stuck_after_seconds: float = Field(default=900.0, ge=0)
 
     # Accepted messages that no worker has touched for this long are published again (they
-    # fell between kombu's BRPOP and its unacked record when Redis died; see worker/inbox.py).
+    # fell between kombu's BRPOP and its unacked record when Redis died; see
+    # worker/stores/inbox.py).
     inbox_stale_seconds: float = Field(default=1800.0, gt=0)
     inbox_sweep_interval_seconds: float = Field(default=60.0, gt=0)
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from celery import shared_task
 
-from worker.celery_app import (
+from worker.broker.celery_app import (
     REDACTED_ARGS,
     TASK_INBOUND_SMS,
     TASK_INBOX_SWEEP,
@@ -15,17 +15,17 @@ from worker.celery_app import (
     TASK_RECONCILE,
     TASK_TWILIO_STATUS,
 )
+from worker.broker.retry import SwitchboardTask
 from worker.channels import twilio
 from worker.channels.twilio import TwilioSms
 from worker.fhir.resources import clinic_participant
-from worker.inbound import deliver_inbound
-from worker.inbox import HEADER as INBOX_HEADER
-from worker.outbound import OutboundRequest, send_outbound
-from worker.reconcile import reconcile_stuck
-from worker.reliability import SwitchboardTask
+from worker.inbound.pipeline import deliver_inbound
+from worker.inbound.threads import ThreadContext
+from worker.outbound.pipeline import OutboundRequest, send_outbound
+from worker.outbound.reconcile import reconcile_stuck
+from worker.outbound.status import apply_status
 from worker.runtime import get_runtime
-from worker.status import apply_status
-from worker.threads import ThreadContext
+from worker.stores.inbox import HEADER as INBOX_HEADER
 
 log = logging.getLogger("switchboard.inbound")
 

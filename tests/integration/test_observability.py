@@ -10,7 +10,7 @@ import sys
 from tests.conftest import Services, make_env, outbound_env
 from tests.integration.test_outbound import message_in_thread, patient, recorded, send, state
 from tests.support import ProviderSandbox, Sandbox, eventually, post_signed, sms_params
-from worker import devstack
+from worker.ops import devstack
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -94,7 +94,7 @@ def test_switchboard_check_reports_each_problem_with_its_fix(services: Services)
     base = {k: v for k, v in os.environ.items() if k not in svc.env}
 
     def check(**env: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "worker.cli", "check"],
+        return subprocess.run([sys.executable, "-m", "worker.ops.cli", "check"],
                               env={**base, **env}, capture_output=True, text=True,
                               timeout=60, check=False)
 
@@ -112,7 +112,7 @@ def test_switchboard_check_reports_each_problem_with_its_fix(services: Services)
 
 def test_stuck_sends_are_reconciled_with_the_provider(
         services: Services, sandbox: Sandbox, providers: ProviderSandbox) -> None:
-    from worker.celery_app import QUEUE_STATUS, TASK_RECONCILE, create_celery
+    from worker.broker.celery_app import QUEUE_STATUS, TASK_RECONCILE, create_celery
 
     providers.reset()
     svc = services.get(**outbound_env(providers))

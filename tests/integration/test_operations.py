@@ -15,10 +15,10 @@ import httpx
 from tests.conftest import Services, make_env
 from tests.integration.test_inbound_sms import PATIENT, deliver, landed
 from tests.support import Sandbox, eventually, post_signed, sms_params
-from worker import devstack
-from worker.dead_letter import DeadLetter
+from worker.ops import devstack
+from worker.stores.dead_letters import DeadLetter
 
-SWITCHBOARD = [sys.executable, "-m", "worker.cli"]
+SWITCHBOARD = [sys.executable, "-m", "worker.ops.cli"]
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import API_TOKEN, CLINIC_SMS, Service, Services, outbound_env
 from tests.support import ProviderSandbox, Sandbox, eventually, post_signed
-from worker import devstack
+from worker.ops import devstack
 
 MOBILE = "+15551112222"
 EMAIL = "pat@example.org"

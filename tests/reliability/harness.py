@@ -20,9 +20,9 @@ import httpx
 import redis
 
 from tests.support import AUTH_TOKEN, PUBLIC_BASE_URL, ProviderSandbox, Sandbox, sign
-from worker import devstack
-from worker.dead_letter import DeadLetterStore
+from worker.ops import devstack
 from worker.settings import Settings, load_settings
+from worker.stores.dead_letters import DeadLetterStore
 
 API_TOKEN = "reliability-api-token"
 CLINIC = "+15557654321"

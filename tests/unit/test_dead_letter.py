@@ -9,8 +9,8 @@ import fakeredis
 import pytest
 import redis
 
-from worker.cli import build_parser
-from worker.dead_letter import (
+from worker.ops.cli import build_parser
+from worker.stores.dead_letters import (
     ENTRIES_KEY,
     INDEX_KEY,
     DeadLetter,

@@ -6,7 +6,7 @@ import fakeredis
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from worker.metrics import Metrics, RedisCollector
+from worker.ops.metrics import Metrics, RedisCollector
 
 
 def render(client: fakeredis.FakeRedis) -> str:

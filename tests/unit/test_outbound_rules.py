@@ -7,10 +7,10 @@ from datetime import UTC, datetime
 import pytest
 
 from worker.channels import sendgrid, twilio
-from worker.delivery import next_status
 from worker.errors import PermanentError
-from worker.outbound import OutboundRequest
-from worker.routing import choose_channel, medium_channel, pick_contact
+from worker.outbound.pipeline import OutboundRequest
+from worker.outbound.routing import choose_channel, medium_channel, pick_contact
+from worker.outbound.status_map import next_status
 
 NOW = datetime(2026, 11, 24, tzinfo=UTC)
 PHONE = {"system": "phone", "value": "(555) 123-4567", "use": "home"}

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.backoff import retry_delay
+from worker.broker.backoff import retry_delay
+from worker.channels.phones import InvalidPhoneNumber, search_variants, to_e164
 from worker.channels.twilio import TwilioSignature, missing_fields, parse_inbound
 from worker.errors import PermanentError
 from worker.fhir.outcome import (
@@ -19,7 +20,6 @@ from worker.fhir.outcome import (
     retry_after_seconds,
 )
 from worker.fhir.query import conditional_reference, query_string
-from worker.phones import InvalidPhoneNumber, search_variants, to_e164
 
 
 @pytest.mark.parametrize(("raw", "e164"), [
@@ -171,7 +171,7 @@ def test_signature_check_uses_url_and_every_param() -> None:
     ("task abc[SM0123456789abcdef] attempt 3", "task abc[SM0123456789abcdef] attempt 3"),
 ])
 def test_redact(raw: str, clean: str) -> None:
-    from worker.logs import redact
+    from worker.ops.logs import redact
 
     assert redact(raw) == clean
 
@@ -180,7 +180,7 @@ def test_redacting_filter_covers_args_and_tracebacks() -> None:
     import io
     import logging
 
-    from worker.logs import protect
+    from worker.ops.logs import protect
 
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)

@@ -8,7 +8,12 @@ from datetime import UTC, datetime
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from web.enqueue import EnqueueFailed, Enqueuer
-from worker.celery_app import QUEUE_INBOUND, QUEUE_STATUS, TASK_INBOUND_SMS, TASK_TWILIO_STATUS
+from worker.broker.celery_app import (
+    QUEUE_INBOUND,
+    QUEUE_STATUS,
+    TASK_INBOUND_SMS,
+    TASK_TWILIO_STATUS,
+)
 from worker.channels.registry import STATUS_CALLBACK_PATH
 from worker.channels.twilio import (
     REQUIRED_FIELDS,
@@ -16,7 +21,7 @@ from worker.channels.twilio import (
     TwilioSignature,
     missing_fields,
 )
-from worker.metrics import Metrics
+from worker.ops.metrics import Metrics
 from worker.settings import Settings
 
 log = logging.getLogger("switchboard.web")

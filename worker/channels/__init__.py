@@ -43,7 +43,7 @@ class InboundMessage:
 # -- outbound contract ---------------------------------------------------------------------------
 
 # The closed vocabulary of send failures. The channel module maps provider answers onto it; one
-# place (worker.outbound) acts on it. `retryable` kinds are retried with backoff.
+# place (worker.outbound.pipeline) acts on it. `retryable` kinds are retried with backoff.
 SEND_ERROR_KINDS: dict[str, bool] = {
     "throttled": True,  # 429 / Twilio 20429: slow down, try again
     "provider-unavailable": True,  # 5xx, timeouts, connection errors, Twilio 30001

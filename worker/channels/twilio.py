@@ -8,10 +8,10 @@ from typing import Any
 
 from twilio.request_validator import RequestValidator
 
-from worker.backoff import retry_after_seconds
+from worker.broker.backoff import retry_after_seconds
 from worker.channels import Attachment, InboundMessage, OutboundMessage, SendError, SendResult
+from worker.channels.phones import InvalidPhoneNumber, to_e164
 from worker.errors import PermanentError
-from worker.phones import InvalidPhoneNumber, to_e164
 
 CHANNEL = "sms"
 MEDIUM_CODE = "SMSWRIT"

@@ -6,7 +6,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from worker.backoff import retry_after_seconds
+from worker.broker.backoff import retry_after_seconds
 from worker.errors import PermanentError, TransientError
 
 _NOT_FOUND = re.compile(r"Conditional reference '([^']+)' did not match any resources")

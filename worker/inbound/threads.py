@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from worker.channels import InboundMessage
+from worker.channels.phones import search_variants
 from worker.fhir.client import FhirResponse
 from worker.fhir.outcome import FhirPermanentError
 from worker.fhir.query import Params, conditional_reference, query_string, token
 from worker.fhir.resources import IdentifierSystems, Resource, identifier, inbound_message
 from worker.fhir.resources import thread_header as build_header
-from worker.phones import search_variants
 
 # Statuses of a header that no longer takes new messages.
 CLOSED_STATUSES = "completed,entered-in-error,stopped,unknown"
@@ -37,7 +37,7 @@ class Fhir(Protocol):
 
 
 class Held(Protocol):
-    """A held lock (worker.coordination.HeldLock)."""
+    """A held lock (worker.stores.locks.HeldLock)."""
 
     def confirm(self) -> None: ...
 

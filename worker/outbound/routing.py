@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from worker.channels import sendgrid, twilio
-from worker.phones import InvalidPhoneNumber, to_e164
+from worker.channels.phones import InvalidPhoneNumber, to_e164
 
 # Each channel module names its v3-ParticipationMode code; the mapping follows from them.
 MEDIUM_TO_CHANNEL = {twilio.MEDIUM_CODE: twilio.CHANNEL, sendgrid.MEDIUM_CODE: sendgrid.CHANNEL}

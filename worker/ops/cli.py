@@ -19,9 +19,9 @@ from urllib.parse import urlencode
 import redis
 from twilio.request_validator import RequestValidator
 
-from worker import logs
-from worker.dead_letter import REPLAY_HEADER, DeadLetter, DeadLetterStore, parse_since
+from worker.ops import logs
 from worker.settings import ConfigError, Settings, load_settings
+from worker.stores.dead_letters import REPLAY_HEADER, DeadLetter, DeadLetterStore, parse_since
 
 
 def _ts(t: float) -> str:
@@ -115,7 +115,7 @@ def cmd_dlq_show(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_dlq_replay(settings: Settings, args: argparse.Namespace) -> int:
     """Send entries (one, all, or those matching the filters) back to their queue; an entry is
     removed when its replay succeeds."""
-    from worker.celery_app import REDACTED_ARGS, create_celery
+    from worker.broker.celery_app import REDACTED_ARGS, create_celery
 
     filters = _filters(args)
     if (args.id or args.all) and filters:
@@ -179,7 +179,7 @@ def cmd_dlq_prune(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_check(_: Settings | None, args: argparse.Namespace) -> int:
     """Validate the configuration and reach every dependency; print each problem and its fix."""
-    from worker.health import configuration_warnings, readiness
+    from worker.ops.health import configuration_warnings, readiness
 
     try:
         settings = load_settings()
@@ -229,9 +229,9 @@ def signed_example(settings: Settings, body: str = "Hello from the demo patient"
 
 def cmd_run(_: Settings | None, args: argparse.Namespace) -> int:
     """Run the whole service locally on embedded defaults until Ctrl-C."""
-    from worker import devstack
     from worker.fhir.client import FhirClient
     from worker.fhir.resources import patient_with_phone
+    from worker.ops import devstack
 
     def _terminate(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt  # stop the stack in order, as for Ctrl-C

@@ -22,13 +22,13 @@ import redis.exceptions
 from celery import Task
 from celery.exceptions import Reject, Retry
 
-from worker import logs
-from worker.backoff import retry_delay
-from worker.celery_app import REDACTED_ARGS
-from worker.dead_letter import REPLAY_HEADER
+from worker.broker.backoff import retry_delay
+from worker.broker.celery_app import REDACTED_ARGS
 from worker.errors import Deferred, PermanentError, TransientError
-from worker.inbox import HEADER as INBOX_HEADER
+from worker.ops import logs
 from worker.runtime import get_runtime
+from worker.stores.dead_letters import REPLAY_HEADER
+from worker.stores.inbox import HEADER as INBOX_HEADER
 
 log = logging.getLogger("switchboard.tasks")
 

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from worker.channels import InboundMessage
+from worker.channels.phones import search_variants
 from worker.errors import PermanentError
 from worker.fhir.outcome import FhirPermanentError
 from worker.fhir.resources import patient_with_phone
-from worker.phones import search_variants
-from worker.threads import STRATEGIES, ThreadContext, Written
+from worker.inbound.threads import STRATEGIES, ThreadContext, Written
 
 
 class SeenMessages(Protocol):

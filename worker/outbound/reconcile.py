@@ -3,7 +3,7 @@
 A status callback can be lost (our receiver down, Twilio gave up). Periodically (Celery beat),
 find outbound Communications that are still `in-progress`, carry a Twilio MessageSid and were
 last updated more than STUCK_AFTER_SECONDS ago; ask Twilio for each message's status and apply
-it exactly as a callback would (worker.status), so the same terminal-state rules hold.
+it exactly as a callback would (worker.outbound.status), so the same terminal-state rules hold.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from worker.channels import SendError
 from worker.channels.twilio import TwilioSms
 from worker.errors import TransientError
 from worker.fhir.client import FhirClient
-from worker.metrics import Metrics
-from worker.outbound_state import OutboundState
-from worker.status import apply_status
+from worker.ops.metrics import Metrics
+from worker.outbound.status import apply_status
+from worker.stores.outbound_state import OutboundState
 
 log = logging.getLogger("switchboard.reconcile")
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from worker.delivery import next_status
 from worker.errors import PermanentError, TransientError
 from worker.fhir.client import FhirClient
 from worker.fhir.query import token
 from worker.fhir.update import guarded_update
-from worker.outbound_state import OutboundState
+from worker.outbound.status_map import next_status
+from worker.stores.outbound_state import OutboundState
 
 TWILIO_ERROR_SYSTEM = "https://www.twilio.com/docs/api/errors"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import redis
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FHIR_SANDBOX_DIR = ROOT / "sandbox" / "fhir"
 FHIR_READY_PREFIX = "FHIR sandbox listening on "
 

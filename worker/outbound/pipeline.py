@@ -22,15 +22,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 from worker.channels import Attachment, Channel, OutboundMessage, SendError, SendResult
-from worker.coordination import OptOuts, RateLimiter, SendLedger
 from worker.errors import Deferred, PermanentError, TransientError
 from worker.fhir.client import FhirClient
 from worker.fhir.outcome import FhirPermanentError
 from worker.fhir.resources import identifier, medium
 from worker.fhir.update import guarded_update
-from worker.metrics import Metrics
-from worker.outbound_state import OutboundState
-from worker.routing import CHANNEL_TO_MEDIUM, choose_channel, medium_channel, pick_contact
+from worker.ops.metrics import Metrics
+from worker.outbound.routing import CHANNEL_TO_MEDIUM, choose_channel, medium_channel, pick_contact
+from worker.stores.optouts import OptOuts
+from worker.stores.outbound_state import OutboundState
+from worker.stores.rate_limit import RateLimiter
+from worker.stores.send_ledger import SendLedger
 
 log = logging.getLogger("switchboard.outbound")
 SEND_ERROR_SYSTEM = "urn:switchboard:send-error"

@@ -23,9 +23,9 @@ from prometheus_client.core import (
     Metric,
 )
 
-from worker.celery_app import QUEUES
-from worker.dead_letter import ENTRIES_KEY
-from worker.inbox import INDEX as INBOX_INDEX
+from worker.broker.celery_app import QUEUES
+from worker.stores.dead_letters import ENTRIES_KEY
+from worker.stores.inbox import INDEX as INBOX_INDEX
 
 KEY = "switchboard:metrics:"
 SEP = "\x1f"  # between label values in a Redis field; never inside a label value we use

@@ -1,0 +1,1 @@
+"""Inbound flow: a patient's message written once into the right thread."""

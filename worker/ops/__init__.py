@@ -1,0 +1,1 @@
+"""Operations: logs, metrics, health checks, the CLI and the local launcher."""

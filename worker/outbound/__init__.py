@@ -1,0 +1,1 @@
+"""Outbound flow: a clinician's message sent once, its delivery status followed."""

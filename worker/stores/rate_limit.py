@@ -1,0 +1,50 @@
+"""Send pacing shared by every worker: a Redis token bucket on Redis's clock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+
+from worker.stores import digest as _h
+
+# Token bucket in one atomic step: refill by elapsed time, take a token, say how long to wait.
+_BUCKET = """
+local key = KEYS[1]
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local state = redis.call('HMGET', key, 'tokens', 'at')
+local tokens = tonumber(state[1]) or burst
+local at = tonumber(state[2]) or now
+tokens = math.min(burst, tokens + (now - at) * rate)
+-- Always take the token, going into debt if need be: a waiting sender has reserved its slot
+-- (now + wait) and must not ask again, or every waiter would wake and race at each refill.
+tokens = tokens - 1
+local wait = 0
+if tokens < 0 then
+  wait = -tokens / rate
+end
+redis.call('HSET', key, 'tokens', tostring(tokens), 'at', tostring(now))
+redis.call('EXPIRE', key, math.ceil(wait + burst / rate) + 60)
+return {tostring(wait), tostring(now)}
+"""
+
+
+class RateLimiter:
+    """A send rate shared by every worker on every machine (Redis token bucket, Redis clock)."""
+
+    KEY = "switchboard:rate:"
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._r: Any = client
+        self._script = self._r.register_script(_BUCKET)
+
+    def acquire(self, key: str, rate: float, burst: float = 1.0) -> tuple[float, float]:
+        """Reserve one send slot: (seconds to wait before sending, Redis time now).
+
+        0 wait means send now. Otherwise the slot at now + wait is this caller's: it sends
+        then without asking again (see worker.outbound.pipeline)."""
+        wait, now = self._script(keys=[self.KEY + _h(key)], args=[rate, burst])
+        return float(wait), float(now)

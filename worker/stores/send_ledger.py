@@ -1,0 +1,74 @@
+"""The send ledger: a claim before a provider call, a sent record after it (never send twice)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Who claimed a send, and how long ago (by Redis's clock, shared by every worker)."""
+
+    task_id: str
+    age: float
+
+
+# Claim in one atomic step, stamped with Redis's own clock: either take the key (nil back) or
+# return the existing claim and the current time, so the caller can tell its age.
+_CLAIM = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local mine = cjson.encode({task_id = ARGV[1], at = now})
+if redis.call('SET', KEYS[1], mine, 'NX', 'EX', ARGV[2]) then
+  return nil
+end
+return {redis.call('GET', KEYS[1]), tostring(now)}
+"""
+
+
+class SendLedger:
+    """Never send one Communication twice: a claim before the provider call, a sent record
+    right after it (before FHIR is updated and before the task is acknowledged).
+
+    Keys: `switchboard:send:claim:<comm>` (who and when; kept 30 days, removed only when the
+    provider refused, so a claim never silently expires under a task that died mid-send) and
+    `switchboard:send:done:<comm>` (the provider's answer, 30 days).
+    """
+
+    CLAIM = "switchboard:send:claim:"
+    DONE = "switchboard:send:done:"
+    KEEP = 30 * 24 * 3600
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._r: Any = client
+        self._claim = self._r.register_script(_CLAIM)
+
+    def done(self, communication_id: str) -> dict[str, str] | None:
+        """The recorded result of an earlier send of this Communication, if any."""
+        raw = self._r.get(self.DONE + communication_id)
+        return json.loads(raw) if raw else None
+
+    def now(self) -> float:
+        """Redis's clock (shared by every worker)."""
+        secs, micros = self._r.time()
+        return float(secs) + float(micros) / 1e6
+
+    def claim(self, communication_id: str, task_id: str) -> Claim | None:
+        """Take the right to send. Returns None when taken, else the existing claim."""
+        found = self._claim(keys=[self.CLAIM + communication_id], args=[task_id, self.KEEP])
+        if found is None:
+            return None
+        held, now = json.loads(found[0]), float(found[1])
+        return Claim(str(held.get("task_id", "")), now - float(held.get("at", 0.0)))
+
+    def release(self, communication_id: str) -> None:
+        """Give the claim back (the provider refused before sending, so a retry is safe)."""
+        self._r.delete(self.CLAIM + communication_id)
+
+    def record(self, communication_id: str, result: dict[str, str]) -> None:
+        """Remember that the provider took the message (first thing after its answer)."""
+        self._r.set(self.DONE + communication_id, json.dumps(result), ex=self.KEEP)
