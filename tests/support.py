@@ -84,6 +84,22 @@ class Sandbox:
         """Zero the request counter."""
         self._http.post("/__stats/reset").raise_for_status()
 
+    def stats(self) -> dict[str, Any]:
+        """Request, serializable-write, abort and conflict counters since the last reset."""
+        return dict(self._http.get("/__stats").json())
+
+    def contention(self, **spec: Any) -> None:
+        """Set contention mode: rate, attempts, retry_ms, transaction_ms (sandbox README)."""
+        self._http.post("/__contention", json=spec).raise_for_status()
+
+    def token(self) -> str:
+        """A bearer token for raw FHIR requests (the FhirClient would retry conflicts)."""
+        resp = self._http.post("/oauth2/token", data={
+            "grant_type": "client_credentials", "client_id": self.settings.fhir_client_id,
+            "client_secret": self.settings.fhir_client_secret.get_secret_value()})
+        resp.raise_for_status()
+        return str(resp.json()["access_token"])
+
     def fault(self, **spec: Any) -> None:
         """Queue an injected fault (see sandbox/fhir/README.md)."""
         self._http.post("/__faults", json=spec).raise_for_status()

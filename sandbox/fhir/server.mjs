@@ -1,10 +1,14 @@
 // Local FHIR sandbox: Medplum's own FHIR engine (@medplum/fhir-router FhirRouter over its
 // MemoryRepository) served at /fhir/R4/, plus what the real Medplum server does on every write
 // (conditional references resolved, resources validated), a stub OAuth2 token endpoint and
-// test-control routes (/__reset, /__stats, /__faults, /__revoke_tokens).
+// test-control routes (/__reset, /__stats, /__faults, /__contention, /__revoke_tokens).
+//
+// Contention mode (--contention-rate R, or POST /__contention) does what PostgreSQL's SERIALIZABLE
+// isolation does to the real server's conditional writes: see runSerializable below.
 //
 // Run with the Node 22 binary installed by `npm ci`:
 //   node_modules/.bin/node server.mjs --port 0 [--host 127.0.0.1] [--token-ttl 3600]
+//     [--contention-rate 0..1] [--transaction-attempts 2]
 // Prints exactly one line when ready: "FHIR sandbox listening on http://<host>:<port>".
 import { randomBytes } from 'node:crypto';
 import http from 'node:http';
@@ -13,6 +17,7 @@ import {
   PropertyType,
   allOk,
   badRequest,
+  conflict,
   crawlTypedValueAsync,
   createReference,
   getStatus,
@@ -39,7 +44,7 @@ const FHIR_JSON = 'application/fhir+json; charset=utf-8';
 // Command line
 
 function parseArgs(argv) {
-  const opts = { port: 0, host: '127.0.0.1', tokenTtl: 3600 };
+  const opts = { port: 0, host: '127.0.0.1', tokenTtl: 3600, contentionRate: 0, transactionAttempts: 2 };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
     const next = () => {
@@ -54,6 +59,10 @@ function parseArgs(argv) {
       opts.host = next();
     } else if (arg === '--token-ttl') {
       opts.tokenTtl = Number.parseInt(next(), 10);
+    } else if (arg === '--contention-rate') {
+      opts.contentionRate = Number.parseFloat(next());
+    } else if (arg === '--transaction-attempts') {
+      opts.transactionAttempts = Number.parseInt(next(), 10);
     } else {
       throw new Error(`unknown argument: ${arg}`);
     }
@@ -61,6 +70,7 @@ function parseArgs(argv) {
   if (!Number.isInteger(opts.port) || opts.port < 0 || !Number.isInteger(opts.tokenTtl) || opts.tokenTtl < 1) {
     throw new Error('--port and --token-ttl must be integers');
   }
+  checkContention({ rate: opts.contentionRate, attempts: opts.transactionAttempts, retryMs: 50, transactionMs: 5 });
   return opts;
 }
 
@@ -235,9 +245,29 @@ const state = {
   router: new FhirRouter(),
   tokens: new Map(), // token -> expiry (ms since epoch)
   faults: [],
-  stats: { requests: 0, by_method: {} },
+  stats: newStats(),
   queue: Promise.resolve(),
+  // Contention mode: `rate` is the chance that a serializable write overlapped by another one's
+  // commit aborts (1 = always, deterministic; 0 = off); `attempts` is Medplum's
+  // transactionAttempts (default 2, 50 ms apart); `transactionMs` is how long a transaction runs
+  // before it commits (others run meanwhile). `contentionDefaults` (the command line) is
+  // restored by /__reset.
+  contention: { rate: 0, attempts: 2, retryMs: 50, transactionMs: 5 },
+  contentionDefaults: { rate: 0, attempts: 2, retryMs: 50, transactionMs: 5 },
+  serializableCommits: 0, // commits of serializable writes so far (the "clock" overlaps are read on)
 };
+
+function newStats() {
+  // serializable: serializable writes received; aborts: attempts PostgreSQL would have aborted
+  // (40001), including those Medplum retried itself; conflicts: 409s answered to the client.
+  return { requests: 0, by_method: {}, serializable: 0, aborts: 0, conflicts: 0 };
+}
+
+function checkContention({ rate, attempts, retryMs, transactionMs }) {
+  if (!(rate >= 0 && rate <= 1) || !Number.isInteger(attempts) || attempts < 1 || !(retryMs >= 0) || !(transactionMs >= 0)) {
+    throw new Error('need rate within 0..1, attempts an integer >= 1, retry_ms and transaction_ms >= 0');
+  }
+}
 
 /** Runs fn after every previously queued call has settled (one global async mutex). */
 function serialised(fn) {
@@ -250,7 +280,73 @@ function serialised(fn) {
 }
 
 function resetStats() {
-  state.stats = { requests: 0, by_method: {} };
+  state.stats = newStats();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Contention: PostgreSQL SERIALIZABLE isolation as the real Medplum server meets it
+//
+// The real server runs every write that carries If-None-Exist, conditional references, a
+// conditional update URL, or a transaction Bundle in a SERIALIZABLE transaction. When two overlap,
+// PostgreSQL aborts one with SQLSTATE 40001 (first committer wins); Medplum retries it
+// (transactionAttempts, default 2, 50 ms apart) and then answers 409 with
+// conflict('could not serialize access ...', '40001'). Plain creates and reads never conflict.
+// We also count If-Match updates as serializable, so status and send-record updates meet
+// contention in tests too (a version-checked update reads and writes in one transaction).
+//
+// Model: a serializable write's transaction starts when it arrives, runs for `transactionMs`
+// alongside any others (PostgreSQL runs transactions in parallel; only the engine call below is
+// serialised), then commits. If another serializable write committed in between, it aborts (with
+// probability `rate`) before touching the repository, as an aborted transaction leaves nothing
+// behind. So conflicts grow with the number of writes in flight, and each abort costs the client
+// Medplum's retry pause, which is why throughput falls as concurrency rises, as on the server.
+
+const SERIALIZATION_FAILURE =
+  'could not serialize access due to read/write dependencies among transactions';
+const CONDITIONAL_REFERENCE = /"reference"\s*:\s*"[^"]*\?/;
+
+function isSerializable(method, fhirUrl, headers, bodyText) {
+  if (method !== 'POST' && method !== 'PUT' && method !== 'PATCH') {
+    return false;
+  }
+  const path = fhirUrl.split('?', 1)[0];
+  return (
+    (method === 'POST' && headers['if-none-exist'] !== undefined) ||
+    (method === 'POST' && (path === '/' || path === '')) || // transaction or batch Bundle
+    (method === 'PUT' && fhirUrl.includes('?')) || // conditional update (upsert)
+    headers['if-match'] !== undefined ||
+    CONDITIONAL_REFERENCE.test(bodyText)
+  );
+}
+
+const ABORTED = Symbol('aborted');
+
+async function runSerializable(fn) {
+  const c = state.contention;
+  state.stats.serializable++;
+  for (let attempt = 1; ; attempt++) {
+    const startedAt = state.serializableCommits;
+    await new Promise((r) => setTimeout(r, c.transactionMs));
+    const result = await serialised(async () => {
+      if (state.serializableCommits > startedAt && Math.random() < c.rate) {
+        return ABORTED;
+      }
+      const answer = await fn();
+      if (getStatus(answer[0]) < 400) {
+        state.serializableCommits++;
+      }
+      return answer;
+    });
+    if (result !== ABORTED) {
+      return result;
+    }
+    state.stats.aborts++;
+    if (attempt >= c.attempts) {
+      state.stats.conflicts++;
+      return [conflict(SERIALIZATION_FAILURE, '40001'), undefined];
+    }
+    await new Promise((r) => setTimeout(r, c.retryMs));
+  }
 }
 
 function loadDefinitions() {
@@ -434,8 +530,10 @@ async function handleFhir(req, res, url) {
   }
 
   let body;
+  let bodyText = '';
   try {
-    body = parseJsonBody(await readBody(req));
+    bodyText = await readBody(req);
+    body = parseJsonBody(bodyText);
   } catch (err) {
     if (err.status === 413) {
       sendFhir(res, 413, outcomeFor(413, err.message));
@@ -457,9 +555,13 @@ async function handleFhir(req, res, url) {
     config: { transactions: true }, // atomic transaction Bundles, like the transaction-bundles feature
   };
 
+  const handle = () => state.router.handleRequest(fhirRequest, state.repo).catch((err) => [normalizeOperationOutcome(err)]);
   let result;
   try {
-    result = await serialised(() => state.router.handleRequest(fhirRequest, state.repo));
+    result =
+      state.contention.rate > 0 && isSerializable(method, fhirUrl, req.headers, bodyText)
+        ? await runSerializable(handle)
+        : await serialised(handle);
   } catch (err) {
     result = [normalizeOperationOutcome(err)];
   }
@@ -498,6 +600,7 @@ async function handleControl(req, res, path, bodyText) {
     await serialised(() => {
       state.repo = new SandboxRepository();
       state.faults = [];
+      state.contention = { ...state.contentionDefaults };
       resetStats();
     });
     send(res, 200, {});
@@ -536,6 +639,31 @@ async function handleControl(req, res, path, bodyText) {
     send(res, 200, {});
   } else if (path === '/__faults' && method === 'GET') {
     send(res, 200, { faults: state.faults });
+  } else if (path === '/__contention' && method === 'POST') {
+    // {"rate": 0..1, "attempts": n, "retry_ms": ms, "transaction_ms": ms}; omitted fields keep theirs.
+    let spec;
+    try {
+      spec = parseJsonBody(bodyText) ?? {};
+    } catch {
+      send(res, 400, { error: 'invalid JSON' });
+      return;
+    }
+    const next = {
+      rate: spec.rate === undefined ? state.contention.rate : Number(spec.rate),
+      attempts: spec.attempts === undefined ? state.contention.attempts : Number(spec.attempts),
+      retryMs: spec.retry_ms === undefined ? state.contention.retryMs : Number(spec.retry_ms),
+      transactionMs: spec.transaction_ms === undefined ? state.contention.transactionMs : Number(spec.transaction_ms),
+    };
+    try {
+      checkContention(next);
+    } catch (err) {
+      send(res, 400, { error: err.message });
+      return;
+    }
+    state.contention = next;
+    send(res, 200, state.contention);
+  } else if (path === '/__contention' && method === 'GET') {
+    send(res, 200, state.contention);
   } else if (path === '/__revoke_tokens' && method === 'POST') {
     state.tokens.clear();
     send(res, 200, {});
@@ -570,6 +698,8 @@ async function route(req, res) {
 function main() {
   const opts = parseArgs(process.argv.slice(2));
   state.tokenTtl = opts.tokenTtl;
+  state.contentionDefaults = { rate: opts.contentionRate, attempts: opts.transactionAttempts, retryMs: 50, transactionMs: 5 };
+  state.contention = { ...state.contentionDefaults };
   loadDefinitions();
 
   const server = http.createServer((req, res) => {

@@ -199,11 +199,15 @@ class FhirSandbox:
         self.child.stop()
 
 
-def start_fhir_sandbox(log_dir: Path, port: int = 0, extra_env: Mapping[str, str] | None = None
-                       ) -> FhirSandbox:
-    """Start the FHIR sandbox and wait until it has indexed the definitions."""
+def start_fhir_sandbox(log_dir: Path, port: int = 0, extra_env: Mapping[str, str] | None = None,
+                       contention_rate: float = 0.0) -> FhirSandbox:
+    """Start the FHIR sandbox and wait until it has indexed the definitions.
+
+    `contention_rate` > 0 makes overlapping conditional writes abort with Medplum's 409 (40001),
+    as the real server on PostgreSQL does (sandbox/fhir/README.md, "Contention mode")."""
     env = {**os.environ, **(extra_env or {})}
-    child = _spawn("fhir-sandbox", [str(node_binary()), "server.mjs", "--port", str(port)],
+    child = _spawn("fhir-sandbox", [str(node_binary()), "server.mjs", "--port", str(port),
+                                    "--contention-rate", str(contention_rate)],
                    log_dir, env=env, cwd=FHIR_SANDBOX_DIR)
     line = _wait_for(child, FHIR_READY_PREFIX, timeout=90)
     origin = line.split(FHIR_READY_PREFIX, 1)[1].strip().rstrip("/")
