@@ -10,6 +10,7 @@ import redis
 
 from worker.channels.registry import build_channels
 from worker.fhir.client import FhirClient
+from worker.fhir.contention import WriteLimit
 from worker.fhir.resources import IdentifierSystems
 from worker.ops.metrics import Metrics, for_redis
 from worker.outbound.pipeline import OutboundDeps
@@ -57,7 +58,13 @@ def build_runtime(settings: Settings) -> Runtime:
                       settings.fhir_client_secret.get_secret_value(),
                       timeout=settings.fhir_timeout_seconds,
                       observe=lambda op, seconds: metrics.observe(
-                          "switchboard_fhir_request_seconds", seconds, operation=op))
+                          "switchboard_fhir_request_seconds", seconds, operation=op),
+                      write_limit=WriteLimit(settings.fhir_max_writes_in_flight),
+                      conflict_retries=settings.fhir_conflict_retries,
+                      conflict_backoff=(settings.fhir_conflict_backoff_base_seconds,
+                                        settings.fhir_conflict_backoff_max_seconds),
+                      on_contention=lambda event: metrics.inc(
+                          "switchboard_fhir_contention", event=event))
     outbound = OutboundDeps(
         fhir=fhir, channels=build_channels(settings),
         ledger=SendLedger(client), optouts=OptOuts(client),

@@ -47,6 +47,14 @@ class Settings(BaseSettings):
     fhir_client_secret: SecretStr
     fhir_token_url: str = ""
     fhir_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Under contention Medplum aborts overlapping conditional writes (409, SQLSTATE 40001) and
+    # gets slower the more are in flight. Each worker process keeps at most this many FHIR writes
+    # in flight, fewer while the server answers conflicts or 429s (AIMD, worker/fhir/contention.py),
+    # and retries a conflict this many times, milliseconds apart, before the task's own retry.
+    fhir_max_writes_in_flight: int = Field(default=16, ge=1, le=1024)
+    fhir_conflict_retries: int = Field(default=8, ge=0, le=100)
+    fhir_conflict_backoff_base_seconds: float = Field(default=0.02, gt=0)
+    fhir_conflict_backoff_max_seconds: float = Field(default=1.0, gt=0)
     twilio_account_sid: str = Field(min_length=1)
     twilio_auth_token: SecretStr
     public_base_url: str

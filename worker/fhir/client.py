@@ -6,13 +6,16 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
-from worker.fhir.outcome import FhirTransientError, classify
+from worker.broker.backoff import retry_delay
+from worker.fhir.contention import CONGESTED, WriteLimit
+from worker.fhir.outcome import FhirConflictError, FhirTransientError, classify
 from worker.fhir.query import Params, query_string
 
+T = TypeVar("T")
 FHIR_JSON = "application/fhir+json"
 # Refresh this long before the token's stated expiry, so a request never races the deadline.
 TOKEN_REFRESH_MARGIN_SECONDS = 60.0
@@ -96,8 +99,21 @@ class FhirClient:
         timeout: float = 10.0,
         transport: httpx.BaseTransport | None = None,
         observe: Callable[[str, float], None] | None = None,
+        write_limit: WriteLimit | None = None,
+        conflict_retries: int = 8,
+        conflict_backoff: tuple[float, float] = (0.02, 1.0),
+        on_contention: Callable[[str], None] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._observe = observe  # (operation, seconds) for the latency histogram
+        # Writes wait for room under an AIMD limit that halves when the server is contended
+        # (worker.fhir.contention); a serialization conflict is retried here, milliseconds
+        # apart, before it becomes the task's transient failure.
+        self.write_limit = write_limit or WriteLimit(64)
+        self._conflict_retries = conflict_retries
+        self._conflict_backoff = conflict_backoff
+        self._on_contention = on_contention  # "conflict", "retried", "gave-up", "throttled"
+        self._sleep = sleep
         self._http = httpx.Client(
             base_url=base_url,
             timeout=timeout,
@@ -126,20 +142,23 @@ class FhirClient:
                ) -> FhirResponse:
         """POST a resource; with `if_none_exist`, a conditional create (201 new, 200 found)."""
         headers = {"If-None-Exist": query_string(if_none_exist)} if if_none_exist else {}
-        return self._request("POST", str(resource["resourceType"]), json=resource,
-                             headers=headers, op="conditional-create" if headers else "create")
+        return self._write(lambda: self._request(
+            "POST", str(resource["resourceType"]), json=resource, headers=headers,
+            op="conditional-create" if headers else "create"))
 
     def update(self, resource: Mapping[str, Any], if_match_version: str | None = None
                ) -> FhirResponse:
         """PUT Type/id; with a version, only if the stored version still matches (If-Match)."""
         headers = {"If-Match": f'W/"{if_match_version}"'} if if_match_version else {}
-        return self._request("PUT", f"{resource['resourceType']}/{resource['id']}",
-                             json=resource, headers=headers, op="update")
+        return self._write(lambda: self._request(
+            "PUT", f"{resource['resourceType']}/{resource['id']}", json=resource,
+            headers=headers, op="update"))
 
     def upsert(self, resource: Mapping[str, Any], params: Params) -> FhirResponse:
         """Conditional update `PUT Type?params`: creates (201) or updates (200) one resource."""
-        return self._request("PUT", f"{resource['resourceType']}?{query_string(params)}",
-                             json=resource, op="upsert")
+        return self._write(lambda: self._request(
+            "PUT", f"{resource['resourceType']}?{query_string(params)}", json=resource,
+            op="upsert"))
 
     def transaction(self, bundle: Mapping[str, Any]) -> dict[str, Any]:
         """POST a transaction Bundle and check every entry's status.
@@ -147,6 +166,9 @@ class FhirClient:
         Without Medplum's `transaction-bundles` feature a failing entry does not roll back the
         others and the Bundle still comes back 200, so the per-entry statuses are the truth.
         """
+        return self._write(lambda: self._transaction_once(bundle))
+
+    def _transaction_once(self, bundle: Mapping[str, Any]) -> dict[str, Any]:
         result = self._request("POST", "", json=bundle, op="transaction").resource
         sent, got = len(bundle.get("entry") or []), len(result.get("entry") or [])
         if got != sent:
@@ -161,6 +183,37 @@ class FhirClient:
         return result
 
     # -- plumbing -----------------------------------------------------------------------------
+
+    def _write(self, attempt: Callable[[], T]) -> T:
+        """Run one write under the write limit, retrying serialization conflicts.
+
+        A conflict means PostgreSQL aborted the whole transaction, so nothing was written and
+        the same request is safe to send again. Each retry takes a fresh slot, so a contended
+        server sees fewer writes in flight on the next try. After `conflict_retries` the
+        FhirConflictError goes up to the task, which retries it like any transient failure.
+        """
+        for retry in range(self._conflict_retries + 1):
+            with self.write_limit.slot() as slot:
+                try:
+                    return attempt()
+                except FhirConflictError:
+                    slot.outcome = CONGESTED
+                    self._event("conflict")
+                    if retry == self._conflict_retries:
+                        self._event("gave-up")
+                        raise
+                except FhirTransientError as exc:
+                    if exc.status == 429:
+                        slot.outcome = CONGESTED
+                        self._event("throttled")
+                    raise
+            self._event("retried")
+            self._sleep(retry_delay(retry + 1, *self._conflict_backoff))
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    def _event(self, what: str) -> None:
+        if self._on_contention is not None:
+            self._on_contention(what)
 
     def _request(self, method: str, url: str, json: Any = None,
                  headers: Mapping[str, str] | None = None, op: str = "other") -> FhirResponse:

@@ -50,6 +50,9 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                                "outcome (completed, stopped, unchanged, errors)", ("outcome",)),
     "switchboard_inbox_republished": ("counter", "Accepted messages published again by the "
                                       "inbox sweep (lost between queue and worker)", ()),
+    "switchboard_fhir_contention": ("counter", "FHIR writes meeting server contention: "
+                                    "conflict (409 40001), retried, gave-up (left to the task's "
+                                    "retry), throttled (429)", ("event",)),
     "switchboard_fhir_request_seconds": ("histogram", "FHIR request latency by operation",
                                          ("operation",)),
 }
