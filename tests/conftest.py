@@ -45,9 +45,12 @@ def redis_server(log_dir: Path, tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture(scope="session")
 def fhir_server(log_dir: Path) -> Iterator[devstack.FhirSandbox]:
-    """The FHIR sandbox for the whole session."""
+    """The FHIR sandbox for the whole session, in contention mode: overlapping conditional writes
+    abort with Medplum's 409 (after its own retry), as on the real server with PostgreSQL, so
+    every write path of every test meets what production meets."""
     sandbox = devstack.start_fhir_sandbox(log_dir, extra_env={
-        "FHIR_SANDBOX_CLIENT_ID": FHIR_ID, "FHIR_SANDBOX_CLIENT_SECRET": FHIR_SECRET})
+        "FHIR_SANDBOX_CLIENT_ID": FHIR_ID, "FHIR_SANDBOX_CLIENT_SECRET": FHIR_SECRET},
+        contention_rate=1.0)
     yield sandbox
     sandbox.stop()
 

@@ -64,6 +64,13 @@ def test_provider_faults(stack: Stack) -> None:
     assert counts.dead_lettered == 6 and counts.written == 8, counts
 
 
+def test_contention(stack: Stack) -> None:
+    counts = scenarios.contention(stack, n=150, patients=15)
+    check(counts)
+    assert counts.written == counts.accepted == 150
+    assert counts.conflicts > 0, counts.notes  # the burst did meet Medplum's 409s
+
+
 def test_privacy(stack: Stack) -> None:
     numbers = [phone(i) for i in range(30)] + [phone(5000 + i) for i in range(15)]
     bodies = ["storm 1", "kill 3", "outage 2", "redis 4", "faults reply 1", "kill reply 2"]

@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(scenarios.redis_restart(stack, 80 if q else 400,
                                             down_seconds=1.5 if q else 3.0))
         rows.append(scenarios.provider_faults(stack, 21 if q else 70))
+        rows.append(scenarios.contention(stack, 150 if q else 1000, 15 if q else 50))
         rows.extend(hostile_input(stack, examples=300 if q else 2000, n=30 if q else 200))
         numbers = [phone(i) for i in range(25)] + [phone(5000 + i)
                                                    for i in range(200)]

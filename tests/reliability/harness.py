@@ -21,6 +21,8 @@ import redis
 
 from tests.support import AUTH_TOKEN, PUBLIC_BASE_URL, ProviderSandbox, Sandbox, sign
 from worker.ops import devstack
+from worker.ops.metrics import KEY as METRICS_KEY
+from worker.ops.metrics import SEP as METRICS_SEP
 from worker.settings import Settings, load_settings
 from worker.stores.dead_letters import DeadLetterStore
 
@@ -40,6 +42,7 @@ class Counts:
     duplicates: int = 0  # extra rows or extra provider sends
     lost: int = 0  # accepted but neither written nor dead-lettered
     dead_lettered: int = 0
+    conflicts: int = 0  # FHIR serialization conflicts (409 40001) the service met
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -55,8 +58,11 @@ class Stack:
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="switchboard-reliability-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.redis = devstack.start_redis(self.log_dir, data_dir=self.log_dir / "redis")
+        # Contention mode throughout, as on Medplum with PostgreSQL: overlapping conditional
+        # writes abort with 409 40001 once the server's own retry is spent.
         self.fhir_server = devstack.start_fhir_sandbox(self.log_dir, extra_env={
-            "FHIR_SANDBOX_CLIENT_ID": FHIR_ID, "FHIR_SANDBOX_CLIENT_SECRET": FHIR_SECRET})
+            "FHIR_SANDBOX_CLIENT_ID": FHIR_ID, "FHIR_SANDBOX_CLIENT_SECRET": FHIR_SECRET},
+            contention_rate=1.0)
         self.providers_child, origin = devstack.start_provider_sandbox(self.log_dir, [
             "--twilio-account-sid", "ACtest", "--twilio-auth-token", AUTH_TOKEN,
             "--sendgrid-api-key", "SG.reliability"])
@@ -183,6 +189,17 @@ class Stack:
                 if ident.get("system") == system:
                     counts[str(ident["value"])] += 1
         return counts
+
+    def contention_events(self) -> Counter[str]:
+        """The workers' contention counters so far (conflict, retried, gave-up, throttled) and
+        task retries for `fhir-conflict` (as `task-retry`), read from the shared metrics."""
+        events: Counter[str] = Counter()
+        for name, value in self._r.hgetall(METRICS_KEY + "switchboard_fhir_contention").items():
+            events[name.decode()] += int(float(value))
+        for name, value in self._r.hgetall(METRICS_KEY + "switchboard_task_retries").items():
+            if name.decode().endswith(METRICS_SEP + "fhir-conflict"):
+                events["task-retry"] += int(float(value))
+        return events
 
     def dead_letters(self) -> list[Any]:
         """Every dead-letter entry."""
