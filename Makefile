@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PY_STAMP   := $(VENV)/.installed
 NODE_STAMP := sandbox/fhir/node_modules/.installed
 
-.PHONY: install run test unit lint clean reliability
+.PHONY: install run test unit lint clean reliability bench
 
 install: $(PY_STAMP) $(NODE_STAMP)
 
@@ -39,3 +39,8 @@ clean:
 # The fault-injection suite at full size (loopback only; a few minutes): prints counted results.
 reliability: install
 	$(BIN)/python -m tests.reliability
+
+# Benchmarks on loopback (a couple of minutes; stops by itself): prints figures and ratios and
+# writes bench/results.md. Nothing is asserted and CI times nothing.
+bench: install
+	$(BIN)/python -m tests.bench

@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     # gets slower the more are in flight. Each worker process keeps at most this many FHIR writes
     # in flight, fewer while the server answers conflicts or 429s (AIMD, worker/fhir/contention.py),
     # and retries a conflict this many times, milliseconds apart, before the task's own retry.
-    fhir_max_writes_in_flight: int = Field(default=16, ge=1, le=1024)
+    fhir_max_writes_in_flight: int = Field(default=4, ge=1, le=1024)
     fhir_conflict_retries: int = Field(default=8, ge=0, le=100)
     fhir_conflict_backoff_base_seconds: float = Field(default=0.02, gt=0)
     fhir_conflict_backoff_max_seconds: float = Field(default=1.0, gt=0)

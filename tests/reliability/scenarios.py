@@ -284,7 +284,8 @@ def privacy(stack: Stack, numbers: list[str], bodies: list[str]) -> Counts:
             if not p.name.startswith(("fhir-sandbox", "provider-sandbox", "redis"))]
     text = "\n".join(p.read_text(errors="replace") for p in logs)
     needles = {*numbers, *(n[2:] for n in numbers), *bodies, CLINIC}
-    hits = [n for n in needles if n and n in text]
+    # A number counts only on its own: "…0.0992555200000424s" (a task's run time) is no leak.
+    hits = [n for n in needles if n and re.search(rf"(?<!\d){re.escape(n)}(?!\d)", text)]
     hits += re.findall(r"\+1555\d{7}|%2B1555\d{7}", text)[:5]
     counts.sent = len(text.splitlines())
     counts.written = len(needles)
