@@ -6,14 +6,15 @@ import hmac
 import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import redis
 from flask import Blueprint, Response, current_app, jsonify, request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from web.enqueue import EnqueueFailed, Enqueuer
 from worker.broker.celery_app import QUEUE_OUTBOUND, TASK_OUTBOUND_SEND
+from worker.fhir.reference import InvalidReference, parse_reference
 from worker.settings import Settings
 from worker.stores.outbound_state import SETTLED, OutboundState
 
@@ -23,38 +24,113 @@ _PREFER_WAIT = re.compile(r"\bwait=(\d+)")
 _FAILURE_STATUS = {"throttled": 429, "provider-unavailable": 502, "misconfigured": 503}
 
 
+def _reference_to(*types: str) -> AfterValidator:
+    """A `Type/id` reference in FHIR's grammar (never `.`/`..`) to one of `types` (any: none)."""
+    def check(value: str) -> str:
+        try:
+            parse_reference(value, types or None)
+        except InvalidReference as exc:
+            raise ValueError(exc.detail) from None
+        return value
+    return AfterValidator(check)
+
+
+AnyReference = Annotated[str, _reference_to()]
+CommunicationRef = Annotated[str, _reference_to("Communication")]
+# Who wrote a reply: never the patient (their messages come in; they are not sent back).
+Clinician = Annotated[str, _reference_to("Practitioner", "PractitionerRole", "Organization",
+                                         "Device", "CareTeam", "RelatedPerson")]
+
+
 class ByReference(BaseModel):
     """Send a Communication that already exists on the FHIR server."""
 
     model_config = ConfigDict(extra="forbid")
-    communication: str = Field(pattern=r"^Communication/[A-Za-z0-9\-.]{1,64}$")
+    communication: CommunicationRef
     channel: Literal["sms", "email"] | None = None
+
+
+# The posted resource is a closed shape: only the Communication elements Switchboard uses or
+# passes on, each with a bounded depth. Unknown fields are refused (422), so nothing we do not
+# need (or that nests without end) reaches the queue, the dead-letter store or FHIR.
+
+class Attachment(BaseModel):
+    """A Communication.payload.contentAttachment."""
+
+    model_config = ConfigDict(extra="forbid")
+    contentType: str | None = Field(default=None, max_length=255)
+    url: str = Field(pattern=r"^https://", max_length=2048)
+    title: str | None = Field(default=None, max_length=255)
+    size: int | None = Field(default=None, ge=0)
 
 
 class Payload(BaseModel):
     """One Communication.payload item."""
 
     model_config = ConfigDict(extra="forbid")
-    contentString: str | None = Field(default=None, min_length=1)
-    contentAttachment: dict[str, Any] | None = None
+    contentString: str | None = Field(default=None, min_length=1, max_length=20000)
+    contentAttachment: Attachment | None = None
 
 
 class Reference(BaseModel):
-    """A FHIR Reference."""
+    """A FHIR literal Reference, `Type/id` only."""
 
-    model_config = ConfigDict(extra="allow")
-    reference: str = Field(min_length=3)
+    model_config = ConfigDict(extra="forbid")
+    reference: AnyReference
+    display: str | None = Field(default=None, max_length=255)
+
+
+class ThreadReference(Reference):
+    """A reference to the thread header (another Communication)."""
+
+    reference: CommunicationRef
+
+
+class ClinicianReference(Reference):
+    """Who wrote the reply: never the patient (their messages come in, they are not sent)."""
+
+    reference: Clinician
+
+
+class Coding(BaseModel):
+    """A Coding."""
+
+    model_config = ConfigDict(extra="forbid")
+    system: str | None = Field(default=None, max_length=255)
+    code: str | None = Field(default=None, max_length=255)
+    display: str | None = Field(default=None, max_length=255)
+
+
+class Concept(BaseModel):
+    """A CodeableConcept."""
+
+    model_config = ConfigDict(extra="forbid")
+    coding: list[Coding] | None = Field(default=None, max_length=10)
+    text: str | None = Field(default=None, max_length=1000)
+
+
+class Note(BaseModel):
+    """An Annotation (text only)."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(min_length=1, max_length=5000)
 
 
 class ByResource(BaseModel):
     """A new child Communication to create and send (`channel` is ours, not FHIR's)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
     resourceType: Literal["Communication"]
     status: Literal["preparation", "in-progress"] = "in-progress"
-    payload: list[Payload] = Field(min_length=1)
-    recipient: list[Reference] | None = None
-    partOf: list[Reference] | None = None
+    payload: list[Payload] = Field(min_length=1, max_length=20)
+    recipient: list[Reference] | None = Field(default=None, max_length=10)
+    partOf: list[ThreadReference] | None = Field(default=None, max_length=1)
+    subject: Reference | None = None
+    sender: ClinicianReference | None = None
+    topic: Concept | None = None
+    category: list[Concept] | None = Field(default=None, max_length=10)
+    priority: Literal["routine", "urgent", "asap", "stat"] | None = None
+    note: list[Note] | None = Field(default=None, max_length=10)
     channel: Literal["sms", "email"] | None = None
 
 
@@ -121,8 +197,8 @@ def api_blueprint(settings: Settings, client: redis.Redis) -> Blueprint:
         if isinstance(parsed, ByReference):
             payload["communication"] = parsed.communication
         else:
-            resource = {k: v for k, v in data.items() if k != "channel"}
-            payload["resource"] = resource
+            # What was validated, and only that, goes on.
+            payload["resource"] = parsed.model_dump(exclude_none=True, exclude={"channel"})
         state.update(request_id, "queued")
         enqueuer: Enqueuer = current_app.extensions["switchboard.enqueuer"]
         try:

@@ -14,6 +14,10 @@ from worker.stores.inbox import HEADER as INBOX_HEADER
 from worker.stores.inbox import Inbox
 
 log = logging.getLogger("switchboard.web")
+# Each Redis step of an enqueue (the inbox write, the publish) gives up after this long, so a
+# stalled Redis (SIGSTOP, a full network buffer) is a prompt 503, not a request hanging until
+# the provider times out. Twilio waits 15 s for an answer.
+STEP_TIMEOUT_SECONDS = 1.0
 
 
 class EnqueueFailed(Exception):
@@ -30,9 +34,16 @@ class Enqueuer:
     @classmethod
     def from_settings(cls, settings: Settings) -> Enqueuer:
         """An Enqueuer publishing to the configured broker."""
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=5,
-                                      socket_connect_timeout=3)
-        return cls(create_celery(settings), Inbox(client))
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=STEP_TIMEOUT_SECONDS,
+                                      socket_connect_timeout=STEP_TIMEOUT_SECONDS)
+        celery = create_celery(settings)
+        # The receiver's own producer only: workers keep kombu's defaults for their long polls.
+        celery.conf.broker_connection_timeout = STEP_TIMEOUT_SECONDS
+        celery.conf.broker_transport_options = {
+            **celery.conf.broker_transport_options,
+            "socket_timeout": STEP_TIMEOUT_SECONDS,
+            "socket_connect_timeout": STEP_TIMEOUT_SECONDS}
+        return cls(celery, Inbox(client))
 
     def send(self, task: str, queue: str, args: list[Any], inbox_key: str) -> str:
         """Record the message in the inbox, then publish it; raises EnqueueFailed unless both
@@ -43,10 +54,23 @@ class Enqueuer:
         """
         try:
             self._inbox.accept(inbox_key, task, queue, args)
+        except Exception as exc:  # redis raises many types; all mean "not kept"
+            log.error("enqueue of %s failed: %s", task, type(exc).__name__)
+            raise EnqueueFailed(type(exc).__name__) from exc
+        try:
             result = self._celery.send_task(task, args=args, queue=queue, retry=False,
                                             headers={INBOX_HEADER: inbox_key},
                                             **REDACTED_ARGS)
         except Exception as exc:  # kombu/redis raise many types; all mean "not enqueued"
             log.error("enqueue of %s failed: %s", task, type(exc).__name__)
+            # A 5xx must mean "not kept": take the inbox entry back, or the sweep would
+            # process a message the provider was told we refused. If Redis is too far gone
+            # for that, the entry stays and the sweep publishes it later (idempotent writes
+            # make the provider's own retry harmless).
+            try:
+                self._inbox.done(inbox_key)
+            except Exception as cleanup:
+                log.error("inbox entry of a refused %s kept (%s)", task,
+                          type(cleanup).__name__)
             raise EnqueueFailed(type(exc).__name__) from exc
         return str(result.id)

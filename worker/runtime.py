@@ -67,7 +67,7 @@ def build_runtime(settings: Settings) -> Runtime:
                           "switchboard_fhir_contention", event=event))
     outbound = OutboundDeps(
         fhir=fhir, channels=build_channels(settings),
-        ledger=SendLedger(client), optouts=OptOuts(client),
+        ledger=SendLedger(client), optouts=OptOuts(client, settings.optout_key()),
         limiter=RateLimiter(client), state=OutboundState(client),
         rates={"sms": settings.sms_rate_per_second, "email": settings.email_rate_per_second},
         id_systems={"sms": settings.message_id_system,

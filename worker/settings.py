@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 from collections.abc import Mapping
 from typing import Literal
@@ -80,6 +82,10 @@ class Settings(BaseSettings):
     channel_fallback: bool = False
     email_message_id_system: str = "https://docs.sendgrid.com/x-message-id"
     outbound_request_system: str = "urn:switchboard:outbound-request"
+    # Key of the HMAC that stores opt-outs (phone numbers, emails) as digests nobody can
+    # recompute without it. Unset: derived from TWILIO_AUTH_TOKEN (set it, so that rotating the
+    # Twilio token does not make Switchboard forget who opted out).
+    optout_hash_key: SecretStr = SecretStr("")
     # How long a send claim blocks another attempt at the same Communication.
     send_claim_seconds: int = Field(default=600, ge=10)
 
@@ -184,6 +190,14 @@ class Settings(BaseSettings):
             parts = urlsplit(self.fhir_base_url)
             object.__setattr__(self, "fhir_token_url", f"{parts.scheme}://{parts.netloc}/oauth2/token")
         return self
+
+    def optout_key(self) -> bytes:
+        """The opt-out HMAC key (OPTOUT_HASH_KEY, else one derived from the Twilio token)."""
+        own = self.optout_hash_key.get_secret_value().encode()
+        if own:
+            return own
+        token = self.twilio_auth_token.get_secret_value().encode()
+        return hmac.new(token, b"switchboard opt-out key", hashlib.sha256).digest()
 
     def api_token_list(self) -> list[str]:
         """The accepted API bearer tokens."""

@@ -19,7 +19,7 @@ from worker.broker.retry import SwitchboardTask
 from worker.channels import twilio
 from worker.channels.twilio import TwilioSms
 from worker.fhir.resources import clinic_participant
-from worker.inbound.pipeline import deliver_inbound
+from worker.inbound.pipeline import apply_opt_keyword, deliver_inbound
 from worker.inbound.threads import ThreadContext
 from worker.outbound.pipeline import OutboundRequest, send_outbound
 from worker.outbound.reconcile import reconcile_stuck
@@ -41,6 +41,9 @@ def inbound_sms(self: SwitchboardTask, params: dict[str, str], meta: dict[str, A
                         rt.locks.hold)
     outcome = deliver_inbound(msg, ctx, rt.settings.sms_thread_strategy,
                               rt.settings.unknown_sender_policy, rt.seen)
+    opted = apply_opt_keyword(msg, rt.outbound.optouts)
+    if opted:
+        log.info("%s recorded for the sender of %s", opted, msg.provider_message_id)
     log.info("inbound %s: %s Communication/%s in %s", msg.provider_message_id, outcome.result,
              outcome.communication_id, outcome.thread_ref)
     return {"communication": outcome.communication_id, "thread": outcome.thread_ref,

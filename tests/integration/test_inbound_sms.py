@@ -97,14 +97,15 @@ def test_same_message_five_times_at_once_is_written_once(
 def test_conversation_sid_is_the_thread_key(services: Services, sandbox: Sandbox) -> None:
     svc = services.get(SMS_THREAD_STRATEGY="conversation")
     sandbox.patient(PATIENT)
-    a = sms_params(PATIENT, "in a conversation", ConversationSid="CH0123456789abcdef")
+    conversation = "CH0123456789abcdef0123456789abcdef"
+    a = sms_params(PATIENT, "in a conversation", ConversationSid=conversation)
     b = sms_params(PATIENT, "same conversation, other line", to="+15550001111",
-                   ConversationSid="CH0123456789abcdef")
+                   ConversationSid=conversation)
     deliver(svc, a)
     deliver(svc, b)
     assert landed(sandbox, a["MessageSid"])["partOf"] == landed(sandbox, b["MessageSid"])["partOf"]
     (header,) = sandbox.headers()
-    assert header["identifier"][0]["value"] == "CH0123456789abcdef"
+    assert header["identifier"][0]["value"] == conversation
 
 
 def test_active_thread_joins_the_open_thread_until_it_is_closed(

@@ -289,6 +289,38 @@ def _known_probes(token: str) -> list[Probe]:
               authorised=True),
         Probe("post-messages", "POST", "/v1/messages", body=deep,
               content_type="application/json"),
+        # The hardening review's findings: each must be refused (4xx), never queued.
+        *(Probe("post-messages", "POST", "/v1/messages", body=json.dumps(body).encode(),
+                headers=[("Authorization", f"Bearer {token}")],
+                content_type="application/json", authorised=True)
+          for body in _hostile_api_bodies()),
+    ]
+
+
+def _hostile_api_bodies() -> list[dict[str, Any]]:
+    """API bodies from the hardening review: a poison payload, reference traversal, sends that
+    lie. (A valid body, to which each adds one hostile thing.)"""
+    deep: Any = "x"
+    for _ in range(500):  # a field nested ~500 lists deep made a dead letter loop forever
+        deep = [deep]
+    ok = {"resourceType": "Communication", "payload": [{"contentString": "hello"}],
+          "recipient": [{"reference": "Patient/p1"}]}
+    return [
+        {**ok, "extension": deep},
+        {**ok, "payload": [{"contentString": "hi", "x": deep}]},
+        {"communication": "Communication/p1", "x": deep},
+        {"communication": "Communication/.."},
+        {"communication": "Communication/."},
+        {"communication": "Communication/../Patient/p1"},
+        {**ok, "recipient": [{"reference": "Patient/../Practitioner/p1"}]},
+        {**ok, "recipient": [{"reference": "Patient/../../../x"}]},
+        {**ok, "partOf": [{"reference": "Communication/.."}]},
+        {**ok, "partOf": [{"reference": "Patient/p1"}]},
+        {**ok, "identifier": [{"system": "https://www.twilio.com/docs/api/messaging/message#sid",
+                               "value": "SM" + "0" * 32}]},
+        {**ok, "sender": {"reference": "Patient/p1"}},
+        {"resourceType": "Communication", "recipient": [{"reference": "Patient/p1"}]},
+        {**ok, "payload": [{"contentAttachment": {"url": "file:///etc/passwd"}}]},
     ]
 
 
@@ -390,9 +422,9 @@ def _phone(rng: random.Random) -> str:
     return "+1555" + "".join(rng.choice(string.digits) for _ in range(7))
 
 
-def _payload(rng: random.Random, kind: str) -> dict[str, str]:
+def _payload(rng: random.Random, kind: str, account_sid: str) -> dict[str, str]:
     """A valid-looking Twilio webhook form of this kind (`sms` or `status`)."""
-    common = {"MessageSid": _sid(rng, "SM"), "AccountSid": _sid(rng, "AC"),
+    common = {"MessageSid": _sid(rng, "SM"), "AccountSid": account_sid,
               "From": _phone(rng), "To": _phone(rng), "ApiVersion": "2010-04-01"}
     if kind == "sms":
         body = "".join(rng.choice(_BODY_CHARS) for _ in range(rng.randint(1, 160)))
@@ -417,6 +449,7 @@ class _Attempt:
     params: list[tuple[str, str]]
     headers: list[tuple[str, str]]
     query: str = ""
+    expect: int = 403  # what an attack must get: 403 (forged), 400 (signed, malformed field)
 
 
 def _shifted(params: dict[str, str]) -> dict[str, str] | None:
@@ -441,11 +474,11 @@ def _shifted(params: dict[str, str]) -> dict[str, str] | None:
     return None
 
 
-def _attempts(rng: random.Random, base: str, token: str, kind: str
+def _attempts(rng: random.Random, base: str, token: str, kind: str, account_sid: str
               ) -> list[_Attempt]:
     path = SMS_PATH if kind == "sms" else STATUS_PATH
     other_path = STATUS_PATH if kind == "sms" else SMS_PATH
-    params = _payload(rng, kind)
+    params = _payload(rng, kind, account_sid)
     items = list(params.items())
     right = RequestValidator(token)
 
@@ -466,7 +499,7 @@ def _attempts(rng: random.Random, base: str, token: str, kind: str
     changed = {**params, changed_key: params[changed_key] + rng.choice(["x", " ", "0", "é"])}
     removed_key = rng.choice(list(params))
     removed = {k: v for k, v in params.items() if k != removed_key}
-    other = _payload(rng, kind)
+    other = _payload(rng, kind, account_sid)
     flip = "".join(c.lower() if c.isupper() else c.upper() for c in good)
     out = [
         _Attempt("control", "signed", path, items, [(h, good)]),
@@ -519,6 +552,36 @@ def _attempts(rng: random.Random, base: str, token: str, kind: str
     if shifted is not None:
         out.append(_Attempt("tolerated", "boundary-shift", path, list(shifted.items()),
                             [(h, good)]))
+    # Validly signed, malformed fields (Twilio's signature binds no name to its value): each
+    # must be refused with 400 and nothing queued.
+    for name, signed in _malformed(params, kind, rng):
+        out.append(_Attempt("attack", name, path, list(signed.items()), [(h, sig(signed))],
+                            expect=400))
+    return out
+
+
+def _malformed(params: dict[str, str], kind: str, rng: random.Random
+               ) -> list[tuple[str, dict[str, str]]]:
+    """(name, params) variants a valid signature can carry but whose fields are malformed."""
+    out = []
+    if "NumMedia" in params:
+        # The captured-webhook replay: `NumMedia0` moved into MessageSid, NumMedia dropped; the
+        # signed string is unchanged, so the original signature still matches.
+        shifted = {k: v for k, v in params.items() if k != "NumMedia"}
+        shifted["MessageSid"] = params["MessageSid"] + "NumMedia" + params["NumMedia"]
+        out.append(("sid-absorbs-nummedia", shifted))
+        out.append(("media-file-url", {**params, "NumMedia": "1",
+                                       "MediaUrl0": "file:///etc/passwd"}))
+        out.append(("media-foreign-host", {**params, "NumMedia": "1",
+                                           "MediaUrl0": "https://evil.example/x.jpg"}))
+        out.append(("media-beyond-count", {**params, "NumMedia": "0",
+                                           "MediaUrl3": "https://api.twilio.com/m"}))
+        out.append(("from-not-a-number", {**params, "From": "javascript:alert(1)"}))
+    out.append(("sid-with-comma", {**params, "MessageSid": params["MessageSid"] + ",SM" +
+                                   "0" * 32}))
+    out.append(("foreign-account", {**params, "AccountSid": "AC" + "f" * 32}))
+    if kind == "status":
+        out.append(("unknown-status", {**params, "MessageStatus": "pwned"}))
     return out
 
 
@@ -559,6 +622,7 @@ def run_forgery(app: Any, redis_client: redis.Redis, public_base_url: str, auth_
     """
     rng = random.Random(seed)
     client = app.test_client()
+    account_sid = app.extensions["switchboard.settings"].twilio_account_sid
     base = public_base_url.rstrip("/")
     counts: Counter[str] = Counter(attacks=0, rejected=0, accepted=0, enqueued=0, status_5xx=0,
                                    controls=0, controls_accepted=0, controls_enqueued=0,
@@ -578,17 +642,17 @@ def run_forgery(app: Any, redis_client: redis.Redis, public_base_url: str, auth_
 
     for i in range(n):
         kind = "sms" if i % 2 == 0 else "status"
-        attempts = _attempts(rng, base, auth_token, kind)
+        attempts = _attempts(rng, base, auth_token, kind, account_sid)
         for a in attempts:
             status, grown = send(a)
             counts["status_5xx"] += int(status >= 500)
             ok = 200 <= status < 300
             if a.category == "attack":
                 counts["attacks"] += 1
-                counts["rejected"] += int(status == 403)
+                counts["rejected"] += int(status == a.expect)
                 counts["accepted"] += int(ok)
                 counts["enqueued"] += grown
-                if status != 403 or grown:
+                if status != a.expect or grown:
                     sink.append(f"attack {a.name} ({kind}) -> {status}, enqueued {grown}")
             elif a.category == "control":
                 counts["controls"] += 1

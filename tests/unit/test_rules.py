@@ -120,11 +120,14 @@ def test_backoff_grows_exponentially() -> None:
 def test_parse_inbound_mms_and_conversation() -> None:
     msg = parse_inbound({
         "MessageSid": "SM1", "From": "+15551234567", "To": "+15557654321", "Body": "pic",
-        "NumMedia": "2", "MediaUrl0": "https://m/0", "MediaContentType0": "image/jpeg",
-        "MediaUrl1": "https://m/1", "ConversationSid": "CH9",
+        "NumMedia": "3", "MediaUrl0": "https://api.twilio.com/m/0",
+        "MediaContentType0": "image/jpeg", "MediaUrl1": "https://media.twiliocdn.com/m/1",
+        "MediaUrl2": "file:///etc/passwd", "ConversationSid": "CH9",
     }, received_at="2026-11-24T10:00:00.000+00:00")
     assert msg.sender == "+15551234567"
-    assert [a.url for a in msg.attachments] == ["https://m/0", "https://m/1"]
+    # Only Twilio's own https media hosts become attachments (the receiver refuses the rest).
+    assert [a.url for a in msg.attachments] == ["https://api.twilio.com/m/0",
+                                                "https://media.twiliocdn.com/m/1"]
     assert msg.attachments[1].content_type == "application/octet-stream"
     assert msg.conversation_key() == "CH9"
     plain = parse_inbound({"MessageSid": "SM2", "From": "+15551234567", "To": "+15557654321"},

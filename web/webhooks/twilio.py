@@ -19,6 +19,7 @@ from worker.channels.twilio import (
     REQUIRED_FIELDS,
     STATUS_FIELDS,
     TwilioSignature,
+    field_problems,
     missing_fields,
 )
 from worker.ops.metrics import Metrics
@@ -69,6 +70,13 @@ def twilio_blueprint(settings: Settings) -> Blueprint:
                         reason="missing-fields")
             return jsonify(error="missing-fields", fields=missing,
                            detail="required: " + ", ".join(missing)), 400
+        invalid = field_problems(kind, params, settings.twilio_account_sid)
+        if invalid:
+            log.warning("twilio %s webhook rejected: invalid %s", kind, ",".join(invalid))
+            metrics.inc("switchboard_webhooks_rejected", endpoint=endpoint,
+                        reason="invalid-fields")
+            return jsonify(error="invalid-fields", fields=invalid,
+                           detail="malformed: " + ", ".join(invalid)), 400
         enqueuer: Enqueuer = current_app.extensions["switchboard.enqueuer"]
         args: list[object] = [params]
         if with_meta:

@@ -7,9 +7,13 @@
 - Anything else is a bug: dead letter as `unexpected-error` and re-raise so it is loud.
 - A message whose processing keeps killing the worker (redelivered by the broker without ever
   finishing) is dead-lettered as `delivery-loop` after MAX_DELIVERIES.
-- If the dead-letter write or the retry publish itself fails (Redis down, out of memory), the
+- If the dead-letter write or the retry publish itself fails because Redis is unavailable, the
   message is handed back to the broker (Reject requeue=True), never acknowledged: a message is
   only ever acked once it is written, dead-lettered, or re-published.
+- A message that can be neither processed nor dead-lettered for any other reason, or that keeps
+  coming back after MAX_DELIVERIES (its dead letter kept failing), is quarantined: a minimal
+  record without payload (`switchboard dlq quarantined`), a metric and an error line, then it is
+  acknowledged. It ends somewhere a person sees it; it never cycles.
 Logs carry reasons and ids only, never payloads or error details (which can hold PHI).
 """
 
@@ -27,7 +31,7 @@ from worker.broker.celery_app import REDACTED_ARGS
 from worker.errors import Deferred, PermanentError, TransientError
 from worker.ops import logs
 from worker.runtime import get_runtime
-from worker.stores.dead_letters import REPLAY_HEADER
+from worker.stores.dead_letters import REPLAY_HEADER, quarantine
 from worker.stores.inbox import HEADER as INBOX_HEADER
 
 log = logging.getLogger("switchboard.tasks")
@@ -70,7 +74,12 @@ class SwitchboardTask(Task):  # type: ignore[misc]
         settings = rt.settings
         attempt = int(self.request.retries or 0) + 1
         try:
-            if self._deliveries(attempt) > settings.max_deliveries:
+            deliveries = self._deliveries(attempt)
+            if deliveries > 2 * settings.max_deliveries:
+                # Even the dead-letter write kept failing on this message: stop the loop here.
+                self._quarantine("delivery-loop")
+                return None
+            if deliveries > settings.max_deliveries:
                 raise PermanentError("delivery-loop", "the worker died on every delivery")
             result = self.run(*args, **kwargs)
         except Deferred as exc:
@@ -150,21 +159,46 @@ class SwitchboardTask(Task):  # type: ignore[misc]
 
     def _dead_letter(self, args: Any, kwargs: Any, reason: str, detail: str, attempts: int
                      ) -> None:
-        queue = (self.request.delivery_info or {}).get("routing_key") or self.queue or ""
+        queue = self._queue()
         try:
             entry = get_runtime().dead_letters.record(
-                self.name, str(queue), list(args), dict(kwargs), reason, detail, attempts)
-        except Exception as exc:
-            # Not stored means not safe: refuse to ack, so the broker keeps the message.
+                self.name, queue, list(args), dict(kwargs), reason, detail, attempts,
+                task_id=str(self.request.id))
+        except REDIS_TRANSIENT as exc:
+            # Not stored means not safe: refuse to ack, so the broker keeps the message until
+            # Redis takes writes again.
             log.error("task %s[%s] could not be dead-lettered (%s); requeued", self.name,
                       self.request.id, type(exc).__name__)
             raise Reject(type(exc).__name__, requeue=True) from None
+        except Exception as exc:
+            # Not Redis: something about this message. Redelivering it would fail the same way.
+            log.error("task %s[%s] could not be dead-lettered (%s)", self.name,
+                      self.request.id, type(exc).__name__)
+            self._quarantine(reason)
+            return
         log.error("task %s[%s] dead-lettered as %s (reason %s, after %d attempts)",
                   self.name, self.request.id, entry.id, reason, attempts)
         self._count("dead_lettered")
         self._inbox("done")  # safe in the dead-letter store: no longer the inbox's business
         get_runtime().metrics.inc("switchboard_dead_letters", task=self.name, reason=reason)
         self.dead_lettered(args, kwargs, reason, detail)
+
+    def _queue(self) -> str:
+        return str((self.request.delivery_info or {}).get("routing_key") or self.queue or "")
+
+    def _quarantine(self, reason: str) -> None:
+        """Drop a message that can be neither processed nor dead-lettered, leaving a minimal
+        record, a metric and an error line (an alert should fire on any)."""
+        rt = get_runtime()
+        try:
+            quarantine(rt.redis, self.name, str(self.request.id), self._queue(), reason)
+        except REDIS_TRANSIENT as exc:
+            raise Reject(type(exc).__name__, requeue=True) from None
+        log.error("task %s[%s] QUARANTINED (reason %s): neither processed nor dead-lettered; "
+                  "see `switchboard dlq quarantined`", self.name, self.request.id, reason)
+        rt.metrics.inc("switchboard_quarantined", task=self.name, reason=reason)
+        self._count("quarantined")
+        self._inbox("done")  # never re-published by the inbox sweep
 
     def _inbox(self, what: str) -> None:
         key = self.request.get(INBOX_HEADER)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from twilio.request_validator import RequestValidator
 
@@ -12,6 +14,7 @@ from worker.broker.backoff import retry_after_seconds
 from worker.channels import Attachment, InboundMessage, OutboundMessage, SendError, SendResult
 from worker.channels.phones import InvalidPhoneNumber, to_e164
 from worker.errors import PermanentError
+from worker.outbound.status_map import TWILIO_TO_FHIR
 
 CHANNEL = "sms"
 MEDIUM_CODE = "SMSWRIT"
@@ -20,6 +23,17 @@ STATUS_FIELDS = ("MessageSid", "MessageStatus")
 TWILIO_API = "https://api.twilio.com"
 # Twilio sends at most 10 media items per MMS (MediaUrl0..MediaUrl9).
 MAX_MEDIA = 10
+# Shapes of the fields we use. Twilio signs names and values run together with no separator, so
+# text can move from a value into the next parameter's name without breaking the signature
+# (`MessageSid=SM…NumMedia0` with `NumMedia` dropped signs the same): every field's shape is
+# checked before anything is enqueued.
+MESSAGE_SID = re.compile(r"(SM|MM)[0-9a-f]{32}")
+CONVERSATION_SID = re.compile(r"CH[0-9a-f]{32}")
+STATUSES = frozenset(TWILIO_TO_FHIR)
+SHORT_CODE = re.compile(r"[0-9]{3,8}")
+MEDIA_URL_FIELD = re.compile(r"MediaUrl([0-9]+)")
+# Where Twilio serves MMS media: only these become attachment links in the EHR.
+MEDIA_HOSTS = frozenset({"api.twilio.com", "media.twiliocdn.com", "mms.twiliocdn.com"})
 
 
 class TwilioSignature:
@@ -45,6 +59,66 @@ def missing_fields(params: Mapping[str, str], required: tuple[str, ...] = REQUIR
                    ) -> list[str]:
     """The required webhook fields that are absent or blank."""
     return [name for name in required if not (params.get(name) or "").strip()]
+
+
+# Twilio's default opt-out and opt-in keywords: the whole message, any case. Twilio itself
+# blocks sends after an opt-out (error 21610) and lifts it after an opt-in; we mirror both so a
+# send is refused without a provider call, and a patient who texts START is reachable again.
+OPT_OUT_WORDS = frozenset({"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE",
+                           "OPTOUT"})
+OPT_IN_WORDS = frozenset({"START", "YES", "UNSTOP"})
+
+
+def opt_keyword(body: str) -> str | None:
+    """"opt-out" or "opt-in" when the message is one of Twilio's keywords, else None."""
+    word = body.strip().upper()
+    return "opt-out" if word in OPT_OUT_WORDS else "opt-in" if word in OPT_IN_WORDS else None
+
+
+def field_problems(kind: str, params: Mapping[str, str], account_sid: str) -> list[str]:
+    """What is wrong with the shape of a signed webhook's fields (empty: nothing).
+
+    `kind` is "sms" (incoming message) or "status" (delivery callback). Names only, never
+    values, so the answer can be logged and returned.
+    """
+    problems = []
+    if not MESSAGE_SID.fullmatch(params.get("MessageSid") or ""):
+        problems.append("MessageSid")
+    if params.get("AccountSid") != account_sid:
+        problems.append("AccountSid")
+    if kind == "status":
+        if (params.get("MessageStatus") or "").lower() not in STATUSES:
+            problems.append("MessageStatus")
+        if not (params.get("ErrorCode") or "0").isdigit():
+            problems.append("ErrorCode")
+        return problems
+    try:
+        to_e164(params.get("From") or "")
+    except InvalidPhoneNumber:
+        problems.append("From")
+    to = params.get("To") or ""
+    if not SHORT_CODE.fullmatch(to):
+        try:
+            to_e164(to)
+        except InvalidPhoneNumber:
+            problems.append("To")
+    if "ConversationSid" in params and not CONVERSATION_SID.fullmatch(params["ConversationSid"]):
+        problems.append("ConversationSid")
+    count = params.get("NumMedia", "0")
+    if not count.isdigit() or int(count) > MAX_MEDIA:
+        problems.append("NumMedia")
+        count = "0"
+    for name, value in params.items():
+        found = MEDIA_URL_FIELD.fullmatch(name)
+        if found and (int(found.group(1)) >= int(count) or not _twilio_media(value)):
+            problems.append(name)
+    return problems
+
+
+def _twilio_media(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme == "https" and (parts.hostname or "") in MEDIA_HOSTS \
+        and not parts.username and not parts.password
 
 
 def parse_inbound(params: Mapping[str, str], received_at: str) -> InboundMessage:
@@ -73,7 +147,7 @@ def parse_inbound(params: Mapping[str, str], received_at: str) -> InboundMessage
             content_type=params.get(f"MediaContentType{i}") or "application/octet-stream",
         )
         for i in range(num_media)
-        if params.get(f"MediaUrl{i}")
+        if params.get(f"MediaUrl{i}") and _twilio_media(params[f"MediaUrl{i}"])
     )
     return InboundMessage(
         channel=CHANNEL,

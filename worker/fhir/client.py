@@ -14,6 +14,7 @@ from worker.broker.backoff import retry_delay
 from worker.fhir.contention import CONGESTED, WriteLimit
 from worker.fhir.outcome import FhirConflictError, FhirTransientError, classify
 from worker.fhir.query import Params, query_string
+from worker.fhir.reference import InvalidReference, ref, valid_type
 
 T = TypeVar("T")
 FHIR_JSON = "application/fhir+json"
@@ -130,12 +131,12 @@ class FhirClient:
     # -- operations ---------------------------------------------------------------------------
 
     def read(self, resource_type: str, resource_id: str) -> FhirResponse:
-        """GET Type/id."""
-        return self._request("GET", f"{resource_type}/{resource_id}", op="read")
+        """GET Type/id (both parts checked: InvalidReference otherwise)."""
+        return self._request("GET", str(ref(resource_type, resource_id)), op="read")
 
     def search(self, resource_type: str, params: Params) -> dict[str, Any]:
         """GET Type?params, returning the searchset Bundle."""
-        return self._request("GET", f"{resource_type}?{query_string(params)}",
+        return self._request("GET", f"{_type(resource_type)}?{query_string(params)}",
                              op="search").resource
 
     def create(self, resource: Mapping[str, Any], if_none_exist: Params | None = None
@@ -143,7 +144,7 @@ class FhirClient:
         """POST a resource; with `if_none_exist`, a conditional create (201 new, 200 found)."""
         headers = {"If-None-Exist": query_string(if_none_exist)} if if_none_exist else {}
         return self._write(lambda: self._request(
-            "POST", str(resource["resourceType"]), json=resource, headers=headers,
+            "POST", _type(resource.get("resourceType")), json=resource, headers=headers,
             op="conditional-create" if headers else "create"))
 
     def update(self, resource: Mapping[str, Any], if_match_version: str | None = None
@@ -151,13 +152,13 @@ class FhirClient:
         """PUT Type/id; with a version, only if the stored version still matches (If-Match)."""
         headers = {"If-Match": f'W/"{if_match_version}"'} if if_match_version else {}
         return self._write(lambda: self._request(
-            "PUT", f"{resource['resourceType']}/{resource['id']}", json=resource,
+            "PUT", str(ref(resource.get("resourceType"), resource.get("id"))), json=resource,
             headers=headers, op="update"))
 
     def upsert(self, resource: Mapping[str, Any], params: Params) -> FhirResponse:
         """Conditional update `PUT Type?params`: creates (201) or updates (200) one resource."""
         return self._write(lambda: self._request(
-            "PUT", f"{resource['resourceType']}?{query_string(params)}", json=resource,
+            "PUT", f"{_type(resource.get('resourceType'))}?{query_string(params)}", json=resource,
             op="upsert"))
 
     def transaction(self, bundle: Mapping[str, Any]) -> dict[str, Any]:
@@ -244,6 +245,12 @@ class FhirClient:
         if err is not None:
             raise err
         return FhirResponse(resp.status_code, body if isinstance(body, dict) else {})
+
+
+def _type(resource_type: object) -> str:
+    if not valid_type(resource_type):
+        raise InvalidReference("not a FHIR resource type")
+    return str(resource_type)
 
 
 def _path(url: str) -> str:

@@ -34,5 +34,6 @@ def conditional_reference(resource_type: str, params: Params) -> str:
 
 
 def token(system: str, value: str) -> str:
-    """A token search value `system|value`."""
-    return f"{system}|{value}"
+    """A token search value `system|value`, with FHIR's escape for a comma in the value: a bare
+    comma means OR, so `SM1,SM2` would match two messages. (Medplum reads `\\,` as a comma.)"""
+    return f"{system}|{value.replace(',', chr(92) + ',')}"

@@ -7,10 +7,29 @@ from typing import Protocol
 
 from worker.channels import InboundMessage
 from worker.channels.phones import search_variants
+from worker.channels.twilio import CHANNEL, opt_keyword
 from worker.errors import PermanentError
 from worker.fhir.outcome import FhirPermanentError
 from worker.fhir.resources import patient_with_phone
 from worker.inbound.threads import STRATEGIES, ThreadContext, Written
+
+
+class OptOutList(Protocol):
+    """The local opt-out list (worker.stores.optouts.OptOuts)."""
+
+    def add(self, channel: str, address: str) -> None: ...
+    def remove(self, channel: str, address: str) -> bool: ...
+
+
+def apply_opt_keyword(msg: InboundMessage, optouts: OptOutList) -> str | None:
+    """A STOP keeps later sends to this sender from leaving; a START (UNSTOP, YES) lifts it.
+    The message itself is written like any other: the clinic sees it too."""
+    change = opt_keyword(msg.body) if msg.channel == CHANNEL else None
+    if change == "opt-out":
+        optouts.add(msg.channel, msg.sender)
+    elif change == "opt-in":
+        optouts.remove(msg.channel, msg.sender)
+    return change
 
 
 class SeenMessages(Protocol):

@@ -11,7 +11,6 @@ import shlex
 import signal
 import sys
 import time
-from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlencode
@@ -19,9 +18,17 @@ from urllib.parse import urlencode
 import redis
 from twilio.request_validator import RequestValidator
 
+from worker.channels.phones import InvalidPhoneNumber, to_e164
 from worker.ops import logs
 from worker.settings import ConfigError, Settings, load_settings
-from worker.stores.dead_letters import REPLAY_HEADER, DeadLetter, DeadLetterStore, parse_since
+from worker.stores.dead_letters import (
+    REPLAY_HEADER,
+    DeadLetter,
+    DeadLetterStore,
+    parse_since,
+    quarantined,
+)
+from worker.stores.optouts import OptOuts
 
 
 def _ts(t: float) -> str:
@@ -89,7 +96,7 @@ def cmd_dlq_list(settings: Settings, args: argparse.Namespace) -> int:
     filters = _filters(args)
     entries = _store(settings).query(args.reason, args.task, args.since, limit=args.limit)
     if args.json:
-        print(json.dumps([asdict(e) for e in entries], indent=2))
+        print(json.dumps([e.as_dict() for e in entries], indent=2))
         return 0
     if not entries:
         print(f"no dead letters match {_describe(filters)}" if filters
@@ -99,13 +106,56 @@ def cmd_dlq_list(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dlq_quarantined(settings: Settings, args: argparse.Namespace) -> int:
+    """List the minimal records of messages dropped as neither processable nor storable."""
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+    records = quarantined(client, args.limit)
+    if not records:
+        print("nothing quarantined")
+    for r in records:
+        print(f"{_ts(float(r['at']))}  {r['task']}[{r['task_id']}]  queue={r['queue']}  "
+              f"reason={r['reason']}")
+    return 0
+
+
+def _optouts(settings: Settings, args: argparse.Namespace) -> tuple[OptOuts, str]:
+    address = args.address.strip()
+    if args.channel == "sms":
+        address = to_e164(address)  # InvalidPhoneNumber is reported by cmd_optout
+    else:
+        address = address.lower()
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+    return OptOuts(client, settings.optout_key()), address
+
+
+def cmd_optout(settings: Settings, args: argparse.Namespace) -> int:
+    """Check, add or remove one address on the local opt-out list (exit 1: not on it)."""
+    try:
+        optouts, address = _optouts(settings, args)
+    except InvalidPhoneNumber:
+        print("not a phone number", file=sys.stderr)
+        return 2
+    if args.action == "remove":
+        removed = optouts.remove(args.channel, address)
+        _dlq_log(settings).info("opt-out removed by an operator (%s)", args.channel)
+        print("opt-out removed" if removed else "no opt-out was recorded for it")
+        return 0 if removed else 1
+    if args.action == "add":
+        optouts.add(args.channel, address)
+        print("opt-out recorded")
+        return 0
+    found = optouts.has(args.channel, address)
+    print("opted out" if found else "not opted out")
+    return 0 if found else 1
+
+
 def cmd_dlq_show(settings: Settings, args: argparse.Namespace) -> int:
     """Show one entry in full (payload included: this is an operator tool, not a log)."""
     entry = _store(settings).get(args.id)
     if entry is None:
         print(f"no dead letter {args.id}", file=sys.stderr)
         return 1
-    data = asdict(entry)
+    data = entry.as_dict()
     data["first_failed_at"] = _ts(entry.first_failed_at)
     data["last_failed_at"] = _ts(entry.last_failed_at)
     print(json.dumps(data, indent=2))
@@ -287,6 +337,8 @@ def cmd_run(_: Settings | None, args: argparse.Namespace) -> int:
             fhir.close()
         child_env = settings.as_env()
         stack.children.append(devstack.start_worker(child_env, log_dir))
+        # Beat runs the inbox sweep and the reconciliation of stuck sends, as in production.
+        stack.children.append(devstack.start_beat(child_env, log_dir))
         stack.children.append(devstack.start_web(child_env, log_dir, args.port))
         flower_auth = os.environ.get("FLOWER_BASIC_AUTH") or f"admin:{secrets.token_urlsafe(9)}"
         stack.children.append(devstack.start_flower(child_env, log_dir, args.flower_port,
@@ -361,6 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate the configuration and the dependencies")
     check.set_defaults(func=cmd_check, needs_settings=False)
 
+    optout = sub.add_parser("optout", help="the local opt-out list (STOP / 21610)")
+    optout.add_argument("action", choices=("check", "add", "remove"))
+    optout.add_argument("address", help="phone number (any common format) or email address")
+    optout.add_argument("--channel", choices=("sms", "email"), default="sms")
+    optout.set_defaults(func=cmd_optout)
+
     dlq = sub.add_parser("dlq", help="dead-letter store").add_subparsers(dest="dlq",
                                                                           required=True)
     ls = dlq.add_parser("list", help="list entries, newest first")
@@ -384,6 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
     purge.add_argument("--yes", action="store_true")
     _add_filters(purge, "delete only")
     purge.set_defaults(func=cmd_dlq_purge)
+    quar = dlq.add_parser("quarantined", help="messages dropped because they could be neither "
+                                              "processed nor dead-lettered (no payload kept)")
+    quar.add_argument("--limit", type=_positive_int, default=100)
+    quar.set_defaults(func=cmd_dlq_quarantined)
     prune = dlq.add_parser("prune", help="delete entries older than DEAD_LETTER_RETENTION_DAYS")
     prune.set_defaults(func=cmd_dlq_prune)
     return p

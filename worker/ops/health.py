@@ -71,6 +71,11 @@ def configuration_warnings(settings: Settings) -> list[Check]:
     if not settings.api_token_list():
         out.append(Check("api", False, "no API tokens: POST /v1/messages answers 401",
                          "set API_TOKENS to one or more comma-separated secrets"))
+    if not settings.optout_hash_key.get_secret_value():
+        out.append(Check("optout-key", False, "OPTOUT_HASH_KEY unset: opt-outs are keyed by a "
+                         "key derived from TWILIO_AUTH_TOKEN",
+                         "set OPTOUT_HASH_KEY to a long random secret before rotating the "
+                         "Twilio token (or opt-outs recorded so far are no longer found)"))
     if not settings.public_base_url.startswith("https://"):
         out.append(Check("public-url", False, "PUBLIC_BASE_URL is not https",
                          "Twilio only calls https URLs outside development"))

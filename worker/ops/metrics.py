@@ -44,6 +44,9 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "switchboard_task_retries": ("counter", "Retries scheduled, by reason", ("task", "reason")),
     "switchboard_dead_letters": ("counter", "Messages dead-lettered, by reason",
                                  ("task", "reason")),
+    "switchboard_quarantined": ("counter", "Messages dropped because they could be neither "
+                                "processed nor dead-lettered (minimal record kept)",
+                                ("task", "reason")),
     "switchboard_sends": ("counter", "Outbound sends by channel and outcome",
                           ("channel", "outcome")),
     "switchboard_reconciled": ("counter", "Stuck sends reconciled with the provider, by "

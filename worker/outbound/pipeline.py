@@ -15,6 +15,7 @@ Order of events for one send, and why:
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -25,6 +26,7 @@ from worker.channels import Attachment, Channel, OutboundMessage, SendError, Sen
 from worker.errors import Deferred, PermanentError, TransientError
 from worker.fhir.client import FhirClient
 from worker.fhir.outcome import FhirPermanentError
+from worker.fhir.reference import parse_reference, ref
 from worker.fhir.resources import identifier, medium
 from worker.fhir.update import guarded_update
 from worker.ops.metrics import Metrics
@@ -38,6 +40,8 @@ log = logging.getLogger("switchboard.outbound")
 SEND_ERROR_SYSTEM = "urn:switchboard:send-error"
 # SMS failures that mean "this number cannot take texts": worth trying email instead.
 FALLBACK_KINDS = frozenset({"invalid-recipient", "unreachable"})
+# An API request id: a Redis key part and a FHIR identifier value, so its shape is fixed.
+REQUEST_ID = re.compile(r"[A-Za-z0-9\-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -60,12 +64,19 @@ class OutboundRequest:
         channel = payload.get("channel")
         if channel not in (None, "sms", "email"):
             raise PermanentError("invalid-payload", "channel must be sms or email")
-        if isinstance(comm, str) and comm.startswith("Communication/"):
-            comm = comm.split("/", 1)[1]
+        if comm is not None:
+            if not isinstance(comm, str):
+                raise PermanentError("invalid-payload", "communication must be a string")
+            # "Communication/<id>" or a bare id; never a path to walk (see fhir/reference.py).
+            comm = parse_reference(comm, {"Communication"}).id if "/" in comm \
+                else ref("Communication", comm).id
         if not comm and not isinstance(resource, dict):
             raise PermanentError("invalid-payload", "need communication or resource")
+        request_id = payload.get("request_id") or uuid.uuid4().hex
+        if not isinstance(request_id, str) or not REQUEST_ID.fullmatch(request_id):
+            raise PermanentError("invalid-payload", "request_id must be 1-64 letters, digits, -")
         slot = payload.get("rate_slot")
-        return cls(str(payload.get("request_id") or uuid.uuid4()), comm or None,
+        return cls(request_id, comm or None,
                    resource if isinstance(resource, dict) else None, channel,
                    tuple(str(a) for a in payload.get("attempts") or ()),
                    float(slot) if isinstance(slot, int | float) else None)
@@ -96,14 +107,25 @@ def send_outbound(req: OutboundRequest, deps: OutboundDeps, task_id: str) -> Sen
     Deferred for the task base class to act on."""
     comm = _load(req, deps)
     comm_id = str(comm["id"])
+    refusal = unsendable(comm)
+    if refusal is not None:
+        # Not ours to send, so not ours to mark either: the Communication is left as it is.
+        raise PermanentError("not-sendable", refusal)
     earlier = _already_sent(req, comm, comm_id, deps)
     if earlier is not None:
         return earlier
-    header = _header(comm, deps)
-    patient = _recipient(comm, header, deps)
-    telecoms = patient.get("telecom") or []
-    channel = req.channel or choose_channel(None, _reply_channel(header, patient, deps),
-                                            telecoms)
+    try:
+        header = _header(comm, deps)
+        patient = _recipient(comm, header, deps)
+        telecoms = patient.get("telecom") or []
+        channel = req.channel or choose_channel(None, _reply_channel(header, patient, deps),
+                                                telecoms)
+    except PermanentError as exc:
+        # Failed before any provider was called (no recipient, a bad reference, a 404): the
+        # Communication says so too, as for every other permanent failure.
+        _mark_failed(deps, comm_id, exc.reason, exc.detail)
+        deps.state.update(req.request_id, "failed", communication=comm_id, error=exc.reason)
+        raise
     try:
         if channel is None:
             raise SendError("invalid-recipient", "the patient has no phone or email")
@@ -208,13 +230,36 @@ def _load(req: OutboundRequest, deps: OutboundDeps) -> dict[str, Any]:
         ("identifier", f"{deps.request_system}|{req.request_id}")]).resource
 
 
+def unsendable(comm: Mapping[str, Any]) -> str | None:
+    """Why this Communication is not a message for Switchboard to send (None: it is one).
+
+    A patient's own message (sender a Patient) must never be echoed back to them, and a thread
+    header (no partOf, no payload) has nothing to send: sending one used to text an empty SMS.
+    """
+    sender = _reference(comm.get("sender"))
+    if sender.startswith("Patient/"):
+        return "an inbound message from the patient, not a reply to send"
+    has_content = any(isinstance(p, Mapping) and (p.get("contentString") or isinstance(
+        p.get("contentAttachment"), Mapping)) for p in _list(comm.get("payload")))
+    if not has_content:
+        return ("a thread header, not a message" if not comm.get("partOf")
+                else "the message has no payload to send")
+    return None
+
+
 def _already_sent(req: OutboundRequest, comm: Mapping[str, Any], comm_id: str,
                   deps: OutboundDeps) -> SendResult | None:
-    """The earlier send of this Communication, if there was one (and finish recording it)."""
+    """The earlier send of this Communication, if there was one (and finish recording it).
+
+    Only Switchboard's own sends count: the send ledger in Redis, or a provider id recorded on
+    the Communication together with the outbound-request identifier our send writes beside it.
+    A provider id alone (an inbound message's, or one made up in a posted body) proves nothing.
+    """
     done = deps.ledger.done(comm_id)
     systems = {v: k for k, v in deps.id_systems.items()}
-    recorded = next((i for i in comm.get("identifier") or [] if i.get("system") in systems),
-                    None)
+    idents = [i for i in _list(comm.get("identifier")) if isinstance(i, Mapping)]
+    ours = any(i.get("system") == deps.request_system for i in idents)
+    recorded = next((i for i in idents if i.get("system") in systems), None) if ours else None
     if recorded is not None and done is None:
         done = {"provider_id": str(recorded.get("value")),
                 "channel": systems[recorded["system"]], "message_id": ""}
@@ -229,22 +274,31 @@ def _already_sent(req: OutboundRequest, comm: Mapping[str, Any], comm_id: str,
 
 
 def _header(comm: Mapping[str, Any], deps: OutboundDeps) -> dict[str, Any] | None:
-    for part in comm.get("partOf") or []:
-        ref = str(part.get("reference", ""))
-        if ref.startswith("Communication/"):
-            return deps.fhir.read("Communication", ref.split("/", 1)[1]).resource
+    for part in _list(comm.get("partOf")):
+        thread = parse_reference(_reference(part), {"Communication"})
+        return deps.fhir.read(thread.type, thread.id).resource
     return None
 
 
 def _recipient(comm: Mapping[str, Any], header: Mapping[str, Any] | None, deps: OutboundDeps
                ) -> dict[str, Any]:
-    refs = [r.get("reference", "") for r in comm.get("recipient") or []]
-    refs += [(header or {}).get("subject", {}).get("reference", ""),
-             (comm.get("subject") or {}).get("reference", "")]
-    for ref in refs:
-        if str(ref).startswith("Patient/"):
-            return deps.fhir.read("Patient", str(ref).split("/", 1)[1]).resource
+    refs = [_reference(r) for r in _list(comm.get("recipient"))]
+    refs += [_reference((header or {}).get("subject")), _reference(comm.get("subject"))]
+    for text in refs:
+        if text.startswith("Patient/"):
+            patient = parse_reference(text, {"Patient"})
+            return deps.fhir.read(patient.type, patient.id).resource
     raise PermanentError("no-recipient", "no Patient among recipient, thread subject, subject")
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _reference(value: Any) -> str:
+    """The `reference` of a Reference element, or "" when it has none (or is not one)."""
+    text = value.get("reference") if isinstance(value, Mapping) else None
+    return text if isinstance(text, str) else ""
 
 
 def _reply_channel(header: Mapping[str, Any] | None, patient: Mapping[str, Any],
@@ -309,20 +363,27 @@ def _record_sent(deps: OutboundDeps, comm_id: str, channel: str, result: SendRes
 
 def _record_failure(req: OutboundRequest, deps: OutboundDeps, comm_id: str, exc: SendError,
                     channel: str | None) -> None:
+    _mark_failed(deps, comm_id, exc.kind, _describe(exc), exc.attempts)
+    deps.state.update(req.request_id, "failed", communication=comm_id, error=exc.kind,
+                      provider_code=exc.provider_code, channel=channel, detail=_describe(exc))
+
+
+def _mark_failed(deps: OutboundDeps, comm_id: str, kind: str, text: str,
+                 attempts: tuple[str, ...] = ()) -> None:
+    """The Communication ends `stopped` with the reason (`unknown` when the send's outcome is
+    unknown); a final status is never overwritten."""
     def change(c: dict[str, Any]) -> dict[str, Any] | None:
         if c.get("status") in ("completed", "stopped", "entered-in-error"):
             return None
         # "unknown" is FHIR's word for "we cannot say whether it happened".
-        c["status"] = "unknown" if exc.kind == "outcome-unknown" else "stopped"
-        c["statusReason"] = {"coding": [{"system": SEND_ERROR_SYSTEM, "code": exc.kind}],
-                             "text": _describe(exc)}
-        if exc.attempts:  # the earlier channel's failure too (fallback)
-            c["note"] = [*(c.get("note") or []), *({"text": a} for a in exc.attempts)]
+        c["status"] = "unknown" if kind == "outcome-unknown" else "stopped"
+        c["statusReason"] = {"coding": [{"system": SEND_ERROR_SYSTEM, "code": kind}],
+                             "text": text}
+        if attempts:  # the earlier channel's failure too (fallback)
+            c["note"] = [*(c.get("note") or []), *({"text": a} for a in attempts)]
         return c
 
     guarded_update(deps.fhir, "Communication", comm_id, change)
-    deps.state.update(req.request_id, "failed", communication=comm_id, error=exc.kind,
-                      provider_code=exc.provider_code, channel=channel, detail=_describe(exc))
 
 
 def _describe(exc: SendError) -> str:

@@ -18,7 +18,7 @@ import re
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
@@ -26,6 +26,9 @@ import redis
 
 ENTRIES_KEY = "switchboard:dlq:entries"
 INDEX_KEY = "switchboard:dlq:index"
+# Minimal records of messages that could be neither processed nor dead-lettered (newest first).
+QUARANTINE_KEY = "switchboard:dlq:quarantine"
+QUARANTINE_KEEP = 10000
 # The Celery message header a replay carries, naming the entry it replays.
 REPLAY_HEADER = "switchboard_replay_of"
 # How often `record` may prune, per store (one store per worker process).
@@ -53,6 +56,11 @@ class DeadLetter:
     last_failed_at: float
     failures: int = 1  # how many times this message reached the store (replays that failed again)
 
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as a dict, shallow: `dataclasses.asdict` copies the payload recursively
+        and fails on a deeply nested one (the poison message of the hardening review)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
 
 # (`list` is a method name inside DeadLetterStore.)
 Entries = list[DeadLetter]
@@ -75,9 +83,19 @@ class DeadLetterStore:
         self._next_prune = 0.0
 
     def record(self, task: str, queue: str, args: list[Any], kwargs: dict[str, Any],
-               reason: str, detail: str, attempts: int, now: float | None = None) -> DeadLetter:
-        """Store (or update) the entry for this message; returns it."""
+               reason: str, detail: str, attempts: int, now: float | None = None,
+               task_id: str = "") -> DeadLetter:
+        """Store (or update) the entry for this message; returns it.
+
+        The shape of a payload never makes this fail: one that cannot be stored as JSON (nested
+        past the interpreter's recursion limit, say) is replaced by a marker naming why and the
+        task id, and the entry is kept with its reason (a poison message ends here, not in a
+        redelivery loop).
+        """
         now = time.time() if now is None else now
+        args, kwargs, unstorable = _storable(args, kwargs, task_id)
+        if unstorable:
+            detail = f"{detail} (payload not storable: {unstorable})".strip()
         eid = entry_id(task, args, kwargs)
 
         def merge(pipe: Any) -> DeadLetter:
@@ -92,7 +110,7 @@ class DeadLetterStore:
                 failures=(old.failures + 1) if old else 1,
             )
             pipe.multi()
-            pipe.hset(ENTRIES_KEY, eid, json.dumps(asdict(entry)))
+            pipe.hset(ENTRIES_KEY, eid, json.dumps(entry.as_dict()))
             pipe.zadd(INDEX_KEY, {eid: now})
             return entry
 
@@ -236,6 +254,33 @@ def parse_since(text: str, now: float | None = None) -> float:
         raise ValueError(f"{text!r} has no timezone; add one, e.g. 2024-05-01T12:00:00Z or "
                          "2024-05-01T12:00:00+02:00")
     return when.timestamp()
+
+
+def _storable(args: list[Any], kwargs: dict[str, Any], task_id: str
+              ) -> tuple[list[Any], dict[str, Any], str | None]:
+    """(args, kwargs) as they can be stored, and why they were replaced (None: they were not)."""
+    try:
+        json.dumps([[args, kwargs]])  # one level deeper than the entry stores them, as margin
+        return args, kwargs, None
+    except (RecursionError, ValueError, TypeError) as exc:
+        return [{"unstorable": type(exc).__name__, "task_id": task_id}], {}, type(exc).__name__
+
+
+def quarantine(client: Any, task: str, task_id: str, queue: str, reason: str,
+               now: float | None = None) -> None:
+    """Keep a minimal record (no payload) of a message that is being dropped because it could
+    be neither processed nor dead-lettered; `switchboard dlq quarantined` lists them."""
+    record = json.dumps({"task": task, "task_id": task_id, "queue": queue, "reason": reason,
+                         "at": time.time() if now is None else now})
+    pipe = client.pipeline()
+    pipe.lpush(QUARANTINE_KEY, record)
+    pipe.ltrim(QUARANTINE_KEY, 0, QUARANTINE_KEEP - 1)
+    pipe.execute()
+
+
+def quarantined(client: Any, limit: int = 100) -> list[dict[str, Any]]:
+    """The newest quarantine records."""
+    return [json.loads(raw) for raw in client.lrange(QUARANTINE_KEY, 0, max(limit, 1) - 1)]
 
 
 def _load(raw: bytes | str) -> DeadLetter:

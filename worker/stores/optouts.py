@@ -2,33 +2,54 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from typing import Any
 
 import redis
 
-from worker.stores import digest as _h
+from worker.stores import digest as _legacy_digest
 
 
 class OptOuts:
-    """Addresses that told a provider to stop (Twilio 21610): later sends are refused locally.
+    """Addresses that told a provider to stop (Twilio 21610, an inbound STOP): later sends are
+    refused locally, until the patient texts START (or an operator runs `switchboard optout
+    remove`).
 
-    Kept in Redis as hashes of `<channel>:<address>` (no phone numbers at rest in key names),
-    without expiry: an opt-out lasts until the patient texts START (then remove it).
+    Kept in one Redis set as keyed HMAC-SHA256 digests of `<channel>:<address>`: a bare hash of
+    a phone number is recomputable by anyone who reads the set (there are few numbers), a keyed
+    one is not without the key. Entries written before the key existed (bare SHA-256) are still
+    honoured and moved to the keyed form when next seen.
     """
 
     KEY = "switchboard:optout"
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, key: bytes) -> None:
+        if not key:
+            raise ValueError("an opt-out key is required")
         self._r: Any = client
+        self._key = key
+
+    def _digest(self, channel: str, address: str) -> str:
+        return hmac.new(self._key, f"{channel}:{address}".encode(), hashlib.sha256).hexdigest()
 
     def add(self, channel: str, address: str) -> None:
         """Record an opt-out."""
-        self._r.sadd(self.KEY, _h(f"{channel}:{address}"))
+        self._r.sadd(self.KEY, self._digest(channel, address))
 
-    def remove(self, channel: str, address: str) -> None:
-        """Forget an opt-out (the patient opted back in)."""
-        self._r.srem(self.KEY, _h(f"{channel}:{address}"))
+    def remove(self, channel: str, address: str) -> bool:
+        """Forget an opt-out (the patient opted back in); True if there was one."""
+        removed = self._r.srem(self.KEY, self._digest(channel, address),
+                               _legacy_digest(f"{channel}:{address}"))
+        return bool(removed)
 
     def has(self, channel: str, address: str) -> bool:
         """True if this address opted out of this channel."""
-        return bool(self._r.sismember(self.KEY, _h(f"{channel}:{address}")))
+        if self._r.sismember(self.KEY, self._digest(channel, address)):
+            return True
+        legacy = _legacy_digest(f"{channel}:{address}")
+        if self._r.sismember(self.KEY, legacy):
+            self.add(channel, address)
+            self._r.srem(self.KEY, legacy)
+            return True
+        return False
