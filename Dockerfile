@@ -37,4 +37,4 @@ RUN useradd --system --uid 10001 --home-dir /app --no-create-home --shell /usr/s
 USER switchboard
 EXPOSE 8000 5555
 # docker-compose.yml and the Procfile give each process its command; this default is the receiver.
-CMD ["sh", "-c", "exec gunicorn --timeout 45 -k sync -w ${WEB_CONCURRENCY:-2} -b 0.0.0.0:${PORT:-8000} 'web.app:create_app()'"]
+CMD ["sh", "-c", "exec gunicorn --timeout 45 -k gevent --worker-connections 1000 -w ${WEB_CONCURRENCY:-2} -b 0.0.0.0:${PORT:-8000} 'web.app:create_app()'"]

@@ -53,7 +53,7 @@ class Enqueuer:
         is safer than holding the request open while kombu reconnects.
         """
         try:
-            self._inbox.accept(inbox_key, task, queue, args)
+            self._inbox.accept(inbox_key, task, queue, args, wait_seconds=STEP_TIMEOUT_SECONDS)
         except Exception as exc:  # redis raises many types; all mean "not kept"
             log.error("enqueue of %s failed: %s", task, type(exc).__name__)
             raise EnqueueFailed(type(exc).__name__) from exc
@@ -63,10 +63,10 @@ class Enqueuer:
                                             **REDACTED_ARGS)
         except Exception as exc:  # kombu/redis raise many types; all mean "not enqueued"
             log.error("enqueue of %s failed: %s", task, type(exc).__name__)
-            # A 5xx must mean "not kept": take the inbox entry back, or the sweep would
-            # process a message the provider was told we refused. If Redis is too far gone
-            # for that, the entry stays and the sweep publishes it later (idempotent writes
-            # make the provider's own retry harmless).
+            # A 5xx must mean "not kept": take the inbox entry back, or the sweep would process
+            # a message the provider was told we refused. (A publish that ran despite the error
+            # is processed as usual: every write is idempotent and the provider's retry finds
+            # it done.) If Redis is too far gone even for that, the entry stays for the sweep.
             try:
                 self._inbox.done(inbox_key)
             except Exception as cleanup:

@@ -262,9 +262,11 @@ def start_flower(env: Mapping[str, str], log_dir: Path, port: int, basic_auth: s
 
 
 def start_web(env: Mapping[str, str], log_dir: Path, port: int, workers: int = 2) -> Child:
-    """The receiver under gunicorn (sync workers, as in the Procfile)."""
-    # --timeout above the API's longest `Prefer: wait` (30 s).
-    cmd = [_venv_bin("gunicorn"), "--timeout", "45", "-k", "sync", "-w", str(workers),
+    """The receiver under gunicorn (gevent workers, as in the Procfile)."""
+    # --timeout above the API's longest `Prefer: wait` (30 s). gevent: a slow or stalled client
+    # holds one cheap greenlet, not a whole worker (a sync worker is held until it finishes).
+    cmd = [_venv_bin("gunicorn"), "--timeout", "45", "-k", "gevent", "--worker-connections",
+           "1000", "-w", str(workers),
            "-b", f"127.0.0.1:{port}",
            "--access-logfile", "-", "--access-logformat", '%(m)s %(U)s %(s)s %(L)ss',
            "web.app:create_app()"]
