@@ -6,9 +6,16 @@ import logging
 import sys
 from typing import Any
 
-from celery.signals import after_setup_logger, after_setup_task_logger
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    task_received,
+    worker_ready,
+    worker_shutting_down,
+)
 
-from worker.broker.celery_app import create_celery
+from worker.broker.celery_app import QUEUES, create_celery
+from worker.broker.liveness import Liveness
 from worker.ops import logs
 from worker.runtime import get_runtime
 from worker.settings import ConfigError
@@ -29,3 +36,32 @@ import worker.tasks  # noqa: E402,F401  (registers the tasks on this app)
 def _redact_worker_logs(logger: logging.Logger, **_: Any) -> None:
     # Celery configures its handlers after import; attach the PHI filter once they exist.
     logs.install(logger, fmt=get_runtime().settings.log_format)
+
+
+_liveness: Liveness | None = None
+
+
+@worker_ready.connect
+def _start_liveness(**_: Any) -> None:
+    # In the worker's main process, where kombu's consumer takes messages: heartbeat, record of
+    # held messages, and the janitor giving back the messages of workers that died.
+    global _liveness
+    rt = get_runtime()
+    _liveness = Liveness(rt.redis, QUEUES, interval=rt.settings.worker_heartbeat_seconds,
+                         dead_after=rt.settings.worker_dead_after_seconds,
+                         on_recovered=lambda n: rt.metrics.inc(
+                             "switchboard_messages_recovered", n))
+    _liveness.start()
+
+
+@task_received.connect
+def _held(request: Any, **_: Any) -> None:
+    if _liveness is not None:
+        _liveness.received(str(request.message.delivery_tag))
+
+
+@worker_shutting_down.connect
+def _stop_liveness(**_: Any) -> None:
+    # A warm shutdown gives this worker's unacked messages back by itself (kombu).
+    if _liveness is not None:
+        _liveness.stop()

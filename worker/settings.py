@@ -123,6 +123,11 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(default=5, ge=1)
     # Dead letters whose last failure is older than this many days are pruned.
     dead_letter_retention_days: int = Field(default=30, ge=1)
+    # Every worker process refreshes a heartbeat this often; one silent for WORKER_DEAD_AFTER
+    # is taken for dead and the messages it held go back to their queues at once
+    # (worker/broker/liveness.py), instead of after the visibility timeout.
+    worker_heartbeat_seconds: float = Field(default=3.0, gt=0)
+    worker_dead_after_seconds: float = Field(default=15.0, gt=0)
     # Must exceed the longest countdown, or Redis redelivers a message still waiting (kombu).
     broker_visibility_timeout_seconds: int = Field(default=3600, ge=1)
     # How long a processed MessageSid is remembered to skip FHIR for provider retries.
@@ -178,6 +183,9 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"BROKER_VISIBILITY_TIMEOUT_SECONDS must exceed RETRY_BACKOFF_MAX_SECONDS + "
                 f"FHIR_TIMEOUT_SECONDS ({needed:g})")
+        if self.worker_dead_after_seconds < 3 * self.worker_heartbeat_seconds:
+            raise ValueError("WORKER_DEAD_AFTER_SECONDS must be at least 3 x "
+                             "WORKER_HEARTBEAT_SECONDS (one late heartbeat is not a death)")
         if self.thread_lock_timeout_seconds < 4 * self.fhir_timeout_seconds:
             raise ValueError("THREAD_LOCK_TIMEOUT_SECONDS must be at least 4 x "
                              "FHIR_TIMEOUT_SECONDS (a token fetch, a retried 401, a search "

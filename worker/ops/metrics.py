@@ -51,6 +51,8 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                           ("channel", "outcome")),
     "switchboard_reconciled": ("counter", "Stuck sends reconciled with the provider, by "
                                "outcome (completed, stopped, unchanged, errors)", ("outcome",)),
+    "switchboard_messages_recovered": ("counter", "Messages a dead worker held, put back in "
+                                       "their queue by a live worker's janitor", ()),
     "switchboard_inbox_republished": ("counter", "Accepted messages published again by the "
                                       "inbox sweep (lost between queue and worker)", ()),
     "switchboard_fhir_contention": ("counter", "FHIR writes meeting server contention: "

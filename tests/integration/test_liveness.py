@@ -1,0 +1,103 @@
+"""The liveness janitor against a real redis-server, with kombu's unacked records laid out as
+kombu's Redis transport writes them."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from worker.broker.liveness import ALIVE, HELD, UNACKED, UNACKED_INDEX, WORKERS, Liveness
+from worker.ops import devstack
+
+QUEUES = ("inbound", "outbound", "status")
+
+
+@pytest.fixture()
+def r(redis_server: devstack.RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis(port=redis_server.port, db=62)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+def take(r: redis.Redis, worker: Liveness, tag: str, queue: str = "inbound",
+         age: float = 0.0) -> None:
+    """What kombu does when a worker takes a message (qos.append), then our task_received."""
+    payload = {"body": "e30=", "headers": {"id": tag}, "properties": {
+        "delivery_tag": tag, "delivery_info": {"exchange": queue, "routing_key": queue}}}
+    r.hset(UNACKED, tag, json.dumps([payload, queue, queue]))
+    r.zadd(UNACKED_INDEX, {tag: time.time() - age})
+    worker.received(tag)
+
+
+def test_a_dead_workers_messages_go_back_to_the_head_of_their_queue(r: redis.Redis) -> None:
+    dead = Liveness(r, QUEUES, dead_after=0.2, worker_id="dead")
+    live = Liveness(r, QUEUES, dead_after=10, worker_id="live")
+    dead.beat()
+    live.beat()
+    r.lpush("inbound", "waiting")
+    take(r, dead, "t1")
+    take(r, dead, "t2", queue="outbound")
+    take(r, dead, "t3")
+    r.hdel(UNACKED, "t3")  # acknowledged before the worker died (kombu's ack): not to be redone
+    r.zrem(UNACKED_INDEX, "t3")
+    take(r, live, "t4")
+    assert live.sweep() == 0  # still beating
+    time.sleep(0.3)
+    assert live.sweep() == 2
+    assert r.hkeys(UNACKED) == [b"t4"] and r.zrange(UNACKED_INDEX, 0, -1) == [b"t4"]
+    # RPUSH: the restored message is the next one BRPOP hands out, marked redelivered.
+    restored = json.loads(r.rpop("inbound"))
+    assert restored["headers"] == {"id": "t1", "redelivered": True}
+    assert restored["properties"]["delivery_info"]["redelivered"] is True
+    assert r.rpop("inbound") == b"waiting"
+    assert json.loads(r.rpop("outbound"))["headers"]["id"] == "t2"
+    assert r.smembers(WORKERS) == {b"live"} and not r.exists(HELD + "dead")
+    assert live.sweep() == 0  # nothing restored twice
+
+
+def test_a_message_nobody_holds_is_restored_once_old_enough(r: redis.Redis) -> None:
+    live = Liveness(r, QUEUES, dead_after=1, worker_id="live")
+    live.beat()
+    payload = {"headers": {"id": "orphan"}, "properties": {"delivery_info": {}}}
+    for tag, age in (("orphan", 5.0), ("young", 0.0)):
+        r.hset(UNACKED, tag, json.dumps([payload, "inbound", "inbound"]))
+        r.zadd(UNACKED_INDEX, {tag: time.time() - age})
+    take(r, live, "mine", age=5.0)
+    assert live.sweep() == 1
+    assert set(r.hkeys(UNACKED)) == {b"young", b"mine"}
+    assert r.llen("inbound") == 1
+
+
+def test_held_tags_of_acknowledged_messages_are_pruned(r: redis.Redis) -> None:
+    live = Liveness(r, QUEUES, interval=0.05, dead_after=1, worker_id="live")
+    take(r, live, "a")
+    take(r, live, "b")
+    r.hdel(UNACKED, "a")
+    r.zrem(UNACKED_INDEX, "a")
+    live.start()
+    try:
+        deadline = time.monotonic() + 5
+        while r.smembers(HELD + "live") != {b"b"} and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert r.smembers(HELD + "live") == {b"b"}
+        assert r.pttl(ALIVE + "live") > 0
+    finally:
+        live.stop()
+    assert not r.exists(ALIVE + "live") and r.smembers(WORKERS) == set()
+
+
+def test_messages_on_foreign_routing_keys_are_left_alone(r: redis.Redis) -> None:
+    dead = Liveness(r, QUEUES, dead_after=0.1, worker_id="dead")
+    live = Liveness(r, QUEUES, worker_id="live")
+    dead.beat()
+    live.beat()
+    take(r, dead, "x", queue="celery")
+    time.sleep(0.2)
+    assert live.sweep() == 0
+    assert r.hexists(UNACKED, "x")  # kombu's visibility timeout still covers it

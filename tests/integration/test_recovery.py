@@ -1,0 +1,52 @@
+"""A SIGKILLed worker's messages land within a minute at default settings (no shrunk timeouts):
+its heartbeat stops, and a live worker puts what it held back in the queue."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tests.conftest import Services
+from tests.integration.test_inbound_sms import PATIENT, deliver
+from tests.support import Sandbox, eventually, sms_params
+from worker.ops import devstack
+from worker.settings import Settings
+
+RECOVERY_BOUND_SECONDS = 60.0  # the README's guarantee
+
+
+def test_defaults_are_what_production_runs() -> None:
+    defaults = Settings.model_fields
+    assert defaults["broker_visibility_timeout_seconds"].default == 3600
+    assert defaults["inbox_stale_seconds"].default == 1800
+
+
+def test_a_killed_workers_messages_land_within_a_minute(services: Services, sandbox: Sandbox,
+                                                        log_dir: Path) -> None:
+    svc = services.get(worker=False, SMS_THREAD_STRATEGY="new-thread")
+    assert "BROKER_VISIBILITY_TIMEOUT_SECONDS" not in svc.env  # the default: an hour
+    sandbox.patient(PATIENT)
+    # Slow writes, so the worker holds messages (running and prefetched) when it is killed.
+    sandbox.fault(delay_ms=5000, count=4, method="POST")
+    doomed = devstack.start_worker(svc.env, log_dir, name="worker-recovery-doomed",
+                                   concurrency=4)
+    messages = [sms_params(PATIENT, f"crash {i}") for i in range(8)]
+    for m in messages:
+        deliver(svc, m)
+    eventually(lambda: svc.redis.hlen("unacked") >= 4, what="messages held by the worker")
+    held = svc.redis.hlen("unacked")
+    doomed.kill()
+    killed_at = time.monotonic()
+    replacement = devstack.start_worker(svc.env, log_dir, name="worker-recovery-replacement",
+                                        concurrency=4)
+    try:
+        eventually(lambda: all(sandbox.messages(m["MessageSid"]) for m in messages),
+                   timeout=RECOVERY_BOUND_SECONDS + 30, what="every message written")
+        took = time.monotonic() - killed_at
+        assert took < RECOVERY_BOUND_SECONDS, f"{took:.0f}s for {held} held messages"
+        assert all(len(sandbox.messages(m["MessageSid"])) == 1 for m in messages)
+        assert svc.dead_letters.count() == 0
+        eventually(lambda: svc.redis.hlen("unacked") == 0, what="everything acknowledged")
+        assert "put back in their queues" in replacement.output()
+    finally:
+        replacement.stop()

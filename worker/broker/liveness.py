@@ -1,0 +1,190 @@
+"""Dead workers' messages back in their queue within seconds, not after the visibility timeout.
+
+kombu's Redis transport keeps every message a worker has taken in the `unacked` hash until it is
+acknowledged, and only gives it back after `visibility_timeout` (which must exceed every retry
+countdown, so it is long: an hour by default). A SIGKILLed or OOM-killed worker, or a host that
+died, therefore used to delay its patients' messages by up to an hour.
+
+So every worker process (a Celery worker's main process, where kombu's consumer runs):
+- announces itself in `switchboard:workers` and refreshes a heartbeat key with a short expiry;
+- records the delivery tag of every message it receives in its own held set;
+- every few seconds, looks for workers whose heartbeat has expired and puts the messages they
+  held, and that are still unacknowledged, back at the head of their queue (the same move kombu
+  makes at the visibility timeout, marked redelivered), then forgets that worker;
+- and gives back any unacknowledged message that no live worker holds and that has been so for
+  a while: one taken by a worker that died between kombu's record of it and ours.
+
+A worker that was only paused longer than the expiry gets its messages redelivered elsewhere too;
+every write downstream is idempotent and every send is claimed, so that costs a repeat, not a
+duplicate. Acked tags are pruned from the held sets as the heartbeat goes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import redis
+
+log = logging.getLogger("switchboard.liveness")
+
+WORKERS = "switchboard:workers"  # ids of worker processes that announced themselves
+ALIVE = "switchboard:worker:alive:"  # + id: heartbeat, expires
+HELD = "switchboard:worker:held:"  # + id: delivery tags it received (acked ones pruned)
+RECOVERING = "switchboard:worker:recovering:"  # + id: one janitor at a time per dead worker
+ORPHAN_SWEEP = "switchboard:worker:orphan-sweep"  # one orphan sweep at a time
+# kombu's Redis transport keys (kombu.transport.redis.Channel defaults).
+UNACKED = "unacked"
+UNACKED_INDEX = "unacked_index"
+
+# Drop the tags of acknowledged messages from a held set (in one step, on Redis).
+_PRUNE = """
+local gone = 0
+for _, tag in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('HEXISTS', KEYS[2], tag) == 0 then
+    redis.call('SREM', KEYS[1], tag)
+    gone = gone + 1
+  end
+end
+return gone
+"""
+
+
+def new_worker_id() -> str:
+    """A process-unique id: host, pid and a nonce (a pid can be reused after a restart)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def restore(client: redis.Redis, tag: str, queues: Iterable[str]) -> bool:
+    """Put one unacknowledged message back at the head of its queue (marked redelivered), as
+    kombu does at the visibility timeout; False if it was acked or restored meanwhile."""
+    allowed = set(queues)
+
+    def move(pipe: Any) -> bool:
+        raw = pipe.hget(UNACKED, tag)
+        if raw is None:
+            return False  # acknowledged, or restored by someone else meanwhile
+        payload, _exchange, routing_key = json.loads(raw)
+        if routing_key not in allowed:
+            # Not one of our queues (direct exchange, queue = routing key): leave it to kombu.
+            log.error("held message on an unknown routing key; left for the visibility timeout")
+            return False
+        payload.setdefault("headers", {})["redelivered"] = True
+        payload.setdefault("properties", {}).setdefault("delivery_info", {})["redelivered"] = True
+        pipe.multi()
+        pipe.hdel(UNACKED, tag)
+        pipe.zrem(UNACKED_INDEX, tag)
+        # RPUSH: kombu consumes with BRPOP, so this is the head of the queue (as kombu restores).
+        pipe.rpush(routing_key, json.dumps(payload))
+        return True
+
+    r: Any = client  # redis-py types transaction() callbacks as returning None
+    moved: bool = r.transaction(move, UNACKED, value_from_callable=True)
+    return moved
+
+
+class Liveness:
+    """Heartbeat, held-message record and janitor of one worker process."""
+
+    def __init__(self, client: redis.Redis, queues: Iterable[str], interval: float = 3.0,
+                 dead_after: float = 15.0, worker_id: str | None = None,
+                 on_recovered: Callable[[int], None] | None = None) -> None:
+        self._r: Any = client
+        self.queues = tuple(queues)
+        self.interval = interval
+        self.dead_after = dead_after
+        self.worker_id = worker_id or new_worker_id()
+        self._on_recovered = on_recovered
+        self._prune = self._r.register_script(_PRUNE)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Announce this worker and run heartbeat + janitor on a daemon thread."""
+        self.beat()
+        self._thread = threading.Thread(target=self._run, name="switchboard-liveness",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop beating and leave the registry (a warm shutdown gives its messages back)."""
+        self._stop.set()
+        try:
+            self._r.srem(WORKERS, self.worker_id)
+            self._r.delete(ALIVE + self.worker_id, HELD + self.worker_id)
+        except redis.exceptions.RedisError:
+            pass  # it will simply look dead, and hold nothing unacked
+
+    def received(self, delivery_tag: str) -> None:
+        """Record a message this worker took (called from kombu's consumer, per message)."""
+        self._r.sadd(HELD + self.worker_id, delivery_tag)
+
+    def beat(self) -> None:
+        """Refresh the heartbeat (and the registry entry, in case a janitor dropped us)."""
+        pipe = self._r.pipeline()
+        pipe.set(ALIVE + self.worker_id, "1", px=int(self.dead_after * 1000))
+        pipe.sadd(WORKERS, self.worker_id)
+        pipe.execute()
+
+    def sweep(self) -> int:
+        """Give back the messages of every dead worker, and unacked messages nobody holds;
+        returns how many were restored."""
+        restored = 0
+        live = [self.worker_id]
+        for raw in self._r.smembers(WORKERS):
+            other = raw.decode() if isinstance(raw, bytes) else str(raw)
+            if other == self.worker_id:
+                continue
+            if self._r.exists(ALIVE + other):
+                live.append(other)
+                continue
+            if not self._r.set(RECOVERING + other, self.worker_id, nx=True, ex=60):
+                continue  # another janitor is on it
+            tags = [t.decode() if isinstance(t, bytes) else str(t)
+                    for t in self._r.smembers(HELD + other)]
+            count = sum(1 for tag in tags if restore(self._r, tag, self.queues))
+            pipe = self._r.pipeline()
+            pipe.srem(WORKERS, other)
+            pipe.delete(HELD + other)
+            pipe.execute()
+            if count:
+                log.warning("worker %s stopped beating; %d of its messages put back in their "
+                            "queues", other, count)
+            restored += count
+        restored += self._orphans(live)
+        if restored and self._on_recovered is not None:
+            self._on_recovered(restored)
+        return restored
+
+    def _orphans(self, live: list[str]) -> int:
+        """Restore unacked messages older than `dead_after` x 2 that no live worker holds."""
+        if not self._r.set(ORPHAN_SWEEP, self.worker_id, nx=True, px=int(self.interval * 1000)):
+            return 0
+        cutoff = time.time() - 2 * self.dead_after  # kombu scores unacked_index by time()
+        old = self._r.zrangebyscore(UNACKED_INDEX, "-inf", cutoff, start=0, num=500)
+        if not old:
+            return 0
+        held = self._r.sunion([HELD + w for w in live])
+        orphans = [t.decode() if isinstance(t, bytes) else str(t) for t in old if t not in held]
+        count = sum(1 for tag in orphans if restore(self._r, tag, self.queues))
+        if count:
+            log.warning("%d unacknowledged messages held by no live worker put back in their "
+                        "queues", count)
+        return count
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.beat()
+                self._prune(keys=[HELD + self.worker_id, UNACKED])
+                self.sweep()
+            except redis.exceptions.RedisError as exc:
+                log.warning("liveness round failed (%s); next in %.0fs", type(exc).__name__,
+                            self.interval)
