@@ -261,16 +261,17 @@ def start_flower(env: Mapping[str, str], log_dir: Path, port: int, basic_auth: s
     return child
 
 
-def start_web(env: Mapping[str, str], log_dir: Path, port: int, workers: int = 2) -> Child:
+def start_web(env: Mapping[str, str], log_dir: Path, port: int, workers: int = 2,
+              app: str = "web.app:create_app()", worker_class: str = "gevent",
+              name: str = "web") -> Child:
     """The receiver under gunicorn (gevent workers, as in the Procfile)."""
     # --timeout above the API's longest `Prefer: wait` (30 s). gevent: a slow or stalled client
     # holds one cheap greenlet, not a whole worker (a sync worker is held until it finishes).
-    cmd = [_venv_bin("gunicorn"), "--timeout", "45", "-k", "gevent", "--worker-connections",
-           "1000", "-w", str(workers),
+    cmd = [_venv_bin("gunicorn"), "--timeout", "45", "-k", worker_class, "-w", str(workers),
+           *(["--worker-connections", "1000"] if worker_class == "gevent" else []),
            "-b", f"127.0.0.1:{port}",
-           "--access-logfile", "-", "--access-logformat", '%(m)s %(U)s %(s)s %(L)ss',
-           "web.app:create_app()"]
-    child = _spawn("web", cmd, log_dir, env={**os.environ, **env}, cwd=ROOT)
+           "--access-logfile", "-", "--access-logformat", '%(m)s %(U)s %(s)s %(L)ss', app]
+    child = _spawn(name, cmd, log_dir, env={**os.environ, **env}, cwd=ROOT)
     _wait_for(child, "Booting worker", timeout=30)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:

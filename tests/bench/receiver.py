@@ -1,0 +1,108 @@
+"""Receiver throughput: a signed Twilio webhook → 200 through Switchboard's receiver, against a
+bare Flask handler doing one Redis LPUSH (gunicorn, 2 workers each, one Redis with AOF
+`appendfsync always` as in production, the same signed form from `wrk -t2 -c32`, alternating
+rounds). The ratio is the figure that matters; absolute numbers depend on the machine."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import statistics
+import subprocess
+from pathlib import Path
+from urllib.parse import urlencode
+
+import redis
+
+from tests.support import AUTH_TOKEN, PUBLIC_BASE_URL, sign
+from worker.ops import devstack
+from worker.settings import load_settings
+
+PATH = "/webhooks/twilio/sms"
+_REQS = re.compile(r"Requests/sec:\s+([\d.]+)")
+_LAT = re.compile(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", re.MULTILINE)
+_UNIT = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def _form() -> dict[str, str]:
+    """A realistic Twilio SMS webhook form (about 800 bytes, as Twilio sends)."""
+    return {"ToCountry": "US", "ToState": "CA", "SmsMessageSid": "SM" + "7" * 32,
+            "NumMedia": "0", "ToCity": "SAN FRANCISCO", "FromZip": "94107", "SmsSid":
+            "SM" + "7" * 32, "FromState": "CA", "SmsStatus": "received", "FromCity":
+            "SAN FRANCISCO", "Body": "Hello, I have a question about my appointment next "
+            "Tuesday; can I move it to the afternoon? Thanks", "FromCountry": "US", "To":
+            "+15557654321", "MessagingServiceSid": "MG" + "1" * 32, "ToZip": "94107",
+            "NumSegments": "1", "MessageSid": "SM" + "7" * 32, "AccountSid": "ACbench",
+            "From": "+15551234567", "ApiVersion": "2010-04-01"}
+
+
+def _wrk_script(directory: Path, form: dict[str, str]) -> Path:
+    body = urlencode(form)
+    script = directory / "post.lua"
+    script.write_text(
+        'wrk.method = "POST"\n'
+        f'wrk.body = "{body}"\n'
+        'wrk.headers["Content-Type"] = "application/x-www-form-urlencoded"\n'
+        f'wrk.headers["X-Twilio-Signature"] = "{sign(form, PATH)}"\n')
+    return script
+
+
+def wrk(port: int, script: Path, seconds: int) -> tuple[float, float, float, int]:
+    """(requests/s, p50 ms, p99 ms, non-2xx) of one wrk run against 127.0.0.1:port."""
+    out = subprocess.run(["wrk", "-t2", "-c32", f"-d{seconds}s", "--latency", "-s",
+                          str(script), f"http://127.0.0.1:{port}{PATH}"],
+                         capture_output=True, text=True, timeout=seconds + 30, check=True).stdout
+    rate = float(_REQS.search(out).group(1))  # type: ignore[union-attr]
+    lat = {p: float(v) * _UNIT[u] for p, v, u in _LAT.findall(out)}
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    return rate, lat.get("50", 0.0), lat.get("99", 0.0), int(bad.group(1)) if bad else 0
+
+
+def run(log_dir: Path, quick: bool = False) -> list[str]:
+    """Alternating rounds of the bare handler and the receiver; the Markdown section."""
+    if shutil.which("wrk") is None:
+        return ["## Receiver", "", "wrk is not installed (`apt-get install wrk`): skipped."]
+    rounds, seconds = (2, 5) if quick else (3, 10)
+    rds = devstack.start_redis(log_dir, data_dir=log_dir / "bench-redis")
+    base = rds.url.rsplit("/", 1)[0]
+    env = {"REDIS_URL": base + "/1", "FHIR_BASE_URL": "http://127.0.0.1:9/fhir/R4/",
+           "FHIR_CLIENT_ID": "bench", "FHIR_CLIENT_SECRET": "bench",
+           "TWILIO_ACCOUNT_SID": "ACbench", "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+           "PUBLIC_BASE_URL": PUBLIC_BASE_URL, "LOG_FORMAT": "json"}
+    load_settings(env)  # fail here, not inside gunicorn, on a bad environment
+    ours_port, bare_port = devstack.free_port(), devstack.free_port()
+    ours = devstack.start_web(env, log_dir, ours_port, workers=2)
+    bare = devstack.start_web({**env, "BENCH_REDIS_URL": base + "/2"},
+                              log_dir, bare_port, workers=2, app="tests.bench.bare_lpush:app",
+                              worker_class="sync", name="bench-bare")
+    script = _wrk_script(log_dir, _form())
+    results: dict[str, list[tuple[float, float, float, int]]] = {"bare": [], "ours": []}
+    try:
+        for port in (bare_port, ours_port):  # warm both up
+            wrk(port, script, 2)
+        for _ in range(rounds):
+            results["bare"].append(wrk(bare_port, script, seconds))
+            results["ours"].append(wrk(ours_port, script, seconds))
+            client = redis.Redis.from_url(rds.url)
+            for db in (1, 2):  # keep Redis small between rounds (nothing consumes)
+                client.execute_command("SELECT", db)
+                client.flushdb()
+            client.close()
+    finally:
+        ours.stop()
+        bare.stop()
+        rds.stop()
+    bare_rate = statistics.median(r[0] for r in results["bare"])
+    ours_rate = statistics.median(r[0] for r in results["ours"])
+    lines = ["## Receiver", "",
+             f"Signed Twilio webhook → 200, `wrk -t2 -c32`, {rounds} alternating rounds of "
+             f"{seconds} s, Redis with AOF `appendfsync always`; medians.", "",
+             "| handler | req/s | p50 ms | p99 ms | non-2xx |", "|---|---:|---:|---:|---:|"]
+    for name, label in (("bare", "bare Flask + one LPUSH (gunicorn sync, 2 workers)"),
+                        ("ours", "Switchboard receiver (gunicorn gevent, 2 workers)")):
+        rows = results[name]
+        lines.append(f"| {label} | {statistics.median(r[0] for r in rows):.0f} | "
+                     f"{statistics.median(r[1] for r in rows):.1f} | "
+                     f"{statistics.median(r[2] for r in rows):.1f} | {sum(r[3] for r in rows)} |")
+    lines += ["", f"**Receiver / bare LPUSH: {ours_rate / bare_rate:.2f}** (goal ≥ 0.80)."]
+    return lines
