@@ -40,7 +40,11 @@ clean:
 reliability: install
 	$(BIN)/python -m tests.reliability
 
-# Benchmarks on loopback (a couple of minutes; stops by itself): prints figures and ratios and
-# writes bench/results.md. Nothing is asserted and CI times nothing.
+# Benchmarks on loopback (a few minutes; stops by itself): prints figures and ratios and writes
+# bench/results.md. Nothing is asserted and CI times nothing. The receiver section drives load
+# with wrk (Debian's package; installed here when missing and we may).
 bench: install
+	@command -v wrk >/dev/null || apt-get install -y -q wrk >/dev/null 2>&1 \
+	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q wrk >/dev/null 2>&1) \
+	  || echo "wrk could not be installed: the receiver section will be skipped"
 	$(BIN)/python -m tests.bench

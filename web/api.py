@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import re
 import time
@@ -15,10 +16,12 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from web.enqueue import EnqueueFailed, Enqueuer
 from worker.broker.celery_app import QUEUE_OUTBOUND, TASK_OUTBOUND_SEND
 from worker.fhir.reference import InvalidReference, parse_reference
+from worker.fhir.resources import fhir_string
 from worker.settings import Settings
 from worker.stores.outbound_state import SETTLED, OutboundState
 
 MAX_WAIT_SECONDS = 30
+_IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_\-:.]{1,128}")
 _PREFER_WAIT = re.compile(r"\bwait=(\d+)")
 # How a failed send is told to the caller: the patient's side → 422, ours → 503, provider → 502.
 _FAILURE_STATUS = {"throttled": 429, "provider-unavailable": 502, "misconfigured": 503}
@@ -64,11 +67,21 @@ class Attachment(BaseModel):
     size: int | None = Field(default=None, ge=0)
 
 
+def _fhir_text(value: str | None) -> str | None:
+    # Medplum refuses control characters and whitespace-only strings (400) after we said 202.
+    if value is not None and fhir_string(value) != value:
+        raise ValueError("must not be blank or hold control characters")
+    return value
+
+
+FhirText = Annotated[str | None, AfterValidator(_fhir_text)]
+
+
 class Payload(BaseModel):
     """One Communication.payload item."""
 
     model_config = ConfigDict(extra="forbid")
-    contentString: str | None = Field(default=None, min_length=1, max_length=20000)
+    contentString: FhirText = Field(default=None, min_length=1, max_length=20000)
     contentAttachment: Attachment | None = None
 
 
@@ -113,7 +126,7 @@ class Note(BaseModel):
     """An Annotation (text only)."""
 
     model_config = ConfigDict(extra="forbid")
-    text: str = Field(min_length=1, max_length=5000)
+    text: FhirText = Field(min_length=1, max_length=5000)
 
 
 class ByResource(BaseModel):
@@ -154,10 +167,22 @@ def _verdict(request_id: str, state: dict[str, Any] | None) -> tuple[Response, i
         error = str(body.get("error", "failed"))
         return jsonify({**body, "error": error}), _FAILURE_STATUS.get(error, 422)
     if status == "queued" and body.get("last_error") in _FAILURE_STATUS:
-        # Still being retried, but the caller asked to hear about trouble at once.
+        # Still being retried, but the caller asked to hear about trouble at once. The answer
+        # says `"status": "queued"`: the message still goes out; resubmitting it would send it
+        # twice unless the request carries an Idempotency-Key.
         error = str(body["last_error"])
         return jsonify({**body, "error": error}), _FAILURE_STATUS[error]
     return jsonify(body), 202
+
+
+def _request_id(key: str | None) -> str | None:
+    """The request id of an Idempotency-Key (the same key, the same request), or a new one;
+    None for a key of the wrong shape."""
+    if key is None:
+        return uuid.uuid4().hex
+    if not _IDEMPOTENCY_KEY.fullmatch(key):
+        return None
+    return "k-" + hashlib.sha256(key.encode()).hexdigest()[:40]
 
 
 def api_blueprint(settings: Settings, client: redis.Redis) -> Blueprint:
@@ -191,7 +216,19 @@ def api_blueprint(settings: Settings, client: redis.Redis) -> Blueprint:
             fields = [{"field": ".".join(str(p) for p in e["loc"]), "error": e["msg"]}
                       for e in exc.errors()]
             return jsonify(error="invalid-body", fields=fields), 422
-        request_id = uuid.uuid4().hex
+        request_id = _request_id(request.headers.get("Idempotency-Key"))
+        if request_id is None:
+            rejected("invalid-body")
+            return jsonify(error="invalid-idempotency-key",
+                           detail="1-128 letters, digits and _-:."), 400
+        try:
+            fresh = state.create(request_id)
+        except redis.exceptions.RedisError:
+            rejected("queue-unavailable")
+            return jsonify(error="unavailable", detail="queue unavailable, retry later"), 503
+        if not fresh:
+            # The same Idempotency-Key again: answer with that request's state, send nothing.
+            return _verdict(request_id, state.get(request_id))
         payload: dict[str, Any] = {"request_id": request_id,
                                    "channel": getattr(parsed, "channel", None)}
         if isinstance(parsed, ByReference):
@@ -199,12 +236,12 @@ def api_blueprint(settings: Settings, client: redis.Redis) -> Blueprint:
         else:
             # What was validated, and only that, goes on.
             payload["resource"] = parsed.model_dump(exclude_none=True, exclude={"channel"})
-        state.update(request_id, "queued")
         enqueuer: Enqueuer = current_app.extensions["switchboard.enqueuer"]
         try:
             enqueuer.send(TASK_OUTBOUND_SEND, QUEUE_OUTBOUND, [payload],
                           inbox_key=f"outbound:{request_id}")
         except EnqueueFailed:
+            state.forget(request_id)  # not queued: the same key may try again
             rejected("queue-unavailable")
             return jsonify(error="unavailable", detail="queue unavailable, retry later"), 503
         current_app.extensions["switchboard.metrics"].inc(
@@ -228,7 +265,7 @@ def api_blueprint(settings: Settings, client: redis.Redis) -> Blueprint:
     def message_state(request_id: str) -> tuple[Response, int]:
         if not _authorised(settings):
             return jsonify(error="unauthorized", detail="a valid bearer token is required"), 401
-        current = state.get(request_id)
+        current = state.get(request_id)  # None also for anything not shaped like a request id
         if current is None:
             return jsonify(error="not-found", detail="no such message request"), 404
         return jsonify({"id": request_id, **current}), 200

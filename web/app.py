@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import AbstractContextManager, nullcontext
 
 import redis
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, jsonify, request
 from flask.logging import default_handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -19,6 +20,23 @@ from worker.ops.metrics import RedisCollector, for_redis
 from worker.settings import Settings, load_settings
 
 log = logging.getLogger("switchboard.web")
+
+
+class BodyTimeout(Exception):
+    """The request body did not arrive within the receiver's deadline."""
+
+
+def _deadline(seconds: float) -> AbstractContextManager[object]:
+    """A deadline on everything inside, where the server can enforce one: under gunicorn's
+    gevent workers (as deployed). Elsewhere (the Flask test client, a sync worker) nothing."""
+    try:
+        from gevent import Timeout, monkey
+    except ImportError:  # pragma: no cover - gevent is a dependency
+        return nullcontext()
+    if not monkey.is_module_patched("socket"):
+        return nullcontext()
+    timeout: AbstractContextManager[object] = Timeout(seconds, BodyTimeout)
+    return timeout
 READY_CACHE_SECONDS = 5.0
 
 
@@ -41,6 +59,23 @@ def create_app(settings: Settings | None = None, enqueuer: Enqueuer | None = Non
     app.register_blueprint(twilio_blueprint(settings))
     app.register_blueprint(api_blueprint(settings, redis.Redis.from_url(
         settings.redis_url, socket_timeout=MAX_WAIT_SECONDS + 5, socket_connect_timeout=3)))
+
+    @app.before_request
+    def read_body_in_time() -> tuple[Response, int] | None:
+        # A client that dribbles its body holds a connection slot for as long as it likes
+        # (2,050 such sockets filled both gevent workers' slots in the hostile review). Every
+        # body must arrive whole within the deadline; Twilio's arrive at once.
+        if request.method not in ("POST", "PUT", "PATCH"):
+            return None
+        try:
+            with _deadline(settings.receiver_body_timeout_seconds):
+                request.get_data(cache=True, parse_form_data=True)
+        except BodyTimeout:
+            resp = jsonify(error="request-timeout",
+                           detail="the request body did not arrive in time")
+            resp.headers["Connection"] = "close"
+            return resp, 408
+        return None
 
     @app.get("/healthz")
     def healthz() -> tuple[Response, int]:

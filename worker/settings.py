@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     inbox_stale_seconds: float = Field(default=1800.0, gt=0)
     inbox_sweep_interval_seconds: float = Field(default=60.0, gt=0)
 
+    # A request body that has not fully arrived after this long gets 408 and its connection is
+    # closed (slow clients must not hold the receiver's connection slots; Twilio waits 15 s).
+    receiver_body_timeout_seconds: float = Field(default=10.0, gt=0, le=14)
     # Log lines: JSON (one object per line, for log shippers) or console text.
     log_format: Literal["json", "console"] = "json"
 

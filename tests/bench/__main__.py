@@ -12,7 +12,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tests.bench import contention
+from tests.bench import contention, receiver, recovery
 
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results.md"
 
@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     lines = [f"# Benchmarks ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "
              f"{'quick' if args.quick else 'full'} run)", ""]
-    lines += contention.run(log_dir, quick=args.quick)
+    for section in (receiver, recovery, contention):
+        lines += [*section.run(log_dir, quick=args.quick), ""]
     lines += ["", f"Total {time.monotonic() - started:.0f} s; logs in {log_dir}."]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -9,6 +9,7 @@ from typing import Any
 from tests.conftest import Services
 from tests.integration.test_inbound_sms import deliver, landed
 from tests.integration.test_outbound import (
+    AUTH,
     MOBILE,
     message_in_thread,
     outbound,
@@ -162,3 +163,59 @@ def test_start_lifts_an_opt_out(services: Services, sandbox: Sandbox,
                  wait=20)
     assert again.status_code == 200, again.get_json()
     assert len(providers.requests("twilio")) == 2
+
+
+def test_text_medplum_would_refuse_is_cleaned_not_dead_lettered(services: Services,
+                                                                sandbox: Sandbox) -> None:
+    svc = services.get(SMS_THREAD_STRATEGY="conversation")
+    sandbox.patient(MOBILE)
+    blank = sms_params(MOBILE, "\n", NumMedia="1",
+                       MediaUrl0="https://api.twilio.com/2010-04-01/m/ME1",
+                       MediaContentType0="image/jpeg")
+    escape = sms_params(MOBILE, "Running late \x1b see you soon\ufeff")
+    for params in (blank, escape):
+        deliver(svc, params)
+    photo = landed(sandbox, blank["MessageSid"])
+    assert photo["payload"] == [{"contentAttachment": {
+        "url": "https://api.twilio.com/2010-04-01/m/ME1", "contentType": "image/jpeg"}}]
+    text = landed(sandbox, escape["MessageSid"])
+    assert text["payload"] == [{"contentString": "Running late  see you soon"}]
+    assert svc.dead_letters.count() == 0
+
+
+def test_an_idempotency_key_makes_a_retry_the_same_request(
+        services: Services, sandbox: Sandbox, providers: ProviderSandbox) -> None:
+    providers.reset()
+    svc = outbound(services, providers)
+    pat = patient(sandbox, email=None)
+    body = {"resourceType": "Communication", "payload": [{"contentString": "once only"}],
+            "recipient": [{"reference": f"Patient/{pat['id']}"}]}
+    client = svc.app().test_client()
+    headers = {**AUTH, "Idempotency-Key": "order-42:reminder", "Prefer": "wait=20"}
+    first = client.post("/v1/messages", json=body, headers=headers)
+    again = client.post("/v1/messages", json=body, headers=headers)
+    assert first.status_code == again.status_code == 200, (first.json, again.json)
+    assert first.get_json()["id"] == again.get_json()["id"]
+    assert [r["form"]["Body"] for r in providers.requests("twilio")] == ["once only"]
+    bad = client.post("/v1/messages", json=body, headers={**AUTH, "Idempotency-Key": "a b"})
+    assert bad.status_code == 400
+    # A path id that is not a request id is unknown, not a Redis type error (was a 500).
+    assert client.get(f"/v1/messages/events:{first.get_json()['id']}",
+                      headers=AUTH).status_code == 404
+
+
+def test_an_email_attachment_goes_out_as_a_link(services: Services, sandbox: Sandbox,
+                                                providers: ProviderSandbox) -> None:
+    providers.reset()
+    svc = outbound(services, providers)
+    pat = patient(sandbox, phone=None)
+    resp = send(svc, {"resourceType": "Communication", "channel": "email",
+                      "recipient": [{"reference": f"Patient/{pat['id']}"}],
+                      "payload": [{"contentAttachment": {
+                          "url": "https://files.example.org/lab-results.pdf",
+                          "contentType": "application/pdf", "title": "Your lab results"}}]},
+                wait=20)
+    assert resp.status_code == 200, resp.get_json()
+    (mail,) = providers.requests("sendgrid")
+    text = mail["json"]["content"][0]["value"]
+    assert "https://files.example.org/lab-results.pdf" in text and "application/pdf" in text

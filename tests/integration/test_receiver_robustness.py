@@ -102,3 +102,31 @@ def test_a_stalled_redis_gets_a_prompt_503_and_keeps_nothing(
     time.sleep(1.0)
     assert r.zcard(INBOX_INDEX) == 0
     r.close()
+
+
+def test_a_body_that_does_not_arrive_in_time_gets_408(services: Services, log_dir: Path) -> None:
+    svc = services.get(worker=False, RECEIVER_BODY_TIMEOUT_SECONDS="2")
+    port = devstack.free_port()
+    web = devstack.start_web(svc.env, log_dir, port, workers=1)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"POST /webhooks/twilio/sms HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                         b"application/x-www-form-urlencoded\r\nContent-Length: 100000\r\n\r\n")
+            started = time.monotonic()
+            answer = b""
+            for _ in range(20):  # a byte a second; the deadline is 2 s
+                try:
+                    sock.sendall(b"a")
+                    sock.settimeout(1.0)
+                    answer += sock.recv(4096)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    break
+                if answer:
+                    break
+            took = time.monotonic() - started
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:80]
+        assert took < 6, took  # the slot is free again after the deadline, not after 100 s
+    finally:
+        web.stop()

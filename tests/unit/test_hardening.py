@@ -108,11 +108,31 @@ def sms(**changes: str) -> dict[str, str]:
     (sms(NumMedia="1", MediaUrl0="http://api.twilio.com/x"), ["MediaUrl0"]),
     (sms(NumMedia="1", MediaUrl0="https://api.twilio.com.evil.example/x"), ["MediaUrl0"]),
     (sms(NumMedia="1", MediaUrl0="https://user:pw@api.twilio.com/x"), ["MediaUrl0"]),
-    (sms(NumMedia="0", MediaUrl0="https://api.twilio.com/x"), ["MediaUrl0"]),
+    (sms(NumMedia="0", MediaUrl0="https://api.twilio.com/x"), ["MediaUrl0 (beyond NumMedia)"]),
     (sms(ConversationSid="CH1,CH2"), ["ConversationSid"]),
+    # Non-ASCII digits pass str.isdigit() and then crash int() (hostile review, 5a).
+    (sms(NumMedia="²"), ["NumMedia"]),
+    (sms(NumMedia="٣"), ["NumMedia"]),
+    # A value re-split into a new name extending a known one (hostile review, 2): the replay
+    # of `Body="Hi clinicFrom+15551234567Fromz"` as Body, From=<victim>, Fromz=...
+    (sms(Body="Hi clinic", From="+15551234567", Fromz="From+15550001111"),
+     ["Fromz (unknown parameter)"]),
+    (sms(MessageSid2="x"), ["MessageSid2 (unknown parameter)"]),
+    (sms(**{"From+1555": "x"}), ["From+1555 (unknown parameter)"]),
+    (sms(FromCity="From+15550001111"), ["FromCity"]),
+    (sms(SmsSid="SM" + "1" * 32), ["SmsSid"]),
+    # Twilio adds parameters without notice: unknown names of its own form pass.
+    (sms(ProfileName="Pat", ReferralCtwaClid="abc", FromCity="NASHUA", FromCountry="US",
+         SmsSid=SID, SmsMessageSid=SID, ApiVersion="2010-04-01", NumSegments="1"), []),
 ])
 def test_inbound_webhook_field_shapes(params: dict[str, str], problems: list[str]) -> None:
     assert field_problems("sms", params, "ACtest") == problems
+
+
+def test_a_repeated_parameter_is_refused() -> None:
+    """`From=victim&From=attacker` signs like `From` text moved out of the preceding value."""
+    pairs = [*sms().items(), ("From", "+15550001111")]
+    assert field_problems("sms", pairs, "ACtest") == ["From (repeated)"]
 
 
 @pytest.mark.parametrize(("params", "problems"), [
@@ -124,6 +144,10 @@ def test_inbound_webhook_field_shapes(params: dict[str, str], problems: list[str
     ({"MessageSid": SID, "AccountSid": "ACtest", "MessageStatus": "owned"}, ["MessageStatus"]),
     ({"MessageSid": SID, "AccountSid": "ACtest", "MessageStatus": "failed",
       "ErrorCode": "1;2"}, ["ErrorCode"]),
+    ({"MessageSid": SID, "AccountSid": "ACtest", "MessageStatus": "failed",
+      "ErrorCode": "²"}, ["ErrorCode"]),
+    ({"MessageSid": SID, "AccountSid": "ACtest", "MessageStatus": "sent",
+      "From": "CLINIC"}, []),  # an alphanumeric sender id
 ])
 def test_status_callback_field_shapes(params: dict[str, str], problems: list[str]) -> None:
     assert field_problems("status", params, "ACtest") == problems

@@ -70,7 +70,7 @@ def twilio_blueprint(settings: Settings) -> Blueprint:
                         reason="missing-fields")
             return jsonify(error="missing-fields", fields=missing,
                            detail="required: " + ", ".join(missing)), 400
-        invalid = field_problems(kind, params, settings.twilio_account_sid)
+        invalid = field_problems(kind, form.items(multi=True), settings.twilio_account_sid)
         if invalid:
             log.warning("twilio %s webhook rejected: invalid %s", kind, ",".join(invalid))
             metrics.inc("switchboard_webhooks_rejected", endpoint=endpoint,

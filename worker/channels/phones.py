@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 _STRIP = re.compile(r"[\s().\-]")
+_DIGITS = re.compile(r"[0-9]+")
 
 
 class InvalidPhoneNumber(ValueError):
@@ -32,7 +33,8 @@ def to_e164(raw: str, default_country_code: str = "1") -> str:
         else:
             value = "+" + value
     digits = value[1:]
-    if not digits.isdigit() or not 8 <= len(digits) <= 15 or digits.startswith("0"):
+    # ASCII digits only (str.isdigit() also takes full-width and Arabic-Indic digits).
+    if not _DIGITS.fullmatch(digits) or not 8 <= len(digits) <= 15 or digits.startswith("0"):
         raise InvalidPhoneNumber("not an E.164 phone number")
     return value
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import uuid
 from collections.abc import Mapping
@@ -27,7 +28,7 @@ def classify_error(status: int | None, body: Any = None, headers: Mapping[str, s
     if status == 429:
         retry = headers.get("retry-after")
         return SendError("throttled", "SendGrid HTTP 429", None,
-                         float(retry) if retry and retry.isdigit() else None)
+                         float(retry) if retry and re.fullmatch(r"[0-9]{1,6}", retry) else None)
     if status == 401:
         return SendError("misconfigured", "SendGrid rejected the API key")
     text = body.decode(errors="replace") if isinstance(body, bytes) else str(body or "")
@@ -68,7 +69,7 @@ class SendGridEmail:
         message_id = message.message_id or (
             f"<{message.communication_id}.{uuid.uuid4().hex[:12]}@{self._domain}>")
         mail = Mail(from_email=self._from, to_emails=message.to, subject=message.subject,
-                    plain_text_content=message.body or " ")
+                    plain_text_content=email_text(message))
         mail.add_header(Header("Message-ID", message_id))
         if message.in_reply_to:
             mail.add_header(Header("In-Reply-To", message.in_reply_to))
@@ -92,6 +93,15 @@ class SendGridEmail:
         # identifies the email; retrying would send it twice.
         provider_id = str(resp.headers.get("X-Message-Id") or message_id)
         return SendResult(provider_id=provider_id, status="accepted", message_id=message_id)
+
+
+def email_text(message: OutboundMessage) -> str:
+    """The plain-text body: the message, then a link to each attachment (SendGrid takes files,
+    not links; the clinic's attachment stays where the EHR keeps it, behind its own access).
+    An email with an attachment and no text used to go out blank."""
+    links = [f"Attachment ({a.content_type or 'file'}): {a.url}" for a in message.attachments]
+    text = "\n\n".join(part for part in (message.body, "\n".join(links)) if part)
+    return text or " "  # SendGrid refuses an empty content value
 
 
 def _custom_arg(key: str, value: str) -> Any:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hmac
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -31,7 +32,6 @@ MESSAGE_SID = re.compile(r"(SM|MM)[0-9a-f]{32}")
 CONVERSATION_SID = re.compile(r"CH[0-9a-f]{32}")
 STATUSES = frozenset(TWILIO_TO_FHIR)
 SHORT_CODE = re.compile(r"[0-9]{3,8}")
-MEDIA_URL_FIELD = re.compile(r"MediaUrl([0-9]+)")
 # Where Twilio serves MMS media: only these become attachment links in the EHR.
 MEDIA_HOSTS = frozenset({"api.twilio.com", "media.twiliocdn.com", "mms.twiliocdn.com"})
 
@@ -50,8 +50,14 @@ class TwilioSignature:
         if not signature:
             return False
         try:
+            # Fast path: the URL exactly as configured, one HMAC. The SDK's validate() always
+            # computes two (the URL with and without its port), which is what a genuine
+            # request pays for nothing; it stays the judge of everything else.
+            expected = self._validator.compute_signature(url, params)
+            if hmac.compare_digest(expected.encode(), signature.encode()):
+                return True
             return bool(self._validator.validate(url, params, signature))
-        except (TypeError, ValueError):  # keys or values a real Twilio request never has
+        except (TypeError, ValueError, UnicodeEncodeError):  # never in a real Twilio request
             return False
 
 
@@ -75,44 +81,121 @@ def opt_keyword(body: str) -> str | None:
     return "opt-out" if word in OPT_OUT_WORDS else "opt-in" if word in OPT_IN_WORDS else None
 
 
-def field_problems(kind: str, params: Mapping[str, str], account_sid: str) -> list[str]:
-    """What is wrong with the shape of a signed webhook's fields (empty: nothing).
+def field_problems(kind: str, params: Mapping[str, str] | Iterable[tuple[str, str]],
+                   account_sid: str) -> list[str]:
+    """What is wrong with the fields of a signed webhook (empty: nothing); names, never values.
 
-    `kind` is "sms" (incoming message) or "status" (delivery callback). Names only, never
-    values, so the answer can be logged and returned.
+    `kind` is "sms" (incoming message) or "status" (delivery callback); `params` may repeat a
+    name (give the form's `items(multi=True)`). Twilio's signature binds no name to its value,
+    so besides the shape of every field we use: no name may repeat (`From=a&From=b` signs like
+    text moved out of the preceding value), and an unknown name may not extend a known one
+    (`Fromz` is how a value is re-split into a new `From`). Unknown names otherwise pass: Twilio
+    adds parameters without notice.
     """
-    problems = []
-    if not MESSAGE_SID.fullmatch(params.get("MessageSid") or ""):
-        problems.append("MessageSid")
-    if params.get("AccountSid") != account_sid:
+    pairs = list(params.items()) if isinstance(params, Mapping) else list(params)
+    problems: list[str] = []
+    seen: dict[str, str] = {}
+    for name, value in pairs:
+        if name in seen:
+            problems.append(f"{name} (repeated)")
+        seen.setdefault(name, value)
+    shapes = SMS_FIELDS if kind == "sms" else STATUS_FIELDS_SHAPES
+    for name, value in seen.items():
+        shape = shapes.get(name) or _indexed_shape(kind, name)
+        if shape is not None:
+            if not shape(value):
+                problems.append(name)
+        elif not PARAM_NAME.fullmatch(name) or any(
+                name.startswith(known) for known in KNOWN_NAMES):
+            problems.append(f"{name} (unknown parameter)")
+    for required in ("MessageSid", "AccountSid"):
+        if required not in seen:
+            problems.append(required)
+    if seen.get("AccountSid", account_sid) != account_sid:
         problems.append("AccountSid")
-    if kind == "status":
-        if (params.get("MessageStatus") or "").lower() not in STATUSES:
-            problems.append("MessageStatus")
-        if not (params.get("ErrorCode") or "0").isdigit():
-            problems.append("ErrorCode")
-        return problems
+    for alias in ("SmsSid", "SmsMessageSid"):  # Twilio's older names of the same id
+        if alias in seen and seen[alias] != seen.get("MessageSid"):
+            problems.append(alias)
+    if kind == "sms":
+        count = seen.get("NumMedia", "0")
+        count = count if _digits(count, 2) else "0"
+        for name in seen:
+            found = MEDIA_FIELD.fullmatch(name)
+            if found and int(found.group(2)) >= int(count):
+                problems.append(f"{name} (beyond NumMedia)")
+    return sorted(set(problems), key=problems.index)
+
+
+def _digits(value: str, most: int) -> bool:
+    # ASCII digits only: str.isdigit() also takes '²' and Arabic-Indic digits, and int() then
+    # raises or reads another number.
+    return re.fullmatch(rf"[0-9]{{1,{most}}}", value) is not None
+
+
+def _phone(value: str) -> bool:
     try:
-        to_e164(params.get("From") or "")
+        to_e164(value)
     except InvalidPhoneNumber:
-        problems.append("From")
-    to = params.get("To") or ""
-    if not SHORT_CODE.fullmatch(to):
-        try:
-            to_e164(to)
-        except InvalidPhoneNumber:
-            problems.append("To")
-    if "ConversationSid" in params and not CONVERSATION_SID.fullmatch(params["ConversationSid"]):
-        problems.append("ConversationSid")
-    count = params.get("NumMedia", "0")
-    if not count.isdigit() or int(count) > MAX_MEDIA:
-        problems.append("NumMedia")
-        count = "0"
-    for name, value in params.items():
-        found = MEDIA_URL_FIELD.fullmatch(name)
-        if found and (int(found.group(1)) >= int(count) or not _twilio_media(value)):
-            problems.append(name)
-    return problems
+        return False
+    return True
+
+
+def _text(most: int, pattern: str = r"[A-Za-z .'\-]") -> Callable[[str], bool]:
+    compiled = re.compile(rf"{pattern}{{0,{most}}}")
+    return lambda value: compiled.fullmatch(value) is not None
+
+
+def _free(value: str) -> bool:
+    return True  # free text (the message itself): any content, checked where it is written
+
+
+_COMMON: dict[str, Callable[[str], bool]] = {
+    "MessageSid": lambda v: MESSAGE_SID.fullmatch(v) is not None,
+    "SmsSid": lambda v: MESSAGE_SID.fullmatch(v) is not None,
+    "SmsMessageSid": lambda v: MESSAGE_SID.fullmatch(v) is not None,
+    "AccountSid": lambda v: re.fullmatch(r"AC[0-9A-Za-z]{1,32}", v) is not None,
+    "MessagingServiceSid": lambda v: re.fullmatch(r"MG[0-9a-f]{32}", v) is not None,
+    "ApiVersion": lambda v: re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", v) is not None,
+    "From": _phone,
+    "To": lambda v: SHORT_CODE.fullmatch(v) is not None or _phone(v),
+}
+SMS_FIELDS: dict[str, Callable[[str], bool]] = {
+    **_COMMON,
+    "Body": _free,
+    "NumMedia": lambda v: _digits(v, 2) and int(v) <= MAX_MEDIA,
+    "NumSegments": lambda v: _digits(v, 3),
+    "ReferralNumMedia": lambda v: _digits(v, 2),
+    "SmsStatus": lambda v: v.lower() in STATUSES,
+    "ConversationSid": lambda v: CONVERSATION_SID.fullmatch(v) is not None,
+    "OptOutType": _text(16, "[A-Z]"),
+    **{f"{side}{part}": shape for side in ("From", "To") for part, shape in (
+        ("City", _text(64)), ("State", _text(64)), ("Zip", _text(16, r"[A-Za-z0-9 \-]")),
+        ("Country", _text(2, "[A-Z]")))},
+}
+STATUS_FIELDS_SHAPES: dict[str, Callable[[str], bool]] = {
+    **_COMMON,
+    # The sender of a message we sent: a number, a short code or an alphanumeric sender id.
+    "From": lambda v: SHORT_CODE.fullmatch(v) is not None or _phone(v)
+    or re.fullmatch(r"[A-Za-z0-9 ]{1,11}", v) is not None,
+    "MessageStatus": lambda v: v.lower() in STATUSES,
+    "SmsStatus": lambda v: v.lower() in STATUSES,
+    "ErrorCode": lambda v: _digits(v, 6),
+    "ErrorMessage": _free,
+    "RawDlrDoneDate": lambda v: _digits(v, 14),
+}
+MEDIA_FIELD = re.compile(r"(MediaUrl|MediaContentType)([0-9]{1,2})")
+PARAM_NAME = re.compile(r"[A-Z][A-Za-z0-9]{0,63}")
+KNOWN_NAMES = frozenset({*SMS_FIELDS, *STATUS_FIELDS_SHAPES, "MediaUrl", "MediaContentType"})
+_CONTENT_TYPE = re.compile(r"[\w.+\-]{1,64}/[\w.+\-]{1,128}")
+
+
+def _indexed_shape(kind: str, name: str) -> Callable[[str], bool] | None:
+    found = MEDIA_FIELD.fullmatch(name) if kind == "sms" else None
+    if found is None:
+        return None
+    if found.group(1) == "MediaUrl":
+        return _twilio_media
+    return lambda v: _CONTENT_TYPE.fullmatch(v) is not None
 
 
 def _twilio_media(url: str) -> bool:

@@ -7,6 +7,7 @@ a child `Communication` whose `partOf` points at the header.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,11 +50,25 @@ def clinic_participant(msg: InboundMessage, systems: IdentifierSystems, clinic_r
             "display": f"Clinic {msg.channel.upper()} line"}
 
 
+# What a FHIR string may not hold: control characters other than tab, CR and LF, a byte-order
+# mark, and lone surrogates. Medplum refuses the whole resource (400) for any of them, and a
+# string that is only whitespace, so a patient's "\n" or "Running late \x1b" would otherwise
+# end in the dead-letter store, photo and all.
+_NOT_FHIR_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufeff\ud800-\udfff]")
+
+
+def fhir_string(text: str) -> str | None:
+    """`text` as a valid FHIR string (invalid characters removed), or None if nothing is left."""
+    cleaned = _NOT_FHIR_TEXT.sub("", text)
+    return cleaned if cleaned.strip() else None
+
+
 def payload(msg: InboundMessage) -> list[Resource]:
-    """Text then attachments; FHIR forbids empty strings, so an empty body adds no text."""
+    """Text then attachments; a body with nothing FHIR can hold adds no text."""
     items: list[Resource] = []
-    if msg.body:
-        items.append({"contentString": msg.body})
+    text = fhir_string(msg.body)
+    if text:
+        items.append({"contentString": text})
     items += [{"contentAttachment": {"url": a.url, "contentType": a.content_type}}
               for a in msg.attachments]
     return items

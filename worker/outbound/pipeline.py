@@ -15,7 +15,6 @@ Order of events for one send, and why:
 from __future__ import annotations
 
 import logging
-import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -32,7 +31,7 @@ from worker.fhir.update import guarded_update
 from worker.ops.metrics import Metrics
 from worker.outbound.routing import CHANNEL_TO_MEDIUM, choose_channel, medium_channel, pick_contact
 from worker.stores.optouts import OptOuts
-from worker.stores.outbound_state import OutboundState
+from worker.stores.outbound_state import REQUEST_ID, OutboundState
 from worker.stores.rate_limit import RateLimiter
 from worker.stores.send_ledger import SendLedger
 
@@ -40,8 +39,6 @@ log = logging.getLogger("switchboard.outbound")
 SEND_ERROR_SYSTEM = "urn:switchboard:send-error"
 # SMS failures that mean "this number cannot take texts": worth trying email instead.
 FALLBACK_KINDS = frozenset({"invalid-recipient", "unreachable"})
-# An API request id: a Redis key part and a FHIR identifier value, so its shape is fixed.
-REQUEST_ID = re.compile(r"[A-Za-z0-9\-]{1,64}")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +25,8 @@ def apply_status(fhir: FhirClient, sid_system: str, params: Mapping[str, str],
     if not sid or not status:
         raise PermanentError("invalid-payload", "MessageSid and MessageStatus are required")
     error_code = (params.get("ErrorCode") or "").strip()
+    if not re.fullmatch(r"[0-9]{1,6}", error_code):
+        error_code = ""  # the receiver refuses other shapes; never trust one that got here
     found = fhir.search("Communication", [("identifier", token(sid_system, sid)),
                                           ("_count", "2")])
     entries = [e["resource"] for e in found.get("entry") or []]
@@ -55,6 +58,6 @@ def apply_status(fhir: FhirClient, sid_system: str, params: Mapping[str, str],
                 state.update(str(request_id), "delivered", communication=comm_id)
             elif outcome["result"] == "stopped":
                 state.update(str(request_id), "failed", communication=comm_id,
-                             error="undelivered", provider_code=int(error_code)
-                             if error_code.isdigit() else None)
+                             error="undelivered",
+                             provider_code=int(error_code) if error_code else None)
     return outcome["result"]

@@ -6,6 +6,7 @@ A Redis hash per request id (30 days), plus a short list the web blocks on for `
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -13,6 +14,9 @@ import redis
 
 KEY = "switchboard:outbound:"
 EVENTS = "switchboard:outbound:events:"
+# A request id's shape (a key part here, an identifier value in FHIR). Checked before any id is
+# used: `events:<id>` would otherwise name the event list of another request (a WRONGTYPE 500).
+REQUEST_ID = re.compile(r"[A-Za-z0-9\-]{1,64}")
 TTL = 30 * 24 * 3600
 # States after which a waiting caller gets its answer.
 SETTLED = frozenset({"sent", "failed", "delivered"})
@@ -24,11 +28,32 @@ class OutboundState:
     def __init__(self, client: redis.Redis) -> None:
         self._r: Any = client
 
+    def create(self, request_id: str) -> bool:
+        """Record a new request as queued; False if this id exists already (a client's retry
+        with the same Idempotency-Key, or a race between two of them: only one goes on)."""
+        _check(request_id)
+        pipe = self._r.pipeline()
+        pipe.hsetnx(KEY + request_id, "status", "queued")
+        pipe.hsetnx(KEY + request_id, "updated_at", f"{time.time():.3f}")
+        pipe.expire(KEY + request_id, TTL)
+        created, _, _ = pipe.execute()
+        return bool(created)
+
+    def forget(self, request_id: str) -> None:
+        """Drop a request that was never queued (best effort: Redis may be what failed)."""
+        try:
+            self._r.delete(KEY + request_id)
+        except redis.exceptions.RedisError:
+            pass
+
     def update(self, request_id: str, status: str, **fields: Any) -> None:
         """Set the state (and any details); wakes waiters when the state is settled."""
+        _check(request_id)
         values = {"status": status, "updated_at": f"{time.time():.3f}",
                   **{k: json.dumps(v) for k, v in fields.items() if v is not None}}
         pipe = self._r.pipeline()
+        if status in SETTLED:
+            pipe.hdel(KEY + request_id, "last_error")  # it was retried past that error
         pipe.hset(KEY + request_id, mapping=values)
         pipe.expire(KEY + request_id, TTL)
         # Every change wakes a waiting caller (it decides whether the news is final).
@@ -37,7 +62,9 @@ class OutboundState:
         pipe.execute()
 
     def get(self, request_id: str) -> dict[str, Any] | None:
-        """The state of a request, or None if unknown."""
+        """The state of a request, or None if unknown (or not a request id at all)."""
+        if not REQUEST_ID.fullmatch(request_id):
+            return None
         raw = self._r.hgetall(KEY + request_id)
         if not raw:
             return None
@@ -55,3 +82,8 @@ class OutboundState:
         if timeout > 0:
             self._r.blpop([EVENTS + request_id], timeout=timeout)
         return self.get(request_id)
+
+
+def _check(request_id: str) -> None:
+    if not REQUEST_ID.fullmatch(request_id):
+        raise ValueError("not a request id")

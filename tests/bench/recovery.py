@@ -1,0 +1,80 @@
+"""Recovery after a worker is SIGKILLed, at default settings (visibility timeout an hour, inbox
+sweep half an hour): how long after the kill each message it held is written."""
+
+from __future__ import annotations
+
+import statistics
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+from tests.bench.contention import FHIR_ID, FHIR_SECRET
+from tests.support import AUTH_TOKEN, PUBLIC_BASE_URL, Sandbox
+from web.enqueue import Enqueuer
+from worker.broker.celery_app import QUEUE_INBOUND, TASK_INBOUND_SMS
+from worker.ops import devstack
+from worker.settings import load_settings
+
+CLINIC = "+15557654321"
+
+
+def run(log_dir: Path, quick: bool = False) -> list[str]:
+    """Kill a busy worker, start a replacement, time every message it held."""
+    messages = 40 if quick else 120
+    rds = devstack.start_redis(log_dir, data_dir=log_dir / "recovery-redis")
+    fhir = devstack.start_fhir_sandbox(log_dir, extra_env={
+        "FHIR_SANDBOX_CLIENT_ID": FHIR_ID, "FHIR_SANDBOX_CLIENT_SECRET": FHIR_SECRET},
+        contention_rate=1.0)
+    env = {"REDIS_URL": rds.url, "FHIR_BASE_URL": fhir.base_url, "FHIR_CLIENT_ID": FHIR_ID,
+           "FHIR_CLIENT_SECRET": FHIR_SECRET, "TWILIO_ACCOUNT_SID": "ACbench",
+           "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "PUBLIC_BASE_URL": PUBLIC_BASE_URL,
+           "LOG_FORMAT": "console"}  # every broker and inbox setting at its default
+    settings = load_settings(env)
+    sandbox = Sandbox(fhir.origin, settings)
+    phones = [f"+1555{4000000 + i:07d}" for i in range(20)]
+    for phone in phones:
+        sandbox.patient(phone)
+    # Slow FHIR writes, so the worker is holding work (running and prefetched) when it dies.
+    sandbox.fault(delay_ms=3000, count=16, method="POST")
+    doomed = devstack.start_worker(env, log_dir, name="bench-recovery-doomed", concurrency=16)
+    enqueuer = Enqueuer.from_settings(settings)
+    sids = []
+    now = datetime.now(UTC).isoformat(timespec="milliseconds")
+    for i in range(messages):
+        sid = "SM" + uuid.uuid4().hex
+        sids.append(sid)
+        params = {"MessageSid": sid, "AccountSid": "ACbench", "From": phones[i % len(phones)],
+                  "To": CLINIC, "Body": f"recovery {i}", "NumMedia": "0"}
+        enqueuer.send(TASK_INBOUND_SMS, QUEUE_INBOUND, [params, {"received_at": now}],
+                      f"sms:{sid}")
+    time.sleep(2.0)
+    doomed.kill()
+    killed_at = time.monotonic()
+    replacement = devstack.start_worker(env, log_dir, name="bench-recovery-replacement",
+                                        concurrency=16)
+    written_at: dict[str, float] = {}
+    try:
+        deadline = killed_at + 300
+        while len(written_at) < messages and time.monotonic() < deadline:
+            for sid in sids:
+                if sid not in written_at and sandbox.messages(sid):
+                    written_at[sid] = time.monotonic() - killed_at
+            time.sleep(0.25)
+    finally:
+        replacement.stop()
+        sandbox.close()
+        fhir.stop()
+        rds.stop()
+    delays = sorted(written_at.values())
+    late = [d for d in delays if d > 0.5]  # written after the kill: what it held or had queued
+    lines = ["## Recovery after a worker SIGKILL", "",
+             f"{messages} inbound SMS queued; the worker (16 threads) is SIGKILLed while FHIR is "
+             "slow, a replacement starts at once; every setting at its default "
+             "(visibility timeout 3600 s, inbox sweep 1800 s).", "",
+             "| messages written | after the kill | p50 s | max s |", "|---:|---:|---:|---:|",
+             f"| {len(delays)} of {messages} | {len(late)} | "
+             f"{statistics.median(late) if late else 0:.1f} | {max(late, default=0):.1f} |"]
+    if len(delays) < messages:
+        lines.append(f"\n**{messages - len(delays)} not written within 300 s.**")
+    return lines

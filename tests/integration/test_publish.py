@@ -1,0 +1,62 @@
+"""The receiver's one-step publish pushes exactly the message a stock `send_task` would."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from tests.conftest import make_env
+from worker.broker.celery_app import QUEUE_INBOUND, REDACTED_ARGS, create_celery
+from worker.broker.publish import ACCEPT_AND_PUBLISH, TaskMessages, accept_and_publish
+from worker.ops import devstack
+from worker.settings import load_settings
+from worker.stores.inbox import ENTRIES, INDEX
+
+VARIABLE = {"id", "root_id", "correlation_id", "delivery_tag", "origin"}
+
+
+@pytest.fixture()
+def r(redis_server: devstack.RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis(port=redis_server.port, db=61)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+def _strip(message: dict) -> dict:  # type: ignore[type-arg]
+    headers = {k: v for k, v in message["headers"].items() if k not in VARIABLE}
+    props = {k: v for k, v in message["properties"].items() if k not in VARIABLE}
+    return {**message, "headers": headers, "properties": props}
+
+
+def test_the_same_message_as_send_task_in_one_step(r: redis.Redis,
+                                                   redis_server: devstack.RedisServer) -> None:
+    url = f"redis://127.0.0.1:{redis_server.port}/61"
+    app = create_celery(load_settings(make_env(url, "http://127.0.0.1:1/fhir/R4/")))
+    args = [{"MessageSid": "SM1", "Body": "hé"}, {"received_at": "2026-11-30T00:00:00Z"}]
+    headers = {"switchboard_inbox": "sms:SM1"}
+    app.send_task("switchboard.inbound.sms", args=args, queue=QUEUE_INBOUND, headers=headers,
+                  **REDACTED_ARGS)
+    stock = json.loads(r.rpop(QUEUE_INBOUND))
+    task_id = accept_and_publish(r.register_script(ACCEPT_AND_PUBLISH), TaskMessages(app),
+                                 "switchboard.inbound.sms", QUEUE_INBOUND, args, "sms:SM1",
+                                 1.0, headers)
+    ours = json.loads(r.rpop(QUEUE_INBOUND))
+    assert ours["headers"]["id"] == ours["properties"]["correlation_id"] == task_id
+    assert ours["properties"]["delivery_tag"] != stock["properties"]["delivery_tag"]
+    assert _strip(ours) == _strip(stock)  # body included: same args, same encoding
+    # ... and the inbox entry was written in the same step.
+    assert json.loads(r.hget(ENTRIES, "sms:SM1"))["args"] == args
+    assert r.zscore(INDEX, "sms:SM1") is not None
+    app.close()
+
+
+def test_a_publish_that_reaches_redis_too_late_writes_nothing(r: redis.Redis) -> None:
+    script = r.register_script(ACCEPT_AND_PUBLISH)
+    # A deadline already past by Redis's clock: what a stalled-then-resumed Redis would run.
+    assert script(keys=[ENTRIES, INDEX, QUEUE_INBOUND], args=["k", "{}", "{}", 1.0]) == 0
+    assert r.llen(QUEUE_INBOUND) == 0 and r.hlen(ENTRIES) == 0 and r.zcard(INDEX) == 0
