@@ -594,6 +594,16 @@ async function handleFhir(req, res, url) {
 // ---------------------------------------------------------------------------------------------
 // Test-control routes
 
+/** The JSON body of a control request ({} when empty); undefined after answering 400. */
+function controlSpec(res, bodyText) {
+  try {
+    return parseJsonBody(bodyText) ?? {};
+  } catch {
+    send(res, 400, { error: 'invalid JSON' });
+    return undefined;
+  }
+}
+
 async function handleControl(req, res, path, bodyText) {
   const method = req.method;
   if (path === '/__reset' && method === 'POST') {
@@ -610,11 +620,8 @@ async function handleControl(req, res, path, bodyText) {
     resetStats();
     send(res, 200, {});
   } else if (path === '/__faults' && method === 'POST') {
-    let spec;
-    try {
-      spec = parseJsonBody(bodyText) ?? {};
-    } catch {
-      send(res, 400, { error: 'invalid JSON' });
+    const spec = controlSpec(res, bodyText);
+    if (spec === undefined) {
       return;
     }
     const status = spec.status === undefined ? undefined : Number(spec.status);
@@ -641,11 +648,8 @@ async function handleControl(req, res, path, bodyText) {
     send(res, 200, { faults: state.faults });
   } else if (path === '/__contention' && method === 'POST') {
     // {"rate": 0..1, "attempts": n, "retry_ms": ms, "transaction_ms": ms}; omitted fields keep theirs.
-    let spec;
-    try {
-      spec = parseJsonBody(bodyText) ?? {};
-    } catch {
-      send(res, 400, { error: 'invalid JSON' });
+    const spec = controlSpec(res, bodyText);
+    if (spec === undefined) {
       return;
     }
     const next = {

@@ -23,7 +23,8 @@ from typing import Any
 import httpx
 import redis
 
-from tests.support import AUTH_TOKEN, PUBLIC_BASE_URL, Sandbox
+from tests.bench.backends import start
+from tests.support import Sandbox
 from web.enqueue import Enqueuer
 from worker.broker.backoff import retry_delay
 from worker.broker.celery_app import QUEUE_INBOUND, TASK_INBOUND_SMS
@@ -40,7 +41,6 @@ from worker.inbound.threads import sender_reference
 from worker.ops import devstack
 from worker.settings import Settings, load_settings
 
-FHIR_ID, FHIR_SECRET = "bench", "bench-secret"
 CLINIC = "+15557654321"
 
 
@@ -154,16 +154,8 @@ def _wait(check: Any, timeout: float) -> None:
 
 def run(log_dir: Path, quick: bool = False) -> list[str]:
     """Run both measurements; returns the Markdown section for bench/results.md."""
-    rds = devstack.start_redis(log_dir)
-    fhir = devstack.start_fhir_sandbox(log_dir, extra_env={
-        "FHIR_SANDBOX_CLIENT_ID": FHIR_ID, "FHIR_SANDBOX_CLIENT_SECRET": FHIR_SECRET},
-        contention_rate=1.0)
-    env = {"REDIS_URL": rds.url, "FHIR_BASE_URL": fhir.base_url, "FHIR_CLIENT_ID": FHIR_ID,
-           "FHIR_CLIENT_SECRET": FHIR_SECRET, "TWILIO_ACCOUNT_SID": "ACbench",
-           "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "PUBLIC_BASE_URL": PUBLIC_BASE_URL,
-           "SMS_THREAD_STRATEGY": "conversation", "LOG_FORMAT": "console"}
-    settings = load_settings(env)
-    sandbox = Sandbox(fhir.origin, settings)
+    backends = start(log_dir, "contention", SMS_THREAD_STRATEGY="conversation")
+    env, settings, sandbox = backends.env, backends.settings, backends.sandbox
     messages = 100 if quick else 300
     phones = [f"+1555{3000000 + i:07d}" for i in range(50)]
     try:
@@ -172,9 +164,7 @@ def run(log_dir: Path, quick: bool = False) -> list[str]:
         ours = {t: _through_switchboard(log_dir, env, sandbox, t, messages, phones)
                 for t in (4, 16, 64)}
     finally:
-        sandbox.close()
-        fhir.stop()
-        rds.stop()
+        backends.stop()
     lines = ["## FHIR contention", "",
              "FHIR sandbox in contention mode (every overlap aborts; Medplum's 2 attempts, 5 ms "
              f"transactions). {messages} inbound-message writes across {len(phones)} patients "

@@ -9,12 +9,10 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tests.bench.contention import FHIR_ID, FHIR_SECRET
-from tests.support import AUTH_TOKEN, PUBLIC_BASE_URL, Sandbox
+from tests.bench.backends import start
 from web.enqueue import Enqueuer
 from worker.broker.celery_app import QUEUE_INBOUND, TASK_INBOUND_SMS
 from worker.ops import devstack
-from worker.settings import load_settings
 
 CLINIC = "+15557654321"
 
@@ -22,16 +20,9 @@ CLINIC = "+15557654321"
 def run(log_dir: Path, quick: bool = False) -> list[str]:
     """Kill a busy worker, start a replacement, time every message it held."""
     messages = 40 if quick else 120
-    rds = devstack.start_redis(log_dir, data_dir=log_dir / "recovery-redis")
-    fhir = devstack.start_fhir_sandbox(log_dir, extra_env={
-        "FHIR_SANDBOX_CLIENT_ID": FHIR_ID, "FHIR_SANDBOX_CLIENT_SECRET": FHIR_SECRET},
-        contention_rate=1.0)
-    env = {"REDIS_URL": rds.url, "FHIR_BASE_URL": fhir.base_url, "FHIR_CLIENT_ID": FHIR_ID,
-           "FHIR_CLIENT_SECRET": FHIR_SECRET, "TWILIO_ACCOUNT_SID": "ACbench",
-           "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "PUBLIC_BASE_URL": PUBLIC_BASE_URL,
-           "LOG_FORMAT": "console"}  # every broker and inbox setting at its default
-    settings = load_settings(env)
-    sandbox = Sandbox(fhir.origin, settings)
+    # Every broker and inbox setting at its default.
+    backends = start(log_dir, "recovery")
+    env, settings, sandbox = backends.env, backends.settings, backends.sandbox
     phones = [f"+1555{4000000 + i:07d}" for i in range(20)]
     for phone in phones:
         sandbox.patient(phone)
@@ -63,9 +54,7 @@ def run(log_dir: Path, quick: bool = False) -> list[str]:
             time.sleep(0.25)
     finally:
         replacement.stop()
-        sandbox.close()
-        fhir.stop()
-        rds.stop()
+        backends.stop()
     delays = sorted(written_at.values())
     late = [d for d in delays if d > 0.5]  # written after the kill: what it held or had queued
     lines = ["## Recovery after a worker SIGKILL", "",

@@ -47,36 +47,33 @@ def twilio_blueprint(settings: Settings) -> Blueprint:
         metrics: Metrics = current_app.extensions["switchboard.metrics"]
         endpoint = f"twilio-{kind}"
         metrics.inc("switchboard_webhooks_received", endpoint=endpoint)
+
+        def reject(status: int, reason: str, detail: str, fields: list[str] | None = None,
+                   error: str | None = None) -> tuple[Response, int]:
+            # Names and reasons only in the log line: values can be phone numbers or text.
+            log.warning("twilio %s webhook rejected: %s%s", kind, reason,
+                        f" {','.join(fields)}" if fields else "")
+            metrics.inc("switchboard_webhooks_rejected", endpoint=endpoint, reason=reason)
+            body = {"error": error or reason, "detail": detail}
+            return jsonify({**body, "fields": fields} if fields else body), status
+
         if request.mimetype != "application/x-www-form-urlencoded":
             # Twilio only ever posts urlencoded forms; multipart bodies can carry nameless
             # parts the signature check cannot even sort (found by the fuzz scenario).
-            metrics.inc("switchboard_webhooks_rejected", endpoint=endpoint,
-                        reason="unsupported-media-type")
-            return jsonify(error="unsupported-media-type",
-                           detail="expected application/x-www-form-urlencoded"), 415
+            return reject(415, "unsupported-media-type",
+                          "expected application/x-www-form-urlencoded")
         form = request.form
         if not signature.is_valid(public_url(settings), form,
                                   request.headers.get("X-Twilio-Signature")):
-            log.warning("twilio %s webhook rejected: bad-signature", kind)
-            metrics.inc("switchboard_webhooks_rejected", endpoint=endpoint,
-                        reason="bad-signature")
-            return jsonify(error="bad-signature",
-                           detail="X-Twilio-Signature is missing or does not match"), 403
+            return reject(403, "bad-signature",
+                          "X-Twilio-Signature is missing or does not match")
         params = form.to_dict(flat=True)
         missing = missing_fields(params, required)
         if missing:
-            log.warning("twilio %s webhook rejected: missing %s", kind, ",".join(missing))
-            metrics.inc("switchboard_webhooks_rejected", endpoint=endpoint,
-                        reason="missing-fields")
-            return jsonify(error="missing-fields", fields=missing,
-                           detail="required: " + ", ".join(missing)), 400
+            return reject(400, "missing-fields", "required: " + ", ".join(missing), missing)
         invalid = field_problems(kind, form.items(multi=True), settings.twilio_account_sid)
         if invalid:
-            log.warning("twilio %s webhook rejected: invalid %s", kind, ",".join(invalid))
-            metrics.inc("switchboard_webhooks_rejected", endpoint=endpoint,
-                        reason="invalid-fields")
-            return jsonify(error="invalid-fields", fields=invalid,
-                           detail="malformed: " + ", ".join(invalid)), 400
+            return reject(400, "invalid-fields", "malformed: " + ", ".join(invalid), invalid)
         enqueuer: Enqueuer = current_app.extensions["switchboard.enqueuer"]
         args: list[object] = [params]
         if with_meta:
@@ -87,9 +84,8 @@ def twilio_blueprint(settings: Settings) -> Blueprint:
         except EnqueueFailed:
             # Not accepted, and said so: Twilio retries only as the webhook URL's connection
             # overrides allow (README: configure retries and a fallback URL).
-            metrics.inc("switchboard_webhooks_rejected", endpoint=endpoint,
-                        reason="queue-unavailable")
-            return jsonify(error="unavailable", detail="queue unavailable, retry later"), 503
+            return reject(503, "queue-unavailable", "queue unavailable, retry later",
+                          error="unavailable")
         metrics.inc("switchboard_webhooks_enqueued", endpoint=endpoint)
         return Response(EMPTY_TWIML, mimetype="text/xml"), 200
 
