@@ -11,7 +11,14 @@ from typing import Annotated, Any, Literal
 
 import redis
 from flask import Blueprint, Response, current_app, jsonify, request
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from web.enqueue import EnqueueFailed, Enqueuer
 from worker.broker.celery_app import QUEUE_OUTBOUND, TASK_OUTBOUND_SEND
@@ -57,16 +64,6 @@ class ByReference(BaseModel):
 # passes on, each with a bounded depth. Unknown fields are refused (422), so nothing we do not
 # need (or that nests without end) reaches the queue, the dead-letter store or FHIR.
 
-class Attachment(BaseModel):
-    """A Communication.payload.contentAttachment."""
-
-    model_config = ConfigDict(extra="forbid")
-    contentType: str | None = Field(default=None, max_length=255)
-    url: str = Field(pattern=r"^https://", max_length=2048)
-    title: str | None = Field(default=None, max_length=255)
-    size: int | None = Field(default=None, ge=0)
-
-
 def _fhir_text(value: str | None) -> str | None:
     # Medplum refuses control characters and whitespace-only strings (400) after we said 202.
     if value is not None and fhir_string(value) != value:
@@ -74,15 +71,35 @@ def _fhir_text(value: str | None) -> str | None:
     return value
 
 
+# Every free string of the body: what FHIR would refuse is refused here, before the 202.
 FhirText = Annotated[str | None, AfterValidator(_fhir_text)]
+RequiredText = Annotated[str, AfterValidator(_fhir_text)]
+# FHIR uri / url / code: no whitespace or control characters at all.
+Token = Annotated[str, Field(pattern=r"^[^\s\x00-\x1f\x7f]+$", max_length=255)]
+
+
+class Attachment(BaseModel):
+    """A Communication.payload.contentAttachment."""
+
+    model_config = ConfigDict(extra="forbid")
+    contentType: Token | None = None
+    url: str = Field(pattern=r"^https://[^\s\x00-\x1f\x7f]+$", max_length=2048)
+    title: FhirText = Field(default=None, max_length=255)
+    size: int | None = Field(default=None, ge=0, le=2**31 - 1)  # FHIR unsignedInt
 
 
 class Payload(BaseModel):
-    """One Communication.payload item."""
+    """One Communication.payload item: text or an attachment (FHIR's content[x]: exactly one)."""
 
     model_config = ConfigDict(extra="forbid")
     contentString: FhirText = Field(default=None, min_length=1, max_length=20000)
     contentAttachment: Attachment | None = None
+
+    @model_validator(mode="after")
+    def _one_content(self) -> Payload:
+        if (self.contentString is None) == (self.contentAttachment is None):
+            raise ValueError("give exactly one of contentString and contentAttachment")
+        return self
 
 
 class Reference(BaseModel):
@@ -90,7 +107,7 @@ class Reference(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     reference: AnyReference
-    display: str | None = Field(default=None, max_length=255)
+    display: FhirText = Field(default=None, max_length=255)
 
 
 class ThreadReference(Reference):
@@ -109,9 +126,9 @@ class Coding(BaseModel):
     """A Coding."""
 
     model_config = ConfigDict(extra="forbid")
-    system: str | None = Field(default=None, max_length=255)
-    code: str | None = Field(default=None, max_length=255)
-    display: str | None = Field(default=None, max_length=255)
+    system: Token | None = None
+    code: Token | None = None
+    display: FhirText = Field(default=None, max_length=255)
 
 
 class Concept(BaseModel):
@@ -119,14 +136,14 @@ class Concept(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     coding: list[Coding] | None = Field(default=None, max_length=10)
-    text: str | None = Field(default=None, max_length=1000)
+    text: FhirText = Field(default=None, max_length=1000)
 
 
 class Note(BaseModel):
     """An Annotation (text only)."""
 
     model_config = ConfigDict(extra="forbid")
-    text: FhirText = Field(min_length=1, max_length=5000)
+    text: RequiredText = Field(min_length=1, max_length=5000)
 
 
 class ByResource(BaseModel):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import redis
 from flask import Flask, Response, jsonify, request
@@ -24,6 +26,26 @@ log = logging.getLogger("switchboard.web")
 
 class BodyTimeout(Exception):
     """The request body did not arrive within the receiver's deadline."""
+
+
+def _end_connection(environ: dict[str, object]) -> None:
+    """Answer 408 on the raw socket and shut it, so nothing more is read from it.
+
+    The rest of a body cut off mid-way (a chunked one above all: the deadline interrupts
+    gunicorn's chunk reader) would otherwise be parsed as the next request on a keep-alive
+    connection: request smuggling (found by the hostile review). gunicorn drops an app's
+    `Connection: close` (a hop-by-hop header), so the app closes the socket itself.
+    """
+    sock: Any = environ.get("gunicorn.socket")  # gevent's socket under gevent workers
+    if sock is None or not hasattr(sock, "shutdown"):
+        return
+    try:
+        sock.sendall(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 29\r\n\r\n"
+                     b'{"error":"request-timeout"}\r\n')
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # the client went away: the connection is over either way
 
 
 def _deadline(seconds: float) -> AbstractContextManager[object]:
@@ -71,9 +93,9 @@ def create_app(settings: Settings | None = None, enqueuer: Enqueuer | None = Non
             with _deadline(settings.receiver_body_timeout_seconds):
                 request.get_data(cache=True, parse_form_data=True)
         except BodyTimeout:
+            _end_connection(request.environ)
             resp = jsonify(error="request-timeout",
                            detail="the request body did not arrive in time")
-            resp.headers["Connection"] = "close"
             return resp, 408
         return None
 

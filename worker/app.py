@@ -9,6 +9,7 @@ from typing import Any
 from celery.signals import (
     after_setup_logger,
     after_setup_task_logger,
+    task_postrun,
     task_received,
     worker_ready,
     worker_shutting_down,
@@ -57,7 +58,13 @@ def _start_liveness(**_: Any) -> None:
 @task_received.connect
 def _held(request: Any, **_: Any) -> None:
     if _liveness is not None:
-        _liveness.received(str(request.message.delivery_tag))
+        _liveness.received(str(request.message.delivery_tag), str(request.id))
+
+
+@task_postrun.connect
+def _done(task_id: str, **_: Any) -> None:
+    if _liveness is not None:
+        _liveness.finished(str(task_id))
 
 
 @worker_shutting_down.connect

@@ -101,3 +101,18 @@ def test_messages_on_foreign_routing_keys_are_left_alone(r: redis.Redis) -> None
     time.sleep(0.2)
     assert live.sweep() == 0
     assert r.hexists(UNACKED, "x")  # kombu's visibility timeout still covers it
+
+
+def test_messages_whose_ack_was_lost_are_restored_after_two_rounds(r: redis.Redis) -> None:
+    """After a broker reconnect kombu forgets the old channel's messages: acks are lost and the
+    unacked records stay. Ours no longer held in memory go back; those still held stay."""
+    me = Liveness(r, QUEUES, worker_id="me")
+    me.beat()
+    take(r, me, "done-but-unacked")
+    take(r, me, "still-running")
+    me.finished("done-but-unacked")  # take() used the tag as the task id
+    assert me.own_stale() == 0  # first round: only a suspect (its ack may be on its way)
+    assert me.own_stale() == 1  # second round: restored
+    assert r.hkeys(UNACKED) == [b"still-running"]
+    assert json.loads(r.rpop("inbound"))["headers"]["id"] == "done-but-unacked"
+    assert me.own_stale() == 0

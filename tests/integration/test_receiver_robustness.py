@@ -130,3 +130,35 @@ def test_a_body_that_does_not_arrive_in_time_gets_408(services: Services, log_di
         assert took < 6, took  # the slot is free again after the deadline, not after 100 s
     finally:
         web.stop()
+
+
+def test_no_request_is_smuggled_behind_a_timed_out_chunked_body(services: Services,
+                                                                 log_dir: Path) -> None:
+    """A chunk that promises more bytes than arrive in time: after the 408 the connection is
+    over, so the chunk's late bytes are never parsed as a request of their own."""
+    svc = services.get(worker=False, RECEIVER_BODY_TIMEOUT_SECONDS="2", API_TOKENS="t0k")
+    port = devstack.free_port()
+    web = devstack.start_web(svc.env, log_dir, port, workers=1)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t0k\r\n"
+                         b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"38\r\n{")
+            time.sleep(3.5)  # past the deadline
+            smuggled = b"GET /v1/openapi.json?smuggled=1 HTTP/1.1\r\nHost: x\r\n\r\n"
+            try:
+                sock.sendall(smuggled + b"\r\n0\r\n\r\n")
+            except OSError:
+                pass  # already closed: what we want
+            answer = b""
+            sock.settimeout(3.0)
+            try:
+                while chunk := sock.recv(65536):
+                    answer += chunk
+            except (TimeoutError, OSError):
+                pass
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:80]
+        assert b"200 OK" not in answer and b"openapi" not in answer
+        assert "smuggled=1" not in web.output()
+    finally:
+        web.stop()

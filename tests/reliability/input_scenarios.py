@@ -321,6 +321,14 @@ def _hostile_api_bodies() -> list[dict[str, Any]]:
         {**ok, "sender": {"reference": "Patient/p1"}},
         {"resourceType": "Communication", "recipient": [{"reference": "Patient/p1"}]},
         {**ok, "payload": [{"contentAttachment": {"url": "file:///etc/passwd"}}]},
+        # Round 3: strings and numbers FHIR refuses, which used to be a 202 then a fhir-400.
+        {**ok, "recipient": [{"reference": "Patient/p1", "display": "a\x1bb"}]},
+        {**ok, "topic": {"text": "sub\x00ject"}},
+        {**ok, "payload": [{"contentAttachment": {"url": "https://x.example/y",
+                                                  "size": 10**12}}]},
+        {**ok, "payload": [{"contentAttachment": {"url": "https:// not a url"}}]},
+        {**ok, "category": [{"coding": [{"system": "not a uri with spaces"}]}]},
+        {**ok, "payload": [{}]},
     ]
 
 

@@ -121,6 +121,10 @@ def sms(**changes: str) -> dict[str, str]:
     (sms(**{"From+1555": "x"}), ["From+1555 (unknown parameter)"]),
     (sms(FromCity="From+15550001111"), ["FromCity"]),
     (sms(SmsSid="SM" + "1" * 32), ["SmsSid"]),
+    # The tail of the body cut into a new name sorting right after it (hostile review 3):
+    # `Body="Cancel Friday appointment"` replayed as Body="Cancel ", Friday=" appointment".
+    (sms(Body="Cancel ", Friday=" appointment please"), ["Friday (unknown parameter after Body)"]),
+    (sms(Body="Yes please cancel. ", Dont=" do that"), ["Dont (unknown parameter after Body)"]),
     # Twilio adds parameters without notice: unknown names of its own form pass.
     (sms(ProfileName="Pat", ReferralCtwaClid="abc", FromCity="NASHUA", FromCountry="US",
          SmsSid=SID, SmsMessageSid=SID, ApiVersion="2010-04-01", NumSegments="1"), []),

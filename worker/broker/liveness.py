@@ -12,7 +12,10 @@ So every worker process (a Celery worker's main process, where kombu's consumer 
   held, and that are still unacknowledged, back at the head of their queue (the same move kombu
   makes at the visibility timeout, marked redelivered), then forgets that worker;
 - and gives back any unacknowledged message that no live worker holds and that has been so for
-  a while: one taken by a worker that died between kombu's record of it and ours.
+  a while: one taken by a worker that died between kombu's record of it and ours;
+- and gives back its own unacknowledged messages that it no longer holds in memory: when the
+  broker connection drops (Redis restarted), kombu forgets the messages of the old channel and
+  their acks are lost, so without this they would wait for the visibility timeout.
 
 A worker that was only paused longer than the expiry gets its messages redelivered elsewhere too;
 every write downstream is idempotent and every send is claimed, so that costs a repeat, not a
@@ -104,6 +107,12 @@ class Liveness:
         self._on_recovered = on_recovered
         self._prune = self._r.register_script(_PRUNE)
         self._stop = threading.Event()
+        # task id -> delivery tag of what this process holds in memory right now (received, not
+        # finished). Only the threads (and gevent) pools finish tasks in this process; under
+        # prefork nothing leaves it, so nothing of ours is ever taken for stale (safe side).
+        self._holding: dict[str, str] = {}
+        self._holding_lock = threading.Lock()
+        self._suspects: set[str] = set()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -122,9 +131,35 @@ class Liveness:
         except redis.exceptions.RedisError:
             pass  # it will simply look dead, and hold nothing unacked
 
-    def received(self, delivery_tag: str) -> None:
+    def received(self, delivery_tag: str, task_id: str = "") -> None:
         """Record a message this worker took (called from kombu's consumer, per message)."""
+        with self._holding_lock:
+            self._holding[task_id or delivery_tag] = delivery_tag
         self._r.sadd(HELD + self.worker_id, delivery_tag)
+
+    def finished(self, task_id: str) -> None:
+        """The task of a message ran to its end here (its ack follows at once)."""
+        with self._holding_lock:
+            self._holding.pop(task_id, None)
+
+    def own_stale(self) -> int:
+        """Restore our unacked messages that we no longer hold in memory, once they have been
+        so for two rounds in a row (an ack follows a task's end within milliseconds)."""
+        tags = [t.decode() if isinstance(t, bytes) else str(t)
+                for t in self._r.smembers(HELD + self.worker_id)]
+        with self._holding_lock:
+            holding = set(self._holding.values())
+        candidates = [t for t in tags if t not in holding]
+        pipe = self._r.pipeline()
+        for tag in candidates:
+            pipe.hexists(UNACKED, tag)
+        stale = {t for t, unacked in zip(candidates, pipe.execute(), strict=True) if unacked}
+        restored = sum(1 for tag in stale & self._suspects if restore(self._r, tag, self.queues))
+        self._suspects = stale - self._suspects
+        if restored:
+            log.warning("%d of this worker's messages lost their broker channel (acks lost); "
+                        "put back in their queues", restored)
+        return restored
 
     def beat(self) -> None:
         """Refresh the heartbeat (and the registry entry, in case a janitor dropped us)."""
@@ -184,6 +219,9 @@ class Liveness:
             try:
                 self.beat()
                 self._prune(keys=[HELD + self.worker_id, UNACKED])
+                recovered = self.own_stale()
+                if recovered and self._on_recovered is not None:
+                    self._on_recovered(recovered)
                 self.sweep()
             except redis.exceptions.RedisError as exc:
                 log.warning("liveness round failed (%s); next in %.0fs", type(exc).__name__,

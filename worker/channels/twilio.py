@@ -100,7 +100,9 @@ def field_problems(kind: str, params: Mapping[str, str] | Iterable[tuple[str, st
             problems.append(f"{name} (repeated)")
         seen.setdefault(name, value)
     shapes = SMS_FIELDS if kind == "sms" else STATUS_FIELDS_SHAPES
-    for name, value in seen.items():
+    previous = ""
+    for name in sorted(seen):  # the order Twilio signs in
+        value = seen[name]
         shape = shapes.get(name) or _indexed_shape(kind, name)
         if shape is not None:
             if not shape(value):
@@ -108,6 +110,12 @@ def field_problems(kind: str, params: Mapping[str, str] | Iterable[tuple[str, st
         elif not PARAM_NAME.fullmatch(name) or any(
                 name.startswith(known) for known in KNOWN_NAMES):
             problems.append(f"{name} (unknown parameter)")
+        elif shapes.get(previous) is _free:
+            # Right after free text in the signed string: the tail of the body cut off into a
+            # new name (`Body="Cancel "` + `Friday=" appointment…"` signs like the original
+            # and turned a message into an opt-out keyword, found by the hostile review).
+            problems.append(f"{name} (unknown parameter after {previous})")
+        previous = name
     for required in ("MessageSid", "AccountSid"):
         if required not in seen:
             problems.append(required)
