@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -48,17 +49,20 @@ def _end_connection(environ: dict[str, object]) -> None:
         pass  # the client went away: the connection is over either way
 
 
-def _deadline(seconds: float) -> AbstractContextManager[object]:
-    """A deadline on everything inside, where the server can enforce one: under gunicorn's
-    gevent workers (as deployed). Elsewhere (the Flask test client, a sync worker) nothing."""
+Deadline = Callable[[float], AbstractContextManager[object]]
+
+
+def _deadlines() -> Deadline:
+    """How to put a deadline on everything inside a block, where the server can enforce one:
+    under gunicorn's gevent workers (as deployed, patched before the app is built). Elsewhere
+    (the Flask test client, a sync worker) no deadline. Decided once, not per request."""
     try:
         from gevent import Timeout, monkey
     except ImportError:  # pragma: no cover - gevent is a dependency
-        return nullcontext()
+        return lambda _seconds: nullcontext()
     if not monkey.is_module_patched("socket"):
-        return nullcontext()
-    timeout: AbstractContextManager[object] = Timeout(seconds, BodyTimeout)
-    return timeout
+        return lambda _seconds: nullcontext()
+    return lambda seconds: Timeout(seconds, BodyTimeout)
 READY_CACHE_SECONDS = 5.0
 
 
@@ -82,6 +86,8 @@ def create_app(settings: Settings | None = None, enqueuer: Enqueuer | None = Non
     app.register_blueprint(api_blueprint(settings, redis.Redis.from_url(
         settings.redis_url, socket_timeout=MAX_WAIT_SECONDS + 5, socket_connect_timeout=3)))
 
+    deadline = _deadlines()
+
     @app.before_request
     def read_body_in_time() -> tuple[Response, int] | None:
         # A client that dribbles its body holds a connection slot for as long as it likes
@@ -90,7 +96,7 @@ def create_app(settings: Settings | None = None, enqueuer: Enqueuer | None = Non
         if request.method not in ("POST", "PUT", "PATCH"):
             return None
         try:
-            with _deadline(settings.receiver_body_timeout_seconds):
+            with deadline(settings.receiver_body_timeout_seconds):
                 request.get_data(cache=True, parse_form_data=True)
         except BodyTimeout:
             _end_connection(request.environ)

@@ -42,17 +42,9 @@ class Enqueuer:
     def send(self, task: str, queue: str, args: list[Any], inbox_key: str) -> str:
         """Record the message in the inbox and publish it; raises EnqueueFailed unless both
         happened (the caller must then not answer 2xx). Returns the task id."""
-        headers = {INBOX_HEADER: inbox_key}
         try:
-            task_id = accept_and_publish(self._script, self._messages, task, queue, args,
-                                         inbox_key, STEP_TIMEOUT_SECONDS, headers)
-            if task_id is None:
-                # Answered in time, yet "too late" by Redis's clock: ours is behind. Insist.
-                task_id = accept_and_publish(self._script, self._messages, task, queue, args,
-                                             inbox_key, None, headers)
+            return accept_and_publish(self._script, self._messages, task, queue, args,
+                                      inbox_key, STEP_TIMEOUT_SECONDS, {INBOX_HEADER: inbox_key})
         except Exception as exc:  # redis raises many types; all mean "not kept"
             log.error("enqueue of %s failed: %s", task, type(exc).__name__)
             raise EnqueueFailed(type(exc).__name__) from exc
-        if task_id is None:
-            raise EnqueueFailed("not accepted")
-        return task_id

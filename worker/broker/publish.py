@@ -88,12 +88,19 @@ def _capture(app: Celery) -> dict[str, Any]:
 
 def accept_and_publish(script: Any, messages: TaskMessages, task: str, queue: str,
                        args: list[Any], inbox_key: str, wait_seconds: float | None,
-                       extra_headers: dict[str, str]) -> str | None:
-    """Write the inbox entry and push the task message in one step; the task id, or None when
-    Redis ran it only after `wait_seconds` (then nothing was written)."""
+                       extra_headers: dict[str, str]) -> str:
+    """Write the inbox entry and push the task message in one step; returns the task id.
+
+    With `wait_seconds`, the step carries the time after which the caller no longer waits: run
+    later than that by Redis's clock, it does nothing. An answer that comes back in time yet
+    says "too late" means the caller's clock is behind Redis's, so the step is sent again
+    without a deadline. Raises whatever redis-py raises (nothing was kept, or it is unknown).
+    """
     task_id, message = messages.build(task, queue, args, extra_headers)
     entry = json.dumps({"task": task, "queue": queue, "args": args})
-    deadline = time.time() + wait_seconds if wait_seconds is not None else 0
-    done = script(keys=[INBOX_ENTRIES, INBOX_INDEX, queue],
-                  args=[inbox_key, entry, message, deadline])
-    return task_id if done else None
+    keys = [INBOX_ENTRIES, INBOX_INDEX, queue]
+    if wait_seconds is not None and script(
+            keys=keys, args=[inbox_key, entry, message, time.time() + wait_seconds]):
+        return task_id
+    script(keys=keys, args=[inbox_key, entry, message, 0])
+    return task_id

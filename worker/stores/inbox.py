@@ -5,8 +5,8 @@ in a second step; if Redis dies between the two, the message is gone though the 
 200 (found by the fault suite, scenario 4). So the receiver also writes the message here, in the
 same atomic step that queues it (worker/broker/publish.py); the task removes it when it ends
 (written or dead-lettered), and a periodic sweep re-publishes entries nobody has touched for
-INBOX_STALE_SECONDS. Every write downstream is
-idempotent, so a re-published message that was in fact still alive does no harm.
+INBOX_STALE_SECONDS. Every write downstream is idempotent, so a re-published message that was
+in fact still alive does no harm.
 """
 
 from __future__ import annotations
