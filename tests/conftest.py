@@ -63,11 +63,14 @@ SENDGRID_KEY = "SG.test-key"
 
 @pytest.fixture(scope="session")
 def providers(log_dir: Path) -> Iterator[ProviderSandbox]:
-    """The Twilio/SendGrid sandbox, requiring our test credentials like the real APIs."""
+    """The Twilio/SendGrid sandbox, requiring our test credentials like the real APIs, and
+    signing Event Webhook batches with a key pair made for this session."""
+    private, public = devstack.sendgrid_event_keys()
     child, origin = devstack.start_provider_sandbox(log_dir, [
         "--twilio-account-sid", "ACtest", "--twilio-auth-token", AUTH_TOKEN,
-        "--sendgrid-api-key", SENDGRID_KEY])
-    sandbox = ProviderSandbox(origin)
+        "--sendgrid-api-key", SENDGRID_KEY],
+        env={"PROVIDER_SANDBOX_SENDGRID_EVENT_KEY": private})
+    sandbox = ProviderSandbox(origin, event_keys=(private, public))
     yield sandbox
     sandbox.close()
     child.stop()
@@ -78,6 +81,7 @@ def outbound_env(providers: ProviderSandbox, **overrides: str) -> dict[str, str]
     return {"TWILIO_API_BASE_URL": providers.origin, "TWILIO_FROM_NUMBER": CLINIC_SMS,
             "SENDGRID_API_KEY": SENDGRID_KEY, "SENDGRID_FROM_EMAIL": CLINIC_EMAIL,
             "SENDGRID_API_BASE_URL": providers.origin, "API_TOKENS": API_TOKEN,
+            "SENDGRID_EVENT_VERIFICATION_KEY": providers.event_public_key,
             "SMS_RATE_PER_SECOND": "50", "EMAIL_RATE_PER_SECOND": "50", **overrides}
 
 

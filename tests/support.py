@@ -61,6 +61,24 @@ def eventually(fn: Callable[[], T | None], timeout: float = 20.0, interval: floa
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
+def sign_email_events(private_key_b64: str, body: bytes, timestamp: str | None = None
+                      ) -> dict[str, str]:
+    """Event Webhook signature headers for `body` under a base64 PKCS#8 P-256 key, as SendGrid
+    signs: ECDSA SHA-256 over the timestamp followed by the raw body, base64 DER."""
+    import base64
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = serialization.load_der_private_key(base64.b64decode(private_key_b64), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    stamp = timestamp or str(int(time.time()))
+    signature = key.sign(stamp.encode() + body, ec.ECDSA(hashes.SHA256()))
+    return {"Content-Type": "application/json",
+            "X-Twilio-Email-Event-Webhook-Signature": base64.b64encode(signature).decode(),
+            "X-Twilio-Email-Event-Webhook-Timestamp": stamp}
+
+
 class Sandbox:
     """Test-side access to the FHIR sandbox: admin FHIR calls plus its control routes."""
 
@@ -137,9 +155,22 @@ class Sandbox:
 class ProviderSandbox:
     """Test-side control of the Twilio/SendGrid sandbox (sandbox/providers/README.md)."""
 
-    def __init__(self, origin: str) -> None:
+    def __init__(self, origin: str, event_keys: tuple[str, str] = ("", "")) -> None:
         self.origin = origin
+        self.event_private_key, self.event_public_key = event_keys
         self._http = httpx.Client(base_url=origin, timeout=10)
+
+    def email_events(self, message_id: str, *events: Any, url: str | None = None
+                     ) -> dict[str, Any]:
+        """A signed Event Webhook batch about the email sent as `message_id` (X-Message-Id):
+        the body and headers as SendGrid would post them, posted to `url` if given."""
+        body: dict[str, Any] = {"message_id": message_id, "events": list(events),
+                                "post": url is not None}
+        if url:
+            body["url"] = url
+        resp = self._http.post("/__sendgrid/events", json=body)
+        resp.raise_for_status()
+        return dict(resp.json())
 
     def reset(self) -> None:
         """Forget requests, messages and faults."""

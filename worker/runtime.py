@@ -38,6 +38,7 @@ class Runtime:
     outbound: OutboundDeps
     metrics: Metrics
     inbox: Inbox
+    email_events_seen: RedisSeenMessages
 
     @property
     def systems(self) -> IdentifierSystems:
@@ -80,7 +81,10 @@ def build_runtime(settings: Settings) -> Runtime:
         client, retention_seconds=settings.dead_letter_retention_days * 86400),
                    RedisSeenMessages(client, settings.inbound_seen_ttl_seconds),
                    RedisLocks(client, settings.thread_lock_timeout_seconds), outbound, metrics,
-                   Inbox(client))
+                   Inbox(client),
+                   # SendGrid retries a batch for up to 24 hours; a week covers it.
+                   RedisSeenMessages(client, settings.inbound_seen_ttl_seconds,
+                                     namespace="sendgrid-event"))
 
 
 _lock = threading.Lock()

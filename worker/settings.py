@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     sendgrid_api_key: SecretStr = SecretStr("")
     sendgrid_from_email: str = ""
     sendgrid_api_base_url: str = "https://api.sendgrid.com"
+    # The Event Webhook's verification key (the base64 public key SendGrid shows, without PEM
+    # armour). Unset: POST /webhooks/sendgrid/events refuses every request (fail closed).
+    sendgrid_event_verification_key: str = ""
     # Bearer tokens accepted by POST /v1/messages, comma-separated.
     api_tokens: SecretStr = SecretStr("")
     # Which medium a reply follows: the thread header's, or the patient's last inbound message's.
@@ -148,6 +151,20 @@ class Settings(BaseSettings):
         # An empty Twilio token would let anyone compute a valid webhook signature.
         if not v.get_secret_value().strip():
             raise ValueError("must not be empty")
+        return v
+
+    @field_validator("sendgrid_event_verification_key")
+    @classmethod
+    def _ec_public_key(cls, v: str) -> str:
+        v = "".join(v.split())  # pasted keys come wrapped
+        if v:
+            from sendgrid.helpers.eventwebhook import EventWebhook
+
+            try:
+                EventWebhook(v)
+            except Exception:  # cryptography raises ValueError and friends
+                raise ValueError("must be the base64 public key SendGrid shows for the signed "
+                                 "Event Webhook (without -----BEGIN PUBLIC KEY-----)") from None
         return v
 
     @field_validator("redis_url")

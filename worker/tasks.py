@@ -13,6 +13,7 @@ from worker.broker.celery_app import (
     TASK_INBOX_SWEEP,
     TASK_OUTBOUND_SEND,
     TASK_RECONCILE,
+    TASK_SENDGRID_EVENTS,
     TASK_TWILIO_STATUS,
 )
 from worker.broker.retry import SwitchboardTask
@@ -23,7 +24,7 @@ from worker.inbound.pipeline import apply_opt_keyword, deliver_inbound
 from worker.inbound.threads import ThreadContext
 from worker.outbound.pipeline import OutboundRequest, send_outbound
 from worker.outbound.reconcile import reconcile_stuck
-from worker.outbound.status import apply_status
+from worker.outbound.status import apply_email_events, apply_status
 from worker.runtime import get_runtime
 from worker.stores.inbox import HEADER as INBOX_HEADER
 
@@ -86,6 +87,20 @@ def twilio_status(self: SwitchboardTask, params: dict[str, str]) -> dict[str, An
                            rt.settings.outbound_request_system)
     log.info("status %s: %s", params.get("MessageSid", "?"), applied)
     return {"result": applied}
+
+
+@shared_task(bind=True, base=SwitchboardTask, name=TASK_SENDGRID_EVENTS)
+def sendgrid_events(self: SwitchboardTask, events: list[dict[str, Any]]) -> dict[str, Any]:
+    """Apply one SendGrid Event Webhook batch (checked by the receiver) to the Communications."""
+    rt = get_runtime()
+    counts = apply_email_events(
+        rt.fhir, events, rt.email_events_seen, rt.outbound.optouts, rt.outbound.state,
+        rt.settings.email_message_id_system, rt.settings.outbound_request_system,
+        lambda event: rt.metrics.inc("switchboard_email_events", event=event))
+    # Event names and counts only: the events carry the recipient's address.
+    log.info("sendgrid events: %s", ", ".join(f"{k}={v}" for k, v in
+                                              sorted(counts.results.items())))
+    return {"results": counts.results}
 
 
 @shared_task(bind=True, base=SwitchboardTask, name=TASK_RECONCILE)

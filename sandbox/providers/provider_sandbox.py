@@ -1,8 +1,9 @@
 """Provider sandbox: a local stand-in for Twilio's Messages API and SendGrid's v3 mail/send.
 
 The real `twilio` and `sendgrid` SDKs can be pointed at it (see README.md next to this file).
-It records every provider request, injects faults per recipient and drives signed Twilio
-status callbacks. Standard library only.
+It records every provider request, injects faults per recipient, drives signed Twilio
+status callbacks and signed SendGrid Event Webhook batches. Standard library only, except
+`cryptography` (already a dependency of the sendgrid SDK) for signing event batches.
 
     python sandbox/providers/provider_sandbox.py --port 0 [--host 127.0.0.1]
 """
@@ -132,8 +133,26 @@ class BadFault(ValueError):
 
 FAULT_KEYS = frozenset({
     "provider", "to", "method", "status", "twilio_code", "retry_after", "delay_ms", "message",
-    "disconnect", "count", "sticky",
+    "disconnect", "count", "sticky", "event",
 })
+# SendGrid events the sandbox can produce (Event Webhook). A fault with `event` lets the send
+# succeed and makes its automatic events end in that one instead of `delivered`.
+SENDGRID_EVENTS = frozenset({
+    "processed", "deferred", "delivered", "bounce", "blocked", "dropped", "open", "click",
+    "spamreport", "unsubscribe", "group_unsubscribe", "group_resubscribe",
+})
+# What follows `processed` when a send's automatic events end in a given event.
+AUTO_SEQUENCES: dict[str, list[str]] = {
+    "delivered": ["delivered"],
+    "deferred": ["deferred", "delivered"],
+    "bounce": ["bounce"], "blocked": ["blocked"], "dropped": ["dropped"],
+}
+EVENT_REASONS = {
+    "bounce": ("550 5.1.1 The email account that you tried to reach does not exist.", "5.1.1"),
+    "blocked": ("550 5.7.1 Message rejected due to local policy", "5.7.1"),
+    "dropped": ("Bounced Address", None),
+    "deferred": ("421 4.7.0 Try again later", None),
+}
 
 
 @dataclass
@@ -152,6 +171,7 @@ class Fault:
     disconnect: bool = False
     remaining: int | None = 1
     applied: int = 0
+    event: str | None = None
 
     @classmethod
     def parse(cls, fid: int, spec: Any) -> Fault:
@@ -170,8 +190,11 @@ class Fault:
         if not isinstance(delay_ms, int) or delay_ms < 0:
             raise BadFault("delay_ms must be a non-negative integer")
         disconnect = bool(spec.get("disconnect", False))
-        if status is None and not delay_ms and not disconnect:
-            raise BadFault("a fault needs at least one of status, delay_ms, disconnect")
+        event = spec.get("event")
+        if event is not None and (event not in SENDGRID_EVENTS or provider != "sendgrid"):
+            raise BadFault(f"event needs provider 'sendgrid' and one of {sorted(SENDGRID_EVENTS)}")
+        if status is None and not delay_ms and not disconnect and event is None:
+            raise BadFault("a fault needs at least one of status, delay_ms, disconnect, event")
         code = spec.get("twilio_code")
         if code is not None and not isinstance(code, int):
             raise BadFault("twilio_code must be an integer")
@@ -195,7 +218,7 @@ class Fault:
             method=None if method is None else method.upper(), status=status, twilio_code=code,
             retry_after=retry_after, delay_ms=delay_ms,
             message=None if message is None else str(message), disconnect=disconnect,
-            remaining=remaining,
+            remaining=remaining, event=event,
         )
 
     def matches(self, provider: str, method: str, recipients: list[str]) -> bool:
@@ -214,7 +237,7 @@ class Fault:
             "status": self.status, "twilio_code": self.twilio_code,
             "retry_after": self.retry_after, "delay_ms": self.delay_ms, "message": self.message,
             "disconnect": self.disconnect, "remaining": self.remaining,
-            "sticky": self.remaining is None, "applied": self.applied,
+            "sticky": self.remaining is None, "applied": self.applied, "event": self.event,
         }
 
 
@@ -225,6 +248,9 @@ class State:
     lock: threading.Lock = field(default_factory=threading.Lock)
     requests: list[dict[str, Any]] = field(default_factory=list)
     messages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # SendGrid sends by X-Message-Id: recipient, custom args, Message-ID (for events).
+    emails: dict[str, dict[str, Any]] = field(default_factory=dict)
+    event_posts: list[dict[str, Any]] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
     next_fault_id: int = 1
 
@@ -232,6 +258,8 @@ class State:
         with self.lock:
             self.requests.clear()
             self.messages.clear()
+            self.emails.clear()
+            self.event_posts.clear()
             self.faults.clear()
 
     def take_fault(self, provider: str, method: str, recipients: list[str]) -> Fault | None:
@@ -254,6 +282,11 @@ class Config:
     twilio_auth_token: str | None
     sendgrid_api_key: str | None
     verbose: bool
+    # Event Webhook: where to post, the ECDSA P-256 private key (base64 PKCS#8 DER) that signs,
+    # and whether every accepted send posts its events by itself.
+    sendgrid_event_url: str | None = None
+    sendgrid_event_key: str | None = None
+    sendgrid_events_auto: bool = False
 
     @property
     def signing_token(self) -> str:
@@ -577,7 +610,21 @@ class Handler(BaseHTTPRequestHandler):
             return
         message_id = secrets.token_urlsafe(16)[:22]
         self._answered(entry, 202, message_id=message_id)
+        mail_headers: Any = payload.get("headers")
+        mail_headers = mail_headers if isinstance(mail_headers, dict) else {}
+        custom = payload.get("custom_args") if isinstance(payload.get("custom_args"), dict) \
+            else {}
+        with self.server.state.lock:
+            self.server.state.emails[message_id] = {
+                "to": recipients[0] if recipients else "", "custom_args": custom,
+                "smtp_id": str(mail_headers.get("Message-ID") or f"<{message_id}@sandbox>")}
         self._send(202, b"", None, {"X-Message-Id": message_id})
+        config = self.server.config
+        if config.sendgrid_events_auto and config.sendgrid_event_url:
+            last = fault.event if fault is not None and fault.event else "delivered"
+            names = ["processed", *AUTO_SEQUENCES.get(last, ["delivered", last])]
+            threading.Thread(target=self._auto_events, args=(message_id, names),
+                             daemon=True).start()
 
     @staticmethod
     def _sendgrid_recipients(payload: Any) -> list[str]:
@@ -628,6 +675,109 @@ class Handler(BaseHTTPRequestHandler):
                            "content"))
         return errors
 
+    # --- SendGrid Event Webhook -------------------------------------------------------------
+    def _auto_events(self, message_id: str, names: list[str]) -> None:
+        """After a send: one signed batch per event, in order, a moment apart (as SendGrid
+        posts them), so the Communication is seen moving."""
+        for name in names:
+            time.sleep(0.3)
+            try:
+                self._post_events(self._build_events(message_id, [name]))
+            except BadFault:
+                return
+
+    def _build_events(self, message_id: str, specs: list[Any]) -> list[dict[str, Any]]:
+        """Events for a stored send; each spec is an event name or an object of overrides."""
+        with self.server.state.lock:
+            email = self.server.state.emails.get(message_id)
+        if email is None:
+            raise BadFault(f"unknown X-Message-Id {message_id}")
+        events = []
+        for spec in specs:
+            over = spec if isinstance(spec, dict) else {"event": spec}
+            name = over.get("event")
+            if name not in SENDGRID_EVENTS:
+                raise BadFault(f"event must be one of {sorted(SENDGRID_EVENTS)}")
+            # A block is a bounce of type "blocked" on the wire.
+            wire = "bounce" if name == "blocked" else name
+            event: dict[str, Any] = {
+                "email": email["to"], "timestamp": int(time.time()), "event": wire,
+                "smtp-id": email["smtp_id"], "category": [],
+                "sg_event_id": base64.urlsafe_b64encode(os.urandom(24)).decode().rstrip("="),
+                "sg_message_id": f"{message_id}.filterdrecv-sandbox-{secrets.token_hex(4)}-0",
+                **email["custom_args"],
+            }
+            if name in ("bounce", "blocked"):
+                reason, status = EVENT_REASONS[name]
+                event.update({"reason": reason, "status": status, "type": name,
+                              "bounce_classification": "Invalid Address"
+                              if name == "bounce" else "Reputation"})
+            elif name in EVENT_REASONS:
+                event["reason" if name == "dropped" else "response"] = EVENT_REASONS[name][0]
+            if name == "delivered":
+                event.update({"response": "250 OK", "tls": 1, "ip": "127.0.0.1"})
+            event.update({k: v for k, v in over.items() if k != "event"})
+            events.append(event)
+        return events
+
+    def _signed(self, body: bytes) -> dict[str, str]:
+        """The Event Webhook's signature headers for `body` (ECDSA P-256, SHA-256, base64 DER
+        over the timestamp followed by the raw body)."""
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        key_b64 = self.server.config.sendgrid_event_key
+        if not key_b64:
+            raise BadFault("no --sendgrid-event-key: events cannot be signed")
+        key = serialization.load_der_private_key(base64.b64decode(key_b64), password=None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        stamp = str(int(time.time()))
+        signature = key.sign(stamp.encode() + body, ec.ECDSA(hashes.SHA256()))
+        return {"X-Twilio-Email-Event-Webhook-Signature": base64.b64encode(signature).decode(),
+                "X-Twilio-Email-Event-Webhook-Timestamp": stamp}
+
+    def _post_events(self, events: list[dict[str, Any]], url: str | None = None,
+                     post: bool = True) -> dict[str, Any]:
+        body = json.dumps(events).encode("utf-8")
+        headers = {"Content-Type": "application/json", "User-Agent": "SendGrid Event API",
+                   **self._signed(body)}
+        result: dict[str, Any] = {"events": events, "body": body.decode("utf-8"),
+                                  "headers": headers, "status": None}
+        target = url or self.server.config.sendgrid_event_url
+        if post and target:
+            result["url"] = target
+            request = urllib.request.Request(target, data=body, method="POST",  # noqa: S310
+                                             headers=headers)
+            try:
+                with urllib.request.urlopen(request, timeout=CALLBACK_TIMEOUT_S) as response:  # noqa: S310
+                    result["status"] = response.status
+            except urllib.error.HTTPError as exc:
+                result["status"] = exc.code
+            except (urllib.error.URLError, OSError) as exc:
+                result["error"] = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
+        with self.server.state.lock:
+            self.server.state.event_posts.append(
+                {k: result.get(k) for k in ("url", "status", "error")}
+                | {"events": [e["event"] for e in events]})
+        return result
+
+    def _events_control(self, body: bytes) -> None:
+        try:
+            spec = self._load_json(body)
+            if not isinstance(spec, dict) or not isinstance(spec.get("message_id"), str) \
+                    or not isinstance(spec.get("events"), list) or not spec["events"]:
+                raise BadFault('body must be {"message_id": <X-Message-Id>, "events": [...]}')
+            url = spec.get("url")
+            if url is not None and (not isinstance(url, str) or urllib.parse.urlsplit(
+                    url).scheme not in ("http", "https")):
+                raise BadFault("url must be an http(s) URL")
+            events = self._build_events(spec["message_id"], spec["events"])
+            result = self._post_events(events, url, bool(spec.get("post", True)))
+        except BadFault as exc:
+            self._json(400, {"error": str(exc)})
+            return
+        self._json(200, result)
+
     # --- control routes ---------------------------------------------------------------------
 
     def _control(self, method: str, path: str, query: dict[str, list[str]],
@@ -664,6 +814,12 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, {"cleared": True})
         elif route == ("POST", "/__status"):
             self._set_status(body)
+        elif route == ("POST", "/__sendgrid/events"):
+            self._events_control(body)
+        elif route == ("GET", "/__sendgrid/events"):
+            with state.lock:
+                rows = [dict(p) for p in state.event_posts]
+            self._json(200, rows)
         else:
             self._json(404, {"error": f"no control route {method} {path}"})
 
@@ -785,6 +941,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "when not given)")
     parser.add_argument("--sendgrid-api-key", default=env("PROVIDER_SANDBOX_SENDGRID_API_KEY"),
                         help="require 'Authorization: Bearer <key>' on SendGrid routes")
+    parser.add_argument("--sendgrid-event-url", default=env("PROVIDER_SANDBOX_SENDGRID_EVENT_URL"),
+                        help="where signed Event Webhook batches are posted")
+    parser.add_argument("--sendgrid-event-key", default=env("PROVIDER_SANDBOX_SENDGRID_EVENT_KEY"),
+                        help="ECDSA P-256 private key (base64 PKCS#8 DER) that signs event "
+                             "batches (prefer the environment variable: argv is visible)")
+    parser.add_argument("--sendgrid-events-auto", action="store_true",
+                        help="after every accepted send, post processed then delivered (or "
+                             "the event of a matching fault)")
     parser.add_argument("--verbose", action="store_true",
                         help="log one line per request to stderr")
     return parser.parse_args(argv)
@@ -793,7 +957,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = Config(args.twilio_account_sid, args.twilio_auth_token, args.sendgrid_api_key,
-                    args.verbose)
+                    args.verbose, args.sendgrid_event_url, args.sendgrid_event_key,
+                    args.sendgrid_events_auto)
     # Block SIGINT/SIGTERM in every thread (threads inherit the mask) and wait for them with
     # sigwait in the main thread: no Python signal handler runs, so nothing can deadlock.
     stop_signals = {signal.SIGINT, signal.SIGTERM}

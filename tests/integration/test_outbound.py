@@ -124,7 +124,7 @@ def test_email_from_a_posted_resource(services: Services, sandbox: Sandbox,
     assert mail["subject"] == "Appointment"
     assert mail["headers"]["Message-ID"] == body["message_id"]
     comm_id = body["communication"]
-    assert mail["custom_args"] == {"communication_id": comm_id}
+    assert mail["custom_args"] == {"communication_id": comm_id, "request_id": body["id"]}
     stored = recorded(sandbox, comm_id, svc.settings.email_message_id_system)
     systems = {i["system"]: i["value"] for i in stored["identifier"]}
     assert systems[svc.settings.email_message_id_system] == body["provider_id"]

@@ -15,6 +15,7 @@ QUEUES = (QUEUE_INBOUND, QUEUE_OUTBOUND, QUEUE_STATUS)
 TASK_INBOUND_SMS = "switchboard.inbound.sms"
 TASK_OUTBOUND_SEND = "switchboard.outbound.send"
 TASK_TWILIO_STATUS = "switchboard.status.twilio"
+TASK_SENDGRID_EVENTS = "switchboard.status.sendgrid"
 TASK_RECONCILE = "switchboard.status.reconcile"
 TASK_INBOX_SWEEP = "switchboard.inbox.sweep"
 # Publish options that keep payloads out of task events (and so out of Flower): the args of
@@ -42,6 +43,7 @@ def create_celery(settings: Settings) -> Celery:
         task_routes={TASK_INBOUND_SMS: {"queue": QUEUE_INBOUND},
                      TASK_OUTBOUND_SEND: {"queue": QUEUE_OUTBOUND},
                      TASK_TWILIO_STATUS: {"queue": QUEUE_STATUS},
+                     TASK_SENDGRID_EVENTS: {"queue": QUEUE_STATUS},
                      TASK_RECONCILE: {"queue": QUEUE_STATUS},
                      TASK_INBOX_SWEEP: {"queue": QUEUE_STATUS}},
         # `celery beat` (one per deployment) asks for stuck sends to be reconciled.

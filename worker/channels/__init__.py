@@ -90,6 +90,8 @@ class OutboundMessage:
     # Threading for email replies: our Message-ID and the one we reply to.
     message_id: str = ""
     in_reply_to: str = ""
+    # The API request that asked for this send (carried back by delivery events).
+    request_id: str = ""
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,46 @@
-"""SendGrid email: sending through the v3 mail/send API with the official SDK, error mapping."""
+"""SendGrid email: sending through the v3 mail/send API with the official SDK, error mapping,
+and the Event Webhook (signature check and the shape of an event batch)."""
 
 from __future__ import annotations
 
+import json
 import re
 import socket
+import time
 import uuid
 from collections.abc import Mapping
 from typing import Any
 
 from worker.channels import OutboundMessage, SendError, SendResult
+from worker.fhir.reference import valid_id
+from worker.stores.outbound_state import REQUEST_ID
 
 CHANNEL = "email"
 MEDIUM_CODE = "EMAILWRIT"
+# Identifier system of the RFC 5322 Message-ID we generate for every outbound email, recorded
+# on its Communication. A patient's reply names it in In-Reply-To / References, which is how an
+# inbound email finds the thread it answers. (Unchanged from the first email sends, so the
+# Message-IDs already written stay findable.)
+EMAIL_MESSAGE_ID_SYSTEM = "urn:ietf:rfc:5322"
+# Identifier system of the Message-ID of an email a patient sent us (inbound), on its
+# Communication. A system of its own: a sender cannot pass off an inbound email as one of ours
+# (or an inbound idempotency key collide with an outbound id) by reusing a Message-ID. A reply
+# by email answers the patient's last email by this id.
+EMAIL_INBOUND_MESSAGE_ID_SYSTEM = "urn:switchboard:email-message-id:inbound"
+
+# Event Webhook (ARCHITECTURE.md D): ECDSA P-256 / SHA-256 over the timestamp followed by the
+# raw body, base64 DER signature.
+EVENT_SIGNATURE_HEADER = "X-Twilio-Email-Event-Webhook-Signature"
+EVENT_TIMESTAMP_HEADER = "X-Twilio-Email-Event-Webhook-Timestamp"
+EVENT_MAX_AGE_SECONDS = 600
+# SendGrid batches events (a batch rarely passes a few hundred KB); more than this many in one
+# request is not SendGrid.
+EVENT_MAX_BATCH = 5000
+EVENT_MAX_BYTES = 4 * 1024 * 1024
+# Our custom args (set on every send, returned as top-level keys of every event). Never PHI:
+# SendGrid stores them as non-personal data.
+ARG_COMMUNICATION = "communication_id"
+ARG_REQUEST = "request_id"
 
 
 def classify_error(status: int | None, body: Any = None, headers: Mapping[str, str] | None = None
@@ -72,9 +101,15 @@ class SendGridEmail:
                     plain_text_content=email_text(message))
         mail.add_header(Header("Message-ID", message_id))
         if message.in_reply_to:
+            # The patient's mail client joins our reply to their email by these two headers.
             mail.add_header(Header("In-Reply-To", message.in_reply_to))
             mail.add_header(Header("References", message.in_reply_to))
-        mail.custom_arg = [_custom_arg("communication_id", message.communication_id)]
+        # Returned on every Event Webhook event, so delivery events find their Communication
+        # (and the API request) without a search.
+        args = [_custom_arg(ARG_COMMUNICATION, message.communication_id)]
+        if message.request_id:
+            args.append(_custom_arg(ARG_REQUEST, message.request_id))
+        mail.custom_arg = args
         try:
             resp = self._client.send(mail)
         except HTTPError as exc:
@@ -108,3 +143,120 @@ def _custom_arg(key: str, value: str) -> Any:
     from sendgrid.helpers.mail import CustomArg
 
     return CustomArg(key, value)
+
+
+def provider_message_id(sg_message_id: str) -> str:
+    """The X-Message-Id of the send an event is about: `sg_message_id` is that id followed by
+    a `.filter…` / `.recvd-…` suffix SendGrid adds per recipient."""
+    return sg_message_id.split(".", 1)[0]
+
+
+class EventSignature:
+    """Verifies a SendGrid Event Webhook request with the verification key (fail closed)."""
+
+    def __init__(self, public_key: str) -> None:
+        from sendgrid.helpers.eventwebhook import EventWebhook
+
+        # The base64 key SendGrid shows, without PEM armour (the helper adds it).
+        self._helper = EventWebhook(public_key) if public_key else None
+
+    @property
+    def configured(self) -> bool:
+        """False when no key is set: every request is refused."""
+        return self._helper is not None
+
+    def check(self, body: bytes, signature: str | None, timestamp: str | None,
+              now: float | None = None) -> str | None:
+        """None when the request is genuine and fresh, else the reason to refuse it."""
+        if self._helper is None:
+            return "not-configured"
+        if not signature or not timestamp:
+            return "bad-signature"
+        if not re.fullmatch(r"[0-9]{1,12}", timestamp):
+            return "bad-signature"
+        if abs((time.time() if now is None else now) - int(timestamp)) > EVENT_MAX_AGE_SECONDS:
+            # A captured batch replayed later (or a clock far off) is not accepted.
+            return "stale-timestamp"
+        try:
+            # SDK quirk: verify_signature takes the payload as str and signs
+            # (timestamp + payload).encode("utf-8"). For the UTF-8 JSON SendGrid sends, a strict
+            # decode and that re-encode give back exactly the raw bytes; a body that is not
+            # UTF-8 cannot be a signed SendGrid batch.
+            text = body.decode("utf-8")
+            ok = self._helper.verify_signature(text, signature, timestamp)
+        except (ValueError, TypeError):  # bad base64, malformed DER, undecodable body
+            return "bad-signature"
+        except Exception as exc:  # cryptography's InvalidSignature and kin: not genuine
+            if type(exc).__name__.startswith("Invalid"):
+                return "bad-signature"
+            raise
+        return None if ok else "bad-signature"
+
+
+# Fields of an event we keep (everything else SendGrid sends is dropped at the boundary), with
+# their largest accepted length. `email` is the recipient: needed to record an opt-out.
+_EVENT_TEXT_FIELDS = {"event": 64, "sg_event_id": 200, "sg_message_id": 300, "email": 320,
+                      "reason": 2000, "type": 64, "status": 64,
+                      ARG_COMMUNICATION: 64, ARG_REQUEST: 64}
+_EVENT_NAME = re.compile(r"[a-z_]{1,64}")
+_EVENT_ID = re.compile(r"[A-Za-z0-9_\-=+/.:]{1,200}")
+
+
+class EventBatchError(ValueError):
+    """An event batch we refuse; `fields` names each problem (`3.sg_event_id`)."""
+
+    def __init__(self, reason: str, fields: list[str] | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.fields = fields or []
+
+
+def parse_event_batch(body: bytes) -> list[dict[str, Any]]:
+    """The events of a verified Event Webhook body, each reduced to the fields we use, or
+    EventBatchError. Every field we act on is shape-checked here, before anything is queued."""
+    if len(body) > EVENT_MAX_BYTES:
+        raise EventBatchError("too-large")
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        raise EventBatchError("invalid-json") from None
+    if not isinstance(data, list) or not data:
+        raise EventBatchError("not-an-event-array")
+    if len(data) > EVENT_MAX_BATCH:
+        raise EventBatchError("too-many-events")
+    out: list[dict[str, Any]] = []
+    problems: list[str] = []
+    for n, raw in enumerate(data):
+        if not isinstance(raw, dict):
+            problems.append(f"{n}")
+            continue
+        event: dict[str, Any] = {}
+        for name, limit in _EVENT_TEXT_FIELDS.items():
+            value = raw.get(name)
+            if value is None:
+                continue
+            if name == "reason" and isinstance(value, str):
+                value = value[:limit]  # an SMTP answer: long ones are cut, not refused
+            if not isinstance(value, str) or len(value) > limit:
+                problems.append(f"{n}.{name}")
+                continue
+            event[name] = value
+        stamp = raw.get("timestamp")
+        if isinstance(stamp, int) and not isinstance(stamp, bool) and 0 <= stamp < 10**11:
+            event["timestamp"] = stamp
+        elif stamp is not None:
+            problems.append(f"{n}.timestamp")
+        if not _EVENT_NAME.fullmatch(event.get("event", "")):
+            problems.append(f"{n}.event")
+        if not _EVENT_ID.fullmatch(event.get("sg_event_id", "")):
+            problems.append(f"{n}.sg_event_id")
+        if "sg_message_id" in event and not _EVENT_ID.fullmatch(event["sg_message_id"]):
+            problems.append(f"{n}.sg_message_id")
+        if ARG_COMMUNICATION in event and not valid_id(event[ARG_COMMUNICATION]):
+            problems.append(f"{n}.{ARG_COMMUNICATION}")
+        if ARG_REQUEST in event and not REQUEST_ID.fullmatch(event[ARG_REQUEST]):
+            problems.append(f"{n}.{ARG_REQUEST}")
+        out.append(event)
+    if problems:
+        raise EventBatchError("invalid-fields", sorted(set(problems), key=problems.index)[:20])
+    return out

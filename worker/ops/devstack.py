@@ -4,6 +4,7 @@ run the service the same way."""
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import signal
@@ -218,12 +219,28 @@ PROVIDER_SANDBOX = ROOT / "sandbox" / "providers" / "provider_sandbox.py"
 PROVIDER_READY_PREFIX = "Provider sandbox listening on "
 
 
-def start_provider_sandbox(log_dir: Path, args: list[str], port: int = 0) -> tuple[Child, str]:
+def start_provider_sandbox(log_dir: Path, args: list[str], port: int = 0,
+                           env: Mapping[str, str] | None = None) -> tuple[Child, str]:
     """Start the Twilio/SendGrid sandbox; returns the child and its origin URL."""
     child = _spawn("provider-sandbox", [sys.executable, str(PROVIDER_SANDBOX), "--port",
-                                        str(port), *args], log_dir, cwd=ROOT)
+                                        str(port), *args], log_dir,
+                   env={**os.environ, **env} if env else None, cwd=ROOT)
     line = _wait_for(child, PROVIDER_READY_PREFIX, timeout=30)
     return child, line.split(PROVIDER_READY_PREFIX, 1)[1].strip().rstrip("/")
+
+
+def sendgrid_event_keys() -> tuple[str, str]:
+    """A fresh ECDSA P-256 key pair for the sandbox's signed Event Webhook: (private key as
+    base64 PKCS#8 DER for the sandbox, public key as SendGrid shows it: base64 DER SPKI)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    private = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.DER,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(private).decode(), base64.b64encode(public).decode()
 
 
 def _venv_bin(name: str) -> str:

@@ -68,6 +68,12 @@ def configuration_warnings(settings: Settings) -> list[Check]:
     if not (settings.sendgrid_api_key.get_secret_value() and settings.sendgrid_from_email):
         out.append(Check("email-sending", False, "no email sender configured",
                          "set SENDGRID_API_KEY and SENDGRID_FROM_EMAIL"))
+    if not settings.sendgrid_event_verification_key:
+        out.append(Check("sendgrid-events", False, "SENDGRID_EVENT_VERIFICATION_KEY unset: POST "
+                         "/webhooks/sendgrid/events refuses every request (fail closed), so no "
+                         "email delivery, bounce or unsubscribe is recorded",
+                         "turn on the signed Event Webhook in SendGrid (Mail Settings) and set "
+                         "SENDGRID_EVENT_VERIFICATION_KEY to its verification key"))
     if not settings.api_token_list():
         out.append(Check("api", False, "no API tokens: POST /v1/messages answers 401",
                          "set API_TOKENS to one or more comma-separated secrets"))

@@ -49,6 +49,9 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                                 ("task", "reason")),
     "switchboard_sends": ("counter", "Outbound sends by channel and outcome",
                           ("channel", "outcome")),
+    "switchboard_email_events": ("counter", "SendGrid Event Webhook events applied, by event "
+                                 "(processed, delivered, bounce, open, click, spamreport, …; "
+                                 "`other` for the rest)", ("event",)),
     "switchboard_reconciled": ("counter", "Stuck sends reconciled with the provider, by "
                                "outcome (completed, stopped, unchanged, errors)", ("outcome",)),
     "switchboard_messages_recovered": ("counter", "Messages a dead worker held, put back in "

@@ -15,6 +15,7 @@ Order of events for one send, and why:
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -22,6 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from worker.channels import Attachment, Channel, OutboundMessage, SendError, SendResult
+from worker.channels.sendgrid import EMAIL_INBOUND_MESSAGE_ID_SYSTEM, EMAIL_MESSAGE_ID_SYSTEM
 from worker.errors import Deferred, PermanentError, TransientError
 from worker.fhir.client import FhirClient
 from worker.fhir.outcome import FhirPermanentError
@@ -126,7 +128,8 @@ def send_outbound(req: OutboundRequest, deps: OutboundDeps, task_id: str) -> Sen
     try:
         if channel is None:
             raise SendError("invalid-recipient", "the patient has no phone or email")
-        return _send(req, deps, comm, comm_id, channel, telecoms, task_id)
+        return _send(req, deps, comm, comm_id, channel, telecoms, task_id,
+                     _Thread(header, str(patient.get("id") or "")))
     except SendError as exc:
         if exc.retryable:
             deps.state.update(req.request_id, "queued", communication=comm_id,
@@ -136,8 +139,16 @@ def send_outbound(req: OutboundRequest, deps: OutboundDeps, task_id: str) -> Sen
         raise PermanentError(exc.kind, _describe(exc)) from None
 
 
+@dataclass(frozen=True)
+class _Thread:
+    """The conversation a message belongs to (for email threading)."""
+
+    header: Mapping[str, Any] | None
+    patient_id: str
+
+
 def _send(req: OutboundRequest, deps: OutboundDeps, comm: Mapping[str, Any], comm_id: str,
-          channel: str, telecoms: list[Any], task_id: str) -> SendResult:
+          channel: str, telecoms: list[Any], task_id: str, thread: _Thread) -> SendResult:
     impl = deps.channels.get(channel)
     if impl is None:
         raise SendError("misconfigured", f"channel {channel} is not configured")
@@ -159,8 +170,11 @@ def _send(req: OutboundRequest, deps: OutboundDeps, comm: Mapping[str, Any], com
         # A claim this old without a result: its holder died while the provider answered.
         # The text may or may not have gone out; sending again could text the patient twice.
         raise SendError("outcome-unknown", "a worker died while the provider was answering")
+    message = _message(comm, comm_id, to, req.request_id)
+    if channel == "email":
+        message = _email_thread(message, thread, deps)
     try:
-        result = impl.send(_message(comm, comm_id, to))
+        result = impl.send(message)
     except SendError as exc:
         _count(deps, channel, exc.kind)
         if exc.kind != "outcome-unknown":
@@ -175,7 +189,7 @@ def _send(req: OutboundRequest, deps: OutboundDeps, comm: Mapping[str, Any], com
             again = replace(req, channel="email", rate_slot=None,
                             attempts=(*req.attempts, f"sms failed: {_describe(exc)}"))
             try:
-                return _send(again, deps, comm, comm_id, "email", telecoms, task_id)
+                return _send(again, deps, comm, comm_id, "email", telecoms, task_id, thread)
             except Deferred as deferred:
                 # Waiting for an email slot must not send the SMS again on the next run.
                 raise Deferred(deferred.countdown, deferred.reason, {
@@ -314,7 +328,49 @@ def _reply_channel(header: Mapping[str, Any] | None, patient: Mapping[str, Any],
     return medium_channel(header)
 
 
-def _message(comm: Mapping[str, Any], comm_id: str, to: str) -> OutboundMessage:
+def _email_thread(message: OutboundMessage, thread: _Thread, deps: OutboundDeps
+                  ) -> OutboundMessage:
+    """A reply in a thread the patient wrote by email answers their last email: In-Reply-To
+    and References name its Message-ID and the subject is `Re: <topic>`, so their mail client
+    shows one conversation (and their answer comes back into this thread)."""
+    if thread.header is None or not thread.patient_id:
+        return message
+    last = _last_patient_email_id(thread.header, thread.patient_id, deps)
+    if last is None:
+        return message
+    topic = str(((thread.header.get("topic") or {}).get("text")) or message.subject)
+    return replace(message, in_reply_to=last, subject=reply_subject(topic))
+
+
+def _last_patient_email_id(header: Mapping[str, Any], patient_id: str, deps: OutboundDeps
+                           ) -> str | None:
+    thread = parse_reference(f"Communication/{header.get('id')}", {"Communication"})
+    patient = parse_reference(f"Patient/{patient_id}", {"Patient"})
+    found = deps.fhir.search("Communication", [
+        ("part-of", str(thread)), ("sender", str(patient)),
+        ("_sort", "-_lastUpdated"), ("_count", "10")])
+    for entry in found.get("entry") or []:
+        for ident in _list((entry.get("resource") or {}).get("identifier")):
+            if (isinstance(ident, Mapping) and ident.get("system") in (
+                    EMAIL_INBOUND_MESSAGE_ID_SYSTEM, EMAIL_MESSAGE_ID_SYSTEM)
+                    and _MESSAGE_ID.fullmatch(str(ident.get("value") or ""))):
+                return str(ident["value"])
+    return None
+
+
+# An RFC 5322 msg-id as it may go into a header: angle brackets, no whitespace or controls
+# (a value with a line break would let a stored identifier inject headers).
+_MESSAGE_ID = re.compile(r"<[!-=?-~]{1,250}>")
+
+
+def reply_subject(topic: str) -> str:
+    """`Re: <topic>`, without stacking prefixes the topic already has (pure)."""
+    bare = re.sub(r"^\s*((re|fwd?|aw|sv)\s*:\s*)+", "", topic, flags=re.IGNORECASE).strip()
+    return f"Re: {bare or 'Message from your care team'}"
+
+
+def _message(comm: Mapping[str, Any], comm_id: str, to: str, request_id: str = ""
+             ) -> OutboundMessage:
     texts = [p["contentString"] for p in comm.get("payload") or [] if p.get("contentString")]
     media = tuple(Attachment(str(p["contentAttachment"].get("url")),
                              str(p["contentAttachment"].get("contentType") or ""))
@@ -322,7 +378,7 @@ def _message(comm: Mapping[str, Any], comm_id: str, to: str) -> OutboundMessage:
                   if (p.get("contentAttachment") or {}).get("url"))
     topic = (comm.get("topic") or {}).get("text") or "Message from your care team"
     return OutboundMessage(communication_id=comm_id, to=to, body="\n\n".join(texts),
-                           attachments=media, subject=str(topic))
+                           attachments=media, subject=str(topic), request_id=request_id)
 
 
 def _record_sent(deps: OutboundDeps, comm_id: str, channel: str, result: SendResult,
@@ -338,7 +394,7 @@ def _record_sent(deps: OutboundDeps, comm_id: str, channel: str, result: SendRes
             return None
         idents.append(identifier(system, result.provider_id))
         if result.message_id:
-            idents.append(identifier("urn:ietf:rfc:5322", result.message_id))
+            idents.append(identifier(EMAIL_MESSAGE_ID_SYSTEM, result.message_id))
         if request_id and not any(i.get("system") == deps.request_system for i in idents):
             # Links delivery callbacks back to the API request that asked for this send.
             idents.append(identifier(deps.request_system, request_id))

@@ -1,19 +1,69 @@
-"""Delivery status callbacks: move the Communication along, never back from a final state."""
+"""Delivery status callbacks: move the Communication along, never back from a final state.
+
+Twilio's status callbacks and SendGrid's Event Webhook share one mechanism: a pure mapping
+(status_map.py) and one guarded move of the Communication that the API request's state follows.
+"""
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from worker.errors import PermanentError, TransientError
+from worker.channels.sendgrid import ARG_COMMUNICATION, ARG_REQUEST, provider_message_id
+from worker.errors import PermanentError, SwitchboardError, TransientError
 from worker.fhir.client import FhirClient
+from worker.fhir.outcome import FhirPermanentError
 from worker.fhir.query import token
+from worker.fhir.reference import ref
+from worker.fhir.resources import fhir_string
 from worker.fhir.update import guarded_update
-from worker.outbound.status_map import next_status
-from worker.stores.outbound_state import OutboundState
+from worker.outbound.status_map import (
+    SENDGRID_TO_FHIR,
+    TWILIO_TO_FHIR,
+    next_status,
+    sendgrid_event_kind,
+    sendgrid_status_event,
+)
+from worker.stores.optouts import OptOuts
+from worker.stores.outbound_state import REQUEST_ID, OutboundState
 
+log = logging.getLogger("switchboard.status")
 TWILIO_ERROR_SYSTEM = "https://www.twilio.com/docs/api/errors"
+SENDGRID_EVENT_SYSTEM = "https://docs.sendgrid.com/event-webhook/event"
+
+
+def _move(fhir: FhirClient, comm_id: str, status: str, table: Mapping[str, str],
+          reason: Callable[[], dict[str, Any]], state: OutboundState, request_system: str,
+          request_id: str | None, failure: Mapping[str, Any]) -> str:
+    """Move Communication/<comm_id> as `status` says (never back from a final state) and let
+    the API request follow; returns the new status or "ignored"."""
+    outcome: dict[str, str] = {"result": "ignored"}
+
+    def change(c: dict[str, Any]) -> dict[str, Any] | None:
+        target = next_status(str(c.get("status", "")), status, table)
+        if target is None:
+            return None
+        c["status"] = target
+        if target == "stopped":
+            c["statusReason"] = reason()
+        outcome["result"] = target
+        return c
+
+    written = guarded_update(fhir, "Communication", comm_id, change)
+    if written is not None:
+        request_id = request_id or next(
+            (str(i.get("value")) for i in written.get("identifier") or []
+             if i.get("system") == request_system), None)
+        if request_id and REQUEST_ID.fullmatch(request_id):
+            if outcome["result"] == "completed":
+                state.update(request_id, "delivered", communication=comm_id)
+            elif outcome["result"] == "stopped":
+                state.update(request_id, "failed", communication=comm_id, error="undelivered",
+                             **failure)
+    return outcome["result"]
 
 
 def apply_status(fhir: FhirClient, sid_system: str, params: Mapping[str, str],
@@ -33,31 +83,135 @@ def apply_status(fhir: FhirClient, sid_system: str, params: Mapping[str, str],
     if not entries:
         # Twilio can call back before our own record of the send reached FHIR: try again.
         raise TransientError("communication-not-found", "no Communication has this MessageSid")
-    comm_id = str(entries[0]["id"])
-    outcome: dict[str, str] = {"result": "ignored"}
 
-    def change(c: dict[str, Any]) -> dict[str, Any] | None:
-        target = next_status(str(c.get("status", "")), status)
-        if target is None:
+    def reason() -> dict[str, Any]:
+        codings = [{"system": TWILIO_ERROR_SYSTEM, "code": error_code}] if error_code else []
+        return {"coding": codings,
+                "text": f"Twilio: {status}" + (f" (error {error_code})" if error_code else "")}
+
+    return _move(fhir, str(entries[0]["id"]), status, TWILIO_TO_FHIR, reason, state,
+                 request_system, None,
+                 {"provider_code": int(error_code) if error_code else None})
+
+
+class SeenEvents(Protocol):
+    """Provider event ids already applied (stores/seen.py)."""
+
+    def seen(self, message_id: str) -> bool: ...
+    def remember(self, message_id: str) -> None: ...
+
+
+@dataclass
+class EventCounts:
+    """What one batch of SendGrid events did."""
+
+    results: dict[str, int] = field(default_factory=dict)
+
+    def add(self, result: str) -> None:
+        """Count one event's result."""
+        self.results[result] = self.results.get(result, 0) + 1
+
+
+def apply_email_events(fhir: FhirClient, events: Sequence[Mapping[str, Any]],
+                       seen: SeenEvents, optouts: OptOuts, state: OutboundState,
+                       xid_system: str, request_system: str,
+                       count: Callable[[str], None] = lambda _event: None) -> EventCounts:
+    """Apply a batch of SendGrid Event Webhook events (shapes checked by the receiver).
+
+    Each event is applied at most once (deduplicated on `sg_event_id` once applied) and in any
+    order: final statuses never move back. A transient failure of one event does not hold up the
+    others: the batch is retried after all were tried, and the events already applied are then
+    skipped, so the retry (or a replay of its dead letter) repeats nothing.
+    """
+    counts = EventCounts()
+    failure: SwitchboardError | None = None
+    for event in events:
+        event_id = str(event.get("sg_event_id") or "")
+        if not event_id:
+            counts.add("invalid")
+            continue
+        if seen.seen(event_id):
+            counts.add("duplicate")
+            continue
+        try:
+            result = _apply_email_event(fhir, event, optouts, state, xid_system, request_system,
+                                        count)
+        except SwitchboardError as exc:
+            # Transient first: a retry can still apply it; a permanent one is dead-lettered
+            # with the batch (a replay skips what was applied).
+            if failure is None or (exc.retryable and not failure.retryable):
+                failure = exc
+            counts.add("failed")
+            continue
+        seen.remember(event_id)
+        counts.add(result)
+    if failure is not None:
+        raise failure
+    return counts
+
+
+def _apply_email_event(fhir: FhirClient, event: Mapping[str, Any], optouts: OptOuts,
+                       state: OutboundState, xid_system: str, request_system: str,
+                       count: Callable[[str], None]) -> str:
+    name = str(event.get("event") or "").lower()
+    kind = sendgrid_event_kind(name)
+    count(name if kind != "other" else "other")
+    if kind == "engagement" or kind == "other":
+        return name if kind == "engagement" else "ignored"
+    if kind == "opt-out":
+        address = str(event.get("email") or "").strip()
+        if not address:
+            return "ignored"
+        optouts.add("email", address)
+        return "opted-out"
+    comm_id = _communication_for(fhir, event, xid_system)
+    if comm_id is None:
+        return "not-ours"
+    status = sendgrid_status_event(name, str(event.get("type") or ""))
+    request = event.get(ARG_REQUEST)
+    request_id = request if isinstance(request, str) and REQUEST_ID.fullmatch(request) else None
+
+    def reason() -> dict[str, Any]:
+        why = fhir_string(str(event.get("reason") or "")[:1000])
+        return {"coding": [{"system": SENDGRID_EVENT_SYSTEM, "code": status}],
+                "text": f"SendGrid: {status}" + (f": {why}" if why else "")}
+
+    return _move(fhir, comm_id, status, SENDGRID_TO_FHIR, reason, state, request_system,
+                 request_id, {"detail": f"SendGrid: {status}"})
+
+
+def _communication_for(fhir: FhirClient, event: Mapping[str, Any], xid_system: str
+                       ) -> str | None:
+    """The id of the Communication an event is about, or None when it is not one of ours.
+
+    Our sends carry the Communication id as a custom arg (checked as a FHIR id, and against the
+    X-Message-Id recorded on that Communication when there is one); an event without it is
+    looked up by its X-Message-Id. SendGrid posts the events of every email of the account,
+    so an event that matches nothing is someone else's and is ignored.
+    """
+    xid = provider_message_id(str(event.get("sg_message_id") or ""))
+    cid = event.get(ARG_COMMUNICATION)
+    if isinstance(cid, str) and cid:
+        comm_ref = ref("Communication", cid)  # InvalidReference (permanent) if not an id
+        try:
+            comm = fhir.read(comm_ref.type, comm_ref.id).resource
+        except FhirPermanentError as exc:
+            if exc.status in (404, 410):
+                log.warning("sendgrid event for a deleted Communication/%s ignored", cid)
+                return None
+            raise
+        recorded = [str(i.get("value")) for i in comm.get("identifier") or []
+                    if i.get("system") == xid_system]
+        # Without an X-Message-Id SendGrid's answer, our Message-ID (`<…>`) was recorded
+        # instead; it cannot be compared with the event's.
+        if xid and recorded and not any(r == xid or r.startswith("<") for r in recorded):
+            log.warning("sendgrid event names Communication/%s but another message; ignored",
+                        cid)
             return None
-        c["status"] = target
-        if target == "stopped":
-            codings = [{"system": TWILIO_ERROR_SYSTEM, "code": error_code}] if error_code else []
-            c["statusReason"] = {"coding": codings,
-                                 "text": f"Twilio: {status}"
-                                         + (f" (error {error_code})" if error_code else "")}
-        outcome["result"] = target
-        return c
-
-    written = guarded_update(fhir, "Communication", comm_id, change)
-    if written is not None:
-        request_id = next((i.get("value") for i in written.get("identifier") or []
-                           if i.get("system") == request_system), None)
-        if request_id:
-            if outcome["result"] == "completed":
-                state.update(str(request_id), "delivered", communication=comm_id)
-            elif outcome["result"] == "stopped":
-                state.update(str(request_id), "failed", communication=comm_id,
-                             error="undelivered",
-                             provider_code=int(error_code) if error_code else None)
-    return outcome["result"]
+        return comm_ref.id
+    if not xid:
+        return None
+    found = fhir.search("Communication", [("identifier", token(xid_system, xid)),
+                                          ("_count", "2")])
+    entries = [e["resource"] for e in found.get("entry") or []]
+    return str(entries[0]["id"]) if entries else None

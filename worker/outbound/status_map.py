@@ -1,6 +1,8 @@
-"""Delivery status rules (pure): provider statuses to FHIR Communication.status."""
+"""Delivery status rules (pure): provider statuses and events to FHIR Communication.status."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 # Twilio message statuses (https://www.twilio.com/docs/messaging/api/message-resource).
 TWILIO_TO_FHIR = {
@@ -17,14 +19,49 @@ TWILIO_TO_FHIR = {
     "undelivered": "stopped",
     "canceled": "stopped",
 }
+# SendGrid Event Webhook delivery events. A block arrives as `bounce` with `type: blocked`;
+# `blocked` is accepted as an event name too. Other events (engagement, opt-outs) never move
+# the Communication: see `sendgrid_event_kind`.
+SENDGRID_TO_FHIR = {
+    "processed": "in-progress",
+    "deferred": "in-progress",
+    "delivered": "completed",
+    "bounce": "stopped",
+    "dropped": "stopped",
+    "blocked": "stopped",
+}
+# The recipient asked not to get more email: later sends are refused locally (as Twilio 21610).
+SENDGRID_OPT_OUT = frozenset({"spamreport", "unsubscribe", "group_unsubscribe"})
+# Counted as a metric, nothing else.
+SENDGRID_ENGAGEMENT = frozenset({"open", "click"})
 # Once here, a Communication never moves again: callbacks arrive late and out of order.
 TERMINAL = frozenset({"completed", "stopped", "not-done", "entered-in-error"})
 
 
-def next_status(current: str, provider_status: str) -> str | None:
+def next_status(current: str, provider_status: str,
+                table: Mapping[str, str] = TWILIO_TO_FHIR) -> str | None:
     """The Communication.status a provider status leads to, or None to leave it alone
     (unknown provider status, already terminal, or no change)."""
-    target = TWILIO_TO_FHIR.get(provider_status.lower())
+    target = table.get(provider_status.lower())
     if target is None or current in TERMINAL or target == current:
         return None
     return target
+
+
+def sendgrid_event_kind(event: str) -> str:
+    """What a SendGrid event means to us: "status" (moves the Communication), "opt-out",
+    "engagement" (counted only) or "other" (ignored: group_resubscribe, account events…)."""
+    name = event.lower()
+    if name in SENDGRID_TO_FHIR:
+        return "status"
+    if name in SENDGRID_OPT_OUT:
+        return "opt-out"
+    if name in SENDGRID_ENGAGEMENT:
+        return "engagement"
+    return "other"
+
+
+def sendgrid_status_event(event: str, bounce_type: str = "") -> str:
+    """The event name to map: a `bounce` whose `type` is `blocked` is a block."""
+    name = event.lower()
+    return "blocked" if name == "bounce" and bounce_type.lower() == "blocked" else name

@@ -31,6 +31,10 @@ class OptOuts:
         self._key = key
 
     def _digest(self, channel: str, address: str) -> str:
+        if channel == "email":
+            # SendGrid's events may spell an address differently from Patient.telecom; mail
+            # systems treat addresses case-insensitively in practice.
+            address = address.strip().lower()
         return hmac.new(self._key, f"{channel}:{address}".encode(), hashlib.sha256).hexdigest()
 
     def add(self, channel: str, address: str) -> None:
