@@ -264,6 +264,7 @@ DEV_SENDGRID_KEY = "SG.dev-sandbox-key"
 DEV_API_TOKEN = "dev-api-token"  # noqa: S105 (make run's local sandbox only)
 DEMO_PATIENT_PHONE = "+15551234567"
 DEMO_CLINIC_PHONE = "+15557654321"
+DEMO_PATIENT_EMAIL = "demo.patient@example.org"
 
 
 def signed_example(settings: Settings, body: str = "Hello from the demo patient") -> str:
@@ -315,13 +316,19 @@ def cmd_run(_: Settings | None, args: argparse.Namespace) -> int:
         if not any(k in os.environ for k in ("TWILIO_FROM_NUMBER",
                                              "TWILIO_MESSAGING_SERVICE_SID",
                                              "SENDGRID_API_KEY")):
-            # No provider credentials: sends go to the local provider sandbox instead.
+            # No provider credentials: sends go to the local provider sandbox instead. It posts
+            # each email's delivery events, signed with a key made for this run, to our
+            # Event Webhook.
+            event_private, event_public = devstack.sendgrid_event_keys()
             child, providers_origin = devstack.start_provider_sandbox(log_dir, [
                 "--twilio-account-sid", env["TWILIO_ACCOUNT_SID"],
                 "--twilio-auth-token", env["TWILIO_AUTH_TOKEN"],
-                "--sendgrid-api-key", DEV_SENDGRID_KEY])
+                "--sendgrid-api-key", DEV_SENDGRID_KEY, "--sendgrid-events-auto",
+                "--sendgrid-event-url", f"http://127.0.0.1:{args.port}/webhooks/sendgrid/events"],
+                env={"PROVIDER_SANDBOX_SENDGRID_EVENT_KEY": event_private})
             stack.children.append(child)
-            env.update({"TWILIO_API_BASE_URL": providers_origin,
+            env.update({"SENDGRID_EVENT_VERIFICATION_KEY": event_public,
+                        "TWILIO_API_BASE_URL": providers_origin,
                         "TWILIO_FROM_NUMBER": DEMO_CLINIC_PHONE,
                         "SENDGRID_API_BASE_URL": providers_origin,
                         "SENDGRID_API_KEY": DEV_SENDGRID_KEY,
@@ -332,8 +339,10 @@ def cmd_run(_: Settings | None, args: argparse.Namespace) -> int:
             fhir = FhirClient(settings.fhir_base_url, settings.fhir_token_url,
                               settings.fhir_client_id,
                               settings.fhir_client_secret.get_secret_value())
-            demo_id = fhir.create(patient_with_phone(DEMO_PATIENT_PHONE),
-                                  if_none_exist=[("phone", DEMO_PATIENT_PHONE)]).resource["id"]
+            demo = patient_with_phone(DEMO_PATIENT_PHONE)
+            demo["telecom"].append({"system": "email", "value": DEMO_PATIENT_EMAIL})
+            demo_id = fhir.create(demo, if_none_exist=[("phone", DEMO_PATIENT_PHONE)]
+                                  ).resource["id"]
             fhir.close()
         child_env = settings.as_env()
         stack.children.append(devstack.start_worker(child_env, log_dir))
@@ -379,6 +388,21 @@ curl -sS -X POST {settings.public_base_url}/v1/messages \\
   -H 'Content-Type: application/json' \\
   -d '{{"resourceType": "Communication", "recipient": [{{"reference": "Patient/{demo_id}"}}],
        "payload": [{{"contentString": "Thanks, see you soon"}}]}}'
+
+By email (the sandbox then posts SendGrid's signed delivery events to
+/webhooks/sendgrid/events; the request turns "delivered" and the Communication "completed"):
+
+curl -sS -X POST {settings.public_base_url}/v1/messages \\
+  -H 'Authorization: Bearer {shown_token}' -H 'Prefer: wait=10' \\
+  -H 'Content-Type: application/json' \\
+  -d '{{"resourceType": "Communication", "recipient": [{{"reference": "Patient/{demo_id}"}}],
+       "topic": {{"text": "Your appointment"}}, "channel": "email",
+       "payload": [{{"contentString": "See you on Tuesday"}}]}}'
+
+then: curl -s -H 'Authorization: Bearer {shown_token}' \\
+  {settings.public_base_url}/v1/messages/<id from the answer>
+(a bounce instead: curl -s -X POST {providers_origin}/__faults \\
+  -d '{{"provider": "sendgrid", "to": "{DEMO_PATIENT_EMAIL}", "event": "bounce"}}')
 """, flush=True)
         while all(_alive(c) for c in stack.children):
             time.sleep(0.5)
