@@ -6,10 +6,13 @@ from __future__ import annotations
 from tests.conftest import Services
 from tests.reliability.input_scenarios import QUEUES, run_bad_input, run_forgery
 from tests.support import AUTH_TOKEN, PUBLIC_BASE_URL
+from worker.ops import devstack
 
 
 def test_bad_input_never_crashes_authenticates_or_enqueues(services: Services) -> None:
-    svc = services.get(worker=False, API_TOKENS="t0k")
+    # A verification key, so event batches meet the signature check, not the fail-closed refusal.
+    svc = services.get(worker=False, API_TOKENS="t0k",
+                       SENDGRID_EVENT_VERIFICATION_KEY=devstack.sendgrid_event_keys()[1])
     failures: list[str] = []
     counts = run_bad_input(svc.app(), svc.redis, examples=150, failures=failures)
     assert counts["requests"] >= 150

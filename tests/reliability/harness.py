@@ -63,10 +63,12 @@ class Stack:
         self.fhir_server = devstack.start_fhir_sandbox(self.log_dir, extra_env={
             "FHIR_SANDBOX_CLIENT_ID": FHIR_ID, "FHIR_SANDBOX_CLIENT_SECRET": FHIR_SECRET},
             contention_rate=1.0)
+        event_keys = devstack.sendgrid_event_keys()
         self.providers_child, origin = devstack.start_provider_sandbox(self.log_dir, [
             "--twilio-account-sid", "ACtest", "--twilio-auth-token", AUTH_TOKEN,
-            "--sendgrid-api-key", "SG.reliability"])
-        self.providers = ProviderSandbox(origin)
+            "--sendgrid-api-key", "SG.reliability"],
+            env={"PROVIDER_SANDBOX_SENDGRID_EVENT_KEY": event_keys[0]})
+        self.providers = ProviderSandbox(origin, event_keys=event_keys)
         self.env = {
             "REDIS_URL": self.redis.url, "FHIR_BASE_URL": self.fhir_server.base_url,
             "FHIR_CLIENT_ID": FHIR_ID, "FHIR_CLIENT_SECRET": FHIR_SECRET,
@@ -74,7 +76,8 @@ class Stack:
             "PUBLIC_BASE_URL": PUBLIC_BASE_URL, "TWILIO_API_BASE_URL": origin,
             "TWILIO_FROM_NUMBER": CLINIC, "SENDGRID_API_KEY": "SG.reliability",
             "SENDGRID_FROM_EMAIL": "care@clinic.example", "SENDGRID_API_BASE_URL": origin,
-            "API_TOKENS": API_TOKEN, "SMS_RATE_PER_SECOND": "1000",
+            "SENDGRID_EVENT_VERIFICATION_KEY": event_keys[1], "API_TOKENS": API_TOKEN,
+            "SMS_RATE_PER_SECOND": "1000",
             "EMAIL_RATE_PER_SECOND": "1000", "UNKNOWN_SENDER_POLICY": "create-patient",
             # Retries within seconds and enough attempts to outlast every injected outage. A
             # dead worker's messages come back at the default settings (the liveness janitor,

@@ -13,6 +13,7 @@ import json
 import logging
 import random
 import string
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ log = logging.getLogger("switchboard.reliability")
 QUEUES = ("inbound", "outbound", "status")
 SMS_PATH = "/webhooks/twilio/sms"
 STATUS_PATH = "/webhooks/twilio/status"
+EVENTS_PATH = "/webhooks/sendgrid/events"
 
 
 def queue_total(redis_client: redis.Redis) -> int:
@@ -184,11 +186,13 @@ _BODIES = (_form_body(), _json_body(), _multipart_body(), _raw_body())
 # of None: drawn from all four; "wrong-method" sends any route a method it does not take.
 _CELLS: tuple[tuple[str, bool, int | None], ...] = (
     *((ep, auth, kind) for ep, auth in (("sms", False), ("status", False),
+                                        ("sendgrid-events", False),
                                         ("post-messages", False), ("post-messages", True))
       for kind in range(len(_BODIES))),
     ("get-message", False, None), ("get-message", True, None), ("healthz", False, None),
     ("metrics", False, None), ("openapi", False, None), ("wrong-method", False, None))
-_PATHS = {"sms": SMS_PATH, "status": STATUS_PATH, "post-messages": "/v1/messages",
+_PATHS = {"sms": SMS_PATH, "status": STATUS_PATH, "sendgrid-events": EVENTS_PATH,
+          "post-messages": "/v1/messages",
           "healthz": "/healthz", "metrics": "/metrics", "openapi": "/v1/openapi.json"}
 
 
@@ -242,7 +246,7 @@ def _probes(draw: st.DrawFn, token: str, endpoint: str, authorised: bool, body_k
     body, ctype = b"", None
     method = "GET"
     bodies = st.one_of(_BODIES) if body_kind is None else _BODIES[body_kind]
-    if endpoint in ("sms", "status", "post-messages"):
+    if endpoint in ("sms", "status", "sendgrid-events", "post-messages"):
         method = "POST"
         body, ctype = draw(bodies)
     elif draw(st.booleans()):  # a GET route with a body anyway
@@ -259,6 +263,17 @@ def _probes(draw: st.DrawFn, token: str, endpoint: str, authorised: bool, body_k
             headers.append((name, sig))
         if draw(st.booleans()):
             headers.append(("X-Twilio-Webhooks-Signature-Settings", draw(_header_value)))
+    if endpoint == "sendgrid-events":
+        # No valid ECDSA signature can be drawn: garbage, or genuine-looking base64 of the
+        # right length, with a current, stale or malformed timestamp.
+        sig = draw(st.one_of(_signature_garbage(), st.binary(min_size=70, max_size=72).map(
+            lambda b: base64.b64encode(b).decode())))
+        if sig is not None:
+            headers.append(("X-Twilio-Email-Event-Webhook-Signature", sig))
+        stamp = draw(st.one_of(st.none(), st.just(str(int(time.time()))), _header_value,
+                               st.integers(-10**12, 10**13).map(str)))
+        if stamp is not None:
+            headers.append(("X-Twilio-Email-Event-Webhook-Timestamp", stamp))
     auth = draw(st.sampled_from([f"Bearer {token}", f"Bearer  {token}\t", f"Bearer {token} "])
                 if authorised else _invalid_authorization(token))
     if auth is not None:
@@ -385,7 +400,8 @@ def run_bad_input(app: Any, redis_client: redis.Redis, examples: int, seed: int 
         counts[f"http_{status}"] += 1
         if status >= 500:
             note("status_5xx", probe)
-        needs_auth = probe.endpoint in ("sms", "status", "post-messages", "get-message")
+        needs_auth = probe.endpoint in ("sms", "status", "sendgrid-events", "post-messages",
+                                        "get-message")
         if 200 <= status < 300 and needs_auth and probe.method in ("GET", "POST"):
             if not probe.authorised:
                 note("accepted_without_auth", probe)
