@@ -218,6 +218,36 @@ def test_events_not_about_our_emails_are_ignored(
     assert svc.dead_letters.count() == 0
 
 
+def test_an_event_for_an_unsent_communication_is_retried_then_dead_lettered_alone(
+        services: Services, sandbox: Sandbox, providers_clean: ProviderSandbox) -> None:
+    """Our custom arg names a Communication whose send is not recorded (the event came first,
+    or it was never sent): retried, then dead-lettered; the rest of its batch is applied once."""
+    svc = services.get(**outbound_env(providers_clean))
+    pat = email_patient(sandbox)
+    header = email_thread(sandbox, pat)
+    comm, unsent = reply(sandbox, header, pat), reply(sandbox, header, pat, "never sent")
+    sent = send_email(svc, comm)
+    eventually(lambda: any(
+        i.get("system") == svc.settings.email_message_id_system
+        for i in sandbox.fhir.read("Communication", comm["id"]).resource.get("identifier")
+        or []), what="send recorded")
+    batch = providers_clean.email_events(
+        sent["provider_id"], "delivered",
+        {"event": "bounce", "communication_id": unsent["id"], "request_id": None})
+    events = [{k: v for k, v in e.items() if v is not None} for e in json.loads(batch["body"])]
+    body = json.dumps(events).encode()
+    resp = svc.app().test_client().post(
+        EVENTS, data=body, headers=sign_email_events(providers_clean.event_private_key, body))
+    assert resp.status_code == 200
+    processed(svc, body)
+    (entry,) = svc.dead_letters.list()
+    assert entry.task == "switchboard.status.sendgrid" and entry.reason == "retries-exhausted"
+    assert entry.detail.startswith("send-not-recorded")
+    assert status_of(sandbox, comm["id"]) == "completed"
+    assert status_of(sandbox, unsent["id"]) == "in-progress"
+    svc.dead_letters.purge()
+
+
 def test_forged_unsigned_stale_and_malformed_batches_are_refused_and_nothing_is_queued(
         services: Services, providers: ProviderSandbox) -> None:
     svc = services.get(worker=False, **outbound_env(providers))

@@ -134,8 +134,7 @@ def apply_email_events(fhir: FhirClient, events: Sequence[Mapping[str, Any]],
             counts.add("duplicate")
             continue
         try:
-            result = _apply_email_event(fhir, event, optouts, state, xid_system, request_system,
-                                        count)
+            result = _apply_email_event(fhir, event, optouts, state, xid_system, request_system)
         except SwitchboardError as exc:
             # Transient first: a retry can still apply it; a permanent one is dead-lettered
             # with the batch (a replay skips what was applied).
@@ -144,6 +143,8 @@ def apply_email_events(fhir: FhirClient, events: Sequence[Mapping[str, Any]],
             counts.add("failed")
             continue
         seen.remember(event_id)
+        name = str(event.get("event") or "").lower()
+        count(name if sendgrid_event_kind(name) != "other" else "other")  # once applied
         counts.add(result)
     if failure is not None:
         raise failure
@@ -151,17 +152,17 @@ def apply_email_events(fhir: FhirClient, events: Sequence[Mapping[str, Any]],
 
 
 def _apply_email_event(fhir: FhirClient, event: Mapping[str, Any], optouts: OptOuts,
-                       state: OutboundState, xid_system: str, request_system: str,
-                       count: Callable[[str], None]) -> str:
+                       state: OutboundState, xid_system: str, request_system: str) -> str:
     name = str(event.get("event") or "").lower()
     kind = sendgrid_event_kind(name)
-    count(name if kind != "other" else "other")
     if kind == "engagement" or kind == "other":
         return name if kind == "engagement" else "ignored"
     if kind == "opt-out":
         address = str(event.get("email") or "").strip()
-        if not address:
-            return "ignored"
+        # Only about our own emails: an unsubscribe from another sender's list on the same
+        # SendGrid account (a marketing group) says nothing about the clinic's messages.
+        if not address or not _ours(fhir, event, xid_system):
+            return "not-ours"
         optouts.add("email", address)
         return "opted-out"
     comm_id = _communication_for(fhir, event, xid_system)
@@ -184,9 +185,10 @@ def _communication_for(fhir: FhirClient, event: Mapping[str, Any], xid_system: s
                        ) -> str | None:
     """The id of the Communication an event is about, or None when it is not one of ours.
 
-    Our sends carry the Communication id as a custom arg (checked as a FHIR id, and against the
-    X-Message-Id recorded on that Communication when there is one); an event without it is
-    looked up by its X-Message-Id. SendGrid posts the events of every email of the account,
+    Our sends carry the Communication id as a custom arg: checked as a FHIR id, then against
+    the X-Message-Id our send recorded on that Communication (an event naming another message
+    is ignored; one that comes before the record is retried). An event without the custom arg
+    is looked up by its X-Message-Id. SendGrid posts the events of every email of the account,
     so an event that matches nothing is someone else's and is ignored.
     """
     xid = provider_message_id(str(event.get("sg_message_id") or ""))
@@ -202,13 +204,32 @@ def _communication_for(fhir: FhirClient, event: Mapping[str, Any], xid_system: s
             raise
         recorded = [str(i.get("value")) for i in comm.get("identifier") or []
                     if i.get("system") == xid_system]
+        if not recorded:
+            # Ours, but the record of the send (written a moment after SendGrid accepted it)
+            # is not there yet, or this Communication was never sent by us: try again later
+            # (the other events of the batch go on; the retries end in a dead letter).
+            raise TransientError("send-not-recorded",
+                                 "the Communication carries no X-Message-Id yet")
         # Without an X-Message-Id SendGrid's answer, our Message-ID (`<…>`) was recorded
         # instead; it cannot be compared with the event's.
-        if xid and recorded and not any(r == xid or r.startswith("<") for r in recorded):
+        if xid and not any(r == xid or r.startswith("<") for r in recorded):
             log.warning("sendgrid event names Communication/%s but another message; ignored",
                         cid)
             return None
         return comm_ref.id
+    return _by_message_id(fhir, xid, xid_system)
+
+
+def _ours(fhir: FhirClient, event: Mapping[str, Any], xid_system: str) -> bool:
+    """Whether an event is about an email Switchboard sent (our custom arg, which only our
+    sends set and SendGrid signs, or a recorded X-Message-Id)."""
+    if event.get(ARG_COMMUNICATION):
+        return True
+    xid = provider_message_id(str(event.get("sg_message_id") or ""))
+    return _by_message_id(fhir, xid, xid_system) is not None
+
+
+def _by_message_id(fhir: FhirClient, xid: str, xid_system: str) -> str | None:
     if not xid:
         return None
     found = fhir.search("Communication", [("identifier", token(xid_system, xid)),
