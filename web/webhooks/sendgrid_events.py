@@ -30,9 +30,9 @@ def body_limit(path: str) -> int | None:
     return EVENT_MAX_BYTES if path == EVENTS_PATH else None
 
 
-def sendgrid_blueprint(settings: Settings) -> Blueprint:
-    """Routes for SendGrid webhooks."""
-    bp = Blueprint("sendgrid", __name__)
+def sendgrid_events_blueprint(settings: Settings) -> Blueprint:
+    """The SendGrid Event Webhook route."""
+    bp = Blueprint("sendgrid_events", __name__)
     signature = EventSignature(settings.sendgrid_event_verification_key)
     if not signature.configured:
         log.warning("SENDGRID_EVENT_VERIFICATION_KEY is unset: %s refuses every request",
