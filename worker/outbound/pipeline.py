@@ -158,6 +158,10 @@ def _send(req: OutboundRequest, deps: OutboundDeps, comm: Mapping[str, Any], com
     if deps.optouts.has(channel, to):
         raise SendError("opted-out", "the patient opted out (recorded locally)")
     _pace(req, deps, channel, impl.sender_key())
+    message = _message(comm, comm_id, to, req.request_id)
+    if channel == "email":
+        # Before the claim: a FHIR failure here is an ordinary retry, not a held claim.
+        message = _email_thread(message, thread, deps)
     held = deps.ledger.claim(comm_id, task_id)
     if held is not None:
         done = deps.ledger.done(comm_id)
@@ -170,9 +174,6 @@ def _send(req: OutboundRequest, deps: OutboundDeps, comm: Mapping[str, Any], com
         # A claim this old without a result: its holder died while the provider answered.
         # The text may or may not have gone out; sending again could text the patient twice.
         raise SendError("outcome-unknown", "a worker died while the provider was answering")
-    message = _message(comm, comm_id, to, req.request_id)
-    if channel == "email":
-        message = _email_thread(message, thread, deps)
     try:
         result = impl.send(message)
     except SendError as exc:
