@@ -17,7 +17,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from web.api import MAX_WAIT_SECONDS, api_blueprint
 from web.enqueue import Enqueuer
 from web.webhooks.sendgrid_events import body_limit, sendgrid_events_blueprint
+from web.webhooks.sendgrid import INBOUND_PATH, sendgrid_blueprint
 from web.webhooks.twilio import twilio_blueprint
+from worker.channels.sendgrid_inbound import MAX_REQUEST_BYTES
 from worker.ops import logs
 from worker.ops.health import Check, readiness
 from worker.ops.metrics import RedisCollector, for_redis
@@ -85,6 +87,7 @@ def create_app(settings: Settings | None = None, enqueuer: Enqueuer | None = Non
                                          socket_connect_timeout=3)
     app.register_blueprint(twilio_blueprint(settings))
     app.register_blueprint(sendgrid_events_blueprint(settings))
+    app.register_blueprint(sendgrid_blueprint(settings))
     app.register_blueprint(api_blueprint(settings, redis.Redis.from_url(
         settings.redis_url, socket_timeout=MAX_WAIT_SECONDS + 5, socket_connect_timeout=3)))
 
@@ -100,9 +103,16 @@ def create_app(settings: Settings | None = None, enqueuer: Enqueuer | None = Non
         limit = body_limit(request.path)
         if limit is not None:
             request.max_content_length = limit  # SendGrid batches events
+        email = request.path == INBOUND_PATH
+        if email:
+            # Emails with attachments are far bigger than Twilio's forms (SendGrid takes up to
+            # 30 MB); what EMAIL_MAX_BYTES leaves out is decided after the signature check.
+            request.max_content_length = MAX_REQUEST_BYTES
+            request.max_form_memory_size = MAX_REQUEST_BYTES
         try:
             with deadline(settings.receiver_body_timeout_seconds):
-                request.get_data(cache=True, parse_form_data=True)
+                # The email's exact bytes are kept: they are what SendGrid signed.
+                request.get_data(cache=True, parse_form_data=not email)
         except BodyTimeout:
             _end_connection(request.environ)
             resp = jsonify(error="request-timeout",

@@ -15,6 +15,7 @@ from worker.fhir.resources import IdentifierSystems
 from worker.ops.metrics import Metrics, for_redis
 from worker.outbound.pipeline import OutboundDeps
 from worker.settings import Settings, load_settings
+from worker.stores.binaries import StoredBinaries
 from worker.stores.dead_letters import DeadLetterStore
 from worker.stores.inbox import Inbox
 from worker.stores.locks import RedisLocks
@@ -39,6 +40,7 @@ class Runtime:
     metrics: Metrics
     inbox: Inbox
     email_events_seen: RedisSeenMessages
+    binaries: StoredBinaries
 
     @property
     def systems(self) -> IdentifierSystems:
@@ -84,7 +86,8 @@ def build_runtime(settings: Settings) -> Runtime:
                    Inbox(client),
                    # SendGrid retries a batch for up to 24 hours; a week covers it.
                    RedisSeenMessages(client, settings.inbound_seen_ttl_seconds,
-                                     namespace="sendgrid-event"))
+                                     namespace="sendgrid-event"),
+                   StoredBinaries(client, settings.inbound_seen_ttl_seconds))
 
 
 _lock = threading.Lock()

@@ -27,6 +27,10 @@ _HINTS: dict[str, str] = {
     "PUBLIC_BASE_URL": "set it to the public https URL Twilio calls, e.g. https://sb.example.org",
     "SMS_THREAD_STRATEGY": "one of: conversation, active-thread, new-thread",
     "UNKNOWN_SENDER_POLICY": "one of: reject, create-patient",
+    "EMAIL_THREAD_STRATEGY": "one of: conversation, active-thread, new-thread",
+    "SENDGRID_INBOUND_VERIFICATION_KEY": "the base64 public key SendGrid shows for the "
+    "Inbound Parse security policy, without PEM armour",
+    "SENDGRID_INBOUND_BASIC_AUTH": "user:password, as embedded in the Inbound Parse URL",
 }
 
 
@@ -84,6 +88,24 @@ class Settings(BaseSettings):
     # When an SMS fails because the number cannot take texts, send the same message by email.
     channel_fallback: bool = False
     email_message_id_system: str = "https://docs.sendgrid.com/x-message-id"
+
+    # Inbound email (SendGrid Inbound Parse, POST /webhooks/sendgrid/inbound). Requests are
+    # accepted only when signed with this key (the base64 ECDSA public key SendGrid shows, no
+    # PEM armour) or when they carry these Basic credentials ("user:password" embedded in the
+    # configured URL). With neither set the route refuses everything.
+    sendgrid_inbound_verification_key: str = ""
+    sendgrid_inbound_basic_auth: SecretStr = SecretStr("")
+    # Attribute an email to a Patient only when its From domain is authenticated (DKIM aligned
+    # with it, or SPF with the envelope sender in it); otherwise dead letter
+    # `unauthenticated-sender`.
+    email_require_sender_auth: bool = True
+    email_thread_strategy: ThreadStrategy = "conversation"
+    # Size of a whole email above which its attachments are left out (its text still lands).
+    email_max_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    # Idempotency keys of inbound emails (their Message-ID) and conversation ids on email
+    # thread headers (the root of References).
+    email_inbound_id_system: str = "urn:switchboard:email-message-id"
+    email_conversation_id_system: str = "urn:switchboard:email-conversation"
     outbound_request_system: str = "urn:switchboard:outbound-request"
     # Key of the HMAC that stores opt-outs (phone numbers, emails) as digests nobody can
     # recompute without it. Unset: derived from TWILIO_AUTH_TOKEN (set it, so that rotating the
@@ -153,18 +175,26 @@ class Settings(BaseSettings):
             raise ValueError("must not be empty")
         return v
 
-    @field_validator("sendgrid_event_verification_key")
+    @field_validator("sendgrid_event_verification_key", "sendgrid_inbound_verification_key")
     @classmethod
     def _ec_public_key(cls, v: str) -> str:
         v = "".join(v.split())  # pasted keys come wrapped
         if v:
-            from sendgrid.helpers.eventwebhook import EventWebhook
+            from worker.channels.sendgrid_signing import load_verification_key
 
             try:
-                EventWebhook(v)
-            except Exception:  # cryptography raises ValueError and friends
-                raise ValueError("must be the base64 public key SendGrid shows for the signed "
-                                 "Event Webhook (without -----BEGIN PUBLIC KEY-----)") from None
+                load_verification_key(v)
+            except ValueError:
+                raise ValueError("must be the base64 public key SendGrid shows for its signed "
+                                 "webhooks (without -----BEGIN PUBLIC KEY-----)") from None
+        return v
+
+    @field_validator("sendgrid_inbound_basic_auth")
+    @classmethod
+    def _basic_auth(cls, v: SecretStr) -> SecretStr:
+        value = v.get_secret_value()
+        if value and (":" not in value or not value.split(":", 1)[1]):
+            raise ValueError("must be user:password")
         return v
 
     @field_validator("redis_url")

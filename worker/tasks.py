@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 from celery import shared_task
 
 from worker.broker.celery_app import (
     REDACTED_ARGS,
+    TASK_INBOUND_EMAIL,
     TASK_INBOUND_SMS,
     TASK_INBOX_SWEEP,
     TASK_OUTBOUND_SEND,
@@ -18,8 +20,10 @@ from worker.broker.celery_app import (
 )
 from worker.broker.retry import SwitchboardTask
 from worker.channels import twilio
+from worker.channels.sendgrid_inbound import clinic_mailbox
 from worker.channels.twilio import TwilioSms
 from worker.fhir.resources import clinic_participant
+from worker.inbound.email import deliver_email
 from worker.inbound.pipeline import apply_opt_keyword, deliver_inbound
 from worker.inbound.threads import ThreadContext
 from worker.outbound.pipeline import OutboundRequest, send_outbound
@@ -46,6 +50,29 @@ def inbound_sms(self: SwitchboardTask, params: dict[str, str], meta: dict[str, A
     if opted:
         log.info("%s recorded for the sender of %s", opted, msg.provider_message_id)
     log.info("inbound %s: %s Communication/%s in %s", msg.provider_message_id, outcome.result,
+             outcome.communication_id, outcome.thread_ref)
+    return {"communication": outcome.communication_id, "thread": outcome.thread_ref,
+            "result": outcome.result}
+
+
+@shared_task(bind=True, base=SwitchboardTask, name=TASK_INBOUND_EMAIL)
+def inbound_email(self: SwitchboardTask, record: dict[str, Any], meta: dict[str, Any]
+                  ) -> dict[str, Any]:
+    """Write one inbound email (the receiver's email record) to FHIR."""
+    rt = get_runtime()
+    s = rt.settings
+    systems = replace(rt.systems, message=s.email_inbound_id_system,
+                      conversation=s.email_conversation_id_system)
+    clinic = ({"reference": s.clinic_reference} if s.clinic_reference else
+              {"identifier": {"system": s.clinic_number_system,
+                              "value": clinic_mailbox(record)},
+               "display": "Clinic mailbox"})
+    ctx = ThreadContext(rt.fhir, systems, clinic, rt.locks.hold)
+    outcome = deliver_email(record, str(meta["received_at"]), ctx, s.email_thread_strategy,
+                            s.unknown_sender_policy, s.email_require_sender_auth, rt.seen,
+                            rt.binaries)
+    # The Message-ID can hold the sender's address: the log names the task, not the email.
+    log.info("inbound email: %s Communication/%s in %s", outcome.result,
              outcome.communication_id, outcome.thread_ref)
     return {"communication": outcome.communication_id, "thread": outcome.thread_ref,
             "result": outcome.result}

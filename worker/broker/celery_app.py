@@ -13,6 +13,7 @@ QUEUE_OUTBOUND = "outbound"
 QUEUE_STATUS = "status"
 QUEUES = (QUEUE_INBOUND, QUEUE_OUTBOUND, QUEUE_STATUS)
 TASK_INBOUND_SMS = "switchboard.inbound.sms"
+TASK_INBOUND_EMAIL = "switchboard.inbound.email"
 TASK_OUTBOUND_SEND = "switchboard.outbound.send"
 TASK_TWILIO_STATUS = "switchboard.status.twilio"
 TASK_SENDGRID_EVENTS = "switchboard.status.sendgrid"
@@ -41,6 +42,7 @@ def create_celery(settings: Settings) -> Celery:
         task_queues=[Queue(name) for name in QUEUES],  # type: ignore[no-untyped-call]
         task_default_queue=QUEUE_INBOUND,
         task_routes={TASK_INBOUND_SMS: {"queue": QUEUE_INBOUND},
+                     TASK_INBOUND_EMAIL: {"queue": QUEUE_INBOUND},
                      TASK_OUTBOUND_SEND: {"queue": QUEUE_OUTBOUND},
                      TASK_TWILIO_STATUS: {"queue": QUEUE_STATUS},
                      TASK_SENDGRID_EVENTS: {"queue": QUEUE_STATUS},

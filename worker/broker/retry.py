@@ -47,7 +47,7 @@ def message_key(args: Any) -> str | None:
     """The id a person looks for in the logs: the provider message id, else the Communication
     or the API request (never anything that names the patient)."""
     payload = args[0] if args and isinstance(args[0], dict) else {}
-    for key in ("MessageSid", "communication", "request_id"):
+    for key in ("MessageSid", "email_ref", "communication", "request_id"):
         if payload.get(key):
             return str(payload[key])
     return None

@@ -16,6 +16,8 @@ class Attachment:
 
     url: str
     content_type: str
+    title: str = ""  # file name, when the provider gives one
+    size: int | None = None  # bytes
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,12 @@ class InboundMessage:
     attachments: tuple[Attachment, ...] = field(default_factory=tuple)
     # The provider's own conversation id (Twilio ConversationSid), when it has one.
     provider_conversation_id: str | None = None
+    # Email: the Message-IDs this message answers, newest first (In-Reply-To, References).
+    replies_to: tuple[str, ...] = ()
+    # Email: the subject without Re:/Fwd:, the topic of a thread this message opens.
+    topic: str = ""
+    # Things the clinic must know that are not the message itself (attachments left out).
+    notes: tuple[str, ...] = ()
 
     def conversation_key(self) -> str:
         """External conversation id: the provider's, else the pair (patient, clinic address)."""

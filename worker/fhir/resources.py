@@ -11,13 +11,17 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from worker.channels import InboundMessage
+from worker.channels import Attachment, InboundMessage
 
 PARTICIPATION_MODE = "http://terminology.hl7.org/CodeSystem/v3-ParticipationMode"
 _MEDIUM_DISPLAY = {"SMSWRIT": "SMS writing", "EMAILWRIT": "email writing"}
 _TOPIC = {"sms": "SMS conversation", "email": "Email conversation"}
 
 Resource = dict[str, Any]
+# The identifier system of an email's RFC 5322 Message-ID (value with its angle brackets) on an
+# outbound Communication we sent by email. An inbound reply whose In-Reply-To / References
+# names one joins that Communication's thread (worker.inbound.threads).
+EMAIL_MESSAGE_ID_SYSTEM = "urn:ietf:rfc:5322"
 
 
 @dataclass(frozen=True)
@@ -69,9 +73,18 @@ def payload(msg: InboundMessage) -> list[Resource]:
     text = fhir_string(msg.body)
     if text:
         items.append({"contentString": text})
-    items += [{"contentAttachment": {"url": a.url, "contentType": a.content_type}}
-              for a in msg.attachments]
+    items += [{"contentAttachment": _attachment(a)} for a in msg.attachments]
     return items
+
+
+def _attachment(a: Attachment) -> Resource:
+    out: Resource = {"url": a.url, "contentType": a.content_type}
+    title = fhir_string(a.title) if a.title else None
+    if title:
+        out["title"] = title
+    if a.size is not None:
+        out["size"] = a.size
+    return out
 
 
 def thread_header(msg: InboundMessage, patient_ref: str, identifiers: list[Resource],
@@ -82,7 +95,7 @@ def thread_header(msg: InboundMessage, patient_ref: str, identifiers: list[Resou
         "status": "in-progress",
         "identifier": identifiers,
         "subject": {"reference": patient_ref},
-        "topic": {"text": _TOPIC.get(msg.channel, "Conversation")},
+        "topic": {"text": fhir_string(msg.topic) or _TOPIC.get(msg.channel, "Conversation")},
         "medium": [medium(msg.medium_code)],
         "recipient": [{"reference": patient_ref}, clinic],
         "sent": msg.received_at,
@@ -106,7 +119,15 @@ def inbound_message(msg: InboundMessage, header_ref: str, patient_ref: str,
     content = payload(msg)
     if content:
         resource["payload"] = content
+    notes = [{"text": n} for n in (fhir_string(n) for n in msg.notes) if n]
+    if notes:
+        resource["note"] = notes
     return resource
+
+
+def patient_with_email(address: str) -> Resource:
+    """A minimal Patient for an unknown email sender (UNKNOWN_SENDER_POLICY=create-patient)."""
+    return {"resourceType": "Patient", "telecom": [{"system": "email", "value": address}]}
 
 
 def patient_with_phone(e164: str) -> Resource:

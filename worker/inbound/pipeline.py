@@ -6,12 +6,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from worker.channels import InboundMessage
-from worker.channels.phones import search_variants
 from worker.channels.twilio import CHANNEL, opt_keyword
 from worker.errors import PermanentError
 from worker.fhir.outcome import FhirPermanentError
-from worker.fhir.resources import patient_with_phone
-from worker.inbound.threads import STRATEGIES, ThreadContext, Written
+from worker.fhir.resources import patient_with_email, patient_with_phone
+from worker.inbound.threads import STRATEGIES, ThreadContext, Written, sender_search
 
 
 class OptOutList(Protocol):
@@ -66,7 +65,7 @@ def deliver_inbound(msg: InboundMessage, ctx: ThreadContext, strategy: str, poli
             raise
         if policy != "create-patient":
             raise PermanentError("unknown-sender",
-                                 "no Patient has the sender's phone number") from None
+                                 f"no Patient has the sender's {_what(msg)}") from None
         _ensure_patient(ctx, msg)
         written = write(ctx, msg)
     seen.remember(msg.provider_message_id)
@@ -76,8 +75,9 @@ def deliver_inbound(msg: InboundMessage, ctx: ThreadContext, strategy: str, poli
 def _is_sender_problem(exc: FhirPermanentError) -> bool:
     ambiguous = exc.ambiguous_reference()
     if ambiguous and ambiguous.startswith("Patient?"):
-        raise PermanentError(
-            "ambiguous-sender", "several Patients have the sender's phone number") from None
+        raise PermanentError("ambiguous-sender", "several Patients have the sender's "
+                             + ("email address" if "email=" in ambiguous else "phone number")
+                             ) from None
     missing = exc.unresolved_reference()
     return bool(missing and missing.startswith("Patient?"))
 
@@ -85,14 +85,19 @@ def _is_sender_problem(exc: FhirPermanentError) -> bool:
 def _ensure_patient(ctx: ThreadContext, msg: InboundMessage) -> None:
     """Create the sender's Patient unless one appeared meanwhile (conditional create, so two
     first messages from one new number make one Patient)."""
+    patient = (patient_with_email(msg.sender.strip()) if msg.channel == "email"
+               else patient_with_phone(msg.sender))
     try:
-        ctx.fhir.create(patient_with_phone(msg.sender),
-                        if_none_exist=[("phone", ",".join(search_variants(msg.sender)))])
+        ctx.fhir.create(patient, if_none_exist=[sender_search(msg)])
     except FhirPermanentError as exc:
         if exc.status == 412:  # If-None-Exist matched several Patients
             raise PermanentError(
-                "ambiguous-sender", "several Patients have the sender's phone number") from None
+                "ambiguous-sender", f"several Patients have the sender's {_what(msg)}") from None
         raise
+
+
+def _what(msg: InboundMessage) -> str:
+    return "email address" if msg.channel == "email" else "phone number"
 
 
 def _outcome(written: Written) -> InboundOutcome:

@@ -21,7 +21,13 @@ from worker.channels.phones import search_variants
 from worker.fhir.client import FhirResponse
 from worker.fhir.outcome import FhirPermanentError
 from worker.fhir.query import Params, conditional_reference, query_string, token
-from worker.fhir.resources import IdentifierSystems, Resource, identifier, inbound_message
+from worker.fhir.resources import (
+    EMAIL_MESSAGE_ID_SYSTEM,
+    IdentifierSystems,
+    Resource,
+    identifier,
+    inbound_message,
+)
 from worker.fhir.resources import thread_header as build_header
 
 # Statuses of a header that no longer takes new messages.
@@ -64,9 +70,20 @@ class Written:
     created: bool  # False when the message was already there (a redelivery)
 
 
+def sender_search(msg: InboundMessage) -> tuple[str, str]:
+    """The Patient search parameter and value that find the sender: `phone` with every common
+    format of the number, or `email` with the address as given and lower-cased."""
+    if msg.channel == "email":
+        given = msg.sender.strip()
+        variants = dict.fromkeys([given, given.lower()])
+        # A bare comma means OR in a search value (FHIR's escape is `\,`).
+        return "email", ",".join(v.replace(",", chr(92) + ",") for v in variants)
+    return "phone", ",".join(search_variants(msg.sender))
+
+
 def sender_reference(msg: InboundMessage) -> str:
-    """Conditional reference to the patient who owns the sender's number (any common format)."""
-    return conditional_reference("Patient", [("phone", ",".join(search_variants(msg.sender)))])
+    """Conditional reference to the patient who owns the sender's number or email address."""
+    return conditional_reference("Patient", [sender_search(msg)])
 
 
 def _message_key(ctx: ThreadContext, msg: InboundMessage) -> list[tuple[str, str]]:
@@ -114,13 +131,18 @@ def _header_and_message(ctx: ThreadContext, msg: InboundMessage, header_key: str
 def by_conversation(ctx: ThreadContext, msg: InboundMessage) -> Written:
     """Strategy `conversation`: the header carries the external conversation id.
 
+    An email that answers one we sent joins that message's thread instead.
+
     The message's `partOf` is a conditional reference to that id; when the server says it matches
     nothing, the header is created (conditional create, never overwriting a header a clinician
     may have changed) and the message written again.
     """
+    patient_ref = sender_reference(msg)
+    replied = _thread_we_sent_into(ctx, msg)
+    if replied:
+        return _create_message(ctx, msg, replied, patient_ref)
     conv = token(ctx.systems.conversation, msg.conversation_key())
     header_ref = conditional_reference("Communication", [("identifier", conv)])
-    patient_ref = sender_reference(msg)
     try:
         return _create_message(ctx, msg, header_ref, patient_ref)
     except FhirPermanentError as exc:
@@ -134,17 +156,41 @@ def by_conversation(ctx: ThreadContext, msg: InboundMessage) -> Written:
     return _create_message(ctx, msg, header_ref, patient_ref)
 
 
+def _thread_we_sent_into(ctx: ThreadContext, msg: InboundMessage) -> str | None:
+    """The thread of the newest message we sent by email that `msg` answers (its In-Reply-To /
+    References name the Message-ID recorded on that Communication), else None."""
+    if not msg.replies_to:
+        return None
+    found = ctx.fhir.search("Communication", [
+        ("identifier", ",".join(token(EMAIL_MESSAGE_ID_SYSTEM, m) for m in msg.replies_to)),
+        ("_count", str(len(msg.replies_to))),
+    ])
+    best: tuple[int, str] | None = None
+    for entry in found.get("entry") or []:
+        res = entry.get("resource") or {}
+        ids = [i.get("value") for i in res.get("identifier") or []
+               if i.get("system") == EMAIL_MESSAGE_ID_SYSTEM]
+        ranks = [msg.replies_to.index(v) for v in ids if v in msg.replies_to]
+        if not ranks or not res.get("id"):
+            continue
+        parent = ((res.get("partOf") or [{}])[0].get("reference")
+                  or f"Communication/{res['id']}")  # a header we sent into is its own thread
+        if best is None or min(ranks) < best[0]:
+            best = (min(ranks), str(parent))
+    return best[1] if best else None
+
+
 def by_active_thread(ctx: ThreadContext, msg: InboundMessage) -> Written:
     """Strategy `active-thread`: the patient's most recently updated open thread, or a new one.
 
     Search-then-create is racy across workers (two first messages would make two headers), so
     the whole decision runs under a per-number Redis lock.
     """
-    variants = ",".join(search_variants(msg.sender))
+    param, variants = sender_search(msg)
     with ctx.lock("active-thread:" + _digest(msg.sender)) as held:
         found = ctx.fhir.search("Communication", [
             ("part-of:missing", "true"),
-            ("subject:Patient.phone", variants),
+            (f"subject:Patient.{param}", variants),
             ("status:not", CLOSED_STATUSES),
             ("_sort", "-_lastUpdated"),
             ("_count", "1"),

@@ -74,6 +74,13 @@ def configuration_warnings(settings: Settings) -> list[Check]:
                          "email delivery, bounce or unsubscribe is recorded",
                          "turn on the signed Event Webhook in SendGrid (Mail Settings) and set "
                          "SENDGRID_EVENT_VERIFICATION_KEY to its verification key"))
+    if not (settings.sendgrid_inbound_verification_key
+            or settings.sendgrid_inbound_basic_auth.get_secret_value()):
+        out.append(Check("email-inbound", False, "neither SENDGRID_INBOUND_VERIFICATION_KEY "
+                         "nor SENDGRID_INBOUND_BASIC_AUTH is set: POST /webhooks/sendgrid/"
+                         "inbound refuses every request (fail closed)",
+                         "set SENDGRID_INBOUND_VERIFICATION_KEY to the key of the Inbound Parse "
+                         "security policy (or SENDGRID_INBOUND_BASIC_AUTH=user:password)"))
     if not settings.api_token_list():
         out.append(Check("api", False, "no API tokens: POST /v1/messages answers 401",
                          "set API_TOKENS to one or more comma-separated secrets"))

@@ -61,6 +61,11 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "switchboard_fhir_contention": ("counter", "FHIR writes meeting server contention: "
                                     "conflict (409 40001), retried, gave-up (left to the task's "
                                     "retry), throttled (429)", ("event",)),
+    "switchboard_emails_oversized": ("counter", "Inbound emails over EMAIL_MAX_BYTES: they land "
+                                     "with their text, their attachments left out and named",
+                                     ()),
+    "switchboard_email_attachments_omitted": ("counter", "Attachments left out of inbound "
+                                              "emails over EMAIL_MAX_BYTES", ()),
     "switchboard_fhir_request_seconds": ("histogram", "FHIR request latency by operation",
                                          ("operation",)),
 }

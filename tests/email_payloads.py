@@ -1,0 +1,174 @@
+"""Realistic SendGrid Inbound Parse posts (both modes), signed like SendGrid, for the tests."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from email.message import EmailMessage
+from email.utils import formatdate
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from worker.channels.sendgrid_signing import (
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    public_key_b64,
+    sign_request,
+)
+
+# The provider sandbox's documented Inbound Parse signing key (sandbox/providers/README.md).
+SANDBOX_INBOUND_KEY_PEM = b"""-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgBGMQBdOm/lNnrQfw
+wA+iWDgxSpk26zEWQS8A+NbPMSqhRANCAAR/gRtu/IugeetwqDc2cc2a4nUr0E3d
+6PyIrve87sbZRxaE3drmsXyCZxliKOtpUWRMbBfSi+JhNyg7StHHGaeI
+-----END PRIVATE KEY-----
+"""
+PRIVATE_KEY: Any = serialization.load_pem_private_key(SANDBOX_INBOUND_KEY_PEM, None)
+VERIFICATION_KEY = public_key_b64(PRIVATE_KEY)
+CLINIC_MAILBOX = "care@clinic.example"
+INBOUND_PATH = "/webhooks/sendgrid/inbound"
+
+Part = tuple[str, bytes, str | None, str | None]  # name, value, filename, content type
+
+
+def new_message_id(domain: str = "mail.example.org") -> str:
+    """A fresh Message-ID, as a mail client makes one."""
+    return f"<{uuid.uuid4().hex}@{domain}>"
+
+
+def multipart(parts: list[Part]) -> tuple[str, bytes]:
+    """(Content-Type, body) of a multipart/form-data post, as SendGrid sends it."""
+    boundary = "xYzZY" + uuid.uuid4().hex
+    out = bytearray()
+    for name, value, filename, content_type in parts:
+        out += f"--{boundary}\r\n".encode()
+        disposition = f'form-data; name="{name}"'
+        if filename is not None:
+            disposition += f'; filename="{filename}"'
+        out += f"Content-Disposition: {disposition}\r\n".encode()
+        if content_type:
+            out += f"Content-Type: {content_type}\r\n".encode()
+        out += b"\r\n" + value + b"\r\n"
+    out += f"--{boundary}--\r\n".encode()
+    return f"multipart/form-data; boundary={boundary}", bytes(out)
+
+
+def _auth_fields(sender: str, spf: str, dkim: str | None, envelope_from: str | None
+                 ) -> list[Part]:
+    domain = sender.rsplit("@", 1)[-1]
+    envelope = {"to": [CLINIC_MAILBOX], "from": envelope_from or sender}
+    return [
+        ("dkim", (dkim if dkim is not None else f"{{@{domain} : pass}}").encode(), None, None),
+        ("SPF", spf.encode(), None, None),
+        ("envelope", json.dumps(envelope).encode(), None, None),
+        ("sender_ip", b"203.0.113.9", None, None),
+        ("spam_score", b"0.1", None, None),
+    ]
+
+
+def parsed_post(sender: str, subject: str = "Question about my appointment",
+                text: str | None = "Can I come on Friday instead?", html: str | None = None,
+                charset: str = "UTF-8", encoded_with: str | None = None,
+                message_id: str | None = None, in_reply_to: str | None = None,
+                references: list[str] | None = None, spf: str = "pass",
+                dkim: str | None = None, envelope_from: str | None = None,
+                attachments: list[tuple[str, str, bytes]] = (),  # type: ignore[assignment]
+                date: str | None = None) -> tuple[str, bytes]:
+    """An Inbound Parse post in the default (parsed) mode. `text`/`html` are encoded with
+    `encoded_with` (default `charset`) and declared as `charset` (a wrong declaration when
+    they differ)."""
+    codec = encoded_with or charset
+    mid = message_id if message_id is not None else new_message_id()
+    headers = [f"Received: from mail.example.org by mx.sendgrid.net with SMTP",
+               f"From: Pat Example <{sender}>", f"To: {CLINIC_MAILBOX}",
+               f"Subject: {subject}", f"Date: {date or formatdate(localtime=False)}",
+               "MIME-Version: 1.0"]
+    if mid:
+        headers.append(f"Message-ID: {mid}")
+    if in_reply_to:
+        headers.append(f"In-Reply-To: {in_reply_to}")
+    if references:
+        headers.append("References: " + "\r\n ".join(references))
+    charsets = {"to": "UTF-8", "from": "UTF-8", "subject": "UTF-8", "filename": "UTF-8"}
+    parts: list[Part] = [("headers", "\n".join(headers).encode(), None, None)]
+    if text is not None:
+        parts.append(("text", text.encode(codec), None, None))
+        charsets["text"] = charset
+    if html is not None:
+        parts.append(("html", html.encode(codec), None, None))
+        charsets["html"] = charset
+    parts += [("from", f"Pat Example <{sender}>".encode(), None, None),
+              ("to", CLINIC_MAILBOX.encode(), None, None),
+              ("subject", subject.encode(), None, None),
+              ("charsets", json.dumps(charsets).encode(), None, None),
+              *_auth_fields(sender, spf, dkim, envelope_from)]
+    info = {}
+    for n, (name, ctype, data) in enumerate(attachments, start=1):
+        parts.append((f"attachment{n}", data, name, ctype))
+        info[f"attachment{n}"] = {"filename": name, "name": name, "type": ctype}
+    parts.append(("attachments", str(len(attachments)).encode(), None, None))
+    if attachments:
+        parts.append(("attachment-info", json.dumps(info).encode(), None, None))
+    return multipart(parts)
+
+
+def raw_email(sender: str, subject: str = "Question about my appointment",
+              text: str | None = "Can I come on Friday instead?", html: str | None = None,
+              charset: str = "utf-8", message_id: str | None = None,
+              in_reply_to: str | None = None, references: list[str] | None = None,
+              attachments: list[tuple[str, str, bytes]] = (),  # type: ignore[assignment]
+              extra_headers: list[tuple[str, str]] = ()  # type: ignore[assignment]
+              ) -> bytes:
+    """A MIME message as a mail client sends it."""
+    msg = EmailMessage()
+    for name, value in extra_headers:
+        msg[name] = value
+    msg["From"] = f"Pat Example <{sender}>"
+    msg["To"] = CLINIC_MAILBOX
+    msg["Subject"] = subject
+    msg["Date"] = formatdate(localtime=False)
+    mid = message_id if message_id is not None else new_message_id()
+    if mid:
+        msg["Message-ID"] = mid
+    if in_reply_to:
+        msg["In-Reply-To"] = in_reply_to
+    if references:
+        msg["References"] = " ".join(references)
+    if text is not None:
+        msg.set_content(text, charset=charset)
+    if html is not None:
+        if text is None:
+            msg.set_content(html, subtype="html", charset=charset)
+        else:
+            msg.add_alternative(html, subtype="html", charset=charset)
+    for name, ctype, data in attachments:
+        maintype, subtype = ctype.split("/", 1)
+        msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=name)
+    return msg.as_bytes()
+
+
+def raw_post(sender: str, email: bytes, spf: str = "pass", dkim: str | None = None,
+             envelope_from: str | None = None) -> tuple[str, bytes]:
+    """An Inbound Parse post in raw mode ("POST the raw, full MIME message")."""
+    return multipart([("email", email, None, None),
+                      ("from", sender.encode(), None, None),
+                      ("to", CLINIC_MAILBOX.encode(), None, None),
+                      ("charsets", b'{"to":"UTF-8","from":"UTF-8","subject":"UTF-8"}',
+                       None, None),
+                      *_auth_fields(sender, spf, dkim, envelope_from)])
+
+
+def signed(content_type: str, body: bytes, timestamp: int | None = None,
+           key: Any = PRIVATE_KEY) -> dict[str, str]:
+    """The headers of a SendGrid-signed post of `body`."""
+    ts = str(int(time.time()) if timestamp is None else timestamp)
+    return {"Content-Type": content_type, TIMESTAMP_HEADER: ts,
+            SIGNATURE_HEADER: sign_request(key, body, ts)}
+
+
+def other_key() -> Any:
+    """A P-256 key that is not the configured one (a forger's)."""
+    return ec.generate_private_key(ec.SECP256R1())

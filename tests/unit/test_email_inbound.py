@@ -1,0 +1,273 @@
+"""Inbound email rules (pure): parsing both Inbound Parse modes, charsets, size limit, sender
+authentication, threading ids, body cleaning, request signatures."""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Any
+
+import pytest
+
+from tests.email_payloads import (
+    PRIVATE_KEY,
+    VERIFICATION_KEY,
+    new_message_id,
+    other_key,
+    parsed_post,
+    raw_email,
+    raw_post,
+    signed,
+)
+from worker.channels.sendgrid_inbound import (
+    InvalidEmail,
+    aligned,
+    body_of,
+    conversation_id,
+    decode_text,
+    message_key,
+    parse_form_body,
+    parse_request,
+    replied_ids,
+    sender_authentication,
+    to_inbound,
+    topic,
+)
+from worker.channels.sendgrid_signing import (
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    basic_auth_ok,
+    load_verification_key,
+    verify_signed_request,
+)
+
+PATIENT = "pat.example@example.org"
+MB = 1024 * 1024
+PDF = b"%PDF-1.4\n" + bytes(range(256)) * 40  # binary, not UTF-8
+
+
+def record_of(post: tuple[str, bytes], max_bytes: int = 10 * MB) -> dict[str, Any]:
+    content_type, body = post
+    fields, files = parse_form_body(content_type, body)
+    return parse_request(fields, files, max_bytes)
+
+
+BODY_CASES = [
+    # (case, post, expected text in contentString)
+    ("parsed plain", parsed_post(PATIENT, text="Can I come on Friday?"), "Can I come on Friday?"),
+    ("raw plain", raw_post(PATIENT, raw_email(PATIENT, text="Can I come on Friday?")),
+     "Can I come on Friday?"),
+    ("parsed html only", parsed_post(PATIENT, text=None,
+                                     html="<p>My <b>rash</b> is better.</p><p>Thanks</p>"),
+     "My rash is better.\n\nThanks"),
+    ("raw html only", raw_post(PATIENT, raw_email(
+        PATIENT, text=None, html="<div>My rash is better.<br>Thanks</div>")),
+     "My rash is better.\nThanks"),
+    ("parsed ISO-8859-1", parsed_post(PATIENT, text="Müller, Straße, café", charset="ISO-8859-1"),
+     "Müller, Straße, café"),
+    ("raw ISO-8859-1", raw_post(PATIENT, raw_email(PATIENT, text="Müller, Straße, café",
+                                                   charset="iso-8859-1")),
+     "Müller, Straße, café"),
+    ("parsed Shift_JIS", parsed_post(PATIENT, text="予約を変更したいです。", charset="Shift_JIS"),
+     "予約を変更したいです。"),
+    ("raw Shift_JIS", raw_post(PATIENT, raw_email(PATIENT, text="予約を変更したいです。",
+                                                  charset="shift_jis")),
+     "予約を変更したいです。"),
+    # Declared UTF-8, really Shift_JIS: decoded by a guess rather than refused or crashed on.
+    ("wrong declared charset", parsed_post(PATIENT, text="予約を変更したいです。お願いします。",
+                                           charset="UTF-8", encoded_with="shift_jis"),
+     "予約を変更したいです。お願いします。"),
+    ("unknown charset name", parsed_post(PATIENT, text="plain words", charset="x-no-such",
+                                         encoded_with="ascii"),
+     "plain words"),
+]
+
+
+@pytest.mark.parametrize(("case", "post", "expected"), BODY_CASES, ids=[c[0] for c in BODY_CASES])
+def test_bodies_decode_in_both_modes(case: str, post: tuple[str, bytes], expected: str) -> None:
+    record = record_of(post)
+    assert body_of(record).text == expected
+    assert record["from"] == PATIENT and record["message_id"].startswith("<")
+
+
+def test_quoted_history_is_stripped_and_the_original_kept() -> None:
+    text = ("Yes, Friday works.\n\nOn Mon, 30 Nov 2026 at 09:00, Clinic <care@clinic.example> "
+            "wrote:\n> Your appointment is on Thursday.\n> Reply to change it.\n")
+    body = body_of(record_of(parsed_post(PATIENT, text=text)))
+    assert body.text == "Yes, Friday works."
+    assert body.original == text and body.original_type == "text/plain"
+    outlook = ("Thanks!\n\n________________________________\nFrom: Clinic <care@clinic.example>"
+               "\nSent: Monday\nSubject: Appointment\n\nYour appointment is on Thursday.")
+    assert body_of(record_of(parsed_post(PATIENT, text=outlook))).text == "Thanks!"
+    whole = body_of(record_of(parsed_post(PATIENT, text="Nothing quoted here.")))
+    assert whole.text == "Nothing quoted here." and whole.original == ""
+
+
+@pytest.mark.parametrize("mode", ["parsed", "raw"])
+def test_attachments_kept_with_type_name_and_bytes(mode: str) -> None:
+    files = [("lab-results.pdf", "application/pdf", PDF), ("rash.jpg", "image/jpeg", b"\xff\xd8x")]
+    post = (parsed_post(PATIENT, attachments=files) if mode == "parsed"
+            else raw_post(PATIENT, raw_email(PATIENT, attachments=files)))
+    record = record_of(post)
+    got = [(a["name"], a["content_type"], base64.b64decode(a["data"]), a["size"])
+           for a in record["attachments"]]
+    assert got == [(n, t, d, len(d)) for n, t, d in files]
+    assert record["omitted"] == []
+
+
+@pytest.mark.parametrize("mode", ["parsed", "raw"])
+def test_an_email_over_the_limit_keeps_its_text_and_names_what_it_leaves_out(mode: str) -> None:
+    big = bytes(range(256)) * 8192  # 2 MB
+    files = [("scan.pdf", "application/pdf", big)]
+    post = (parsed_post(PATIENT, text="Scan attached", attachments=files) if mode == "parsed"
+            else raw_post(PATIENT, raw_email(PATIENT, text="Scan attached", attachments=files)))
+    record = record_of(post, max_bytes=1 * MB)
+    assert record["attachments"] == []
+    assert [(o["name"], o["size"]) for o in record["omitted"]] == [("scan.pdf", len(big))]
+    msg = to_inbound(record, "2026-11-30T10:00:00Z", ())
+    assert msg.body == "Scan attached"
+    assert msg.notes and "scan.pdf" in msg.notes[0] and str(len(big)) in msg.notes[0]
+
+
+def test_threading_ids_root_of_references_then_in_reply_to_then_own() -> None:
+    chain = [new_message_id() for _ in range(40)]
+    long_chain = record_of(parsed_post(PATIENT, in_reply_to=chain[-1], references=chain))
+    assert conversation_id(long_chain) == chain[0]
+    ids = replied_ids(long_chain)
+    assert ids[0] == chain[-1] and ids[-1] == chain[0] and len(ids) == 40
+    only_reply = record_of(parsed_post(PATIENT, in_reply_to=chain[3]))
+    assert conversation_id(only_reply) == chain[3]
+    own = record_of(parsed_post(PATIENT))
+    assert conversation_id(own) == own["message_id"] == message_key(own)
+
+
+def test_without_message_id_the_key_is_a_stable_digest() -> None:
+    date = "Mon, 30 Nov 2026 10:00:00 +0000"
+    one = record_of(parsed_post(PATIENT, message_id="", date=date, text="same"))
+    again = record_of(parsed_post(PATIENT, message_id="", date=date, text="same"))
+    other = record_of(parsed_post(PATIENT, message_id="", date=date, text="different"))
+    assert one["message_id"] == ""
+    assert message_key(one) == message_key(again) != message_key(other)
+    assert message_key(one).startswith("sha256:")
+
+
+@pytest.mark.parametrize(("subject", "expected"), [
+    ("Re: Appointment", "Appointment"), ("RE: Fwd: Appointment", "Appointment"),
+    ("Fw: AW: Termin", "Termin"), ("Re[2]: Results", "Results"), ("Results", "Results"),
+    ("Regarding: x", "Regarding: x")])
+def test_topic_drops_reply_and_forward_prefixes(subject: str, expected: str) -> None:
+    assert topic(subject) == expected
+
+
+SENDER_CASES = [
+    # (case, spf, dkim, envelope_from, authenticated as)
+    ("dkim pass for the From domain", "fail", "{@example.org : pass}", None, "dkim"),
+    ("dkim pass for a subdomain", "none", "{@mail.example.org : pass}", None, "dkim"),
+    ("dkim pass for another domain only", "none", "{@mailer.net : pass, @example.org : fail}",
+     None, None),
+    ("spf pass, envelope in From domain", "pass", "none", "bounce@example.org", "spf"),
+    ("spf pass for someone else's envelope", "pass", "{@evil.test : pass}",
+     "bounce@evil.test", None),
+    ("spoofed: spf and dkim fail", "fail", "{@example.org : fail}", None, None),
+    ("spoofed: nothing at all", "none", "none", None, None),
+]
+
+
+@pytest.mark.parametrize(("case", "spf", "dkim", "envelope", "expected"), SENDER_CASES,
+                         ids=[c[0] for c in SENDER_CASES])
+def test_sender_authentication_needs_the_from_domain_itself(
+        case: str, spf: str, dkim: str, envelope: str | None, expected: str | None) -> None:
+    record = record_of(parsed_post(PATIENT, spf=spf, dkim=dkim, envelope_from=envelope))
+    assert sender_authentication(record) == expected
+
+
+def test_raw_mode_trusts_only_sendgrids_own_authentication_results() -> None:
+    forged = raw_email(PATIENT, extra_headers=[(
+        "Authentication-Results", "mx.example.org; dkim=pass header.d=example.org")])
+    record = record_of(raw_post(PATIENT, forged, spf="", dkim=""))
+    assert sender_authentication(record) is None
+    real = raw_email(PATIENT, extra_headers=[(
+        "Authentication-Results", "mx.sendgrid.net; dkim=pass header.d=example.org; spf=fail")])
+    assert sender_authentication(record_of(raw_post(PATIENT, real, spf="", dkim=""))) == "dkim"
+
+
+def test_alignment_needs_two_labels() -> None:
+    assert aligned("example.org", "mail.example.org")
+    assert not aligned("org", "example.org")
+    assert not aligned("ample.org", "example.org")
+
+
+@pytest.mark.parametrize(("data", "charset", "expected"), [
+    (b"caf\xe9", "iso-8859-1", "café"), (b"caf\xc3\xa9", "utf-8", "café"),
+    (b"caf\xc3\xa9", "no-such-charset", "café"), (b"\xff\xfe\xfa", "utf-8", None)])
+def test_decode_text_never_raises(data: bytes, charset: str, expected: str | None) -> None:
+    text = decode_text(data, charset)
+    assert isinstance(text, str)
+    if expected is not None:
+        assert text == expected
+
+
+@pytest.mark.parametrize(("content_type", "body"), [
+    ("application/json", b"{}"), ("multipart/form-data; boundary=x", b"garbage"),
+    ("multipart/form-data; boundary=x", b"--x\r\nContent-Disposition: form-data; "
+     b'name="subject"\r\n\r\nno sender\r\n--x--\r\n')])
+def test_unreadable_posts_are_invalid(content_type: str, body: bytes) -> None:
+    with pytest.raises(InvalidEmail):
+        fields, files = parse_form_body(content_type, body)
+        parse_request(fields, files, MB)
+
+
+def test_a_post_without_from_is_invalid() -> None:
+    content_type, body = parsed_post("not-an-address")
+    with pytest.raises(InvalidEmail):
+        record_of((content_type, body))
+
+
+# -- request signatures ----------------------------------------------------------------------
+
+def test_signature_over_the_exact_bytes() -> None:
+    key = load_verification_key(VERIFICATION_KEY)
+    content_type, body = parsed_post(PATIENT, attachments=[("a.pdf", "application/pdf", PDF)])
+    headers = signed(content_type, body)
+    now = time.time()
+    sig, ts = headers[SIGNATURE_HEADER], headers[TIMESTAMP_HEADER]
+    assert verify_signed_request(key, body, sig, ts, now) is None
+    assert verify_signed_request(key, body + b"x", sig, ts, now) == "bad-signature"
+    assert verify_signed_request(key, body, None, ts, now) == "unsigned"
+    assert verify_signed_request(key, body, sig, None, now) == "unsigned"
+    assert verify_signed_request(key, body, "not base64!", ts, now) == "bad-signature"
+    forged = signed(content_type, body, key=other_key())
+    assert verify_signed_request(key, body, forged[SIGNATURE_HEADER],
+                                 forged[TIMESTAMP_HEADER], now) == "bad-signature"
+    stale = signed(content_type, body, timestamp=int(now) - 601)
+    assert verify_signed_request(key, body, stale[SIGNATURE_HEADER], stale[TIMESTAMP_HEADER],
+                                 now) == "stale-timestamp"
+    future = signed(content_type, body, timestamp=int(now) + 3600)
+    assert verify_signed_request(key, body, future[SIGNATURE_HEADER],
+                                 future[TIMESTAMP_HEADER], now) == "stale-timestamp"
+
+
+def test_the_sdk_and_our_check_agree_on_text_bodies() -> None:
+    from sendgrid.helpers.eventwebhook import EventWebhook
+
+    body = b'[{"event":"delivered","sg_event_id":"abc"}]'
+    headers = signed("application/json", body)
+    assert EventWebhook(VERIFICATION_KEY).verify_signature(
+        body.decode(), headers[SIGNATURE_HEADER], headers[TIMESTAMP_HEADER])
+    assert PRIVATE_KEY is not None
+
+
+@pytest.mark.parametrize("bad", ["", "bm90IGEga2V5", "-----BEGIN PUBLIC KEY-----\nxx\n"])
+def test_bad_verification_keys_fail_loudly(bad: str) -> None:
+    with pytest.raises(ValueError):
+        load_verification_key(bad)
+
+
+@pytest.mark.parametrize(("header", "ok"), [
+    ("Basic " + base64.b64encode(b"sendgrid:s3cret").decode(), True),
+    ("basic " + base64.b64encode(b"sendgrid:s3cret").decode(), True),
+    ("Basic " + base64.b64encode(b"sendgrid:wrong").decode(), False),
+    ("Bearer s3cret", False), ("Basic !!!", False), (None, False)])
+def test_basic_auth(header: str | None, ok: bool) -> None:
+    assert basic_auth_ok("sendgrid:s3cret", header) is ok
+    assert basic_auth_ok("", header) is False

@@ -1,0 +1,112 @@
+"""SendGrid Inbound Parse webhook: authenticate the request, read the email, enqueue it."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from datetime import UTC, datetime
+
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from web.enqueue import EnqueueFailed, Enqueuer
+from worker.broker.celery_app import QUEUE_INBOUND, TASK_INBOUND_EMAIL
+from worker.channels.sendgrid_inbound import (
+    InvalidEmail,
+    message_key,
+    parse_form_body,
+    parse_request,
+)
+from worker.channels.sendgrid_signing import (
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    basic_auth_ok,
+    load_verification_key,
+    verify_signed_request,
+)
+from worker.ops.metrics import Metrics
+from worker.settings import Settings
+
+log = logging.getLogger("switchboard.web")
+INBOUND_PATH = "/webhooks/sendgrid/inbound"
+
+
+def request_problem(settings: Settings, body: bytes, headers: dict[str, str | None],
+                    now: float) -> tuple[int, str] | None:
+    """(status, reason) when the request is not authentically SendGrid's, else None.
+
+    A valid ECDSA signature (SENDGRID_INBOUND_VERIFICATION_KEY) or the configured Basic
+    credentials (SENDGRID_INBOUND_BASIC_AUTH) admit it; with neither configured, nothing does.
+    """
+    key_b64 = settings.sendgrid_inbound_verification_key
+    basic = settings.sendgrid_inbound_basic_auth.get_secret_value()
+    if not key_b64 and not basic:
+        return 403, "not-configured"
+    if basic and basic_auth_ok(basic, headers.get("Authorization")):
+        return None
+    if key_b64:
+        reason = verify_signed_request(load_verification_key(key_b64), body,
+                                       headers.get(SIGNATURE_HEADER),
+                                       headers.get(TIMESTAMP_HEADER), now)
+        if reason is None:
+            return None
+        return (401 if reason == "unsigned" else 403), reason
+    return 401, "bad-credentials" if headers.get("Authorization") else "unauthenticated"
+
+
+def sendgrid_blueprint(settings: Settings) -> Blueprint:
+    """Routes for SendGrid's Inbound Parse webhook."""
+    bp = Blueprint("sendgrid_inbound", __name__)
+    endpoint = "sendgrid-inbound"
+
+    @bp.post(INBOUND_PATH)
+    def inbound_email() -> tuple[Response, int]:
+        metrics: Metrics = current_app.extensions["switchboard.metrics"]
+        metrics.inc("switchboard_webhooks_received", endpoint=endpoint)
+
+        def reject(status: int, reason: str, detail: str) -> tuple[Response, int]:
+            # Reasons only: the body holds addresses and what the patient wrote.
+            log.warning("sendgrid inbound webhook rejected: %s", reason)
+            metrics.inc("switchboard_webhooks_rejected", endpoint=endpoint, reason=reason)
+            resp = jsonify(error=reason, detail=detail)
+            if status == 401 and settings.sendgrid_inbound_basic_auth.get_secret_value():
+                resp.headers["WWW-Authenticate"] = 'Basic realm="switchboard"'
+            return resp, status
+
+        body = request.get_data(cache=True)  # the exact bytes SendGrid signed
+        problem = request_problem(settings, body, {
+            "Authorization": request.headers.get("Authorization"),
+            SIGNATURE_HEADER: request.headers.get(SIGNATURE_HEADER),
+            TIMESTAMP_HEADER: request.headers.get(TIMESTAMP_HEADER)}, time.time())
+        if problem:
+            status, reason = problem
+            return reject(status, reason, {
+                "not-configured": "inbound email is not configured (see `switchboard check`)",
+                "unsigned": "the request carries no SendGrid signature",
+                "stale-timestamp": "the signature's timestamp is not within 10 minutes",
+                "bad-signature": "the SendGrid signature does not match",
+            }.get(reason, "missing or wrong credentials"))
+        if request.mimetype != "multipart/form-data":
+            return reject(415, "unsupported-media-type", "expected multipart/form-data")
+        try:
+            fields, files = parse_form_body(request.content_type or "", body)
+            record = parse_request(fields, files, settings.email_max_bytes)
+        except InvalidEmail as exc:
+            return reject(400, "invalid-email", str(exc))
+        key = message_key(record)
+        record["email_ref"] = "email-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+        if record["omitted"]:
+            metrics.inc("switchboard_emails_oversized")
+            metrics.inc("switchboard_email_attachments_omitted", len(record["omitted"]))
+        enqueuer: Enqueuer = current_app.extensions["switchboard.enqueuer"]
+        meta = {"received_at": datetime.now(UTC).isoformat(timespec="milliseconds")}
+        try:
+            enqueuer.send(TASK_INBOUND_EMAIL, QUEUE_INBOUND, [record, meta],
+                          inbox_key="email:" + record["email_ref"])
+        except EnqueueFailed:
+            # SendGrid retries a 5xx for up to 72 hours: not accepted, and said so.
+            return reject(503, "queue-unavailable", "queue unavailable, retry later")
+        metrics.inc("switchboard_webhooks_enqueued", endpoint=endpoint)
+        return jsonify(status="accepted"), 200
+
+    return bp

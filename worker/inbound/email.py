@@ -1,0 +1,72 @@
+"""Inbound email: judge the sender, store the attachments once, then the common pipeline."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from worker.channels import Attachment
+from worker.channels.sendgrid_inbound import body_of, message_key, sender_authentication, to_inbound
+from worker.errors import PermanentError
+from worker.inbound.pipeline import InboundOutcome, SeenMessages, deliver_inbound
+from worker.inbound.threads import ThreadContext
+
+ORIGINAL_TITLE = {"text/plain": "original-message.txt", "text/html": "original-message.html"}
+
+
+class Binaries(Protocol):
+    """Attachment key → Binary id (worker.stores.binaries.StoredBinaries)."""
+
+    def get(self, key: str) -> str | None: ...
+    def put(self, key: str, binary_id: str) -> None: ...
+
+
+def deliver_email(record: Mapping[str, Any], received_at: str, ctx: ThreadContext,
+                  strategy: str, policy: str, require_sender_auth: bool, seen: SeenMessages,
+                  binaries: Binaries) -> InboundOutcome:
+    """Write one inbound email (an email record, see worker.channels.sendgrid_inbound) once.
+
+    An email whose From domain is not authenticated is refused before anything is written:
+    anyone can put a patient's address in From.
+    """
+    if require_sender_auth and sender_authentication(record) is None:
+        raise PermanentError("unauthenticated-sender", "the From domain passed neither an "
+                             "aligned DKIM signature nor SPF with an aligned envelope sender")
+    key = message_key(record)
+    if seen.seen(key):
+        return InboundOutcome(None, None, "skipped")
+    files = _files(record)
+    stored: list[Attachment] = []
+    if files:
+        with ctx.lock("email-binaries:" + hashlib.sha256(key.encode()).hexdigest()[:24]) as held:
+            for n, (title, content_type, data) in enumerate(files):
+                item_key = f"{key}\x1f{n}\x1f{hashlib.sha256(data).hexdigest()}"
+                binary_id = binaries.get(item_key)
+                if binary_id is None:
+                    held.confirm()  # still ours: no other worker is storing these files
+                    resp = ctx.fhir.create({"resourceType": "Binary", "contentType": content_type,
+                                            "data": base64.b64encode(data).decode()})
+                    binary_id = str(resp.resource.get("id"))
+                    binaries.put(item_key, binary_id)
+                stored.append(Attachment(f"Binary/{binary_id}", content_type, title, len(data)))
+    msg = to_inbound(record, received_at, tuple(stored))
+    return deliver_inbound(msg, ctx, strategy, policy, seen)
+
+
+def _files(record: Mapping[str, Any]) -> list[tuple[str, str, bytes]]:
+    """The attachments kept, then the full original text when the message shows less of it."""
+    out = []
+    for a in record.get("attachments") or []:
+        try:
+            data = base64.b64decode(str(a.get("data") or ""), validate=True)
+        except ValueError as exc:
+            raise PermanentError("invalid-payload", "an attachment is not base64") from exc
+        out.append((str(a.get("name") or "attachment"),
+                    str(a.get("content_type") or "application/octet-stream"), data))
+    body = body_of(record)
+    if body.original:
+        out.append((ORIGINAL_TITLE[body.original_type], body.original_type + "; charset=utf-8",
+                    body.original.encode("utf-8")))
+    return out
