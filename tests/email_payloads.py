@@ -82,7 +82,7 @@ def parsed_post(sender: str, subject: str = "Question about my appointment",
     they differ)."""
     codec = encoded_with or charset
     mid = message_id if message_id is not None else new_message_id()
-    headers = [f"Received: from mail.example.org by mx.sendgrid.net with SMTP",
+    headers = ["Received: from mail.example.org by mx.sendgrid.net with SMTP",
                f"From: Pat Example <{sender}>", f"To: {CLINIC_MAILBOX}",
                f"Subject: {subject}", f"Date: {date or formatdate(localtime=False)}",
                "MIME-Version: 1.0"]

@@ -1,0 +1,341 @@
+"""Inbound email end to end: a signed Inbound Parse post → Redis → real Celery worker → FHIR."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Service, Services
+from tests.email_payloads import (
+    CLINIC_MAILBOX,
+    INBOUND_PATH,
+    VERIFICATION_KEY,
+    new_message_id,
+    other_key,
+    parsed_post,
+    raw_email,
+    raw_post,
+    signed,
+)
+from tests.support import Sandbox, eventually
+from worker.fhir.query import token
+from worker.fhir.resources import EMAIL_MESSAGE_ID_SYSTEM
+
+PATIENT = "pat.inbound@example.org"
+SECRET_BODY = "my inhaler ran out qv9k"
+KEYED = {"SENDGRID_INBOUND_VERIFICATION_KEY": VERIFICATION_KEY}
+PDF = b"%PDF-1.4\n" + bytes(range(256)) * 64
+
+
+def email_patient(sandbox: Sandbox, address: str = PATIENT) -> dict[str, Any]:
+    """A Patient reachable at `address`."""
+    return sandbox.fhir.create({"resourceType": "Patient", "name": [{"family": "Mail"}],
+                                "telecom": [{"system": "email", "value": address}]}).resource
+
+
+def post(svc: Service, content_type: str, body: bytes, headers: dict[str, str] | None = None
+         ) -> Any:
+    """POST an Inbound Parse request (signed unless `headers` are given)."""
+    client = svc.app().test_client()
+    return client.post(INBOUND_PATH, data=body,
+                       headers=headers if headers is not None else signed(content_type, body))
+
+
+def deliver(svc: Service, email: tuple[str, bytes]) -> None:
+    """Post a signed email and check it was accepted."""
+    resp = post(svc, *email)
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+
+
+def messages(sandbox: Sandbox, key: str) -> list[dict[str, Any]]:
+    """Child Communications written for the email with this key (Message-ID)."""
+    return sandbox.all("Communication",
+                       identifier=token("urn:switchboard:email-message-id", key))
+
+
+def landed(sandbox: Sandbox, key: str) -> dict[str, Any]:
+    """Wait for the email's Communication; exactly one must exist."""
+    found = eventually(lambda: messages(sandbox, key), what=f"email {key}")
+    assert len(found) == 1, found
+    return found[0]
+
+
+def header_of(sandbox: Sandbox, message: dict[str, Any]) -> dict[str, Any]:
+    """The thread header a message is part of."""
+    return sandbox.fhir.read("Communication",
+                             message["partOf"][0]["reference"].split("/")[1]).resource
+
+
+def processed(svc: Service) -> int:
+    """How many emails this configuration's worker has finished (its log lines)."""
+    assert svc.worker is not None
+    return svc.worker.output().count("inbound email: ")
+
+
+def queued(svc: Service) -> int:
+    """Messages waiting in the inbound queue plus accepted inbox entries."""
+    return int(svc.redis.llen("inbound")) + int(svc.redis.hlen("switchboard:inbox:entries"))
+
+
+BODY_CASES = [
+    ("parsed plain", lambda mid: parsed_post(PATIENT, text="Can I come on Friday?",
+                                             message_id=mid), "Can I come on Friday?"),
+    ("raw plain", lambda mid: raw_post(PATIENT, raw_email(PATIENT, text="Running late today",
+                                                          message_id=mid)),
+     "Running late today"),
+    ("parsed html only", lambda mid: parsed_post(
+        PATIENT, text=None, html="<p>Thank you for <i>everything</i></p>", message_id=mid),
+     "Thank you for everything"),
+    ("raw html only", lambda mid: raw_post(PATIENT, raw_email(
+        PATIENT, text=None, html="<p>See you <b>soon</b></p>", message_id=mid)),
+     "See you soon"),
+    ("parsed ISO-8859-1", lambda mid: parsed_post(PATIENT, text="Grüße aus Köln",
+                                                  charset="ISO-8859-1", message_id=mid),
+     "Grüße aus Köln"),
+    ("raw Shift_JIS", lambda mid: raw_post(PATIENT, raw_email(
+        PATIENT, text="予約を変更したいです。", charset="shift_jis", message_id=mid)),
+     "予約を変更したいです。"),
+    ("parsed wrong declared charset", lambda mid: parsed_post(
+        PATIENT, text="予約を変更したいです。お願いします。", charset="UTF-8",
+        encoded_with="shift_jis", message_id=mid), "予約を変更したいです。お願いします。"),
+]
+
+
+def test_emails_in_both_modes_and_charsets_land_as_text(services: Services, sandbox: Sandbox
+                                                        ) -> None:
+    svc = services.get(SENDGRID_INBOUND_VERIFICATION_KEY=VERIFICATION_KEY)
+    patient = email_patient(sandbox)
+    ids = {case: new_message_id() for case, _, _ in BODY_CASES}
+    for case, build, _ in BODY_CASES:
+        deliver(svc, build(ids[case]))
+    for case, _, expected in BODY_CASES:
+        msg = landed(sandbox, ids[case])
+        assert msg["payload"][0] == {"contentString": expected}, case
+        assert msg["sender"]["reference"] == f"Patient/{patient['id']}"
+        assert msg["medium"][0]["coding"][0]["code"] == "EMAILWRIT"
+        assert msg["recipient"] == [{"identifier": {"system": "urn:switchboard:clinic-number",
+                                                    "value": CLINIC_MAILBOX},
+                                     "display": "Clinic mailbox"}]
+        header = header_of(sandbox, msg)
+        assert header["topic"]["text"] == "Question about my appointment"
+        assert header["identifier"][0] == {"system": "urn:switchboard:email-conversation",
+                                           "value": ids[case]}
+    assert svc.dead_letters.count() == 0
+
+
+def test_attachment_becomes_a_binary_once_and_the_quoted_original_is_kept(
+        services: Services, sandbox: Sandbox) -> None:
+    svc = services.get(SENDGRID_INBOUND_VERIFICATION_KEY=VERIFICATION_KEY)
+    email_patient(sandbox)
+    mid = new_message_id()
+    text = ("Results attached.\n\nOn Mon, 30 Nov 2026 at 09:00, Clinic <care@clinic.example> "
+            "wrote:\n> Please send your results.\n")
+    email = parsed_post(PATIENT, subject="Re: Lab results", text=text, message_id=mid,
+                        attachments=[("results.pdf", "application/pdf", PDF)])
+    before = processed(svc)
+    deliver(svc, email)
+    msg = landed(sandbox, mid)
+    deliver(svc, email)  # SendGrid posts it again: no second Binary, no second message
+    assert msg["payload"][0] == {"contentString": "Results attached."}
+    pdf, original = (p["contentAttachment"] for p in msg["payload"][1:])
+    assert (pdf["contentType"], pdf["title"], pdf["size"]) == ("application/pdf", "results.pdf",
+                                                               len(PDF))
+    binary = sandbox.fhir.read("Binary", pdf["url"].split("/")[1]).resource
+    assert base64.b64decode(binary["data"]) == PDF
+    assert original["title"] == "original-message.txt"
+    full = sandbox.fhir.read("Binary", original["url"].split("/")[1]).resource
+    assert base64.b64decode(full["data"]).decode() == text
+    assert header_of(sandbox, msg)["topic"]["text"] == "Lab results"
+    eventually(lambda: processed(svc) >= before + 2 or None,
+               what="the second delivery processed")
+    assert len(messages(sandbox, mid)) == 1
+    assert svc.dead_letters.count() == 0
+
+
+def test_an_oversized_email_lands_with_its_text_and_a_note(services: Services,
+                                                           sandbox: Sandbox) -> None:
+    svc = services.get(SENDGRID_INBOUND_VERIFICATION_KEY=VERIFICATION_KEY)
+    email_patient(sandbox)
+    mid = new_message_id()
+    big = bytes(range(256)) * (41 * 1024)  # 10.25 MB, over the default EMAIL_MAX_BYTES
+    deliver(svc, raw_post(PATIENT, raw_email(PATIENT, text="Scan attached", message_id=mid,
+                                             attachments=[("scan.tiff", "image/tiff", big)])))
+    msg = landed(sandbox, mid)
+    assert msg["payload"] == [{"contentString": "Scan attached"}]
+    assert "scan.tiff" in msg["note"][0]["text"] and str(len(big)) in msg["note"][0]["text"]
+    app = svc.app()
+
+    def counted() -> str | None:
+        app.extensions["switchboard.metrics"].flush()
+        text = app.test_client().get("/metrics").get_data(as_text=True)
+        return text if re.search(r"switchboard_email_attachments_omitted_total [1-9]",
+                                 text) else None
+
+    eventually(counted, what="the omitted attachment counted")
+
+
+def test_a_reply_to_an_email_we_sent_joins_that_thread_through_a_long_chain(
+        services: Services, sandbox: Sandbox) -> None:
+    svc = services.get(SENDGRID_INBOUND_VERIFICATION_KEY=VERIFICATION_KEY)
+    patient = email_patient(sandbox)
+    # The thread an outbound email went out in, with its Message-ID recorded as the outbound
+    # pipeline records it.
+    header = sandbox.fhir.create({
+        "resourceType": "Communication", "status": "in-progress",
+        "subject": {"reference": f"Patient/{patient['id']}"}, "topic": {"text": "Results"}
+    }).resource
+    ours = "<comm-1.abc123@clinic.example>"
+    sandbox.fhir.create({
+        "resourceType": "Communication", "status": "completed",
+        "partOf": [{"reference": f"Communication/{header['id']}"}],
+        "identifier": [{"system": EMAIL_MESSAGE_ID_SYSTEM, "value": ours}],
+        "subject": {"reference": f"Patient/{patient['id']}"},
+        "payload": [{"contentString": "Your results are ready"}]})
+    # The patient's mail client kept a long chain whose root is not ours.
+    chain = [new_message_id("mail.example.org") for _ in range(30)]
+    references = [chain[0], *chain[1:15], ours, *chain[15:]]
+    mid = new_message_id()
+    deliver(svc, parsed_post(PATIENT, subject="Re: Results", text="Thanks!", message_id=mid,
+                             in_reply_to=chain[-1], references=references))
+    reply = landed(sandbox, mid)
+    assert reply["partOf"] == [{"reference": f"Communication/{header['id']}"}]
+    # Without a message of ours in the chain, the chain's root is the conversation.
+    a, b = new_message_id(), new_message_id()
+    deliver(svc, parsed_post(PATIENT, text="one", message_id=a, in_reply_to=chain[-1],
+                             references=chain))
+    deliver(svc, parsed_post(PATIENT, text="two", message_id=b, in_reply_to=a,
+                             references=[*chain, a]))
+    first, second = landed(sandbox, a), landed(sandbox, b)
+    assert first["partOf"] == second["partOf"] != reply["partOf"]
+    assert header_of(sandbox, first)["identifier"][0]["value"] == chain[0]
+
+
+def test_same_message_id_five_times_at_once_is_one_communication(services: Services,
+                                                                 sandbox: Sandbox) -> None:
+    svc = services.get(SENDGRID_INBOUND_VERIFICATION_KEY=VERIFICATION_KEY)
+    email_patient(sandbox)
+    mid = new_message_id()
+    content_type, body = parsed_post(PATIENT, text="only once", message_id=mid,
+                                     attachments=[("photo.jpg", "image/jpeg", b"\xff\xd8jpeg")])
+    app = svc.app()
+    before = processed(svc)
+
+    def one(_: int) -> int:
+        return int(app.test_client().post(INBOUND_PATH, data=body,
+                                          headers=signed(content_type, body)).status_code)
+
+    with cf.ThreadPoolExecutor(5) as pool:
+        assert list(pool.map(one, range(5))) == [200] * 5
+    msg = landed(sandbox, mid)
+    eventually(lambda: processed(svc) >= before + 5 or None, what="five deliveries processed")
+    assert len(messages(sandbox, mid)) == 1
+    assert len(sandbox.headers()) == 1
+    binaries = {p["contentAttachment"]["url"] for p in msg["payload"] if "contentAttachment" in p}
+    assert len(binaries) == 1
+    assert svc.dead_letters.count() == 0
+
+
+def test_spoofed_unknown_and_ambiguous_senders_are_dead_lettered(services: Services,
+                                                                 sandbox: Sandbox) -> None:
+    svc = services.get(SENDGRID_INBOUND_VERIFICATION_KEY=VERIFICATION_KEY)
+    email_patient(sandbox)
+    spoofed = new_message_id()
+    deliver(svc, parsed_post(PATIENT, text=SECRET_BODY, message_id=spoofed, spf="fail",
+                             dkim="{@example.org : fail}", envelope_from="x@attacker.test"))
+    entry = eventually(lambda: svc.dead_letters.list(), what="dead letter")[0]
+    assert entry.reason == "unauthenticated-sender"
+    assert messages(sandbox, spoofed) == []
+    svc.dead_letters.purge()
+
+    deliver(svc, parsed_post("stranger@example.org", message_id=new_message_id()))
+    entry = eventually(lambda: svc.dead_letters.list(), what="dead letter")[0]
+    assert entry.reason == "unknown-sender" and "email address" in entry.detail
+    svc.dead_letters.purge()
+
+    email_patient(sandbox, "twin@example.org")
+    email_patient(sandbox, "TWIN@example.org")
+    deliver(svc, parsed_post("Twin@Example.org", message_id=new_message_id(),
+                             dkim="{@Example.org : pass}"))
+    entry = eventually(lambda: svc.dead_letters.list(), what="dead letter")[0]
+    assert entry.reason == "ambiguous-sender"
+
+
+REFUSALS = [
+    # (case, settings, headers builder, expected status, reason)
+    ("unsigned", KEYED, lambda ct, body: {"Content-Type": ct}, 401, "unsigned"),
+    ("forged", KEYED, lambda ct, body: signed(ct, body, key=other_key()), 403, "bad-signature"),
+    ("tampered", KEYED, lambda ct, body: signed(ct, body + b" "), 403, "bad-signature"),
+    ("stale", KEYED, lambda ct, body: signed(ct, body, timestamp=int(time.time()) - 660), 403,
+     "stale-timestamp"),
+    ("nothing configured", {}, lambda ct, body: signed(ct, body), 403, "not-configured"),
+    ("wrong basic credentials", {"SENDGRID_INBOUND_BASIC_AUTH": "sendgrid:s3cret"},
+     lambda ct, body: {"Content-Type": ct,
+                       "Authorization": "Basic " + base64.b64encode(b"sendgrid:guess").decode()},
+     401, "bad-credentials"),
+]
+
+
+@pytest.mark.parametrize(("case", "env", "headers", "status", "reason"), REFUSALS,
+                         ids=[r[0] for r in REFUSALS])
+def test_requests_not_from_sendgrid_are_refused_and_nothing_is_queued(
+        services: Services, case: str, env: dict[str, str], headers: Any, status: int,
+        reason: str) -> None:
+    svc = services.get(False, 1, **env)
+    svc.redis.flushdb()
+    content_type, body = parsed_post(PATIENT, text=SECRET_BODY)
+    resp = post(svc, content_type, body, headers(content_type, body))
+    assert (resp.status_code, resp.get_json()["error"]) == (status, reason)
+    assert queued(svc) == 0
+
+
+def test_basic_credentials_admit_a_request(services: Services) -> None:
+    svc = services.get(worker=False, SENDGRID_INBOUND_BASIC_AUTH="sendgrid:s3cret")
+    svc.redis.flushdb()
+    content_type, body = raw_post(PATIENT, raw_email(PATIENT))
+    auth = "Basic " + base64.b64encode(b"sendgrid:s3cret").decode()
+    resp = post(svc, content_type, body, {"Content-Type": content_type, "Authorization": auth})
+    assert resp.status_code == 200
+    assert queued(svc) == 2  # the task message and its inbox entry
+
+
+def test_a_signed_post_that_is_not_an_email_is_a_400(services: Services) -> None:
+    svc = services.get(worker=False, SENDGRID_INBOUND_VERIFICATION_KEY=VERIFICATION_KEY)
+    svc.redis.flushdb()
+    body = b"--x\r\nContent-Disposition: form-data; name=\"subject\"\r\n\r\nhi\r\n--x--\r\n"
+    resp = post(svc, "multipart/form-data; boundary=x", body,
+                signed("multipart/form-data; boundary=x", body))
+    assert resp.status_code == 400 and resp.get_json()["error"] == "invalid-email"
+    assert queued(svc) == 0
+
+
+def test_active_thread_joins_the_patients_open_thread(services: Services,
+                                                      sandbox: Sandbox) -> None:
+    svc = services.get(EMAIL_THREAD_STRATEGY="active-thread",
+                       SENDGRID_INBOUND_VERIFICATION_KEY=VERIFICATION_KEY)
+    email_patient(sandbox)
+    a, b = new_message_id(), new_message_id()
+    deliver(svc, parsed_post(PATIENT, text="first", message_id=a))
+    first = landed(sandbox, a)
+    deliver(svc, parsed_post(PATIENT, subject="Another thing", text="second", message_id=b))
+    assert landed(sandbox, b)["partOf"] == first["partOf"]
+
+
+def test_email_logs_hold_no_addresses_or_bodies(services: Services, log_dir: Path) -> None:
+    """Runs after the flows above: every worker and web log of the session so far."""
+    svc = services.get(SENDGRID_INBOUND_VERIFICATION_KEY=VERIFICATION_KEY)
+    eventually(lambda: processed(svc) or None, what="an email processed")
+    logs = [p for p in log_dir.glob("*.log")
+            if not p.name.startswith(("fhir-sandbox", "provider-sandbox", "redis"))]
+    text = "\n".join(p.read_text(errors="replace") for p in logs)
+    assert "inbound email: " in text
+    for needle in (PATIENT, "pat.inbound", "stranger@", "twin@", SECRET_BODY, "qv9k",
+                   "Can I come on Friday", "Results attached", "予約", "mail.example.org",
+                   VERIFICATION_KEY[-20:]):
+        assert needle not in text, needle
+    assert not re.search(r"[\w.+\-]+@example\.org", text)
