@@ -2,8 +2,9 @@
 
 The real `twilio` and `sendgrid` SDKs can be pointed at it (see README.md next to this file).
 It records every provider request, injects faults per recipient, drives signed Twilio
-status callbacks and signed SendGrid Event Webhook batches. Standard library only, except
-`cryptography` (already a dependency of the sendgrid SDK) for signing event batches.
+status callbacks and signed SendGrid Event Webhook batches, and posts emails the way SendGrid's
+Inbound Parse does (both modes, signed with the sandbox's documented ECDSA key). Standard library
+only, except `cryptography` (already a dependency of the sendgrid SDK) for those signatures.
 
     python sandbox/providers/provider_sandbox.py --port 0 [--host 127.0.0.1]
 """
@@ -40,6 +41,17 @@ SEND_PATH = re.compile(rf"^/{API_VERSION}/Accounts/([^/]+)/Messages\.json$")
 FETCH_PATH = re.compile(rf"^/{API_VERSION}/Accounts/([^/]+)/Messages/([^/]+)\.json$")
 SENDGRID_SEND = "/v3/mail/send"
 CALLBACK_TIMEOUT_S = 10.0
+# The sandbox's Inbound Parse signing key (a throwaway, documented in README.md): the receiver
+# verifies with SANDBOX_INBOUND_VERIFICATION_KEY, as it would with the key SendGrid shows.
+SANDBOX_INBOUND_PRIVATE_KEY = b"""-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgBGMQBdOm/lNnrQfw
+wA+iWDgxSpk26zEWQS8A+NbPMSqhRANCAAR/gRtu/IugeetwqDc2cc2a4nUr0E3d
+6PyIrve87sbZRxaE3drmsXyCZxliKOtpUWRMbBfSi+JhNyg7StHHGaeI
+-----END PRIVATE KEY-----
+"""
+SANDBOX_INBOUND_VERIFICATION_KEY = (
+    "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEf4EbbvyLoHnrcKg3NnHNmuJ1K9BN3ej8iK73vO7G2UcWhN3a5rF8"
+    "gmcZYijraVFkTGwX0oviYTcoO0rRxxmniA==")
 
 MESSAGE_STATUSES = frozenset({
     "queued", "sending", "sent", "failed", "delivered", "undelivered", "receiving", "received",
@@ -820,6 +832,16 @@ class Handler(BaseHTTPRequestHandler):
             with state.lock:
                 rows = [dict(p) for p in state.event_posts]
             self._json(200, rows)
+        elif route == ("GET", "/__inbound_email/key"):
+            self._json(200, {"verification_key": SANDBOX_INBOUND_VERIFICATION_KEY})
+        elif route == ("POST", "/__inbound_email"):
+            try:
+                spec = self._load_json(body)
+                if not isinstance(spec, dict) or not isinstance(spec.get("url"), str):
+                    raise BadFault('body must be {"url": ..., "from": ..., ...}')
+                self._json(200, post_inbound_email(spec))
+            except (BadFault, ValueError, TypeError, KeyError) as exc:
+                self._json(400, {"error": str(exc)})
         else:
             self._json(404, {"error": f"no control route {method} {path}"})
 
@@ -925,6 +947,122 @@ class Handler(BaseHTTPRequestHandler):
             result["status"] = None
             result["error"] = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
         return result
+
+
+# --- SendGrid Inbound Parse ---------------------------------------------------------------------
+
+def inbound_email_post(spec: dict[str, Any]) -> tuple[str, bytes]:
+    """(Content-Type, body) of an Inbound Parse post of the email `spec` describes.
+
+    spec: from, to, subject, text, html, message_id, in_reply_to, references (list),
+    attachments ([{filename, content_type, content_b64}]), mode ("parsed" default, or "raw"),
+    spf ("pass"), dkim (default: a pass for the From domain), envelope_from.
+    """
+    from email.message import EmailMessage
+
+    sender = str(spec["from"])
+    to = str(spec.get("to") or "care@clinic.example")
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = to
+    msg["Subject"] = str(spec.get("subject") or "Hello from the sandbox")
+    msg["Date"] = formatdate(localtime=False)
+    msg["Message-ID"] = str(spec.get("message_id") or f"<{uuid.uuid4().hex}@sandbox.invalid>")
+    if spec.get("in_reply_to"):
+        msg["In-Reply-To"] = str(spec["in_reply_to"])
+    if spec.get("references"):
+        msg["References"] = " ".join(str(r) for r in spec["references"])
+    text, html = spec.get("text"), spec.get("html")
+    if text is not None:
+        msg.set_content(str(text))
+    if html is not None:
+        if text is None:
+            msg.set_content(str(html), subtype="html")
+        else:
+            msg.add_alternative(str(html), subtype="html")
+    files = [(str(a["filename"]), str(a.get("content_type") or "application/octet-stream"),
+              base64.b64decode(str(a["content_b64"]))) for a in spec.get("attachments") or []]
+    for name, ctype, data in files:
+        maintype, _, subtype = ctype.partition("/")
+        msg.add_attachment(data, maintype=maintype, subtype=subtype or "octet-stream",
+                           filename=name)
+    address = sender.rsplit("<", 1)[-1].rstrip(">").strip()
+    domain = address.rsplit("@", 1)[-1]
+    fields: list[tuple[str, bytes, str | None, str | None]] = [
+        ("dkim", str(spec.get("dkim") or f"{{@{domain} : pass}}").encode(), None, None),
+        ("SPF", str(spec.get("spf") or "pass").encode(), None, None),
+        ("envelope", json.dumps({"to": [to], "from": spec.get("envelope_from") or address}
+                                ).encode(), None, None),
+        ("from", sender.encode(), None, None), ("to", to.encode(), None, None),
+        ("subject", str(msg["Subject"]).encode(), None, None),
+        ("charsets", b'{"to":"UTF-8","from":"UTF-8","subject":"UTF-8","text":"utf-8",'
+                     b'"html":"utf-8"}', None, None),
+    ]
+    if spec.get("mode") == "raw":
+        fields.append(("email", msg.as_bytes(), None, None))
+    else:
+        headers = b"".join(f"{k}: {v}\n".encode() for k, v in msg.items())
+        fields += [("headers", headers, None, None),
+                   ("attachments", str(len(files)).encode(), None, None)]
+        if text is not None:
+            fields.append(("text", str(text).encode(), None, None))
+        if html is not None:
+            fields.append(("html", str(html).encode(), None, None))
+        info = {}
+        for n, (name, ctype, data) in enumerate(files, start=1):
+            fields.append((f"attachment{n}", data, name, ctype))
+            info[f"attachment{n}"] = {"filename": name, "name": name, "type": ctype}
+        if info:
+            fields.append(("attachment-info", json.dumps(info).encode(), None, None))
+    boundary = "xYzZY" + uuid.uuid4().hex
+    out = bytearray()
+    for name, value, filename, ctype in fields:
+        disposition = f'form-data; name="{name}"' + (
+            f'; filename="{filename}"' if filename is not None else "")
+        out += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n".encode()
+        if ctype:
+            out += f"Content-Type: {ctype}\r\n".encode()
+        out += b"\r\n" + value + b"\r\n"
+    out += f"--{boundary}--\r\n".encode()
+    return f"multipart/form-data; boundary={boundary}", bytes(out)
+
+
+def inbound_signature(body: bytes, timestamp: str) -> str:
+    """SendGrid's signature header value: ECDSA P-256/SHA-256 of timestamp + body, base64 DER."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key: Any = serialization.load_pem_private_key(SANDBOX_INBOUND_PRIVATE_KEY, None)
+    return base64.b64encode(key.sign(timestamp.encode() + body,
+                                     ec.ECDSA(hashes.SHA256()))).decode()
+
+
+def post_inbound_email(spec: dict[str, Any]) -> dict[str, Any]:
+    """Post the email `spec` describes to spec["url"] as Inbound Parse does; the answer.
+
+    Signed unless spec["sign"] is false; spec["timestamp_offset"] (seconds) dates the signature
+    in the past (a stale one); spec["basic_auth"] ("user:password") adds Basic credentials.
+    """
+    content_type, body = inbound_email_post(spec)
+    headers = {"Content-Type": content_type, "User-Agent": "Sendlib/1.0 sandbox"}
+    if spec.get("sign", True):
+        ts = str(int(time.time()) - int(spec.get("timestamp_offset") or 0))
+        headers["X-Twilio-Email-Event-Webhook-Timestamp"] = ts
+        headers["X-Twilio-Email-Event-Webhook-Signature"] = inbound_signature(body, ts)
+    if spec.get("basic_auth"):
+        headers["Authorization"] = "Basic " + base64.b64encode(
+            str(spec["basic_auth"]).encode()).decode()
+    url = str(spec["url"])
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise BadFault("url must be an http(s) URL")
+    request = urllib.request.Request(url, data=body, method="POST", headers=headers)  # noqa: S310
+    try:
+        with urllib.request.urlopen(request, timeout=CALLBACK_TIMEOUT_S) as response:  # noqa: S310
+            return {"status": response.status, "body": response.read().decode(errors="replace")}
+    except urllib.error.HTTPError as exc:
+        return {"status": exc.code, "body": exc.read().decode(errors="replace")}
+    except (urllib.error.URLError, OSError) as exc:
+        return {"status": None, "error": f"{type(exc).__name__}"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

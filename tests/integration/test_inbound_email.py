@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.conftest import Service, Services
@@ -23,9 +24,10 @@ from tests.email_payloads import (
     raw_post,
     signed,
 )
-from tests.support import Sandbox, eventually
+from tests.support import ProviderSandbox, Sandbox, eventually
 from worker.fhir.query import token
 from worker.fhir.resources import EMAIL_MESSAGE_ID_SYSTEM
+from worker.ops import devstack
 
 PATIENT = "pat.inbound@example.org"
 SECRET_BODY = "my inhaler ran out qv9k"
@@ -324,6 +326,38 @@ def test_active_thread_joins_the_patients_open_thread(services: Services,
     first = landed(sandbox, a)
     deliver(svc, parsed_post(PATIENT, subject="Another thing", text="second", message_id=b))
     assert landed(sandbox, b)["partOf"] == first["partOf"]
+
+
+def test_provider_sandbox_posts_signed_inbound_parse_to_gunicorn(
+        services: Services, sandbox: Sandbox, providers: ProviderSandbox, log_dir: Path) -> None:
+    svc = services.get(SENDGRID_INBOUND_VERIFICATION_KEY=VERIFICATION_KEY)
+    email_patient(sandbox)
+    port = devstack.free_port()
+    web = devstack.start_web(svc.env, log_dir, port, name="web-email")
+    url = f"http://127.0.0.1:{port}{INBOUND_PATH}"
+    try:
+        with httpx.Client(base_url=providers.origin, timeout=30) as http:
+            assert http.get("/__inbound_email/key").json()["verification_key"] == VERIFICATION_KEY
+            ids = {mode: new_message_id() for mode in ("parsed", "raw")}
+            for mode, mid in ids.items():
+                resp = http.post("/__inbound_email", json={
+                    "url": url, "mode": mode, "from": f"Pat <{PATIENT}>", "message_id": mid,
+                    "text": f"sent in {mode} mode", "attachments": [
+                        {"filename": "note.txt", "content_type": "text/plain",
+                         "content_b64": base64.b64encode(b"a note").decode()}]})
+                assert resp.json()["status"] == 200, resp.text
+            stale = http.post("/__inbound_email", json={
+                "url": url, "from": PATIENT, "text": SECRET_BODY, "timestamp_offset": 900})
+            assert stale.json()["status"] == 403
+            unsigned = http.post("/__inbound_email", json={
+                "url": url, "from": PATIENT, "text": SECRET_BODY, "sign": False})
+            assert unsigned.json()["status"] == 401
+        for mode, mid in ids.items():
+            msg = landed(sandbox, mid)
+            assert msg["payload"][0] == {"contentString": f"sent in {mode} mode"}
+            assert msg["payload"][1]["contentAttachment"]["title"] == "note.txt"
+    finally:
+        web.stop()
 
 
 def test_email_logs_hold_no_addresses_or_bodies(services: Services, log_dir: Path) -> None:

@@ -278,6 +278,16 @@ def signed_example(settings: Settings, body: str = "Hello from the demo patient"
             f" --data {shlex.quote(urlencode(params))}")
 
 
+def inbound_email_example(providers_origin: str, settings: Settings,
+                          text: str = "Hello from the demo patient, by email") -> str:
+    """A curl command making the provider sandbox post a signed Inbound Parse email to us."""
+    spec = {"url": settings.public_base_url + "/webhooks/sendgrid/inbound",
+            "from": f"Demo Patient <{DEMO_PATIENT_EMAIL}>", "to": "care@clinic.example",
+            "subject": "A question", "text": text, "mode": "parsed"}
+    return (f"curl -sS -X POST {shlex.quote(providers_origin + '/__inbound_email')} "
+            f"-H 'Content-Type: application/json' --data {shlex.quote(json.dumps(spec))}")
+
+
 def cmd_run(_: Settings | None, args: argparse.Namespace) -> int:
     """Run the whole service locally on embedded defaults until Ctrl-C."""
     from worker.fhir.client import FhirClient
@@ -333,7 +343,13 @@ def cmd_run(_: Settings | None, args: argparse.Namespace) -> int:
                         "SENDGRID_API_BASE_URL": providers_origin,
                         "SENDGRID_API_KEY": DEV_SENDGRID_KEY,
                         "SENDGRID_FROM_EMAIL": "care@clinic.example",
-                        "API_TOKENS": os.environ.get("API_TOKENS", DEV_API_TOKEN)})
+                        "API_TOKENS": os.environ.get("API_TOKENS", DEV_API_TOKEN),
+                        # Inbound Parse posts come from the sandbox, signed with its key.
+                        "SENDGRID_INBOUND_VERIFICATION_KEY": devstack.sandbox_inbound_key(
+                            providers_origin)})
+        for name in ("SENDGRID_INBOUND_VERIFICATION_KEY", "SENDGRID_INBOUND_BASIC_AUTH"):
+            if name in os.environ:
+                env[name] = os.environ[name]
         settings = load_settings(env)
         if sandbox is not None:
             fhir = FhirClient(settings.fhir_base_url, settings.fhir_token_url,
@@ -403,6 +419,11 @@ then: curl -s -H 'Authorization: Bearer {shown_token}' \\
   {settings.public_base_url}/v1/messages/<id from the answer>
 (a bounce instead: curl -s -X POST {providers_origin}/__faults \\
   -d '{{"provider": "sendgrid", "to": "{DEMO_PATIENT_EMAIL}", "event": "bounce"}}')
+
+An email from the demo patient {DEMO_PATIENT_EMAIL}, posted by the provider sandbox
+as SendGrid's Inbound Parse does (signed; "mode": "raw" posts the raw MIME message):
+
+{inbound_email_example(providers_origin, settings)}
 """, flush=True)
         while all(_alive(c) for c in stack.children):
             time.sleep(0.5)

@@ -243,6 +243,15 @@ def sendgrid_event_keys() -> tuple[str, str]:
     return base64.b64encode(private).decode(), base64.b64encode(public).decode()
 
 
+def sandbox_inbound_key(origin: str) -> str:
+    """The provider sandbox's Inbound Parse verification key (what SendGrid would show)."""
+    import httpx
+
+    resp = httpx.get(origin + "/__inbound_email/key", timeout=10)
+    resp.raise_for_status()
+    return str(resp.json()["verification_key"])
+
+
 def _venv_bin(name: str) -> str:
     local = Path(sys.executable).parent / name
     return str(local) if local.exists() else name
