@@ -207,6 +207,12 @@ def test_a_reply_to_an_email_we_sent_joins_that_thread_through_a_long_chain(
                              in_reply_to=chain[-1], references=references))
     reply = landed(sandbox, mid)
     assert reply["partOf"] == [{"reference": f"Communication/{header['id']}"}]
+    # Someone else answering that email (a forward) does not land in this patient's thread.
+    email_patient(sandbox, "sibling@example.org")
+    theirs = new_message_id()
+    deliver(svc, parsed_post("sibling@example.org", text="Forwarded to me", message_id=theirs,
+                             in_reply_to=ours, references=[ours]))
+    assert landed(sandbox, theirs)["partOf"] != reply["partOf"]
     # Without a message of ours in the chain, the chain's root is the conversation.
     a, b = new_message_id(), new_message_id()
     deliver(svc, parsed_post(PATIENT, text="one", message_id=a, in_reply_to=chain[-1],

@@ -271,3 +271,13 @@ def test_bad_verification_keys_fail_loudly(bad: str) -> None:
 def test_basic_auth(header: str | None, ok: bool) -> None:
     assert basic_auth_ok("sendgrid:s3cret", header) is ok
     assert basic_auth_ok("", header) is False
+
+
+def test_hostile_shapes_are_tamed_not_fatal() -> None:
+    post = parsed_post(PATIENT, attachments=[("x.bin", "text/plain\x00; evil", b"x")])
+    record = record_of(post)
+    assert record["attachments"][0]["content_type"] == "application/octet-stream"
+    content_type, body = post
+    body = body.replace(b'"to": ["care@clinic.example"]', b'"to": "care@clinic.example"')
+    fields, files = parse_form_body(content_type, body)
+    assert parse_request(fields, files, MB)["envelope_to"] == ["care@clinic.example"]

@@ -34,6 +34,7 @@ from worker.errors import PermanentError
 MAX_REQUEST_BYTES = 40 * 1024 * 1024
 ATTACHMENT_FIELD = re.compile(r"attachment([0-9]{1,3})")
 _MSG_ID = re.compile(r"<[^<>\s]{1,995}>")
+_CONTENT_TYPE = re.compile(r"[a-z0-9][\w.+\-]{0,63}/[\w.+\-]{1,127}")
 # Languages whose reply headers ("On … wrote:", "Am … schrieb …") the quote stripper knows.
 REPLY_LANGUAGES = ["en", "de", "fr", "es", "it", "nl", "pt", "sv", "ja"]
 # The longest References chain we look through for a message we sent (newest first).
@@ -161,7 +162,7 @@ def parse_request(fields: Mapping[str, bytes], files: list[FilePart], max_bytes:
         "spf": text("SPF").strip().lower(),
         "dkim": text("dkim").strip(),
         "envelope_from": str(envelope.get("from") or "").strip(),
-        "envelope_to": [str(a) for a in envelope.get("to") or [] if isinstance(a, str)],
+        "envelope_to": [a for a in _list(envelope.get("to")) if isinstance(a, str)],
     }
     if "email" in fields:
         return {**common, **_from_raw(fields["email"], max_bytes)}
@@ -221,7 +222,8 @@ def _record(headers: Any, from_field: str, subject: str, body_text: str, body_ht
     kept: list[dict[str, Any]] = []
     omitted: list[dict[str, Any]] = []
     for name, content_type, data in attachments:
-        item = {"name": name[:255], "content_type": content_type[:128], "size": len(data)}
+        item = {"name": name[:255], "content_type": _content_type(content_type),
+                "size": len(data)}
         if size > max_bytes:
             omitted.append(item)
         else:
@@ -271,6 +273,16 @@ def _ids(value: str) -> list[str]:
 def _first_id(value: str) -> str:
     found = _ids(value)
     return found[0] if found else ""
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value] if value else []
+
+
+def _content_type(value: str) -> str:
+    # A FHIR code: a hostile or broken type would make the server refuse the whole message.
+    value = value.strip().lower()
+    return value if _CONTENT_TYPE.fullmatch(value) else "application/octet-stream"
 
 
 def _json_object(raw: bytes) -> dict[str, Any]:

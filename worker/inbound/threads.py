@@ -161,8 +161,12 @@ def _thread_we_sent_into(ctx: ThreadContext, msg: InboundMessage) -> str | None:
     References name the Message-ID recorded on that Communication), else None."""
     if not msg.replies_to:
         return None
+    param, variants = sender_search(msg)
     found = ctx.fhir.search("Communication", [
         ("identifier", ",".join(token(EMAIL_MESSAGE_ID_SYSTEM, m) for m in msg.replies_to)),
+        # Only a message we sent to this sender: someone else's reply (a forward, a shared
+        # mailbox) must not land in another patient's thread.
+        (f"subject:Patient.{param}", variants),
         ("_count", str(len(msg.replies_to))),
     ])
     best: tuple[int, str] | None = None
