@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.reliability import scenarios
-from tests.reliability.harness import Counts, Stack, phone
+from tests.reliability.harness import Counts, Stack, email_address, phone
 
 USED_NUMBERS: list[str] = []
 
@@ -71,9 +71,17 @@ def test_contention(stack: Stack) -> None:
     assert counts.conflicts > 0, counts.notes  # the burst did meet Medplum's 409s
 
 
+def test_inbound_email(stack: Stack) -> None:
+    counts = scenarios.inbound_email(stack, n=12, patients=4)
+    check(counts)
+    assert counts.accepted == counts.sent == 36 and counts.written == 12
+
+
 def test_privacy(stack: Stack) -> None:
     numbers = [phone(i) for i in range(30)] + [phone(5000 + i) for i in range(15)]
-    bodies = ["storm 1", "kill 3", "outage 2", "redis 4", "faults reply 1", "kill reply 2"]
+    numbers += [email_address(i) for i in range(4)]
+    bodies = ["storm 1", "kill 3", "outage 2", "redis 4", "faults reply 1", "kill reply 2",
+              "email body 1", "email body 3"]
     counts = scenarios.privacy(stack, numbers, bodies)
     assert counts.sent > 100  # there were logs to scan
     assert counts.duplicates == 0, counts.notes

@@ -10,7 +10,7 @@ import sys
 import time
 
 from tests.reliability import scenarios
-from tests.reliability.harness import Counts, Stack, phone
+from tests.reliability.harness import Counts, Stack, email_address, phone
 
 HEADER = ("scenario", "sent", "accepted", "written", "duplicates", "lost", "dead-lettered",
           "seconds")
@@ -92,10 +92,13 @@ def main(argv: list[str] | None = None) -> int:
                                             down_seconds=1.5 if q else 3.0))
         rows.append(scenarios.provider_faults(stack, 21 if q else 70))
         rows.append(scenarios.contention(stack, 150 if q else 1000, 15 if q else 50))
+        rows.append(scenarios.inbound_email(stack, 30 if q else 200, 10))
         rows.extend(hostile_input(stack, examples=300 if q else 2000, n=30 if q else 200))
         numbers = [phone(i) for i in range(25)] + [phone(5000 + i)
                                                    for i in range(200)]
-        bodies = ["storm 1", "kill 3", "outage 2", "redis 4", "faults reply 1"]
+        numbers += [email_address(i) for i in range(10)]
+        bodies = ["storm 1", "kill 3", "outage 2", "redis 4", "faults reply 1",
+                  "email body 1", "email body 4"]
         rows.append(scenarios.privacy(stack, numbers, bodies))
     finally:
         stack.stop()

@@ -19,6 +19,7 @@ from urllib.parse import urlencode
 import httpx
 import redis
 
+from tests.email_payloads import VERIFICATION_KEY, signed
 from tests.support import AUTH_TOKEN, PUBLIC_BASE_URL, ProviderSandbox, Sandbox, sign
 from worker.ops import devstack
 from worker.ops.metrics import KEY as METRICS_KEY
@@ -87,6 +88,7 @@ class Stack:
             "RETRY_MAX_ATTEMPTS": "40", "FHIR_TIMEOUT_SECONDS": "3", "SEND_CLAIM_SECONDS": "30",
             "THREAD_LOCK_TIMEOUT_SECONDS": "15", "INBOX_STALE_SECONDS": "15",
             "INBOX_SWEEP_INTERVAL_SECONDS": "3", "RECONCILE_INTERVAL_SECONDS": "3600",
+            "SENDGRID_INBOUND_VERIFICATION_KEY": VERIFICATION_KEY,
             **overrides,
         }
         self.settings: Settings = load_settings(self.env)
@@ -161,6 +163,27 @@ class Stack:
         except httpx.HTTPError:
             return 599
 
+    def post_email(self, email: tuple[str, bytes]) -> int:
+        """POST a signed Inbound Parse email to gunicorn; the HTTP status (599: no answer)."""
+        content_type, body = email
+        try:
+            return self.http.post("/webhooks/sendgrid/inbound", content=body,
+                                  headers=signed(content_type, body)).status_code
+        except httpx.HTTPError:
+            return 599
+
+    def emails_written(self) -> Counter[str]:
+        """Message-ID → number of inbound email Communications with it."""
+        system = self.settings.email_inbound_id_system
+        bundle = self.sandbox.fhir.search("Communication", [
+            ("identifier", f"{system}|"), ("_count", "10000")])
+        counts: Counter[str] = Counter()
+        for entry in bundle.get("entry") or []:
+            for ident in entry["resource"].get("identifier") or []:
+                if ident.get("system") == system:
+                    counts[str(ident["value"])] += 1
+        return counts
+
     def send(self, communication_id: str) -> tuple[int, str]:
         """Ask the API to send a Communication; (status, request id)."""
         try:
@@ -234,6 +257,11 @@ def sms(sender: str, body: str) -> dict[str, str]:
     """A fresh inbound SMS from `sender`."""
     return {"MessageSid": "SM" + uuid.uuid4().hex, "AccountSid": "ACtest", "From": sender,
             "To": CLINIC, "Body": body, "NumMedia": "0"}
+
+
+def email_address(n: int) -> str:
+    """Distinct test email addresses."""
+    return f"patient{n}@reliability.example"
 
 
 def phone(n: int) -> str:
