@@ -4,15 +4,19 @@ never pass authentication and never reach a queue (tests/reliability/input_scena
 from __future__ import annotations
 
 from tests.conftest import Services
+from tests.email_payloads import VERIFICATION_KEY
 from tests.reliability.input_scenarios import QUEUES, run_bad_input, run_forgery
 from tests.support import AUTH_TOKEN, PUBLIC_BASE_URL
 from worker.ops import devstack
 
 
 def test_bad_input_never_crashes_authenticates_or_enqueues(services: Services) -> None:
-    # A verification key, so event batches meet the signature check, not the fail-closed refusal.
+    # Verification keys, so event batches and emails meet the signature checks, not the
+    # fail-closed refusal (fuzzing a route that refuses everything tests nothing past its first
+    # line).
     svc = services.get(worker=False, API_TOKENS="t0k",
-                       SENDGRID_EVENT_VERIFICATION_KEY=devstack.sendgrid_event_keys()[1])
+                       SENDGRID_EVENT_VERIFICATION_KEY=devstack.sendgrid_event_keys()[1],
+                       SENDGRID_INBOUND_VERIFICATION_KEY=VERIFICATION_KEY)
     failures: list[str] = []
     counts = run_bad_input(svc.app(), svc.redis, examples=150, failures=failures)
     assert counts["requests"] >= 150

@@ -27,12 +27,15 @@ from hypothesis import strategies as st
 from twilio.request_validator import RequestValidator
 from werkzeug.datastructures import Headers
 
+from tests.email_payloads import signed as sendgrid_signed
+
 log = logging.getLogger("switchboard.reliability")
 
 QUEUES = ("inbound", "outbound", "status")
 SMS_PATH = "/webhooks/twilio/sms"
 STATUS_PATH = "/webhooks/twilio/status"
 EVENTS_PATH = "/webhooks/sendgrid/events"
+EMAIL_PATH = "/webhooks/sendgrid/inbound"
 
 
 def queue_total(redis_client: redis.Redis) -> int:
@@ -186,12 +189,13 @@ _BODIES = (_form_body(), _json_body(), _multipart_body(), _raw_body())
 # of None: drawn from all four; "wrong-method" sends any route a method it does not take.
 _CELLS: tuple[tuple[str, bool, int | None], ...] = (
     *((ep, auth, kind) for ep, auth in (("sms", False), ("status", False),
-                                        ("sendgrid-events", False),
+                                        ("sendgrid-events", False), ("email", False),
                                         ("post-messages", False), ("post-messages", True))
       for kind in range(len(_BODIES))),
     ("get-message", False, None), ("get-message", True, None), ("healthz", False, None),
     ("metrics", False, None), ("openapi", False, None), ("wrong-method", False, None))
 _PATHS = {"sms": SMS_PATH, "status": STATUS_PATH, "sendgrid-events": EVENTS_PATH,
+          "email": EMAIL_PATH,
           "post-messages": "/v1/messages",
           "healthz": "/healthz", "metrics": "/metrics", "openapi": "/v1/openapi.json"}
 
@@ -246,7 +250,7 @@ def _probes(draw: st.DrawFn, token: str, endpoint: str, authorised: bool, body_k
     body, ctype = b"", None
     method = "GET"
     bodies = st.one_of(_BODIES) if body_kind is None else _BODIES[body_kind]
-    if endpoint in ("sms", "status", "sendgrid-events", "post-messages"):
+    if endpoint in ("sms", "status", "sendgrid-events", "email", "post-messages"):
         method = "POST"
         body, ctype = draw(bodies)
     elif draw(st.booleans()):  # a GET route with a body anyway
@@ -263,7 +267,7 @@ def _probes(draw: st.DrawFn, token: str, endpoint: str, authorised: bool, body_k
             headers.append((name, sig))
         if draw(st.booleans()):
             headers.append(("X-Twilio-Webhooks-Signature-Settings", draw(_header_value)))
-    if endpoint == "sendgrid-events":
+    if endpoint in ("sendgrid-events", "email"):
         # No valid ECDSA signature can be drawn: garbage, or genuine-looking base64 of the
         # right length, with a current, stale or malformed timestamp.
         sig = draw(st.one_of(_signature_garbage(), st.binary(min_size=70, max_size=72).map(
@@ -292,7 +296,27 @@ def _known_probes(token: str) -> list[Probe]:
     nameless = (b'--b\r\nContent-Disposition: form-data; name="MessageSid"\r\n\r\nSM1\r\n'
                 b"--b\r\nContent-Disposition: form-data\r\n\r\nno name\r\n--b--\r\n")
     deep = b"[" * 5000 + b"]" * 5000
+    def email(parts: list[tuple[str, bytes]]) -> bytes:
+        return b"".join(b'--e\r\nContent-Disposition: form-data; name="' + n.encode()
+                        + b'"\r\n\r\n' + v + b"\r\n" for n, v in parts) + b"--e--\r\n"
+
+    # Signed with the sandbox's key (the test configurations use it): past authentication, the
+    # parser must refuse each with a 4xx, never crash, never enqueue.
+    emails = [
+        (email([("subject", b"no sender")]), "multipart/form-data; boundary=e"),
+        (email([("from", b"not an address"), ("text", b"hi")]), "multipart/form-data; boundary=e"),
+        (email([("email", b"\xff\xfe\x00garbage without headers")]),
+         "multipart/form-data; boundary=e"),
+        (nameless, "multipart/form-data; boundary=b"),
+        (email([("from", b"<>"), ("headers", b"From: \r\n\x00")]),
+         "multipart/form-data; boundary=e"),
+        (b'{"from": "a@b.example"}', "application/json"),
+    ]
     return [
+        *(Probe("email", "POST", EMAIL_PATH, body=body, content_type=ctype, authorised=True,
+                headers=[(k, v) for k, v in sendgrid_signed(ctype, body).items()
+                         if k != "Content-Type"])
+          for body, ctype in emails),
         # A multipart part without a name becomes form key None: the signature check crashed.
         Probe("sms", "POST", SMS_PATH, body=nameless, headers=[("X-Twilio-Signature", "x")],
               content_type="multipart/form-data; boundary=b"),
@@ -400,12 +424,12 @@ def run_bad_input(app: Any, redis_client: redis.Redis, examples: int, seed: int 
         counts[f"http_{status}"] += 1
         if status >= 500:
             note("status_5xx", probe)
-        needs_auth = probe.endpoint in ("sms", "status", "sendgrid-events", "post-messages",
-                                        "get-message")
+        needs_auth = probe.endpoint in ("sms", "status", "sendgrid-events", "email",
+                                        "post-messages", "get-message")
         if 200 <= status < 300 and needs_auth and probe.method in ("GET", "POST"):
             if not probe.authorised:
                 note("accepted_without_auth", probe)
-            elif probe.endpoint == "post-messages" and probe.method == "POST":
+            elif probe.endpoint in ("post-messages", "email") and probe.method == "POST":
                 note("authorised_2xx", probe)
         grown = queue_total(redis_client) - before
         if grown > 0:
