@@ -261,10 +261,13 @@ def test_spoofed_unknown_and_ambiguous_senders_are_dead_lettered(services: Servi
     assert messages(sandbox, spoofed) == []
     svc.dead_letters.purge()
 
-    deliver(svc, parsed_post("stranger@example.org", message_id=new_message_id()))
-    entry = eventually(lambda: svc.dead_letters.list(), what="dead letter")[0]
-    assert entry.reason == "unknown-sender" and "email address" in entry.detail
-    svc.dead_letters.purge()
+    for files in ([], [("stranger.pdf", "application/pdf", PDF)]):
+        # With files, the sender is checked before any Binary is stored.
+        deliver(svc, parsed_post("stranger@example.org", message_id=new_message_id(),
+                                 attachments=files))
+        entry = eventually(lambda: svc.dead_letters.list(), what="dead letter")[0]
+        assert entry.reason == "unknown-sender" and "email address" in entry.detail
+        svc.dead_letters.purge()
 
     email_patient(sandbox, "twin@example.org")
     email_patient(sandbox, "TWIN@example.org")

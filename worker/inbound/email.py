@@ -7,11 +7,11 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from worker.channels import Attachment
+from worker.channels import Attachment, InboundMessage
 from worker.channels.sendgrid_inbound import body_of, message_key, sender_authentication, to_inbound
 from worker.errors import PermanentError
 from worker.inbound.pipeline import InboundOutcome, SeenMessages, deliver_inbound
-from worker.inbound.threads import ThreadContext
+from worker.inbound.threads import ThreadContext, sender_search
 
 ORIGINAL_TITLE = {"text/plain": "original-message.txt", "text/html": "original-message.html"}
 
@@ -39,6 +39,8 @@ def deliver_email(record: Mapping[str, Any], received_at: str, ctx: ThreadContex
         return InboundOutcome(None, None, "skipped")
     files = _files(record)
     stored: list[Attachment] = []
+    if files and policy != "create-patient":
+        _known_sender(ctx, to_inbound(record, received_at, ()))
     if files:
         with ctx.lock("email-binaries:" + hashlib.sha256(key.encode()).hexdigest()[:24]) as held:
             for n, (title, content_type, data) in enumerate(files):
@@ -53,6 +55,20 @@ def deliver_email(record: Mapping[str, Any], received_at: str, ctx: ThreadContex
                 stored.append(Attachment(f"Binary/{binary_id}", content_type, title, len(data)))
     msg = to_inbound(record, received_at, tuple(stored))
     return deliver_inbound(msg, ctx, strategy, policy, seen)
+
+
+def _known_sender(ctx: ThreadContext, msg: InboundMessage) -> None:
+    """Refuse an unknown or ambiguous sender before storing their files: a Binary written for
+    an email that is then dead-lettered would sit in the EHR, attached to nothing."""
+    found = ctx.fhir.search("Patient", [sender_search(msg), ("_count", "2"),
+                                        ("_elements", "id")])
+    matches = [e for e in found.get("entry") or []
+               if (e.get("search") or {}).get("mode", "match") == "match"]
+    if not matches:
+        raise PermanentError("unknown-sender", "no Patient has the sender's email address")
+    if len(matches) > 1:
+        raise PermanentError("ambiguous-sender", "several Patients have the sender's email "
+                             "address")
 
 
 def _files(record: Mapping[str, Any]) -> list[tuple[str, str, bytes]]:

@@ -3,8 +3,8 @@
 Each strategy writes the message (and, when needed, its thread header) and returns the ids.
 Idempotency comes from the server: every write is a conditional create keyed on a deterministic
 identifier, so a provider retry or a Celery redelivery finds what the first attempt wrote.
-FHIR round trips per message (counted in tests): conversation 1 once the header exists,
-new-thread 1, active-thread 2.
+FHIR round trips per message (counted in tests): conversation 1 once the header exists (an email
+that answers others: one search more, for a thread we sent into), new-thread 1, active-thread 2.
 """
 
 from __future__ import annotations
