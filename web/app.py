@@ -16,8 +16,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from web.api import MAX_WAIT_SECONDS, api_blueprint
 from web.enqueue import Enqueuer
-from web.webhooks.sendgrid_events import body_limit, sendgrid_events_blueprint
 from web.webhooks.sendgrid import INBOUND_PATH, sendgrid_blueprint
+from web.webhooks.sendgrid_events import body_limit, sendgrid_events_blueprint
 from web.webhooks.twilio import twilio_blueprint
 from worker.channels.sendgrid_inbound import MAX_REQUEST_BYTES
 from worker.ops import logs

@@ -25,8 +25,8 @@ from tests.email_payloads import (
     signed,
 )
 from tests.support import ProviderSandbox, Sandbox, eventually
+from worker.channels.sendgrid import EMAIL_INBOUND_MESSAGE_ID_SYSTEM, EMAIL_MESSAGE_ID_SYSTEM
 from worker.fhir.query import token
-from worker.fhir.resources import EMAIL_MESSAGE_ID_SYSTEM
 from worker.ops import devstack
 
 PATIENT = "pat.inbound@example.org"
@@ -58,7 +58,7 @@ def deliver(svc: Service, email: tuple[str, bytes]) -> None:
 def messages(sandbox: Sandbox, key: str) -> list[dict[str, Any]]:
     """Child Communications written for the email with this key (Message-ID)."""
     return sandbox.all("Communication",
-                       identifier=token("urn:switchboard:email-message-id", key))
+                       identifier=token(EMAIL_INBOUND_MESSAGE_ID_SYSTEM, key))
 
 
 def landed(sandbox: Sandbox, key: str) -> dict[str, Any]:

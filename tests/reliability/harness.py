@@ -21,6 +21,7 @@ import redis
 
 from tests.email_payloads import VERIFICATION_KEY, signed
 from tests.support import AUTH_TOKEN, PUBLIC_BASE_URL, ProviderSandbox, Sandbox, sign
+from worker.channels.sendgrid import EMAIL_INBOUND_MESSAGE_ID_SYSTEM
 from worker.ops import devstack
 from worker.ops.metrics import KEY as METRICS_KEY
 from worker.ops.metrics import SEP as METRICS_SEP
@@ -174,7 +175,7 @@ class Stack:
 
     def emails_written(self) -> Counter[str]:
         """Message-ID → number of inbound email Communications with it."""
-        system = self.settings.email_inbound_id_system
+        system = EMAIL_INBOUND_MESSAGE_ID_SYSTEM
         bundle = self.sandbox.fhir.search("Communication", [
             ("identifier", f"{system}|"), ("_count", "10000")])
         counts: Counter[str] = Counter()

@@ -21,6 +21,7 @@ from tests.reliability.harness import (
     shuffled,
     sms,
 )
+from worker.channels.sendgrid import EMAIL_INBOUND_MESSAGE_ID_SYSTEM
 from worker.fhir.query import token
 
 
@@ -331,7 +332,7 @@ def inbound_email(stack: Stack, n: int, patients: int = 10) -> Counts:
     short = 0
     for mid in set(written) & accepted:
         (msg,) = stack.sandbox.all("Communication", identifier=token(
-            stack.settings.email_inbound_id_system, mid))
+            EMAIL_INBOUND_MESSAGE_ID_SYSTEM, mid))
         got = sum(1 for p in msg.get("payload") or [] if "contentAttachment" in p)
         short += got != wanted[mid]
     if short:

@@ -1,11 +1,12 @@
 """SendGrid's signed webhooks (Event Webhook and Inbound Parse security policy): ECDSA checks.
 
-One place for the check both SendGrid webhooks use. SendGrid signs with ECDSA over P-256 and
-SHA-256; the signature (base64 DER) comes in `X-Twilio-Email-Event-Webhook-Signature`, the
-time it signed at (epoch seconds) in `X-Twilio-Email-Event-Webhook-Timestamp`, and the signed
-bytes are the timestamp followed by the exact raw request body. The SDK's `EventWebhook` helper
-takes the body as a `str` and encodes it as UTF-8, which cannot reproduce a multipart body with
-binary attachments, so the check here works on bytes (same key format, same scheme).
+One place for the check both SendGrid webhooks use (web/webhooks/sendgrid.py for Inbound Parse,
+worker.channels.sendgrid.EventSignature for the Event Webhook). SendGrid signs with ECDSA over
+P-256 and SHA-256; the signature (base64 DER) comes in `X-Twilio-Email-Event-Webhook-Signature`,
+the time it signed at (epoch seconds) in `X-Twilio-Email-Event-Webhook-Timestamp`, and the
+signed bytes are the timestamp followed by the exact raw request body. The SDK's `EventWebhook`
+helper takes the body as a `str` and encodes it as UTF-8, which cannot reproduce a multipart body
+with binary attachments, so the check here works on bytes (same key format, same scheme).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import base64
 import binascii
 import hmac
 import re
-from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -42,24 +42,6 @@ def load_verification_key(key_b64: str) -> ec.EllipticCurvePublicKey:
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
         raise InvalidVerificationKey("not an ECDSA P-256 public key")
     return key
-
-
-@dataclass(frozen=True)
-class SignedRequestCheck:
-    """Verifies SendGrid's ECDSA request signatures with one public key."""
-
-    key: ec.EllipticCurvePublicKey
-    max_age_seconds: int = MAX_AGE_SECONDS
-
-    def problem(self, body: bytes, signature: str | None, timestamp: str | None, now: float
-                ) -> str | None:
-        """Why the request is not SendGrid's (a short reason), or None when it is.
-
-        `body` is the raw request body exactly as received; `now` the current epoch time.
-        Reasons: "unsigned", "stale-timestamp", "bad-signature".
-        """
-        return verify_signed_request(self.key, body, signature, timestamp, now,
-                                     self.max_age_seconds)
 
 
 def verify_signed_request(key: ec.EllipticCurvePublicKey, body: bytes, signature: str | None,

@@ -18,10 +18,6 @@ _MEDIUM_DISPLAY = {"SMSWRIT": "SMS writing", "EMAILWRIT": "email writing"}
 _TOPIC = {"sms": "SMS conversation", "email": "Email conversation"}
 
 Resource = dict[str, Any]
-# The identifier system of an email's RFC 5322 Message-ID (value with its angle brackets) on an
-# outbound Communication we sent by email. An inbound reply whose In-Reply-To / References
-# names one joins that Communication's thread (worker.inbound.threads).
-EMAIL_MESSAGE_ID_SYSTEM = "urn:ietf:rfc:5322"
 
 
 @dataclass(frozen=True)

@@ -18,16 +18,11 @@ from typing import Any, Protocol
 
 from worker.channels import InboundMessage
 from worker.channels.phones import search_variants
+from worker.channels.sendgrid import EMAIL_MESSAGE_ID_SYSTEM
 from worker.fhir.client import FhirResponse
 from worker.fhir.outcome import FhirPermanentError
 from worker.fhir.query import Params, conditional_reference, query_string, token
-from worker.fhir.resources import (
-    EMAIL_MESSAGE_ID_SYSTEM,
-    IdentifierSystems,
-    Resource,
-    identifier,
-    inbound_message,
-)
+from worker.fhir.resources import IdentifierSystems, Resource, identifier, inbound_message
 from worker.fhir.resources import thread_header as build_header
 
 # Statuses of a header that no longer takes new messages.

@@ -28,7 +28,7 @@ from worker.errors import Deferred, PermanentError, TransientError
 from worker.fhir.client import FhirClient
 from worker.fhir.outcome import FhirPermanentError
 from worker.fhir.reference import parse_reference, ref
-from worker.fhir.resources import EMAIL_MESSAGE_ID_SYSTEM, identifier, medium
+from worker.fhir.resources import identifier, medium
 from worker.fhir.update import guarded_update
 from worker.ops.metrics import Metrics
 from worker.outbound.routing import CHANNEL_TO_MEDIUM, choose_channel, medium_channel, pick_contact
