@@ -224,6 +224,33 @@ def test_a_reply_to_an_email_we_sent_joins_that_thread_through_a_long_chain(
     assert header_of(sandbox, first)["identifier"][0]["value"] == chain[0]
 
 
+def test_the_round_trip_by_email(services: Services, sandbox: Sandbox,
+                                 providers: ProviderSandbox) -> None:
+    """A patient emails; the clinician's reply goes out answering that email; the patient's
+    answer to our reply (naming only our Message-ID) comes back into the same thread."""
+    from tests.conftest import outbound_env
+    from tests.integration.test_email_events import reply, send_email
+
+    providers.reset()
+    svc = services.get(**outbound_env(providers,
+                                      SENDGRID_INBOUND_VERIFICATION_KEY=VERIFICATION_KEY))
+    patient = email_patient(sandbox)
+    first = new_message_id()
+    deliver(svc, parsed_post(PATIENT, subject="Rash question", text="Is it serious?",
+                             message_id=first))
+    header = header_of(sandbox, landed(sandbox, first))
+    send_email(svc, reply(sandbox, header, patient, "No, it is fine"))
+    (mail,) = providers.requests("sendgrid")
+    assert mail["json"]["headers"]["In-Reply-To"] == first
+    assert mail["json"]["subject"] == "Re: Rash question"
+    ours = mail["json"]["headers"]["Message-ID"]
+    answer = new_message_id()
+    deliver(svc, parsed_post(PATIENT, subject="Re: Rash question", text="Thanks!",
+                             message_id=answer, in_reply_to=ours, references=[ours]))
+    assert landed(sandbox, answer)["partOf"] == [{"reference": f"Communication/{header['id']}"}]
+    assert len(sandbox.headers()) == 1
+
+
 def test_same_message_id_five_times_at_once_is_one_communication(services: Services,
                                                                  sandbox: Sandbox) -> None:
     svc = services.get(SENDGRID_INBOUND_VERIFICATION_KEY=VERIFICATION_KEY)

@@ -153,24 +153,38 @@ def by_conversation(ctx: ThreadContext, msg: InboundMessage) -> Written:
 
 def _thread_we_sent_into(ctx: ThreadContext, msg: InboundMessage) -> str | None:
     """The thread of the newest message we sent by email that `msg` answers (its In-Reply-To /
-    References name the Message-ID recorded on that Communication), else None."""
+    References name the Message-ID recorded on that Communication), else None.
+
+    Only a message we sent to this sender counts (its subject or a recipient is a Patient with
+    the sender's address): someone else's reply (a forward, a shared mailbox) must not land in
+    another patient's thread. One search, the Patients included.
+    """
     if not msg.replies_to:
         return None
-    param, variants = sender_search(msg)
     found = ctx.fhir.search("Communication", [
         ("identifier", ",".join(token(EMAIL_MESSAGE_ID_SYSTEM, m) for m in msg.replies_to)),
-        # Only a message we sent to this sender: someone else's reply (a forward, a shared
-        # mailbox) must not land in another patient's thread.
-        (f"subject:Patient.{param}", variants),
+        ("_include", "Communication:subject"),
+        ("_include", "Communication:recipient"),
         ("_count", str(len(msg.replies_to))),
     ])
+    entries = found.get("entry") or []
+    sender = msg.sender.strip().lower()
+    senders_patients = {
+        f"Patient/{r.get('id')}" for r in (e.get("resource") or {} for e in entries)
+        if r.get("resourceType") == "Patient" and any(
+            t.get("system") == "email" and str(t.get("value") or "").strip().lower() == sender
+            for t in r.get("telecom") or [])}
     best: tuple[int, str] | None = None
-    for entry in found.get("entry") or []:
+    for entry in entries:
         res = entry.get("resource") or {}
+        if res.get("resourceType") != "Communication" or not res.get("id"):
+            continue
         ids = [i.get("value") for i in res.get("identifier") or []
                if i.get("system") == EMAIL_MESSAGE_ID_SYSTEM]
         ranks = [msg.replies_to.index(v) for v in ids if v in msg.replies_to]
-        if not ranks or not res.get("id"):
+        people = {str(p.get("reference") or "") for p in [res.get("subject") or {},
+                                                           *(res.get("recipient") or [])]}
+        if not ranks or not people & senders_patients:
             continue
         parent = ((res.get("partOf") or [{}])[0].get("reference")
                   or f"Communication/{res['id']}")  # a header we sent into is its own thread
