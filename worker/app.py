@@ -62,9 +62,13 @@ def _held(request: Any, **_: Any) -> None:
 
 
 @task_postrun.connect
-def _done(task_id: str, **_: Any) -> None:
+def _done(task_id: str, task: Any = None, **_: Any) -> None:
     if _liveness is not None:
-        _liveness.finished(str(task_id))
+        # kombu's Redis transport puts the delivery tag in the message properties, which
+        # Celery keeps on the request that is still current here.
+        properties = getattr(getattr(task, "request", None), "properties", None) or {}
+        tag = properties.get("delivery_tag") if isinstance(properties, dict) else None
+        _liveness.finished(str(task_id), str(tag) if tag else None)
 
 
 @worker_shutting_down.connect

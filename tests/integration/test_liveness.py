@@ -26,13 +26,13 @@ def r(redis_server: devstack.RedisServer) -> Iterator[redis.Redis]:
 
 
 def take(r: redis.Redis, worker: Liveness, tag: str, queue: str = "inbound",
-         age: float = 0.0) -> None:
+         age: float = 0.0, task_id: str = "") -> None:
     """What kombu does when a worker takes a message (qos.append), then our task_received."""
     payload = {"body": "e30=", "headers": {"id": tag}, "properties": {
         "delivery_tag": tag, "delivery_info": {"exchange": queue, "routing_key": queue}}}
     r.hset(UNACKED, tag, json.dumps([payload, queue, queue]))
     r.zadd(UNACKED_INDEX, {tag: time.time() - age})
-    worker.received(tag)
+    worker.received(tag, task_id)
 
 
 def test_a_dead_workers_messages_go_back_to_the_head_of_their_queue(r: redis.Redis) -> None:
@@ -116,3 +116,23 @@ def test_messages_whose_ack_was_lost_are_restored_after_two_rounds(r: redis.Redi
     assert r.hkeys(UNACKED) == [b"still-running"]
     assert json.loads(r.rpop("inbound"))["headers"]["id"] == "done-but-unacked"
     assert me.own_stale() == 0
+
+
+def test_a_deferred_copy_of_a_running_task_stays_held(r: redis.Redis) -> None:
+    """A retry or a deferral publishes the task again under the same id, and this worker may
+    receive the copy (waiting for its ETA) before the running one ends. The running one's end
+    must not make the waiting copy look lost: it would be restored and run twice."""
+    for exact in (True, False):  # the tag known at the end (kombu's Redis), or not
+        r.flushdb()
+        me = Liveness(r, QUEUES, worker_id="me")
+        me.beat()
+        take(r, me, "running", task_id="T")
+        take(r, me, "waiting-copy", task_id="T")
+        me.finished("T", "running" if exact else None)
+        r.hdel(UNACKED, "running")  # its ack
+        assert me.own_stale() == 0
+        assert me.own_stale() == 0  # still held: never restored
+        assert r.hkeys(UNACKED) == [b"waiting-copy"] and r.llen("inbound") == 0
+        me.finished("T", "waiting-copy" if exact else None)
+        assert me.own_stale() == 0
+        assert me.own_stale() == 1  # only now, no longer held and still unacked

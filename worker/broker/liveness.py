@@ -107,10 +107,14 @@ class Liveness:
         self._on_recovered = on_recovered
         self._prune = self._r.register_script(_PRUNE)
         self._stop = threading.Event()
-        # task id -> delivery tag of what this process holds in memory right now (received, not
-        # finished). Only the threads (and gevent) pools finish tasks in this process; under
-        # prefork nothing leaves it, so nothing of ours is ever taken for stale (safe side).
-        self._holding: dict[str, str] = {}
+        # task id -> delivery tags, oldest first, of what this process holds in memory right now
+        # (received, not finished). A list, because a retry or a deferral publishes the task
+        # again under the same id and this process may receive the new message (an ETA) before
+        # the old one finishes: keyed by id alone, the old one's end dropped the new tag, the
+        # janitor took the waiting ETA message for lost and ran it twice. Only the threads (and
+        # gevent) pools finish tasks in this process; under prefork nothing leaves it, so
+        # nothing of ours is ever taken for stale (safe side).
+        self._holding: dict[str, list[str]] = {}
         self._holding_lock = threading.Lock()
         self._suspects: set[str] = set()
         self._thread: threading.Thread | None = None
@@ -134,13 +138,22 @@ class Liveness:
     def received(self, delivery_tag: str, task_id: str = "") -> None:
         """Record a message this worker took (called from kombu's consumer, per message)."""
         with self._holding_lock:
-            self._holding[task_id or delivery_tag] = delivery_tag
+            self._holding.setdefault(task_id or delivery_tag, []).append(delivery_tag)
         self._r.sadd(HELD + self.worker_id, delivery_tag)
 
-    def finished(self, task_id: str) -> None:
-        """The task of a message ran to its end here (its ack follows at once)."""
+    def finished(self, task_id: str, delivery_tag: str | None = None) -> None:
+        """The task of a message ran to its end here (its ack follows at once). Without the
+        tag, of several messages of one task id held the oldest is taken for the one that ran:
+        a later copy is usually what the running one published (a retry or a deferral)."""
         with self._holding_lock:
-            self._holding.pop(task_id, None)
+            tags = self._holding.get(task_id)
+            if tags:
+                if delivery_tag in tags:
+                    tags.remove(delivery_tag)
+                else:
+                    tags.pop(0)
+                if not tags:
+                    del self._holding[task_id]
 
     def own_stale(self) -> int:
         """Restore our unacked messages that we no longer hold in memory, once they have been
@@ -148,7 +161,7 @@ class Liveness:
         tags = [t.decode() if isinstance(t, bytes) else str(t)
                 for t in self._r.smembers(HELD + self.worker_id)]
         with self._holding_lock:
-            holding = set(self._holding.values())
+            holding = {tag for tags in self._holding.values() for tag in tags}
         candidates = [t for t in tags if t not in holding]
         pipe = self._r.pipeline()
         for tag in candidates:
