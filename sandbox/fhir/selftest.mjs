@@ -95,6 +95,25 @@ const pid = patient.json.id;
 ok((await count('/Patient?phone=%2B15551234567')) === 1, 'search phone %2B');
 ok((await count('/Patient?phone=+15551234567')) === 0, 'raw + decodes to space, no match');
 
+// --- identifier searches (answered through the sandbox's identifier index)
+{
+  const sys = 'urn:selftest:ident';
+  const a = await post('/Device', { resourceType: 'Device', identifier: [{ system: sys, value: 'Tok-1' }] });
+  await post('/Device', { resourceType: 'Device', identifier: [{ system: `${sys}:other`, value: 'Tok-1' }] });
+  ok((await count(`/Device?identifier=${sys}|Tok-1`)) === 1, 'identifier system|value: one');
+  ok((await count('/Device?identifier=Tok-1')) === 2, 'identifier value alone: both systems');
+  ok((await count(`/Device?identifier=${sys}|Tok-2`)) === 0, 'identifier not there: none');
+  const moved = await req('PUT', `/Device/${a.json.id}`, { ...a.json, identifier: [{ system: sys, value: 'Tok-2' }] });
+  ok(moved.status === 200, 'identifier changed by update');
+  ok((await count(`/Device?identifier=${sys}|Tok-1`)) === 0, 'old identifier no longer matches');
+  ok((await count(`/Device?identifier=${sys}|Tok-2`)) === 1, 'new identifier matches');
+  ok((await count(`/Device?_id=${a.json.id}`)) === 1, '_id search');
+  ok((await count(`/Device?_id=${a.json.id}&identifier=${sys}|Tok-1`)) === 0, '_id and a filter');
+  await req('DELETE', `/Device/${a.json.id}`);
+  ok((await count(`/Device?identifier=${sys}|Tok-2`)) === 0, 'deleted: no match');
+  ok((await count(`/Device?_id=${a.json.id}`)) === 0, 'deleted: _id no match');
+}
+
 // --- conditional references on create
 {
   const before = await count('/Communication');

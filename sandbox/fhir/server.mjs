@@ -26,6 +26,7 @@ import {
   isCreated,
   normalizeOperationOutcome,
   notFound,
+  Operator,
   parseSearchRequest,
   preconditionFailed,
   toTypedValue,
@@ -77,11 +78,104 @@ function parseArgs(argv) {
 // ---------------------------------------------------------------------------------------------
 // Repository: the engine's MemoryRepository plus the real server's write path
 
+/** A search the identifier index must leave to the full scan: chained or _has filters read other
+ *  resources of the same type through this.resources. */
+function chainedOrUnindexed(search) {
+  return (search.filters ?? []).some((f) => f.code.includes('.') || f.code.startsWith('_has:'));
+}
+
+/** The index key of a token search value `system|value` or `value` (undefined: do not use it). */
+function identifierKey(value) {
+  if (typeof value !== 'string' || value.includes(',') || value.includes('\\')) {
+    return undefined; // OR lists and escapes: the full scan is the reference
+  }
+  const bar = value.indexOf('|');
+  const key = (bar < 0 ? value : value.slice(bar + 1)).toLowerCase();
+  return key || undefined;
+}
+
 class SandboxRepository extends MemoryRepository {
   constructor() {
     super();
     this.txDepth = 0;
     this.lastTimestamp = 0;
+    // type -> lower-cased identifier value -> ids; rebuilt after anything but a plain write.
+    this.identifierIndex = new Map();
+    this.identifierIndexDirty = false;
+  }
+
+  // The engine's MemoryRepository answers every search by scanning every resource of the type,
+  // so each conditional create got slower as the sandbox filled up (a 10,000-message backlog
+  // took minutes per thousand). Medplum on PostgreSQL looks ids and identifiers up in an index;
+  // so do we: a search by `_id`, or with an `identifier` token, narrows the scan to the
+  // resources carrying that value, and the engine's own matcher still decides (the index only
+  // has to over-approximate: keys are lower-cased values, whatever the system).
+  searchSync(search) {
+    const ids = chainedOrUnindexed(search) ? undefined : this.identifierCandidates(search);
+    if (!ids) {
+      return super.searchSync(search);
+    }
+    const all = this.resources.get(search.resourceType);
+    const narrowed = new Map();
+    for (const id of ids) {
+      const resource = all?.get(id);
+      if (resource) {
+        narrowed.set(id, resource);
+      }
+    }
+    this.resources.set(search.resourceType, narrowed);
+    try {
+      return super.searchSync(search);
+    } finally {
+      this.resources.set(search.resourceType, all ?? new Map());
+    }
+  }
+
+  identifierCandidates(search) {
+    const byId = search.filters?.find(
+      (f) => f.code === '_id' && (f.operator === undefined || f.operator === Operator.EQUALS)
+    );
+    if (byId && typeof byId.value === 'string' && byId.value && !byId.value.includes(',')) {
+      return new Set([byId.value]); // the primary key
+    }
+    const filter = search.filters?.find(
+      (f) => f.code === 'identifier' && (f.operator === undefined || f.operator === Operator.EQUALS)
+    );
+    const key = filter && identifierKey(filter.value);
+    if (!key) {
+      return undefined;
+    }
+    if (this.identifierIndexDirty) {
+      this.rebuildIdentifierIndex();
+    }
+    return this.identifierIndex.get(search.resourceType)?.get(key) ?? new Set();
+  }
+
+  indexIdentifiers(resource) {
+    let byValue = this.identifierIndex.get(resource.resourceType);
+    if (!byValue) {
+      byValue = new Map();
+      this.identifierIndex.set(resource.resourceType, byValue);
+    }
+    for (const ident of Array.isArray(resource.identifier) ? resource.identifier : []) {
+      if (typeof ident?.value === 'string' && ident.value) {
+        const key = ident.value.toLowerCase();
+        if (!byValue.has(key)) {
+          byValue.set(key, new Set());
+        }
+        byValue.get(key).add(resource.id);
+      }
+    }
+  }
+
+  rebuildIdentifierIndex() {
+    this.identifierIndex = new Map();
+    for (const byId of this.resources.values()) {
+      for (const resource of byId.values()) {
+        this.indexIdentifiers(resource);
+      }
+    }
+    this.identifierIndexDirty = false;
   }
 
   /** Real server order: resolve conditional references, then validate. Mutates and returns resource. */
@@ -175,6 +269,8 @@ class SandboxRepository extends MemoryRepository {
   // writes in the same millisecond (the engine compares timestamps as strings).
   createResourceSync(resource, options, update) {
     const result = super.createResourceSync(resource, options, update);
+    // Stale keys from an earlier version are harmless: the engine's matcher still decides.
+    this.indexIdentifiers(result);
     let ts = Date.parse(result.meta.lastUpdated);
     if (!(ts > this.lastTimestamp)) {
       ts = this.lastTimestamp + 1;
@@ -225,7 +321,18 @@ class SandboxRepository extends MemoryRepository {
     return { resources, history };
   }
 
+  async deleteResource(resourceType, id, options) {
+    await super.deleteResource(resourceType, id, options);
+    this.identifierIndexDirty = true;
+  }
+
+  async expungeResources(resourceType, ids) {
+    await super.expungeResources(resourceType, ids);
+    this.identifierIndexDirty = true;
+  }
+
   restore(snapshot) {
+    this.identifierIndexDirty = true;
     this.resources.clear();
     for (const [type, byId] of snapshot.resources) {
       this.resources.set(type, byId);
