@@ -19,15 +19,19 @@ class Fhir(Protocol):
 
 
 def guarded_update(fhir: Fhir, resource_type: str, resource_id: str,
-                   change: Callable[[Resource], Resource | None], attempts: int = 5
-                   ) -> Resource | None:
+                   change: Callable[[Resource], Resource | None], attempts: int = 5,
+                   known: Resource | None = None) -> Resource | None:
     """Apply `change` to the current version and write it back only if nobody wrote in between.
 
     `change` gets a copy of the resource and returns the new one, or None for "nothing to do".
     A 412 (someone else updated it first) re-reads and re-applies; returns what was written.
+    `known`, a version the caller has just read, saves the first read: If-Match still guards it.
     """
     for _ in range(attempts):
-        current = fhir.read(resource_type, resource_id).resource
+        if known is not None and (known.get("meta") or {}).get("versionId"):
+            current, known = known, None
+        else:
+            current = fhir.read(resource_type, resource_id).resource
         new = change(dict(current))
         if new is None:
             return None

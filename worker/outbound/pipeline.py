@@ -104,7 +104,7 @@ class OutboundDeps:
 def send_outbound(req: OutboundRequest, deps: OutboundDeps, task_id: str) -> SendResult:
     """Send one outbound message exactly once; raises TransientError / PermanentError /
     Deferred for the task base class to act on."""
-    comm = _load(req, deps)
+    comm, context = _load(req, deps)
     comm_id = str(comm["id"])
     refusal = unsendable(comm)
     if refusal is not None:
@@ -114,8 +114,8 @@ def send_outbound(req: OutboundRequest, deps: OutboundDeps, task_id: str) -> Sen
     if earlier is not None:
         return earlier
     try:
-        header = _header(comm, deps)
-        patient = _recipient(comm, header, deps)
+        header = _header(comm, deps, context)
+        patient = _recipient(comm, header, deps, context)
         telecoms = patient.get("telecom") or []
         channel = req.channel or choose_channel(None, _reply_channel(header, patient, deps),
                                                 telecoms)
@@ -203,7 +203,7 @@ def _send(req: OutboundRequest, deps: OutboundDeps, comm: Mapping[str, Any], com
     deps.ledger.record(comm_id, sent)  # first: from here on a redelivery will not send again
     deps.state.update(req.request_id, "sent", communication=comm_id, **sent)
     log.info("outbound Communication/%s sent by %s as %s", comm_id, channel, result.provider_id)
-    _record_sent(deps, comm_id, channel, result, list(req.attempts), req.request_id)
+    _record_sent(deps, comm_id, channel, result, list(req.attempts), req.request_id, comm)
     return result
 
 
@@ -228,9 +228,30 @@ def _pace(req: OutboundRequest, deps: OutboundDeps, channel: str, sender: str) -
                    {"rate_slot": req.rate_slot, "channel": channel})
 
 
-def _load(req: OutboundRequest, deps: OutboundDeps) -> dict[str, Any]:
+def _load(req: OutboundRequest, deps: OutboundDeps
+          ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The Communication, and what came with it: its thread header and recipient, by
+    "Type/id". One search with _include instead of three reads: a send's FHIR round trips are
+    most of its cost (bench/results.md, "Outbound sends")."""
     if req.communication_id:
-        return deps.fhir.read("Communication", req.communication_id).resource
+        found = deps.fhir.search("Communication", [
+            ("_id", req.communication_id), ("_include", "Communication:part-of"),
+            ("_include", "Communication:recipient")])
+        context: dict[str, dict[str, Any]] = {}
+        comm = None
+        for entry in _list(found.get("entry")):
+            resource = entry.get("resource") if isinstance(entry, Mapping) else None
+            if not isinstance(resource, dict) or not isinstance(resource.get("id"), str):
+                continue
+            if (resource.get("resourceType") == "Communication"
+                    and resource["id"] == req.communication_id
+                    and (entry.get("search") or {}).get("mode", "match") == "match"):
+                comm = resource
+            else:
+                context[f"{resource.get('resourceType')}/{resource['id']}"] = resource
+        if comm is None:  # gone, or never there: the read says which, as before
+            comm = deps.fhir.read("Communication", req.communication_id).resource
+        return comm, context
     assert req.resource is not None
     resource = dict(req.resource)
     resource["resourceType"] = "Communication"
@@ -239,7 +260,7 @@ def _load(req: OutboundRequest, deps: OutboundDeps) -> dict[str, Any]:
     resource["identifier"] = [*(resource.get("identifier") or []), key]
     # Keyed on the request id: a redelivered task finds the Communication it created.
     return deps.fhir.create(resource, if_none_exist=[
-        ("identifier", f"{deps.request_system}|{req.request_id}")]).resource
+        ("identifier", f"{deps.request_system}|{req.request_id}")]).resource, {}
 
 
 def unsendable(comm: Mapping[str, Any]) -> str | None:
@@ -281,25 +302,26 @@ def _already_sent(req: OutboundRequest, comm: Mapping[str, Any], comm_id: str,
     result = SendResult(done["provider_id"], "sent", done.get("message_id", ""))
     if recorded is None:
         # The provider took it but the FHIR write did not happen (worker died): finish that.
-        _record_sent(deps, comm_id, done["channel"], result, [], req.request_id)
+        _record_sent(deps, comm_id, done["channel"], result, [], req.request_id, comm)
     return result
 
 
-def _header(comm: Mapping[str, Any], deps: OutboundDeps) -> dict[str, Any] | None:
+def _header(comm: Mapping[str, Any], deps: OutboundDeps,
+            context: Mapping[str, dict[str, Any]]) -> dict[str, Any] | None:
     for part in _list(comm.get("partOf")):
         thread = parse_reference(_reference(part), {"Communication"})
-        return deps.fhir.read(thread.type, thread.id).resource
+        return context.get(str(thread)) or deps.fhir.read(thread.type, thread.id).resource
     return None
 
 
-def _recipient(comm: Mapping[str, Any], header: Mapping[str, Any] | None, deps: OutboundDeps
-               ) -> dict[str, Any]:
+def _recipient(comm: Mapping[str, Any], header: Mapping[str, Any] | None, deps: OutboundDeps,
+               context: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
     refs = [_reference(r) for r in _list(comm.get("recipient"))]
     refs += [_reference((header or {}).get("subject")), _reference(comm.get("subject"))]
     for text in refs:
         if text.startswith("Patient/"):
             patient = parse_reference(text, {"Patient"})
-            return deps.fhir.read(patient.type, patient.id).resource
+            return context.get(str(patient)) or deps.fhir.read(patient.type, patient.id).resource
     raise PermanentError("no-recipient", "no Patient among recipient, thread subject, subject")
 
 
@@ -383,7 +405,8 @@ def _message(comm: Mapping[str, Any], comm_id: str, to: str, request_id: str = "
 
 
 def _record_sent(deps: OutboundDeps, comm_id: str, channel: str, result: SendResult,
-                 attempts: list[str], request_id: str | None = None) -> None:
+                 attempts: list[str], request_id: str | None = None,
+                 known: Mapping[str, Any] | None = None) -> None:
     """Write the provider id onto the Communication (If-Match). A refusal here happens after
     the message went out: it is dead-lettered as `record-failed`, never reported as unsent."""
     system = deps.id_systems[channel]
@@ -409,7 +432,8 @@ def _record_sent(deps: OutboundDeps, comm_id: str, channel: str, result: SendRes
         return c
 
     try:
-        guarded_update(deps.fhir, "Communication", comm_id, change)
+        guarded_update(deps.fhir, "Communication", comm_id, change,
+                       known=dict(known) if known is not None else None)
     except FhirPermanentError as exc:
         raise PermanentError("record-failed", f"sent as {result.provider_id}, but FHIR "
                              f"refused the update: {exc.outcome_text}") from None
