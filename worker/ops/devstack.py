@@ -258,9 +258,11 @@ def _venv_bin(name: str) -> str:
 
 
 def start_worker(env: Mapping[str, str], log_dir: Path, name: str = "worker",
-                 queues: str = "inbound,outbound,status", concurrency: int = 8) -> Child:
-    """A real Celery worker process (threads pool: the tasks wait on HTTP, not the CPU)."""
-    cmd = [_venv_bin("celery"), "-A", "worker.app", "worker", "-Q", queues, "-P", "threads",
+                 queues: str = "inbound,outbound,status", concurrency: int = 8,
+                 pool: str = "threads", app: str = "worker.app") -> Child:
+    """A real Celery worker process (threads pool by default: the tasks wait on HTTP, not the
+    CPU; the benchmarks also run prefork and gevent, and a bare baseline `app`)."""
+    cmd = [_venv_bin("celery"), "-A", app, "worker", "-Q", queues, "-P", pool,
            "-c", str(concurrency), "-n", f"{name}@%h", "--loglevel", "INFO",
            "--without-gossip", "--without-mingle"]
     child = _spawn(name, cmd, log_dir, env={**os.environ, **env}, cwd=ROOT)

@@ -1,0 +1,142 @@
+"""Outbound sends/s: Switchboard's send task against a bare Celery task making the same Twilio
+call (tests/bench/bare_outbound.py), the same pool and concurrency, side by side in one run.
+
+The provider sandbox answers every Twilio send 5 ms late. Switchboard's send also reads the
+message, its thread and the patient from the FHIR sandbox, claims and records the send in Redis
+and writes the provider id back onto the Communication (If-Match): the ratio is the price of
+never double-sending and of a record in the EHR. Both queues are filled before the worker
+starts; the clock runs from the worker's "ready" to its last "succeeded" line.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import statistics
+import uuid
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from tests.bench import bare_outbound
+from tests.bench.backends import start
+from tests.bench.workers import rss_mib, wait_finished
+from tests.support import AUTH_TOKEN, PUBLIC_BASE_URL, ProviderSandbox, Sandbox
+from web.enqueue import Enqueuer
+from worker.broker.celery_app import QUEUE_OUTBOUND, TASK_OUTBOUND_SEND
+from worker.ops import devstack
+from worker.settings import load_settings
+
+CLINIC = "+15557654321"
+POOLS = ("threads", "prefork", "gevent")
+CONCURRENCY = 8
+
+
+def _messages(fhir: Any, count: int, phones: list[str]) -> list[str]:
+    """`count` clinician replies, each a child of its patient's SMS thread; their ids."""
+    sms = [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationMode",
+                        "code": "SMSWRIT"}]}]
+    headers = []
+    for phone in phones:
+        patient = fhir.create({"resourceType": "Patient", "telecom": [
+            {"system": "phone", "value": phone, "use": "mobile"}]}).resource
+        headers.append(fhir.create({
+            "resourceType": "Communication", "status": "in-progress", "medium": sms,
+            "subject": {"reference": f"Patient/{patient['id']}"}}).resource)
+
+    def reply(i: int) -> str:
+        h = headers[i % len(headers)]
+        return str(fhir.create({
+            "resourceType": "Communication", "status": "in-progress",
+            "partOf": [{"reference": f"Communication/{h['id']}"}],
+            "recipient": [h["subject"]],
+            "payload": [{"contentString": f"Your results are ready ({i})"}]}).resource["id"])
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        return list(pool.map(reply, range(count)))
+
+
+def _switchboard(log_dir: Path, env: dict[str, str], sandbox: Sandbox, comm_ids: list[str],
+                 pool: str) -> tuple[float, float, float]:
+    """(sends/s, worker RSS MiB, FHIR requests per send) for Switchboard's own send task."""
+    settings = load_settings(env)
+    redis.Redis.from_url(settings.redis_url).flushdb()
+    enqueuer = Enqueuer.from_settings(settings)
+    for cid in comm_ids:
+        request_id = uuid.uuid4().hex
+        enqueuer.send(TASK_OUTBOUND_SEND, QUEUE_OUTBOUND,
+                      [{"communication": f"Communication/{cid}", "request_id": request_id}],
+                      f"outbound:{request_id}")
+    child = devstack.start_worker(env, log_dir, name=f"bench-out-{pool}", queues="outbound",
+                                  concurrency=CONCURRENCY, pool=pool)
+    sandbox.reset_counter()
+    try:
+        seconds = wait_finished([child], len(comm_ids), 600)
+        rss = rss_mib(child.proc.pid)
+    finally:
+        child.stop()
+    return len(comm_ids) / seconds, rss, sandbox.stats()["requests"] / len(comm_ids)
+
+
+def _bare(log_dir: Path, env: dict[str, str], count: int, phones: list[str], pool: str
+          ) -> tuple[float, float]:
+    """(sends/s, worker RSS MiB) for the bare task."""
+    redis.Redis.from_url(env["REDIS_URL"]).flushdb()
+    app = bare_outbound.app
+    app.conf.broker_url = env["REDIS_URL"]
+    with app.connection_for_write() as conn:
+        for i in range(count):
+            app.send_task(bare_outbound.TASK, args=[phones[i % len(phones)],
+                                                    f"Your results are ready ({i})"],
+                          queue=bare_outbound.QUEUE, connection=conn)
+    child = devstack.start_worker(env, log_dir, name=f"bench-bare-{pool}",
+                                  queues=bare_outbound.QUEUE, concurrency=CONCURRENCY,
+                                  pool=pool, app="tests.bench.bare_outbound")
+    try:
+        seconds = wait_finished([child], count, 600)
+        rss = rss_mib(child.proc.pid)
+    finally:
+        child.stop()
+    return count / seconds, rss
+
+
+def run(log_dir: Path, quick: bool = False) -> list[str]:
+    """Both tasks under each pool; returns the Markdown section for bench/results.md."""
+    count = 150 if quick else 600
+    provider, origin = devstack.start_provider_sandbox(log_dir, [])
+    providers = ProviderSandbox(origin)
+    providers.fault(provider="twilio", delay_ms=5, count=0, sticky=True)
+    backends = start(log_dir, "outbound", TWILIO_API_BASE_URL=origin,
+                     TWILIO_FROM_NUMBER=CLINIC, SMS_RATE_PER_SECOND="100000",
+                     BARE_TWILIO_BASE=origin, BARE_TWILIO_SID="ACbench",
+                     BARE_TWILIO_TOKEN=AUTH_TOKEN, BARE_TWILIO_FROM=CLINIC,
+                     BARE_STATUS_CALLBACK=f"{PUBLIC_BASE_URL}/webhooks/twilio/status")
+    phones = [f"+1555{5000000 + i:07d}" for i in range(50)]
+    rows: dict[str, dict[str, float]] = {}
+    try:
+        for pool in POOLS:
+            ids = _messages(backends.sandbox.fhir, count, phones)
+            ours, ours_rss, trips = _switchboard(log_dir, backends.env, backends.sandbox, ids,
+                                                 pool)
+            bare, bare_rss = _bare(log_dir, backends.env, count, phones, pool)
+            rows[pool] = {"ours": ours, "bare": bare, "ours_rss": ours_rss,
+                          "bare_rss": bare_rss, "trips": trips}
+    finally:
+        backends.stop()
+        providers.close()
+        provider.stop()
+    lines = ["## Outbound sends", "",
+             f"{count} SMS replies per row, the provider sandbox answering each send 5 ms late; "
+             f"one worker, concurrency {CONCURRENCY}, queue filled before it starts. Switchboard's "
+             "send reads the message, thread and patient from FHIR (contention mode), claims "
+             "and records the send in Redis and writes the provider id back (If-Match); the bare "
+             "task makes the same Twilio call with the same SDK and nothing else.", "",
+             "| pool | Switchboard sends/s | bare task sends/s | ratio | Switchboard RSS MiB "
+             "| bare RSS MiB | FHIR requests per send |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for pool, r in rows.items():
+        lines.append(f"| {pool} | {r['ours']:.0f} | {r['bare']:.0f} | "
+                     f"{r['ours'] / r['bare']:.2f} | {r['ours_rss']:.0f} | "
+                     f"{r['bare_rss']:.0f} | {r['trips']:.1f} |")
+    ratios = [r["ours"] / r["bare"] for r in rows.values()]
+    lines.append(f"\nMedian ratio {statistics.median(ratios):.2f} (goal ≥ 0.80).")
+    return lines
