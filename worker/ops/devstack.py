@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import redis
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -301,14 +302,20 @@ def start_web(env: Mapping[str, str], log_dir: Path, port: int, workers: int = 2
            "--access-logfile", "-", "--access-logformat", '%(m)s %(U)s %(s)s %(L)ss', app]
     child = _spawn(name, cmd, log_dir, env={**os.environ, **env}, cwd=ROOT)
     _wait_for(child, "Booting worker", timeout=30)
-    deadline = time.monotonic() + 15
+    # Listening is not serving: the kernel accepts connections while a worker still imports
+    # the app (seconds on a busy machine), and a client's bytes then wait unread. Ready means
+    # a request was answered.
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
                 return child
-        except OSError:
-            time.sleep(0.05)
-    raise StartError("gunicorn is not listening:\n" + child.output())
+        except httpx.HTTPError:
+            pass
+        if child.proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    raise StartError("gunicorn is not serving:\n" + child.output())
 
 
 @dataclass
