@@ -239,11 +239,17 @@ def test_the_round_trip_by_email(services: Services, sandbox: Sandbox,
     deliver(svc, parsed_post(PATIENT, subject="Rash question", text="Is it serious?",
                              message_id=first))
     header = header_of(sandbox, landed(sandbox, first))
-    send_email(svc, reply(sandbox, header, patient, "No, it is fine"))
+    sent_id = send_email(svc, reply(sandbox, header, patient, "No, it is fine"))["communication"]
     (mail,) = providers.requests("sendgrid")
     assert mail["json"]["headers"]["In-Reply-To"] == first
+    assert mail["json"]["headers"]["References"] == first
     assert mail["json"]["subject"] == "Re: Rash question"
     ours = mail["json"]["headers"]["Message-ID"]
+    # The API says "sent" a moment before our Message-ID is written on the Communication; a
+    # patient's answer comes later than that (and is matched by that identifier).
+    eventually(lambda: any(i.get("value") == ours for i in sandbox.fhir.read(
+        "Communication", sent_id).resource.get("identifier") or []),
+        what="our Message-ID recorded")
     answer = new_message_id()
     deliver(svc, parsed_post(PATIENT, subject="Re: Rash question", text="Thanks!",
                              message_id=answer, in_reply_to=ours, references=[ours]))

@@ -148,6 +148,28 @@ def test_event_signature_over_the_timestamp_and_the_raw_bytes() -> None:
         == "not-configured"
 
 
+def test_event_signature_agrees_with_the_sdk_helper() -> None:
+    """The issue names the sendgrid SDK's EventWebhook helper; the route uses the shared bytes
+    check (worker/channels/sendgrid_signing.py). Both must accept and refuse the same batches."""
+    from sendgrid.helpers.eventwebhook import EventWebhook
+
+    key, public = _keys()
+    ours, sdk = EventSignature(public), EventWebhook(public)
+    now = time.time()
+    stamp = str(int(now))
+    body = json.dumps([_event(reason="Zoë \u2019 満杯")], ensure_ascii=False).encode()
+    cases = [
+        (body, _sign(key, stamp, body)),  # genuine
+        (body + b" ", _sign(key, stamp, body)),  # tampered
+        (body, _sign(_keys()[0], stamp, body)),  # forged
+        (body.replace(b"delivered", b"bounce"), _sign(key, stamp, body)),
+    ]
+    for data, signature in cases:
+        assert (ours.check(data, signature, stamp, now) is None) == \
+            sdk.verify_signature(data.decode("utf-8"), signature, stamp)
+    assert ours.check(*cases[0], stamp, now) is None
+
+
 def test_verification_key_is_checked_at_start_up() -> None:
     base = {"REDIS_URL": "redis://127.0.0.1:6379/0", "FHIR_BASE_URL": "http://127.0.0.1/fhir/",
             "FHIR_CLIENT_ID": "c", "FHIR_CLIENT_SECRET": "s", "TWILIO_ACCOUNT_SID": "AC1",
