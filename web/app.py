@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from web.api import MAX_WAIT_SECONDS, api_blueprint
 from web.enqueue import Enqueuer
+from web.webhooks.fhir import fhir_blueprint
 from web.webhooks.sendgrid import INBOUND_PATH, sendgrid_blueprint
 from web.webhooks.sendgrid_events import body_limit, sendgrid_events_blueprint
 from web.webhooks.twilio import twilio_blueprint
@@ -88,6 +89,7 @@ def create_app(settings: Settings | None = None, enqueuer: Enqueuer | None = Non
     app.register_blueprint(twilio_blueprint(settings))
     app.register_blueprint(sendgrid_events_blueprint(settings))
     app.register_blueprint(sendgrid_blueprint(settings))
+    app.register_blueprint(fhir_blueprint(settings))
     app.register_blueprint(api_blueprint(settings, redis.Redis.from_url(
         settings.redis_url, socket_timeout=MAX_WAIT_SECONDS + 5, socket_connect_timeout=3)))
 

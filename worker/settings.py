@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     sendgrid_event_verification_key: str = ""
     # Bearer tokens accepted by POST /v1/messages, comma-separated.
     api_tokens: SecretStr = SecretStr("")
+    # Key of the HMAC-SHA256 that FHIR Subscription rest-hooks are signed with (X-Signature);
+    # `switchboard subscription install` writes it into Medplum's subscription-secret
+    # extension. Empty: POST /webhooks/fhir/subscription refuses every delivery (403).
+    fhir_subscription_secret: SecretStr = SecretStr("")
     # Which medium a reply follows: the thread header's, or the patient's last inbound message's.
     reply_channel_source: Literal["header", "last-inbound"] = "header"
     # Send pacing shared by every worker: messages per second per channel and sending address

@@ -16,6 +16,7 @@ from worker.broker.celery_app import (
     TASK_OUTBOUND_SEND,
     TASK_RECONCILE,
     TASK_SENDGRID_EVENTS,
+    TASK_SUBSCRIPTION_NOTIFIED,
     TASK_TWILIO_STATUS,
 )
 from worker.broker.retry import SwitchboardTask
@@ -23,10 +24,12 @@ from worker.channels import twilio
 from worker.channels.sendgrid import EMAIL_INBOUND_MESSAGE_ID_SYSTEM
 from worker.channels.sendgrid_inbound import clinic_mailbox
 from worker.channels.twilio import TwilioSms
+from worker.fhir.reference import ref
 from worker.fhir.resources import clinic_participant
 from worker.inbound.email import deliver_email
 from worker.inbound.pipeline import apply_opt_keyword, deliver_inbound
 from worker.inbound.threads import ThreadContext
+from worker.outbound.automatic import on_notification
 from worker.outbound.pipeline import OutboundRequest, send_outbound
 from worker.outbound.reconcile import reconcile_stuck
 from worker.outbound.status import apply_email_events, apply_status
@@ -105,6 +108,14 @@ def outbound_send(self: OutboundTask, payload: dict[str, Any]) -> dict[str, Any]
     result = send_outbound(OutboundRequest.from_payload(payload), rt.outbound,
                            str(self.request.id))
     return {"provider_id": result.provider_id, "status": result.status}
+
+
+@shared_task(bind=True, base=SwitchboardTask, name=TASK_SUBSCRIPTION_NOTIFIED)
+def subscription_notified(self: SwitchboardTask, payload: dict[str, Any]) -> dict[str, Any]:
+    """A FHIR Subscription named this Communication: read it, send it if it is a reply."""
+    rt = get_runtime()
+    comm_id = ref("Communication", payload.get("communication")).id
+    return {"result": on_notification(comm_id, rt.outbound, str(self.request.id), rt.metrics)}
 
 
 @shared_task(bind=True, base=SwitchboardTask, name=TASK_TWILIO_STATUS)

@@ -18,6 +18,8 @@ TASK_OUTBOUND_SEND = "switchboard.outbound.send"
 TASK_TWILIO_STATUS = "switchboard.status.twilio"
 TASK_SENDGRID_EVENTS = "switchboard.status.sendgrid"
 TASK_RECONCILE = "switchboard.status.reconcile"
+# A Communication a FHIR Subscription told us about (outbound queue: it may end in a send).
+TASK_SUBSCRIPTION_NOTIFIED = "switchboard.outbound.subscription"
 TASK_INBOX_SWEEP = "switchboard.inbox.sweep"
 # Publish options that keep payloads out of task events (and so out of Flower): the args of
 # our tasks carry phone numbers and message bodies.
@@ -44,6 +46,7 @@ def create_celery(settings: Settings) -> Celery:
         task_routes={TASK_INBOUND_SMS: {"queue": QUEUE_INBOUND},
                      TASK_INBOUND_EMAIL: {"queue": QUEUE_INBOUND},
                      TASK_OUTBOUND_SEND: {"queue": QUEUE_OUTBOUND},
+                     TASK_SUBSCRIPTION_NOTIFIED: {"queue": QUEUE_OUTBOUND},
                      TASK_TWILIO_STATUS: {"queue": QUEUE_STATUS},
                      TASK_SENDGRID_EVENTS: {"queue": QUEUE_STATUS},
                      TASK_RECONCILE: {"queue": QUEUE_STATUS},

@@ -19,6 +19,7 @@ import redis
 from twilio.request_validator import RequestValidator
 
 from worker.channels.phones import InvalidPhoneNumber, to_e164
+from worker.fhir.client import FhirClient
 from worker.ops import logs
 from worker.settings import ConfigError, Settings, load_settings
 from worker.stores.dead_letters import (
@@ -250,6 +251,106 @@ def cmd_check(_: Settings | None, args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+# -- FHIR Subscription (automatic outbound) ----------------------------------------------------
+
+def _fhir(settings: Settings) -> FhirClient:
+    return FhirClient(settings.fhir_base_url, settings.fhir_token_url, settings.fhir_client_id,
+                      settings.fhir_client_secret.get_secret_value(),
+                      timeout=settings.fhir_timeout_seconds)
+
+
+def _refused(what: str, exc: Exception) -> int:
+    """Say why the FHIR server did not do it (exit 1)."""
+    from worker.fhir.outcome import FhirPermanentError
+
+    if isinstance(exc, FhirPermanentError):
+        print(f"FAIL {what}: the FHIR server refused (HTTP {exc.status}): "
+              f"{exc.outcome_text or 'no reason given'}", file=sys.stderr)
+        if exc.status in (401, 403):
+            print("  the client needs write access to Subscription and read access to "
+                  "AuditEvent (README, Automatic outbound)", file=sys.stderr)
+    else:
+        print(f"FAIL {what}: {exc}", file=sys.stderr)
+    return 1
+
+
+def cmd_subscription_install(settings: Settings, args: argparse.Namespace) -> int:
+    """Create or update the Subscription that posts new replies to this service."""
+    from worker.errors import SwitchboardError
+    from worker.fhir import subscription as sub
+
+    secret = settings.fhir_subscription_secret.get_secret_value()
+    if not secret:
+        print("FAIL install: FHIR_SUBSCRIPTION_SECRET is not set (a long random secret; the "
+              "receiver checks every notification's signature with it)", file=sys.stderr)
+        return 2
+    fhir = _fhir(settings)
+    try:
+        done = sub.install(fhir, settings.public_base_url, secret)
+    except SwitchboardError as exc:
+        return _refused("install", exc)
+    finally:
+        fhir.close()
+    r = done.resource
+    print(f"{'created' if done.created else 'updated'} Subscription/{r.get('id')} "
+          f"(tag {sub.TAG_SYSTEM}|{sub.TAG_CODE})")
+    print(f"  criteria  {r.get('criteria')}  (on create only)")
+    print(f"  endpoint  {(r.get('channel') or {}).get('endpoint')}  "
+          f"(rest-hook, {(r.get('channel') or {}).get('payload')}, signed with "
+          "FHIR_SUBSCRIPTION_SECRET)")
+    print(f"  status    {r.get('status')}")
+    return 0
+
+
+def cmd_subscription_status(settings: Settings, args: argparse.Namespace) -> int:
+    """Show the installed Subscription and the failed deliveries the server recorded."""
+    import hmac as _hmac
+
+    from worker.errors import SwitchboardError
+    from worker.fhir import subscription as sub
+
+    fhir = _fhir(settings)
+    try:
+        found = sub.installed(fhir)
+        if not found:
+            print("no Switchboard Subscription on the FHIR server: run "
+                  "`switchboard subscription install`")
+            return 1
+        healthy = True
+        for r in found:
+            channel = r.get("channel") or {}
+            secret = sub.extension_value(r, sub.SECRET_EXTENSION)
+            ours = settings.fhir_subscription_secret.get_secret_value()
+            same = isinstance(secret, str) and bool(ours) and _hmac.compare_digest(
+                secret.encode(), ours.encode())
+            expected = sub.endpoint(settings.public_base_url)
+            print(f"Subscription/{r.get('id')}  status={r.get('status')}"
+                  + (f"  error={r.get('error')}" if r.get("error") else ""))
+            print(f"  criteria     {r.get('criteria')}")
+            print(f"  interaction  "
+                  f"{sub.extension_value(r, sub.INTERACTION_EXTENSION) or 'create, update'}")
+            print(f"  endpoint     {channel.get('endpoint')}"
+                  + ("" if channel.get("endpoint") == expected else f"  (expected {expected})"))
+            print("  secret       " + ("matches FHIR_SUBSCRIPTION_SECRET" if same else
+                                     "DIFFERS from FHIR_SUBSCRIPTION_SECRET (deliveries "
+                                     "get 403)"))
+            total, events = sub.failed_deliveries(fhir, str(r.get("id")))
+            n = total if total is not None else len(events)
+            print(f"  failed deliveries recorded (AuditEvent): {n}")
+            for e in events:
+                print(f"    {e.get('recorded', '?')}  {e.get('outcomeDesc', '')}")
+            healthy = healthy and r.get("status") == "active" and same and \
+                channel.get("endpoint") == expected
+        if len(found) > 1:
+            print(f"warning: {len(found)} Subscriptions carry Switchboard's tag; each "
+                  "delivers (harmless: one send per message), delete the extra ones")
+        return 0 if healthy else 1
+    except SwitchboardError as exc:
+        return _refused("status", exc)
+    finally:
+        fhir.close()
+
+
 # -- make run ---------------------------------------------------------------------------------
 
 DEV_DEFAULTS = {
@@ -290,7 +391,6 @@ def inbound_email_example(providers_origin: str, settings: Settings,
 
 def cmd_run(_: Settings | None, args: argparse.Namespace) -> int:
     """Run the whole service locally on embedded defaults until Ctrl-C."""
-    from worker.fhir.client import FhirClient
     from worker.fhir.resources import patient_with_phone
     from worker.ops import devstack
 
@@ -463,6 +563,13 @@ def build_parser() -> argparse.ArgumentParser:
     optout.add_argument("address", help="phone number (any common format) or email address")
     optout.add_argument("--channel", choices=("sms", "email"), default="sms")
     optout.set_defaults(func=cmd_optout)
+
+    subs = sub.add_parser("subscription", help="the FHIR Subscription of automatic outbound"
+                          ).add_subparsers(dest="subscription", required=True)
+    subs.add_parser("install", help="create or update it (idempotent)").set_defaults(
+        func=cmd_subscription_install)
+    subs.add_parser("status", help="what is installed, and failed deliveries").set_defaults(
+        func=cmd_subscription_status)
 
     dlq = sub.add_parser("dlq", help="dead-letter store").add_subparsers(dest="dlq",
                                                                           required=True)

@@ -52,6 +52,9 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "switchboard_email_events": ("counter", "SendGrid Event Webhook events applied, by event "
                                  "(processed, delivered, bounce, open, click, spamreport, …; "
                                  "`other` for the rest)", ("event",)),
+    "switchboard_subscription_ignored": ("counter", "FHIR Subscription notifications that "
+                                         "led to no send, by reason (from-patient, "
+                                         "already-sent, delete, ...)", ("reason",)),
     "switchboard_reconciled": ("counter", "Stuck sends reconciled with the provider, by "
                                "outcome (completed, stopped, unchanged, errors)", ("outcome",)),
     "switchboard_messages_recovered": ("counter", "Messages a dead worker held, put back in "
