@@ -450,15 +450,18 @@ def cmd_run(_: Settings | None, args: argparse.Namespace) -> int:
         for name in ("SENDGRID_INBOUND_VERIFICATION_KEY", "SENDGRID_INBOUND_BASIC_AUTH"):
             if name in os.environ:
                 env[name] = os.environ[name]
+        # Automatic outbound: the sandbox posts new replies to us, signed with this secret.
+        env["FHIR_SUBSCRIPTION_SECRET"] = os.environ.get("FHIR_SUBSCRIPTION_SECRET",
+                                                         secrets.token_urlsafe(24))
         settings = load_settings(env)
+        thread: dict[str, str] = {}
         if sandbox is not None:
-            fhir = FhirClient(settings.fhir_base_url, settings.fhir_token_url,
-                              settings.fhir_client_id,
-                              settings.fhir_client_secret.get_secret_value())
+            fhir = _fhir(settings)
             demo = patient_with_phone(DEMO_PATIENT_PHONE)
             demo["telecom"].append({"system": "email", "value": DEMO_PATIENT_EMAIL})
             demo_id = fhir.create(demo, if_none_exist=[("phone", DEMO_PATIENT_PHONE)]
                                   ).resource["id"]
+            thread = _demo_thread(fhir, settings, demo_id)
             fhir.close()
         child_env = settings.as_env()
         stack.children.append(devstack.start_worker(child_env, log_dir))
@@ -525,6 +528,19 @@ as SendGrid's Inbound Parse does (signed; "mode": "raw" posts the raw MIME messa
 
 {inbound_email_example(providers_origin, settings)}
 """, flush=True)
+        if thread:
+            print(f"""Automatic outbound: {thread["installed"]}; the FHIR sandbox posts every new
+reply to {settings.public_base_url}/webhooks/fhir/subscription (signed). Write a clinician's reply
+into the demo thread in FHIR (with TOKEN from above), and the SMS appears in the provider
+sandbox with nothing else to call:
+
+curl -sS -X POST -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/fhir+json' \\
+  '{settings.fhir_base_url}Communication' -d '{{"resourceType": "Communication",
+   "status": "in-progress", "partOf": [{{"reference": "Communication/{thread["thread"]}"}}],
+   "sender": {{"reference": "Practitioner/{thread["practitioner"]}"}},
+   "recipient": [{{"reference": "Patient/{demo_id}"}}],
+   "payload": [{{"contentString": "Your lab results are in; all normal."}}]}}'
+""" + (f"curl -s {providers_origin}/__requests\n" if providers_origin else ""), flush=True)
         while all(_alive(c) for c in stack.children):
             time.sleep(0.5)
         print("a component exited; stopping", file=sys.stderr)
@@ -534,6 +550,29 @@ as SendGrid's Inbound Parse does (signed; "mode": "raw" posts the raw MIME messa
         return 0
     finally:
         stack.stop()
+
+
+def _demo_thread(fhir: FhirClient, settings: Settings, patient_id: str) -> dict[str, str]:
+    """`make run`'s demo SMS thread and clinician, and the Subscription installed."""
+    from worker.fhir import subscription as sub
+    from worker.fhir.resources import PARTICIPATION_MODE
+
+    key = settings.thread_id_system
+    doctor = fhir.create({"resourceType": "Practitioner",
+                          "identifier": [{"system": key, "value": "demo-clinician"}],
+                          "name": [{"family": "Demo", "prefix": ["Dr."]}]},
+                         if_none_exist=[("identifier", f"{key}|demo-clinician")]).resource
+    thread = fhir.create({
+        "resourceType": "Communication", "status": "in-progress",
+        "identifier": [{"system": key, "value": "demo-thread"}],
+        "subject": {"reference": f"Patient/{patient_id}"}, "topic": {"text": "Demo thread"},
+        "medium": [{"coding": [{"system": PARTICIPATION_MODE, "code": "SMSWRIT"}]}]},
+        if_none_exist=[("identifier", f"{key}|demo-thread")]).resource
+    done = sub.install(fhir, settings.public_base_url,
+                       settings.fhir_subscription_secret.get_secret_value())
+    how = "created" if done.created else "updated"
+    return {"thread": str(thread["id"]), "practitioner": str(doctor["id"]),
+            "installed": f"Subscription/{done.resource.get('id')} {how}"}
 
 
 def _alive(c: object) -> bool:
