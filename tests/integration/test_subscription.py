@@ -1,0 +1,337 @@
+"""Automatic outbound through FHIR Subscriptions: signed notifications → Redis → real worker →
+FHIR sandbox + provider sandbox; and the sandbox's own rest-hook delivery, end to end."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import API_TOKEN, Service, Services, outbound_env
+from tests.integration.test_outbound import message_in_thread, patient, recorded
+from tests.support import ProviderSandbox, Sandbox, eventually, post_signed, sms_params
+from worker.fhir import subscription as sub
+from worker.ops import devstack
+from worker.ops.metrics import KEY as METRICS_KEY
+from worker.ops.metrics import SEP
+
+SECRET = "test-subscription-secret"
+PATH = "/webhooks/fhir/subscription"
+TASK = "switchboard.outbound.subscription"
+
+
+@pytest.fixture()
+def providers_clean(providers: ProviderSandbox) -> ProviderSandbox:
+    """The provider sandbox, emptied for this test."""
+    providers.reset()
+    return providers
+
+
+def service(services: Services, providers: ProviderSandbox, worker: bool = True) -> Service:
+    return services.get(worker=worker, **outbound_env(providers,
+                                                      FHIR_SUBSCRIPTION_SECRET=SECRET))
+
+
+def notify(svc: Service, body: Any, secret: str = SECRET, raw: bytes | None = None,
+           **headers: str) -> Any:
+    """POST a notification signed as Medplum signs it (the hex HMAC of the exact body)."""
+    data = raw if raw is not None else json.dumps(body).encode()
+    signature = hmac.new(secret.encode(), data, hashlib.sha256).hexdigest()
+    return svc.app().test_client().post(PATH, data=data, headers={
+        "Content-Type": "application/fhir+json", "X-Signature": signature,
+        "X-Medplum-Interaction": "create", **headers})
+
+
+def queued(svc: Service) -> list[dict[str, Any]]:
+    """The payloads waiting on the outbound queue (no worker consumes this configuration's)."""
+    out = []
+    for raw in svc.redis.lrange("outbound", 0, -1):
+        message = json.loads(raw)
+        assert message["headers"]["task"] == TASK
+        args, _, _ = json.loads(base64.b64decode(message["body"]))
+        out.append(args[0])
+    return out
+
+
+def counter(svc: Service, name: str, *labels: str) -> float:
+    """A counter as the metrics module stored it in Redis (summed over processes)."""
+    value = svc.redis.hget(METRICS_KEY + name, SEP.join(labels))
+    return float(value or 0)
+
+
+def ignored(svc: Service, reason: str) -> float:
+    return counter(svc, "switchboard_subscription_ignored", reason)
+
+
+def finished(svc: Service) -> float:
+    return counter(svc, "switchboard_tasks", TASK, "succeeded")
+
+
+def wait_finished(svc: Service, target: float) -> None:
+    eventually(lambda: finished(svc) >= target, timeout=30,
+               what=f"{target} subscription tasks finished")
+
+
+# -- the receiver ----------------------------------------------------------------------------
+
+def test_only_correctly_signed_notifications_are_taken(
+        services: Services, providers: ProviderSandbox) -> None:
+    svc = service(services, providers, worker=False)
+    svc.redis.delete("outbound")
+    body = {"resourceType": "Communication", "id": "c1", "status": "in-progress"}
+    data = json.dumps(body).encode()
+    client = svc.app().test_client()
+    forged = [
+        {},  # no signature
+        {"X-Signature": hmac.new(b"guessed", data, hashlib.sha256).hexdigest()},
+        {"X-Signature": hashlib.sha256(data).hexdigest()},  # a bare hash, no key
+        {"X-Signature": "0" * 64},
+    ]
+    for headers in forged:
+        resp = client.post(PATH, data=data, headers={"Content-Type": "application/fhir+json",
+                                                     **headers})
+        assert resp.status_code == 403, headers
+        assert resp.get_json()["error"] == "bad-signature"
+    # Signed, then one byte changed (the id): the signature is over the exact bytes.
+    good = hmac.new(SECRET.encode(), data, hashlib.sha256).hexdigest()
+    tampered = data.replace(b'"c1"', b'"c2"')
+    assert client.post(PATH, data=tampered, headers={"X-Signature": good}).status_code == 403
+    # The same body re-serialised with other spacing is other bytes, so also refused.
+    spaced = json.dumps(body, indent=1).encode()
+    assert client.post(PATH, data=spaced, headers={"X-Signature": good}).status_code == 403
+    assert queued(svc) == []
+    resp = notify(svc, body, raw=data)
+    assert resp.status_code == 200 and resp.get_json() == {"status": "queued",
+                                                           "communications": 1}
+    assert queued(svc) == [{"communication": "c1"}]  # the id only: the worker reads FHIR
+    svc.redis.delete("outbound")
+
+
+@pytest.mark.parametrize("index", [0, 1, 3])
+def test_bundles_are_scanned_for_the_communication(
+        services: Services, providers: ProviderSandbox, index: int) -> None:
+    svc = service(services, providers, worker=False)
+    svc.redis.delete("outbound")
+    others: list[dict[str, Any]] = [
+        {"resource": {"resourceType": "SubscriptionStatus", "type": "event-notification",
+                      "status": "active"}},
+        {"resource": {"resourceType": "Patient", "id": "p1"}},
+        {"fullUrl": "https://fhir.example/Patient/p2"}]
+    mine = {"resource": {"resourceType": "Communication", "id": f"m{index}"}}
+    entries = [*others[:index], mine, *others[index:]]
+    resp = notify(svc, {"resourceType": "Bundle", "type": "history", "entry": entries})
+    assert resp.status_code == 200, resp.get_json()
+    assert queued(svc) == [{"communication": f"m{index}"}]
+    svc.redis.delete("outbound")
+
+
+def test_deletes_and_hostile_bodies(services: Services, providers: ProviderSandbox) -> None:
+    svc = service(services, providers, worker=False)
+    svc.redis.delete("outbound")
+    before = ignored(svc, "delete")
+    # Medplum's delete notification: body {} and the deleted resource in a header.
+    resp = notify(svc, {}, **{"X-Medplum-Interaction": "delete",
+                              "X-Medplum-Deleted-Resource": "Communication/c1"})
+    assert resp.status_code == 200 and resp.get_json()["reason"] == "delete"
+    # A heartbeat Bundle (nothing in it): acknowledged, nothing queued.
+    resp = notify(svc, {"resourceType": "Bundle", "type": "history", "entry": []})
+    assert resp.status_code == 200 and resp.get_json()["reason"] == "no-communication"
+    cases = [(b"not json", 400, "invalid-json"), (b"[1,2]", 400, "invalid-body"),
+             (b'{"resourceType":"Communication","id":"../Patient/1"}', 400, "invalid-id"),
+             (b'{"resourceType":"Patient","id":"p1"}', 422, "not-a-communication"),
+             (b"[" * 100000 + b"]" * 100000, 400, "invalid-json")]
+    for raw, status, reason in cases:
+        resp = notify(svc, None, raw=raw)
+        assert resp.status_code == status, raw[:40]
+        assert resp.get_json()["error"] == reason
+    assert queued(svc) == []
+    eventually(lambda: ignored(svc, "delete") > before, what="the delete counted")
+
+
+def test_a_queue_that_takes_nothing_is_a_5xx_so_medplum_retries(
+        services: Services, providers: ProviderSandbox) -> None:
+    from web.app import create_app
+    from worker.settings import load_settings
+
+    svc = service(services, providers, worker=False)
+    # The same service pointed at a Redis that is not there: nothing can be queued.
+    env = {**svc.env, "REDIS_URL": f"redis://127.0.0.1:{devstack.free_port()}/0"}
+    app = create_app(load_settings(env))
+    data = json.dumps({"resourceType": "Communication", "id": "c1"}).encode()
+    resp = app.test_client().post(PATH, data=data, headers={
+        "X-Signature": hmac.new(SECRET.encode(), data, hashlib.sha256).hexdigest()})
+    assert resp.status_code == 503
+
+
+# -- the worker ------------------------------------------------------------------------------
+
+def test_a_reply_notified_three_times_goes_out_once(
+        services: Services, sandbox: Sandbox, providers_clean: ProviderSandbox) -> None:
+    svc = service(services, providers_clean)
+    comm = message_in_thread(sandbox, patient(sandbox), "SMSWRIT")
+    start = finished(svc)
+    for _ in range(3):  # Medplum retries a delivery it thinks failed; all three arrive
+        assert notify(svc, comm).status_code == 200
+    stored = recorded(sandbox, comm["id"], svc.settings.message_id_system)
+    wait_finished(svc, start + 3)
+    (req,) = providers_clean.requests("twilio")
+    assert req["form"]["Body"] == "Your results are ready"
+    sids = [i["value"] for i in stored["identifier"]
+            if i["system"] == svc.settings.message_id_system]
+    assert sids == [req["message_sid"]]
+
+
+def test_a_reply_also_posted_to_the_api_goes_out_once(
+        services: Services, sandbox: Sandbox, providers_clean: ProviderSandbox) -> None:
+    svc = service(services, providers_clean)
+    comm = message_in_thread(sandbox, patient(sandbox), "SMSWRIT")
+    start = finished(svc)
+    assert notify(svc, comm).status_code == 200
+    resp = svc.app().test_client().post(
+        "/v1/messages", json={"communication": f"Communication/{comm['id']}"},
+        headers={"Authorization": f"Bearer {API_TOKEN}", "Prefer": "wait=25"})
+    assert resp.status_code == 200, resp.get_json()
+    wait_finished(svc, start + 1)
+    recorded(sandbox, comm["id"], svc.settings.message_id_system)
+    (req,) = providers_clean.requests("twilio")
+    assert resp.get_json()["provider_id"] == req["message_sid"]
+
+
+def test_a_stale_notification_of_a_sent_message_sends_nothing(
+        services: Services, sandbox: Sandbox, providers_clean: ProviderSandbox) -> None:
+    svc = service(services, providers_clean)
+    comm = message_in_thread(sandbox, patient(sandbox), "SMSWRIT")
+    resp = svc.app().test_client().post(
+        "/v1/messages", json={"communication": f"Communication/{comm['id']}"},
+        headers={"Authorization": f"Bearer {API_TOKEN}", "Prefer": "wait=25"})
+    assert resp.status_code == 200
+    recorded(sandbox, comm["id"], svc.settings.message_id_system)
+    before = ignored(svc, "already-sent")
+    # The notification still carries the version before the send: the worker reads FHIR.
+    assert notify(svc, comm).status_code == 200
+    eventually(lambda: ignored(svc, "already-sent") > before, what="ignored as already sent")
+    assert len(providers_clean.requests("twilio")) == 1
+
+
+def test_a_patients_own_message_is_never_echoed(
+        services: Services, sandbox: Sandbox, providers_clean: ProviderSandbox) -> None:
+    svc = service(services, providers_clean)
+    number = "+15553330001"
+    sandbox.patient(number)
+    params = sms_params(number, "Can I move my appointment?")
+    assert post_signed(svc.app().test_client(), params).status_code == 200
+    (written,) = eventually(lambda: sandbox.messages(params["MessageSid"]),
+                            what="the inbound message written")
+    before = ignored(svc, "from-patient")
+    assert notify(svc, written).status_code == 200
+    eventually(lambda: ignored(svc, "from-patient") > before, what="ignored as the patient's")
+    # Even a notification that lies about the sender: the worker reads the stored message.
+    lying = {**written, "sender": {"reference": "Practitioner/x"}}
+    assert notify(svc, lying).status_code == 200
+    eventually(lambda: ignored(svc, "from-patient") > before + 1, what="ignored again")
+    assert providers_clean.requests() == []
+
+
+def test_a_notification_of_a_deleted_or_unknown_message_sends_nothing(
+        services: Services, sandbox: Sandbox, providers_clean: ProviderSandbox) -> None:
+    svc = service(services, providers_clean)
+    before = ignored(svc, "deleted")
+    assert notify(svc, {"resourceType": "Communication", "id": "no-such-message"}
+                  ).status_code == 200
+    eventually(lambda: ignored(svc, "deleted") > before, what="ignored as gone")
+    assert providers_clean.requests() == []
+
+
+# -- install and status ----------------------------------------------------------------------
+
+def cli(svc: Service, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "worker.ops.cli", "subscription", *args],
+                          env={**svc.env, **env, "PATH": "/usr/bin:/bin"}, capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def test_install_twice_makes_one_subscription_and_status_shows_it(
+        services: Services, sandbox: Sandbox, providers: ProviderSandbox) -> None:
+    svc = service(services, providers, worker=False)
+    first = cli(svc, "install")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("created Subscription/")
+    second = cli(svc, "install")
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.startswith("updated Subscription/")
+    (only,) = sandbox.all("Subscription")
+    assert only["id"] in first.stdout and only["id"] in second.stdout
+    assert only["criteria"] == sub.CRITERIA
+    assert only["channel"]["endpoint"] == "https://switchboard.test/webhooks/fhir/subscription"
+    assert sub.extension_value(only, sub.SECRET_EXTENSION) == SECRET
+    status = cli(svc, "status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "matches FHIR_SUBSCRIPTION_SECRET" in status.stdout
+    assert "failed deliveries recorded (AuditEvent): 0" in status.stdout
+    assert SECRET not in status.stdout + first.stdout + second.stdout
+    other = cli(svc, "status", FHIR_SUBSCRIPTION_SECRET="rotated")
+    assert other.returncode == 1 and "DIFFERS" in other.stdout
+
+
+def test_install_against_a_server_that_refuses(
+        services: Services, sandbox: Sandbox, providers: ProviderSandbox) -> None:
+    svc = service(services, providers, worker=False)
+    sandbox.fault(status=403, method="PUT", path_contains="Subscription")
+    done = cli(svc, "install")
+    assert done.returncode == 1
+    assert "FAIL install: the FHIR server refused (HTTP 403)" in done.stderr
+    assert "write access to Subscription" in done.stderr
+    assert sandbox.all("Subscription") == []
+    unset = cli(svc, "install", FHIR_SUBSCRIPTION_SECRET="")
+    assert unset.returncode == 2 and "FHIR_SUBSCRIPTION_SECRET is not set" in unset.stderr
+    none = cli(svc, "status")
+    assert none.returncode == 1 and "switchboard subscription install" in none.stdout
+
+
+# -- end to end: the sandbox delivers as Medplum does ----------------------------------------
+
+def test_end_to_end_through_the_sandboxs_own_delivery(
+        services: Services, sandbox: Sandbox, providers_clean: ProviderSandbox,
+        log_dir: Path) -> None:
+    svc = service(services, providers_clean)
+    port = devstack.free_port()
+    web = devstack.start_web(svc.env, log_dir, port, workers=1, name=f"web-sub-{port}")
+    try:
+        sub.install(sandbox.fhir, f"http://127.0.0.1:{port}", SECRET)
+        pat = patient(sandbox)
+        # A clinician writes a reply straight into FHIR, and calls nothing else.
+        comm = message_in_thread(sandbox, pat, "SMSWRIT", text="Written in Medplum")
+        stored = recorded(sandbox, comm["id"], svc.settings.message_id_system)
+        (req,) = providers_clean.requests("twilio")
+        assert req["form"]["Body"] == "Written in Medplum"
+        # Our own update of the message (the provider id) did not notify us again, and the
+        # thread header (no partOf) was never a notification.
+        stats = eventually(lambda: (s := sandbox.stats()["subscriptions"])["deliveries"] >= 1
+                           and s, what="the delivery counted")
+        assert stats == {"deliveries": 1, "failures": 0}
+        assert stored["status"] == "in-progress"
+    finally:
+        web.stop()
+
+
+def test_failed_deliveries_are_retried_and_shown_by_status(
+        services: Services, sandbox: Sandbox, providers_clean: ProviderSandbox) -> None:
+    svc = service(services, providers_clean, worker=False)
+    # Nothing listens at this endpoint: every attempt fails and Medplum records each one.
+    closed = f"http://127.0.0.1:{devstack.free_port()}"
+    sub.install(sandbox.fhir, closed, SECRET)
+    message_in_thread(sandbox, patient(sandbox), "SMSWRIT")
+    eventually(lambda: sandbox.stats()["subscriptions"]["failures"] >= 2, timeout=30,
+               what="a failed attempt retried")
+    status = cli(svc, "status", PUBLIC_BASE_URL=closed)
+    assert "failed deliveries recorded (AuditEvent): " in status.stdout
+    count = int(status.stdout.split("failed deliveries recorded (AuditEvent): ")[1].split()[0])
+    assert count >= 2
+    assert "Attempt 1 received error" in status.stdout
