@@ -311,6 +311,62 @@ function txBundle(suffix, extra = []) {
   ok(stats.requests === 9 && stats.by_method.GET === 7 && stats.by_method.POST === 2, `stats ${JSON.stringify(stats)}`);
 }
 
+// --- rest-hook Subscriptions, delivered as Medplum does
+{
+  const { createHmac } = await import('node:crypto');
+  const http = await import('node:http');
+  const got = [];
+  const answers = [503]; // the first delivery fails, so it is retried
+  const hook = http.createServer((rq, rs) => {
+    const chunks = [];
+    rq.on('data', (c) => chunks.push(c));
+    rq.on('end', () => {
+      got.push({ headers: rq.headers, body: Buffer.concat(chunks).toString('utf8') });
+      rs.writeHead(answers.shift() ?? 200).end();
+    });
+  });
+  await new Promise((r) => hook.listen(0, '127.0.0.1', r));
+  const endpoint = `http://127.0.0.1:${hook.address().port}/hook`;
+  const subscribe = (interaction) =>
+    post('/Subscription', {
+      resourceType: 'Subscription', status: 'active', reason: 'selftest',
+      criteria: 'Communication?part-of:missing=false&status=in-progress',
+      channel: { type: 'rest-hook', endpoint, payload: 'application/fhir+json' },
+      extension: [
+        { url: 'https://www.medplum.com/fhir/StructureDefinition/subscription-secret', valueString: 'k' },
+        { url: 'https://medplum.com/fhir/StructureDefinition/subscription-supported-interaction', valueCode: interaction },
+      ],
+    });
+  const sub = (await subscribe('create')).json;
+  const head = (await post('/Communication', { resourceType: 'Communication', status: 'in-progress' })).json;
+  const child = (await post('/Communication', {
+    resourceType: 'Communication', status: 'in-progress', partOf: [{ reference: `Communication/${head.id}` }],
+  })).json;
+  await req('PUT', `/Communication/${child.id}`, { ...child, status: 'completed' }); // update: not notified
+  const waitFor = async (n) => {
+    for (let i = 0; i < 100 && got.length < n; i++) {
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  };
+  await waitFor(2);
+  await new Promise((r) => setTimeout(r, 300));
+  ok(got.length === 2, `create delivered, retried after a 503, update and header not: ${got.length}`);
+  const [first] = got;
+  ok(JSON.parse(first.body).id === child.id && first.body === got[1].body, 'bare resource body, same on retry');
+  ok(first.headers['x-signature'] === createHmac('sha256', 'k').update(first.body).digest('hex'), 'X-Signature HMAC');
+  ok(first.headers['x-medplum-interaction'] === 'create' && first.headers['x-medplum-subscription'] === sub.id, 'Medplum headers');
+  ok(first.headers['content-type'] === 'application/fhir+json', 'fhir+json');
+  const failed = await req('GET', `/AuditEvent?entity=Subscription/${sub.id}&outcome=4`);
+  ok(failed.json.entry?.length === 1 && failed.json.entry[0].resource.outcomeDesc === 'Attempt 1 received status 503', 'failed attempt audited');
+  await subscribe('delete');
+  await req('DELETE', `/Communication/${child.id}`);
+  await waitFor(3);
+  const del = got[2];
+  ok(del?.body === '{}' && del.headers['x-medplum-deleted-resource'] === `Communication/${child.id}`, 'delete notification');
+  ok((await ctl('GET', '/__stats')).json.subscriptions.deliveries === 3, 'deliveries counted');
+  hook.close();
+}
+
 // --- revoke, reset
 {
   await ctl('POST', '/__revoke_tokens');

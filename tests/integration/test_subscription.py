@@ -335,3 +335,16 @@ def test_failed_deliveries_are_retried_and_shown_by_status(
     count = int(status.stdout.split("failed deliveries recorded (AuditEvent): ")[1].split()[0])
     assert count >= 2
     assert "Attempt 1 received error" in status.stdout
+
+
+def test_subscription_logs_hold_no_contacts_bodies_or_secrets(log_dir: Path) -> None:
+    """Runs after the flows above: every worker and web log of the session."""
+    from tests.integration.test_outbound import MOBILE
+
+    logs = [p for p in log_dir.glob("*.log")
+            if not p.name.startswith(("fhir-sandbox", "provider-sandbox", "redis"))]
+    text = "\n".join(p.read_text(errors="replace") for p in logs)
+    assert f"{TASK}[" in text  # the subscription flows were logged at all
+    for needle in (SECRET, MOBILE, MOBILE[2:], "+15553330001", "5553330001",
+                   "Written in Medplum", "Your results are ready", "move my appointment"):
+        assert needle not in text, needle

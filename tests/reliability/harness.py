@@ -79,6 +79,7 @@ class Stack:
             "TWILIO_FROM_NUMBER": CLINIC, "SENDGRID_API_KEY": "SG.reliability",
             "SENDGRID_FROM_EMAIL": "care@clinic.example", "SENDGRID_API_BASE_URL": origin,
             "SENDGRID_EVENT_VERIFICATION_KEY": event_keys[1], "API_TOKENS": API_TOKEN,
+            "FHIR_SUBSCRIPTION_SECRET": "reliability-sub-secret",
             "SMS_RATE_PER_SECOND": "1000",
             "EMAIL_RATE_PER_SECOND": "1000", "UNKNOWN_SENDER_POLICY": "create-patient",
             # Retries within seconds and enough attempts to outlast every injected outage. A

@@ -190,13 +190,14 @@ _BODIES = (_form_body(), _json_body(), _multipart_body(), _raw_body())
 _CELLS: tuple[tuple[str, bool, int | None], ...] = (
     *((ep, auth, kind) for ep, auth in (("sms", False), ("status", False),
                                         ("sendgrid-events", False), ("email", False),
-                                        ("post-messages", False), ("post-messages", True))
+                                        ("post-messages", False), ("post-messages", True),
+                                        ("fhir-subscription", False))
       for kind in range(len(_BODIES))),
     ("get-message", False, None), ("get-message", True, None), ("healthz", False, None),
     ("metrics", False, None), ("openapi", False, None), ("wrong-method", False, None))
 _PATHS = {"sms": SMS_PATH, "status": STATUS_PATH, "sendgrid-events": EVENTS_PATH,
           "email": EMAIL_PATH,
-          "post-messages": "/v1/messages",
+          "post-messages": "/v1/messages", "fhir-subscription": "/webhooks/fhir/subscription",
           "healthz": "/healthz", "metrics": "/metrics", "openapi": "/v1/openapi.json"}
 
 
@@ -250,7 +251,8 @@ def _probes(draw: st.DrawFn, token: str, endpoint: str, authorised: bool, body_k
     body, ctype = b"", None
     method = "GET"
     bodies = st.one_of(_BODIES) if body_kind is None else _BODIES[body_kind]
-    if endpoint in ("sms", "status", "sendgrid-events", "email", "post-messages"):
+    if endpoint in ("sms", "status", "sendgrid-events", "email", "post-messages",
+                    "fhir-subscription"):
         method = "POST"
         body, ctype = draw(bodies)
     elif draw(st.booleans()):  # a GET route with a body anyway
@@ -278,6 +280,14 @@ def _probes(draw: st.DrawFn, token: str, endpoint: str, authorised: bool, body_k
                                st.integers(-10**12, 10**13).map(str)))
         if stamp is not None:
             headers.append(("X-Twilio-Email-Event-Webhook-Timestamp", stamp))
+    if endpoint == "fhir-subscription":
+        sig = draw(st.one_of(_signature_garbage(), st.text(string.hexdigits, min_size=64,
+                                                           max_size=64)))
+        if sig is not None:
+            headers.append(("X-Signature", sig))
+        if draw(st.booleans()):
+            headers.append(("X-Medplum-Interaction", draw(st.one_of(
+                st.sampled_from(["create", "update", "delete"]), _header_value))))
     auth = draw(st.sampled_from([f"Bearer {token}", f"Bearer  {token}\t", f"Bearer {token} "])
                 if authorised else _invalid_authorization(token))
     if auth is not None:
@@ -425,7 +435,8 @@ def run_bad_input(app: Any, redis_client: redis.Redis, examples: int, seed: int 
         if status >= 500:
             note("status_5xx", probe)
         needs_auth = probe.endpoint in ("sms", "status", "sendgrid-events", "email",
-                                        "post-messages", "get-message")
+                                        "post-messages", "get-message",
+                                        "fhir-subscription")
         if 200 <= status < 300 and needs_auth and probe.method in ("GET", "POST"):
             if not probe.authorised:
                 note("accepted_without_auth", probe)

@@ -84,6 +84,11 @@ def configuration_warnings(settings: Settings) -> list[Check]:
     if not settings.api_token_list():
         out.append(Check("api", False, "no API tokens: POST /v1/messages answers 401",
                          "set API_TOKENS to one or more comma-separated secrets"))
+    if not settings.fhir_subscription_secret.get_secret_value():
+        out.append(Check("fhir-subscription", False, "no FHIR_SUBSCRIPTION_SECRET: automatic "
+                         "outbound is off (POST /webhooks/fhir/subscription answers 403)",
+                         "set FHIR_SUBSCRIPTION_SECRET to a long random secret, then run "
+                         "`switchboard subscription install`"))
     if not settings.optout_hash_key.get_secret_value():
         out.append(Check("optout-key", False, "OPTOUT_HASH_KEY unset: opt-outs are keyed by a "
                          "key derived from TWILIO_AUTH_TOKEN",
