@@ -106,6 +106,9 @@ def test_only_correctly_signed_notifications_are_taken(
     # The same body re-serialised with other spacing is other bytes, so also refused.
     spaced = json.dumps(body, indent=1).encode()
     assert client.post(PATH, data=spaced, headers={"X-Signature": good}).status_code == 403
+    form = client.post(PATH, data=data, headers={"X-Signature": good, "Content-Type":
+                                                 "application/x-www-form-urlencoded"})
+    assert form.status_code == 415
     assert queued(svc) == []
     resp = notify(svc, body, raw=data)
     assert resp.status_code == 200 and resp.get_json() == {"status": "queued",

@@ -16,6 +16,7 @@ from worker.settings import Settings
 log = logging.getLogger("switchboard.web")
 SUBSCRIPTION_PATH = "/webhooks/fhir/subscription"
 ENDPOINT = "fhir-subscription"
+JSON_TYPES = frozenset({"application/fhir+json", "application/json", ""})
 
 
 def fhir_blueprint(settings: Settings) -> Blueprint:
@@ -34,6 +35,10 @@ def fhir_blueprint(settings: Settings) -> Blueprint:
             metrics.inc("switchboard_webhooks_rejected", endpoint=ENDPOINT, reason=reason)
             return jsonify(error=reason, detail=detail), status
 
+        if request.mimetype not in JSON_TYPES:
+            # A form body would be parsed by the framework before we could sign its exact
+            # bytes; Medplum always sends application/fhir+json.
+            return reject(415, "unsupported-media-type", "expected application/fhir+json")
         # The signature covers the exact bytes received, so it is checked on them, before
         # anything is parsed.
         raw = request.get_data(cache=True)
