@@ -12,9 +12,8 @@ from worker.ops import devstack
 
 def test_bad_input_never_crashes_authenticates_or_enqueues(services: Services) -> None:
     # Verification keys and a subscription secret, so event batches, emails and FHIR
-    # notifications meet the signature checks, not the
-    # fail-closed refusal (fuzzing a route that refuses everything tests nothing past its first
-    # line).
+    # notifications meet the signature checks, not the fail-closed refusal (fuzzing a route
+    # that refuses everything tests nothing past its first line).
     svc = services.get(worker=False, API_TOKENS="t0k", FHIR_SUBSCRIPTION_SECRET="sub-s3cret",
                        SENDGRID_EVENT_VERIFICATION_KEY=devstack.sendgrid_event_keys()[1],
                        SENDGRID_INBOUND_VERIFICATION_KEY=VERIFICATION_KEY)
