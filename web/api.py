@@ -21,7 +21,8 @@ from pydantic import (
 )
 
 from web.enqueue import EnqueueFailed, Enqueuer
-from worker.broker.celery_app import QUEUE_OUTBOUND, TASK_OUTBOUND_SEND
+from worker.broker.celery_app import QUEUE_OUTBOUND, TASK_DEVICE_UPDATE, TASK_OUTBOUND_SEND
+from worker.channels.fcm import valid_token
 from worker.fhir.reference import InvalidReference, parse_reference
 from worker.fhir.resources import fhir_string
 from worker.settings import Settings
@@ -57,7 +58,7 @@ class ByReference(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     communication: CommunicationRef
-    channel: Literal["sms", "email"] | None = None
+    channel: Literal["sms", "email", "push"] | None = None
 
 
 # The posted resource is a closed shape: only the Communication elements Switchboard uses or
@@ -161,7 +162,24 @@ class ByResource(BaseModel):
     category: list[Concept] | None = Field(default=None, max_length=10)
     priority: Literal["routine", "urgent", "asap", "stat"] | None = None
     note: list[Note] | None = Field(default=None, max_length=10)
-    channel: Literal["sms", "email"] | None = None
+    channel: Literal["sms", "email", "push"] | None = None
+
+
+PatientRef = Annotated[str, _reference_to("Patient")]
+
+
+def _push_token(value: str) -> str:
+    if not valid_token(value):
+        raise ValueError("must be an FCM registration token (20-4096 of A-Z a-z 0-9 _ : - .)")
+    return value
+
+
+class DeviceRegistration(BaseModel):
+    """A push token for a patient (POST /v1/devices); stored as a FHIR Device."""
+
+    model_config = ConfigDict(extra="forbid")
+    patient: PatientRef
+    token: Annotated[str, AfterValidator(_push_token)]
 
 
 def _authorised(settings: Settings) -> bool:
@@ -274,6 +292,43 @@ def api_blueprint(settings: Settings, client: redis.Redis) -> Blueprint:
                 break
         return _verdict(request_id, current)
 
+    def enqueue_device(payload: dict[str, Any]) -> tuple[Response, int]:
+        enqueuer: Enqueuer = current_app.extensions["switchboard.enqueuer"]
+        try:
+            enqueuer.send(TASK_DEVICE_UPDATE, QUEUE_OUTBOUND, [payload],
+                          inbox_key=f"device:{uuid.uuid4().hex}")
+        except EnqueueFailed:
+            return jsonify(error="unavailable", detail="queue unavailable, retry later"), 503
+        # The Device is written by a worker (no FHIR I/O in a request): conditional create on
+        # the token, so repeating a registration changes nothing.
+        return jsonify(status="queued", action=payload["action"]), 202
+
+    @bp.post("/v1/devices")
+    def register_device() -> tuple[Response, int]:
+        if not _authorised(settings):
+            return jsonify(error="unauthorized", detail="a valid bearer token is required"), 401
+        data = request.get_json(silent=True)
+        if not isinstance(data, dict):
+            return jsonify(error="invalid-json", detail="the body must be a JSON object"), 400
+        try:
+            device = DeviceRegistration.model_validate(data)
+        except ValidationError as exc:
+            # The message, never the input: a rejected value may be a token.
+            fields = [{"field": ".".join(str(p) for p in e["loc"]), "error": e["msg"]}
+                      for e in exc.errors()]
+            return jsonify(error="invalid-body", fields=fields), 422
+        return enqueue_device({"action": "register", "patient": device.patient,
+                               "token": device.token})
+
+    @bp.delete("/v1/devices/<path:push_token>")
+    def unregister_device(push_token: str) -> tuple[Response, int]:
+        if not _authorised(settings):
+            return jsonify(error="unauthorized", detail="a valid bearer token is required"), 401
+        if not valid_token(push_token):
+            return jsonify(error="invalid-token",
+                           detail="not an FCM registration token"), 422
+        return enqueue_device({"action": "unregister", "token": push_token})
+
     @bp.get("/v1/openapi.json")
     def openapi() -> tuple[Response, int]:
         return jsonify(openapi_document()), 200
@@ -295,9 +350,10 @@ def openapi_document() -> dict[str, Any]:
     state = {"type": "object", "properties": {
         "id": {"type": "string"}, "status_url": {"type": "string"},
         "status": {"enum": ["queued", "sent", "failed", "delivered"]},
-        "provider_id": {"type": "string"}, "channel": {"enum": ["sms", "email"]},
+        "provider_id": {"type": "string"}, "channel": {"enum": ["sms", "email", "push"]},
         "communication": {"type": "string"}, "error": {"type": "string"},
-        "provider_code": {"type": ["integer", "null"]}, "last_error": {"type": "string"}}}
+        "provider_code": {"type": ["integer", "null"]}, "last_error": {"type": "string"},
+        "devices": {"type": "integer", "description": "push: devices that accepted it"}}}
     error = {"type": "object", "properties": {"error": {"type": "string"},
                                               "detail": {"type": "string"},
                                               "fields": {"type": "array"}}}
@@ -311,11 +367,12 @@ def openapi_document() -> dict[str, Any]:
         "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
                        "schemas": {"ByReference": ByReference.model_json_schema(),
                                    "ByResource": ByResource.model_json_schema(),
+                                   "DeviceRegistration": DeviceRegistration.model_json_schema(),
                                    "State": state, "Error": error}},
         "security": [{"bearer": []}],
         "paths": {
             "/v1/messages": {"post": {
-                "summary": "Send a child Communication to its patient by SMS or email",
+                "summary": "Send a child Communication to its patient by SMS, email or push",
                 "parameters": [{"name": "Prefer", "in": "header", "required": False,
                                 "schema": {"type": "string", "example": "wait=10"}}],
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
@@ -329,6 +386,22 @@ def openapi_document() -> dict[str, Any]:
                     "429": answer("the provider throttles (still queued)", error),
                     "502": answer("the provider is unavailable (still queued)", error),
                     "503": answer("queue unavailable or channel not configured", error)}}},
+            "/v1/devices": {"post": {
+                "summary": "Register a push token for a patient (a FHIR Device; idempotent)",
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/DeviceRegistration"}}}},
+                "responses": {"202": answer("queued for the worker", error),
+                              "400": answer("not JSON", error),
+                              "401": answer("no valid token", error),
+                              "422": answer("invalid patient or token", error),
+                              "503": answer("queue unavailable", error)}}},
+            "/v1/devices/{token}": {"delete": {
+                "summary": "Deactivate a push token (its Device becomes inactive)",
+                "parameters": [{"name": "token", "in": "path", "required": True,
+                                "schema": {"type": "string"}}],
+                "responses": {"202": answer("queued for the worker", error),
+                              "401": answer("no valid token", error),
+                              "422": answer("not a token", error)}}},
             "/v1/messages/{id}": {"get": {
                 "summary": "State of a send request",
                 "parameters": [{"name": "id", "in": "path", "required": True,

@@ -72,13 +72,16 @@ def build_runtime(settings: Settings) -> Runtime:
         fhir=fhir, channels=build_channels(settings),
         ledger=SendLedger(client), optouts=OptOuts(client, settings.optout_key()),
         limiter=RateLimiter(client), state=OutboundState(client),
-        rates={"sms": settings.sms_rate_per_second, "email": settings.email_rate_per_second},
+        rates={"sms": settings.sms_rate_per_second, "email": settings.email_rate_per_second,
+               "push": settings.push_rate_per_second},
         id_systems={"sms": settings.message_id_system,
-                    "email": settings.email_message_id_system},
+                    "email": settings.email_message_id_system,
+                    "push": settings.push_message_id_system},
         request_system=settings.outbound_request_system,
         reply_source=settings.reply_channel_source, fallback=settings.channel_fallback,
         claim_seconds=settings.send_claim_seconds,
-        max_countdown=settings.broker_visibility_timeout_seconds / 2, metrics=metrics)
+        max_countdown=settings.broker_visibility_timeout_seconds / 2, metrics=metrics,
+        device_system=settings.device_token_system, channel_order=settings.channel_list())
     return Runtime(settings, fhir, client, DeadLetterStore(
         client, retention_seconds=settings.dead_letter_retention_days * 86400),
                    RedisSeenMessages(client, settings.inbound_seen_ttl_seconds),

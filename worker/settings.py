@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ThreadStrategy = Literal["conversation", "active-thread", "new-thread"]
 UnknownSenderPolicy = Literal["reject", "create-patient"]
+CHANNELS = ("sms", "email", "push")
 
 # What to tell an operator for each setting that is missing or wrong.
 _HINTS: dict[str, str] = {
@@ -118,6 +119,27 @@ class Settings(BaseSettings):
     # How long a send claim blocks another attempt at the same Communication.
     send_claim_seconds: int = Field(default=600, ge=10)
 
+    # Push (FCM HTTP v1). The service account comes from FCM_CREDENTIALS_FILE, else
+    # GOOGLE_APPLICATION_CREDENTIALS; no file: push refuses sends as misconfigured.
+    fcm_credentials_file: str = ""
+    google_application_credentials: str = ""
+    # Unset: the `project_id` of the service account.
+    fcm_project_id: str = ""
+    fcm_api_base_url: str = "https://fcm.googleapis.com"
+    # What a push says. No PHI: the app fetches the message itself over FHIR (data carries the
+    # Communication id); PUSH_INCLUDE_BODY puts the text in the push, for deployments that
+    # choose to.
+    push_notification_title: str = "You have a new message"
+    push_notification_body: str = ""
+    push_include_body: bool = False
+    push_rate_per_second: float = Field(default=20.0, gt=0)
+    # Where a device token is kept on its FHIR Device (identifier system), and the provider
+    # id system of the pushes recorded on a Communication.
+    device_token_system: str = "urn:switchboard:fcm-token"  # noqa: S105 (a URI, no secret)
+    push_message_id_system: str = "https://fcm.googleapis.com/v1/message-name"
+    # Channels tried in this order when neither the caller nor the thread names one.
+    channel_order: str = "sms,email"
+
     # Reconciliation of sends whose final status never arrived (Celery beat).
     reconcile_interval_seconds: float = Field(default=300.0, gt=0)
     stuck_after_seconds: float = Field(default=900.0, ge=0)
@@ -209,7 +231,7 @@ class Settings(BaseSettings):
         return v
 
     @field_validator("fhir_base_url", "public_base_url", "twilio_api_base_url",
-                     "sendgrid_api_base_url")
+                     "sendgrid_api_base_url", "fcm_api_base_url")
     @classmethod
     def _http_url(cls, v: str) -> str:
         parts = urlsplit(v)
@@ -223,10 +245,19 @@ class Settings(BaseSettings):
         # httpx joins relative paths onto the base only when it ends with a slash.
         return v if v.endswith("/") else v + "/"
 
-    @field_validator("public_base_url", "twilio_api_base_url", "sendgrid_api_base_url")
+    @field_validator("public_base_url", "twilio_api_base_url", "sendgrid_api_base_url",
+                     "fcm_api_base_url")
     @classmethod
     def _no_trailing_slash(cls, v: str) -> str:
         return v.rstrip("/")
+
+    @field_validator("channel_order")
+    @classmethod
+    def _channel_order(cls, v: str) -> str:
+        names = [n.strip() for n in v.split(",") if n.strip()]
+        if not names or len(set(names)) != len(names) or not set(names) <= set(CHANNELS):
+            raise ValueError(f"a comma-separated list of distinct channels from {CHANNELS}")
+        return ",".join(names)
 
     @model_validator(mode="after")
     def _visibility_outlasts_retries(self) -> Settings:
@@ -260,6 +291,14 @@ class Settings(BaseSettings):
             return own
         token = self.twilio_auth_token.get_secret_value().encode()
         return hmac.new(token, b"switchboard opt-out key", hashlib.sha256).digest()
+
+    def channel_list(self) -> tuple[str, ...]:
+        """CHANNEL_ORDER as a tuple."""
+        return tuple(self.channel_order.split(","))
+
+    def fcm_credentials(self) -> str:
+        """The service-account file for push (FCM_CREDENTIALS_FILE, else the Google default)."""
+        return self.fcm_credentials_file or self.google_application_credentials
 
     def api_token_list(self) -> list[str]:
         """The accepted API bearer tokens."""

@@ -10,6 +10,7 @@ from celery import shared_task
 
 from worker.broker.celery_app import (
     REDACTED_ARGS,
+    TASK_DEVICE_UPDATE,
     TASK_INBOUND_EMAIL,
     TASK_INBOUND_SMS,
     TASK_INBOX_SWEEP,
@@ -24,6 +25,7 @@ from worker.channels import twilio
 from worker.channels.sendgrid import EMAIL_INBOUND_MESSAGE_ID_SYSTEM
 from worker.channels.sendgrid_inbound import clinic_mailbox
 from worker.channels.twilio import TwilioSms
+from worker.fhir.devices import apply_device_change
 from worker.fhir.reference import ref
 from worker.fhir.resources import clinic_participant
 from worker.inbound.email import deliver_email
@@ -116,6 +118,17 @@ def subscription_notified(self: SwitchboardTask, payload: dict[str, Any]) -> dic
     rt = get_runtime()
     comm_id = ref("Communication", payload.get("communication")).id
     return {"result": on_notification(comm_id, rt.outbound, str(self.request.id), rt.metrics)}
+
+
+@shared_task(bind=True, base=SwitchboardTask, name=TASK_DEVICE_UPDATE)
+def device_update(self: SwitchboardTask, payload: dict[str, Any]) -> dict[str, Any]:
+    """Register or deactivate one push device token (payload: README, "Push")."""
+    rt = get_runtime()
+    result = apply_device_change(rt.fhir, rt.settings.device_token_system, payload)
+    # Never the token in a log line: it addresses the patient's phone.
+    logging.getLogger("switchboard.devices").info(
+        "device %s for %s: %s", payload.get("action"), payload.get("patient", "a token"), result)
+    return {"result": result}
 
 
 @shared_task(bind=True, base=SwitchboardTask, name=TASK_TWILIO_STATUS)

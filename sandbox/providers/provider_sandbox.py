@@ -1,10 +1,13 @@
-"""Provider sandbox: a local stand-in for Twilio's Messages API and SendGrid's v3 mail/send.
+"""Provider sandbox: a local stand-in for Twilio's Messages API, SendGrid's v3 mail/send and
+Firebase Cloud Messaging's HTTP v1 send (with Google's OAuth2 token endpoint for a service
+account).
 
-The real `twilio` and `sendgrid` SDKs can be pointed at it (see README.md next to this file).
-It records every provider request, injects faults per recipient, drives signed Twilio
-status callbacks and signed SendGrid Event Webhook batches, and posts emails the way SendGrid's
-Inbound Parse does (both modes, signed with the sandbox's documented ECDSA key). Standard library
-only, except `cryptography` (already a dependency of the sendgrid SDK) for those signatures.
+The real `twilio`, `sendgrid` and `google-auth` libraries can be pointed at it (see README.md
+next to this file). It records every provider request, injects faults per recipient, drives
+signed Twilio status callbacks and signed SendGrid Event Webhook batches, and posts emails the
+way SendGrid's Inbound Parse does (both modes, signed with the sandbox's documented ECDSA key).
+Standard library only, except `cryptography` (already a dependency of the sendgrid SDK) for
+those signatures.
 
     python sandbox/providers/provider_sandbox.py --port 0 [--host 127.0.0.1]
 """
@@ -40,6 +43,11 @@ TWILIO_PREFIX = f"/{API_VERSION}/Accounts/"
 SEND_PATH = re.compile(rf"^/{API_VERSION}/Accounts/([^/]+)/Messages\.json$")
 FETCH_PATH = re.compile(rf"^/{API_VERSION}/Accounts/([^/]+)/Messages/([^/]+)\.json$")
 SENDGRID_SEND = "/v3/mail/send"
+FCM_SEND_PATH = re.compile(r"^/v1/projects/([^/]+)/messages:send$")
+GOOGLE_TOKEN_PATH = "/oauth2/token"  # noqa: S105 (a path)
+GOOGLE_AUDIENCE = "https://oauth2.googleapis.com/token"
+JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+FCM_SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 CALLBACK_TIMEOUT_S = 10.0
 # The sandbox's Inbound Parse signing key (a throwaway, documented in README.md): the receiver
 # verifies with SANDBOX_INBOUND_VERIFICATION_KEY, as it would with the key SendGrid shows.
@@ -86,6 +94,18 @@ TWILIO_MESSAGES: dict[int, str] = {
     30006: "Landline or unreachable carrier",
     30007: "Message filtered",
 }
+# FCM v1 answers per HTTP status: (google.rpc status, FcmError errorCode, message).
+FCM_ERRORS: dict[int, tuple[str, str, str]] = {
+    400: ("INVALID_ARGUMENT", "INVALID_ARGUMENT", "Request contains an invalid argument."),
+    401: ("UNAUTHENTICATED", "THIRD_PARTY_AUTH_ERROR",
+          "Request is missing required authentication credential."),
+    403: ("PERMISSION_DENIED", "SENDER_ID_MISMATCH", "SenderId mismatch"),
+    404: ("NOT_FOUND", "UNREGISTERED", "Requested entity was not found."),
+    429: ("RESOURCE_EXHAUSTED", "QUOTA_EXCEEDED", "Quota exceeded for quota metric."),
+    500: ("INTERNAL", "INTERNAL", "Internal error encountered."),
+    503: ("UNAVAILABLE", "UNAVAILABLE", "The service is currently unavailable."),
+}
+FCM_STATUS_OF_CODE = {code: status for status, (_, code, _) in FCM_ERRORS.items()}
 # Code used when a fault gives an HTTP status but no twilio_code.
 TWILIO_DEFAULT_CODES: dict[int, int] = {
     401: 20003, 403: 20403, 404: 20404, 429: 20429, 500: 20500, 503: 20503,
@@ -145,7 +165,7 @@ class BadFault(ValueError):
 
 FAULT_KEYS = frozenset({
     "provider", "to", "method", "status", "twilio_code", "retry_after", "delay_ms", "message",
-    "disconnect", "count", "sticky", "event",
+    "disconnect", "count", "sticky", "event", "fcm_code",
 })
 # SendGrid events the sandbox can produce (Event Webhook). A fault with `event` lets the send
 # succeed and makes its automatic events end in that one instead of `delivered`.
@@ -184,6 +204,7 @@ class Fault:
     remaining: int | None = 1
     applied: int = 0
     event: str | None = None
+    fcm_code: str | None = None
 
     @classmethod
     def parse(cls, fid: int, spec: Any) -> Fault:
@@ -193,8 +214,14 @@ class Fault:
         if unknown:
             raise BadFault(f"unknown fault keys: {sorted(unknown)}")
         provider = spec.get("provider")
-        if provider not in (None, "twilio", "sendgrid"):
-            raise BadFault("provider must be 'twilio' or 'sendgrid'")
+        if provider not in (None, "twilio", "sendgrid", "fcm", "google"):
+            raise BadFault("provider must be 'twilio', 'sendgrid', 'fcm' or 'google'")
+        fcm_code = spec.get("fcm_code")
+        if fcm_code is not None and not isinstance(fcm_code, str):
+            raise BadFault("fcm_code must be a string (an FCM ErrorCode)")
+        if fcm_code is not None and spec.get("status") is None:
+            # An FCM code alone gives its documented status (UNREGISTERED -> 404).
+            spec = {**spec, "status": FCM_STATUS_OF_CODE.get(fcm_code, 400)}
         status = spec.get("status")
         if status is not None and (not isinstance(status, int) or not 400 <= status <= 599):
             raise BadFault("status must be an integer HTTP error status (400-599)")
@@ -230,7 +257,7 @@ class Fault:
             method=None if method is None else method.upper(), status=status, twilio_code=code,
             retry_after=retry_after, delay_ms=delay_ms,
             message=None if message is None else str(message), disconnect=disconnect,
-            remaining=remaining, event=event,
+            remaining=remaining, event=event, fcm_code=fcm_code,
         )
 
     def matches(self, provider: str, method: str, recipients: list[str]) -> bool:
@@ -250,6 +277,7 @@ class Fault:
             "retry_after": self.retry_after, "delay_ms": self.delay_ms, "message": self.message,
             "disconnect": self.disconnect, "remaining": self.remaining,
             "sticky": self.remaining is None, "applied": self.applied, "event": self.event,
+            "fcm_code": self.fcm_code,
         }
 
 
@@ -265,6 +293,8 @@ class State:
     event_posts: list[dict[str, Any]] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
     next_fault_id: int = 1
+    # Google access tokens handed out by the token endpoint: token -> expiry (epoch seconds).
+    access_tokens: dict[str, float] = field(default_factory=dict)
 
     def reset(self) -> None:
         with self.lock:
@@ -273,6 +303,8 @@ class State:
             self.emails.clear()
             self.event_posts.clear()
             self.faults.clear()
+            # Access tokens stay valid until they expire, as Google's do: a client holding one
+            # is not told about a reset.
 
     def take_fault(self, provider: str, method: str, recipients: list[str]) -> Fault | None:
         """The first queued fault matching this request, consumed once."""
@@ -299,6 +331,7 @@ class Config:
     sendgrid_event_url: str | None = None
     sendgrid_event_key: str | None = None
     sendgrid_events_auto: bool = False
+    google_token_lifetime: int = 3600
 
     @property
     def signing_token(self) -> str:
@@ -355,6 +388,10 @@ class Handler(BaseHTTPRequestHandler):
                 self._twilio(method, path, body)
             elif path.startswith("/v3/"):
                 self._sendgrid(method, path, body)
+            elif path == GOOGLE_TOKEN_PATH:
+                self._google_token(method, body)
+            elif path.startswith("/v1/projects/"):
+                self._fcm(method, path, body)
             else:
                 self._json(404, {"error": f"no route {method} {path}"})
         except Disconnect:
@@ -790,6 +827,136 @@ class Handler(BaseHTTPRequestHandler):
             return
         self._json(200, result)
 
+    # --- Google OAuth2 (service account) and FCM HTTP v1 --------------------------------------
+
+    def _google_token(self, method: str, body: bytes) -> None:
+        """Google's token endpoint for a service account: a JWT-bearer grant whose assertion is
+        an RS256 JWT with iss, scope, aud (this URL), iat and exp. The shape is checked; the
+        signature is not (the sandbox has no copy of the public key)."""
+        form = dict(urllib.parse.parse_qsl(body.decode("utf-8", "replace")))
+        claims, problem = self._jwt_claims(form.get("assertion", ""))
+        if method != "POST":
+            problem = "method not allowed"
+        elif form.get("grant_type") != JWT_BEARER_GRANT:
+            problem = f"grant_type must be {JWT_BEARER_GRANT}"
+        entry = self._record("google", method, GOOGLE_TOKEN_PATH, None, "json",
+                             {"grant_type": form.get("grant_type"), "claims": claims})
+        if problem:
+            self._answered(entry, 400)
+            self._json(400, {"error": "invalid_grant", "error_description": problem})
+            return
+        fault = self.server.state.take_fault("google", method, [])
+        self._apply_delay_or_disconnect(fault, entry)
+        if fault is not None and fault.status is not None:
+            self._answered(entry, fault.status, fault=fault.id)
+            self._json(fault.status, {"error": "invalid_grant" if fault.status < 500
+                                      else "internal_failure",
+                                      "error_description": fault.message or "refused"})
+            return
+        access = "ya29.sandbox-" + secrets.token_urlsafe(24)
+        lifetime = self.server.config.google_token_lifetime
+        with self.server.state.lock:
+            self.server.state.access_tokens[access] = time.time() + lifetime
+        self._answered(entry, 200)
+        self._json(200, {"access_token": access, "expires_in": lifetime,
+                         "token_type": "Bearer"})
+
+    def _jwt_claims(self, assertion: str) -> tuple[dict[str, Any] | None, str | None]:
+        parts = assertion.split(".")
+        if len(parts) != 3 or not all(parts):
+            return None, "assertion must be a JWT (header.claims.signature)"
+        try:
+            header, claims = (json.loads(base64.urlsafe_b64decode(p + "=" * (-len(p) % 4)))
+                              for p in parts[:2])
+        except (ValueError, binascii.Error):
+            return None, "assertion parts must be base64url JSON"
+        if not isinstance(header, dict) or header.get("alg") != "RS256":
+            return None, "a service-account assertion is signed RS256"
+        if not isinstance(claims, dict):
+            return None, "claims must be a JSON object"
+        now = time.time()
+        host = self.headers.get("Host") or ""
+        expected_aud = f"http://{host}{GOOGLE_TOKEN_PATH}"
+        if not claims.get("iss") or "@" not in str(claims.get("iss")):
+            return claims, "iss must be the service account's client_email"
+        if FCM_SCOPE not in str(claims.get("scope", "")).split():
+            return claims, f"scope must include {FCM_SCOPE}"
+        # google-auth always puts Google's own token endpoint in `aud`, whatever the file's
+        # token_uri says (service_account._GOOGLE_OAUTH2_TOKEN_ENDPOINT); Google accepts both.
+        if claims.get("aud") not in (expected_aud, GOOGLE_AUDIENCE):
+            return claims, f"aud must be {GOOGLE_AUDIENCE} or the token URI {expected_aud}"
+        iat, exp = claims.get("iat"), claims.get("exp")
+        if not isinstance(iat, int) or not isinstance(exp, int) or not iat <= exp <= iat + 3600:
+            return claims, "iat and exp must be integers, exp at most an hour after iat"
+        if exp < now - 60 or iat > now + 300:
+            return claims, "the assertion is expired or from the future"
+        return claims, None
+
+    def _fcm_error(self, status: int, fcm_code: str | None, message: str | None = None,
+                   headers: dict[str, str] | None = None) -> None:
+        rpc, default_code, text = FCM_ERRORS.get(
+            status, ("INVALID_ARGUMENT" if status < 500 else "INTERNAL", None, "error"))
+        code = fcm_code or default_code
+        details: list[dict[str, Any]] = []
+        if code:
+            details.append({"@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError",
+                            "errorCode": code})
+        if status == 400 and code == "INVALID_ARGUMENT":
+            details.append({"@type": "type.googleapis.com/google.rpc.BadRequest",
+                            "fieldViolations": [{"field": "message.token",
+                                                 "description": "Invalid registration token"}]})
+        self._json(status, {"error": {"code": status, "message": message or text,
+                                      "status": rpc, "details": details}}, headers)
+
+    def _fcm(self, method: str, path: str, body: bytes) -> None:
+        send = FCM_SEND_PATH.match(path)
+        payload: Any = None
+        try:
+            payload = json.loads(body) if body else None
+        except ValueError:
+            payload = None
+        message = payload.get("message") if isinstance(payload, dict) else None
+        token = message.get("token") if isinstance(message, dict) else None
+        to = token if isinstance(token, str) else None
+        entry = self._record("fcm", method, path, to, "json", payload)
+        bearer = (self.headers.get("Authorization") or "").partition(" ")
+        with self.server.state.lock:
+            expiry = self.server.state.access_tokens.get(bearer[2])
+        if bearer[0].lower() != "bearer" or expiry is None or expiry < time.time():
+            self._answered(entry, 401)
+            self._json(401, {"error": {
+                "code": 401, "status": "UNAUTHENTICATED",
+                "message": "Request had invalid authentication credentials. Expected OAuth 2 "
+                           "access token, login cookie or other valid authentication "
+                           "credential."}}, {"WWW-Authenticate": 'Bearer realm="https://'
+                                                                 'accounts.google.com/"'})
+            return
+        fault = self.server.state.take_fault("fcm", method, [to] if to else [])
+        self._apply_delay_or_disconnect(fault, entry)
+        if fault is not None and fault.status is not None:
+            self._answered(entry, fault.status, fault=fault.id)
+            self._fcm_error(fault.status, fault.fcm_code, fault.message,
+                            self._retry_headers(fault))
+            return
+        if not send or method != "POST":
+            self._answered(entry, 404)
+            self._fcm_error(404, None, f"no route {method} {path}")
+            return
+        if not isinstance(message, dict) or not to:
+            self._answered(entry, 400)
+            self._json(400, {"error": {"code": 400, "status": "INVALID_ARGUMENT",
+                                       "message": "Recipient of the message is not set."}})
+            return
+        data = message.get("data")
+        if data is not None and (not isinstance(data, dict) or not all(
+                isinstance(v, str) for v in data.values())):
+            self._answered(entry, 400)
+            self._fcm_error(400, None, "Invalid value at 'message.data': values must be strings")
+            return
+        name = f"projects/{send.group(1)}/messages/0:{time.time_ns()}%{secrets.token_hex(8)}"
+        self._answered(entry, 200, message_name=name)
+        self._json(200, {"name": name})
+
     # --- control routes ---------------------------------------------------------------------
 
     def _control(self, method: str, path: str, query: dict[str, list[str]],
@@ -1087,6 +1254,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sendgrid-events-auto", action="store_true",
                         help="after every accepted send, post processed then delivered (or "
                              "the event of a matching fault)")
+    parser.add_argument("--google-token-lifetime", type=int, default=3600,
+                        help="expires_in of the Google access tokens handed out (seconds)")
     parser.add_argument("--verbose", action="store_true",
                         help="log one line per request to stderr")
     return parser.parse_args(argv)
@@ -1096,7 +1265,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = Config(args.twilio_account_sid, args.twilio_auth_token, args.sendgrid_api_key,
                     args.verbose, args.sendgrid_event_url, args.sendgrid_event_key,
-                    args.sendgrid_events_auto)
+                    args.sendgrid_events_auto, google_token_lifetime=args.google_token_lifetime)
     # Block SIGINT/SIGTERM in every thread (threads inherit the mask) and wait for them with
     # sigwait in the main thread: no Python signal handler runs, so nothing can deadlock.
     stop_signals = {signal.SIGINT, signal.SIGTERM}

@@ -352,7 +352,8 @@ def test_openapi_document_is_served(services: Services, providers: ProviderSandb
     svc = services.get(worker=False, **outbound_env(providers))
     doc = svc.app().test_client().get("/v1/openapi.json").get_json()
     assert doc["openapi"] == "3.1.0"
-    assert set(doc["paths"]) == {"/v1/messages", "/v1/messages/{id}"}
+    assert set(doc["paths"]) == {"/v1/messages", "/v1/messages/{id}", "/v1/devices",
+                                 "/v1/devices/{token}"}
     assert "communication" in doc["components"]["schemas"]["ByReference"]["properties"]
 
 

@@ -21,6 +21,7 @@ TASK_RECONCILE = "switchboard.status.reconcile"
 # A Communication a FHIR Subscription told us about (outbound queue: it may end in a send).
 TASK_SUBSCRIPTION_NOTIFIED = "switchboard.outbound.subscription"
 TASK_INBOX_SWEEP = "switchboard.inbox.sweep"
+TASK_DEVICE_UPDATE = "switchboard.devices.update"
 # Publish options that keep payloads out of task events (and so out of Flower): the args of
 # our tasks carry phone numbers and message bodies.
 REDACTED_ARGS = {"argsrepr": "(redacted)", "kwargsrepr": "{}"}
@@ -47,6 +48,7 @@ def create_celery(settings: Settings) -> Celery:
                      TASK_INBOUND_EMAIL: {"queue": QUEUE_INBOUND},
                      TASK_OUTBOUND_SEND: {"queue": QUEUE_OUTBOUND},
                      TASK_SUBSCRIPTION_NOTIFIED: {"queue": QUEUE_OUTBOUND},
+                     TASK_DEVICE_UPDATE: {"queue": QUEUE_OUTBOUND},
                      TASK_TWILIO_STATUS: {"queue": QUEUE_STATUS},
                      TASK_SENDGRID_EVENTS: {"queue": QUEUE_STATUS},
                      TASK_RECONCILE: {"queue": QUEUE_STATUS},

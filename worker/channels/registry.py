@@ -24,4 +24,11 @@ def build_channels(settings: Settings) -> dict[str, Channel]:
         channels["email"] = SendGridEmail(
             settings.sendgrid_api_key.get_secret_value(), settings.sendgrid_from_email,
             settings.sendgrid_api_base_url)
+    if settings.fcm_credentials():
+        from worker.channels.fcm import FcmPush
+
+        channels["push"] = FcmPush(
+            settings.fcm_credentials(), settings.fcm_project_id, settings.fcm_api_base_url,
+            settings.push_notification_title, settings.push_notification_body,
+            settings.push_include_body)
     return channels

@@ -389,6 +389,29 @@ def inbound_email_example(providers_origin: str, settings: Settings,
             f"-H 'Content-Type: application/json' --data {shlex.quote(json.dumps(spec))}")
 
 
+DEMO_PUSH_TOKEN = "demo-device-token:APA91b" + "x" * 40
+
+
+def push_example(settings: Settings, patient_id: str, api_token: str, origin: str) -> str:
+    """Ready-to-paste commands: register the demo patient's phone, push a message to it."""
+    base = settings.public_base_url
+    return f"""Push: FCM goes to the provider sandbox too (service account
+{settings.fcm_credentials()}).
+Register a device for the demo patient, then push to it (the push says only
+"{settings.push_notification_title}"; the data carries the Communication id):
+
+curl -sS -X POST {base}/v1/devices -H 'Authorization: Bearer {api_token}' \\
+  -H 'Content-Type: application/json' \\
+  -d '{{"patient": "Patient/{patient_id}", "token": "{DEMO_PUSH_TOKEN}"}}'
+curl -sS -X POST {base}/v1/messages \\
+  -H 'Authorization: Bearer {api_token}' -H 'Prefer: wait=10' \\
+  -H 'Content-Type: application/json' \\
+  -d '{{"resourceType": "Communication", "recipient": [{{"reference": "Patient/{patient_id}"}}],
+       "payload": [{{"contentString": "Your results are ready"}}], "channel": "push"}}'
+curl -s '{origin}/__requests?provider=fcm'
+"""
+
+
 def cmd_run(_: Settings | None, args: argparse.Namespace) -> int:
     """Run the whole service locally on embedded defaults until Ctrl-C."""
     from worker.fhir.resources import patient_with_phone
@@ -437,6 +460,14 @@ def cmd_run(_: Settings | None, args: argparse.Namespace) -> int:
                 "--sendgrid-event-url", f"http://127.0.0.1:{args.port}/webhooks/sendgrid/events"],
                 env={"PROVIDER_SANDBOX_SENDGRID_EVENT_KEY": event_private})
             stack.children.append(child)
+            if not any(k in os.environ for k in ("FCM_CREDENTIALS_FILE",
+                                                 "GOOGLE_APPLICATION_CREDENTIALS")):
+                # Push through the sandbox too: a service account of our own (fresh RSA key)
+                # whose token_uri is the sandbox, so google-auth runs as against Google.
+                account = devstack.write_sandbox_service_account(
+                    log_dir / "sandbox-service-account.json", providers_origin)
+                env.update({"FCM_CREDENTIALS_FILE": str(account),
+                            "FCM_API_BASE_URL": providers_origin})
             env.update({"SENDGRID_EVENT_VERIFICATION_KEY": event_public,
                         "TWILIO_API_BASE_URL": providers_origin,
                         "TWILIO_FROM_NUMBER": DEMO_CLINIC_PHONE,
@@ -541,6 +572,9 @@ curl -sS -X POST -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application
    "recipient": [{{"reference": "Patient/{demo_id}"}}],
    "payload": [{{"contentString": "Your lab results are in; all normal."}}]}}'
 """ + (f"curl -s {providers_origin}/__requests\n" if providers_origin else ""), flush=True)
+        if providers_origin and settings.fcm_credentials():
+            print(push_example(settings, demo_id, DEV_API_TOKEN if "API_TOKENS" not in os.environ
+                               else "$API_TOKEN", providers_origin), flush=True)
         while all(_alive(c) for c in stack.children):
             time.sleep(0.5)
         print("a component exited; stopping", file=sys.stderr)

@@ -253,6 +253,31 @@ def sandbox_inbound_key(origin: str) -> str:
     return str(resp.json()["verification_key"])
 
 
+SANDBOX_FCM_PROJECT = "switchboard-sandbox"
+
+
+def write_sandbox_service_account(path: Path, provider_origin: str,
+                                  project_id: str = SANDBOX_FCM_PROJECT) -> Path:
+    """Write a Google service-account file whose token_uri is the provider sandbox's, with a
+    fresh RSA key (google-auth signs its JWT assertion with it, as with a real file)."""
+    import json
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption()).decode()
+    info = {"type": "service_account", "project_id": project_id,
+            "private_key_id": os.urandom(20).hex(), "private_key": pem,
+            "client_email": f"switchboard@{project_id}.iam.gserviceaccount.com",
+            "client_id": "1" + "0" * 20, "token_uri": f"{provider_origin}/oauth2/token"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(info, indent=2))
+    path.chmod(0o600)  # a private key, even a sandbox one
+    return path
+
+
 def _venv_bin(name: str) -> str:
     local = Path(sys.executable).parent / name
     return str(local) if local.exists() else name

@@ -24,9 +24,12 @@ _PATTERNS = [
     (re.compile(r"(?:\+|%2B)\d[\d\s().\-]{6,}\d"), "[phone]"),
     (re.compile(r"\(?\b\d{3}\)?[\s.\-]\d{3}[\s.\-]\d{4}\b"), "[phone]"),
     (re.compile(r"(?<![\w\-])1?\d{10}(?![\w\-])"), "[phone]"),
+    # A push token in a path (DELETE /v1/devices/<token> in the access log).
+    (re.compile(r"/v1/devices/[^\s?\"']+"), "/v1/devices/[token]"),
 ]
 # Loggers that print URLs or payloads at INFO/DEBUG.
-_CHATTY = ("httpx", "httpcore", "urllib3", "twilio.http_client", "python_http_client")
+_CHATTY = ("httpx", "httpcore", "urllib3", "twilio.http_client", "python_http_client",
+           "google.auth")
 
 
 def redact(text: str) -> str:

@@ -61,8 +61,8 @@ class OutboundRequest:
         comm = payload.get("communication")
         resource = payload.get("resource")
         channel = payload.get("channel")
-        if channel not in (None, "sms", "email"):
-            raise PermanentError("invalid-payload", "channel must be sms or email")
+        if channel not in (None, "sms", "email", "push"):
+            raise PermanentError("invalid-payload", "channel must be sms, email or push")
         if comm is not None:
             if not isinstance(comm, str):
                 raise PermanentError("invalid-payload", "communication must be a string")
@@ -99,6 +99,8 @@ class OutboundDeps:
     claim_seconds: float = 600.0  # a claim younger than this may still be sending
     max_countdown: float = 1800.0  # keep ETAs well inside the broker's visibility timeout
     metrics: Metrics | None = None
+    device_system: str = "urn:switchboard:fcm-token"  # push tokens on FHIR Devices
+    channel_order: tuple[str, ...] = ("sms", "email")  # CHANNEL_ORDER
 
 
 def send_outbound(req: OutboundRequest, deps: OutboundDeps, task_id: str) -> SendResult:
@@ -117,8 +119,9 @@ def send_outbound(req: OutboundRequest, deps: OutboundDeps, task_id: str) -> Sen
         header = _header(comm, deps, context)
         patient = _recipient(comm, header, deps, context)
         telecoms = patient.get("telecom") or []
-        channel = req.channel or choose_channel(None, _reply_channel(header, patient, deps),
-                                                telecoms)
+        channel = req.channel or choose_channel(
+            None, _reply_channel(header, patient, deps), telecoms, deps.channel_order,
+            lambda: _has_device(deps, str(patient["id"])))
     except PermanentError as exc:
         # Failed before any provider was called (no recipient, a bad reference, a 404): the
         # Communication says so too, as for every other permanent failure.
@@ -128,6 +131,10 @@ def send_outbound(req: OutboundRequest, deps: OutboundDeps, task_id: str) -> Sen
     try:
         if channel is None:
             raise SendError("invalid-recipient", "the patient has no phone or email")
+        if channel == "push":  # one push per device: worker/outbound/push.py
+            from worker.outbound.push import send_push
+
+            return send_push(req, deps, comm, comm_id, str(patient["id"]), task_id)
         return _send(req, deps, comm, comm_id, channel, telecoms, task_id,
                      _Thread(header, str(patient.get("id") or "")))
     except SendError as exc:
@@ -205,6 +212,12 @@ def _send(req: OutboundRequest, deps: OutboundDeps, comm: Mapping[str, Any], com
     log.info("outbound Communication/%s sent by %s as %s", comm_id, channel, result.provider_id)
     _record_sent(deps, comm_id, channel, result, list(req.attempts), req.request_id, comm)
     return result
+
+
+def _has_device(deps: OutboundDeps, patient_id: str) -> bool:
+    from worker.outbound.push import has_device
+
+    return has_device(deps, patient_id)
 
 
 def _count(deps: OutboundDeps, channel: str, outcome: str) -> None:

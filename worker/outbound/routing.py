@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from worker.channels import sendgrid, twilio
+from worker.channels import fcm, sendgrid, twilio
 from worker.channels.phones import InvalidPhoneNumber, to_e164
 
 # Each channel module names its v3-ParticipationMode code; the mapping follows from them.
-MEDIUM_TO_CHANNEL = {twilio.MEDIUM_CODE: twilio.CHANNEL, sendgrid.MEDIUM_CODE: sendgrid.CHANNEL}
+MEDIUM_TO_CHANNEL = {twilio.MEDIUM_CODE: twilio.CHANNEL, sendgrid.MEDIUM_CODE: sendgrid.CHANNEL,
+                     fcm.MEDIUM_CODE: fcm.CHANNEL}
 CHANNEL_TO_MEDIUM = {v: k for k, v in MEDIUM_TO_CHANNEL.items()}
 _SYSTEMS = {"sms": ("sms", "phone"), "email": ("email",)}
 
@@ -64,15 +65,24 @@ def pick_contact(telecoms: Iterable[Mapping[str, Any]], channel: str,
 
 
 def choose_channel(forced: str | None, reply_channel: str | None,
-                   telecoms: list[Mapping[str, Any]]) -> str | None:
+                   telecoms: list[Mapping[str, Any]],
+                   order: Iterable[str] = ("sms", "email"),
+                   push_ready: Callable[[], bool] | None = None) -> str | None:
     """The channel to send on: the forced one; else the thread's (a reply goes back the way the
-    patient wrote) when the patient has a contact for it; else phone, else email (the seed's
-    rule). None when the patient cannot be reached at all."""
+    patient wrote) when the patient can be reached on it; else the first of `order`
+    (CHANNEL_ORDER; the seed's phone then email) that reaches the patient. None when the patient
+    cannot be reached at all. Push reaches a patient when `push_ready()` (an active Device) says
+    so; it is asked only when push is the channel being considered."""
+    def reachable(channel: str) -> bool:
+        if channel == fcm.CHANNEL:
+            return bool(push_ready and push_ready())
+        return pick_contact(telecoms, channel) is not None
+
     if forced:
         return forced
-    if reply_channel and pick_contact(telecoms, reply_channel):
+    if reply_channel and reachable(reply_channel):
         return reply_channel
-    for channel in ("sms", "email"):
-        if pick_contact(telecoms, channel):
+    for channel in order:
+        if reachable(channel):
             return channel
     return None

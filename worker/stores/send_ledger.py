@@ -72,3 +72,9 @@ class SendLedger:
     def record(self, communication_id: str, result: dict[str, str]) -> None:
         """Remember that the provider took the message (first thing after its answer)."""
         self._r.set(self.DONE + communication_id, json.dumps(result), ex=self.KEEP)
+
+
+def device_send(communication_id: str, device_id: str) -> str:
+    """The ledger key of one push of a Communication to one Device: a push goes to each of a
+    patient's devices once, so claims and sent records are kept per (communication, device)."""
+    return f"{communication_id}/Device/{device_id}"

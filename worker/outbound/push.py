@@ -1,0 +1,121 @@
+"""Push fan-out: one Communication, one push to each of the patient's active devices, once each.
+
+The send ledger is kept per (communication, device) (worker.stores.send_ledger.device_send), so
+a redelivery after two of three devices were pushed pushes only the third. Pacing is per push,
+on the project's shared rate: the wait before each device is a Deferred (no retry spent), with
+every device pushed so far already in the ledger.
+
+The message counts as sent when at least one device accepted it. A device whose token FCM calls
+dead (UNREGISTERED, SENDER_ID_MISMATCH, INVALID_ARGUMENT on the token) is set inactive in FHIR
+with the reason and time, so no later send tries it. A retryable failure (429, 5xx) retries the
+task: devices already pushed are skipped then.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any
+
+from worker.channels import SendError, SendResult
+from worker.channels.fcm import CHANNEL, error_code_of
+from worker.errors import TransientError
+from worker.fhir.devices import active_devices, deactivate
+from worker.outbound.pipeline import (
+    OutboundDeps,
+    OutboundRequest,
+    _count,
+    _message,
+    _pace,
+    _record_sent,
+)
+from worker.stores.send_ledger import device_send
+
+log = logging.getLogger("switchboard.outbound")
+
+
+def has_device(deps: OutboundDeps, patient_id: str) -> bool:
+    """Whether the patient has an active push device (push is configured and reachable)."""
+    return CHANNEL in deps.channels and bool(
+        active_devices(deps.fhir, deps.device_system, patient_id))
+
+
+def send_push(req: OutboundRequest, deps: OutboundDeps, comm: dict[str, Any], comm_id: str,
+              patient_id: str, task_id: str) -> SendResult:
+    """Push one Communication to every active device of the patient; raises SendError (or
+    Deferred / TransientError) like worker.outbound.pipeline._send."""
+    impl = deps.channels.get(CHANNEL)
+    if impl is None:
+        raise SendError("misconfigured", "channel push is not configured")
+    devices = active_devices(deps.fhir, deps.device_system, patient_id)
+    if not devices:
+        raise SendError("invalid-recipient", "the patient has no active push device")
+    accepted: list[str] = []
+    outcomes: list[str] = []
+    other: SendError | None = None  # a refusal of the message itself (not of one device)
+    slot = req.rate_slot  # reserved by an earlier run for the first device still to push
+    for device in devices:
+        key = device_send(comm_id, device.id)
+        done = deps.ledger.done(key)
+        if done:
+            accepted.append(done["provider_id"])
+            outcomes.append(f"push to Device/{device.id}: sent as {done['provider_id']}")
+            continue
+        _pace(replace(req, rate_slot=slot), deps, CHANNEL, impl.sender_key())
+        slot = None
+        held = deps.ledger.claim(key, task_id)
+        if held is not None:
+            done = deps.ledger.done(key)
+            if done:
+                accepted.append(done["provider_id"])
+                continue
+            if held.age < deps.claim_seconds:
+                raise TransientError("send-in-progress", "another attempt is pushing this message")
+            # Its holder died while FCM answered: pushing again could notify twice.
+            outcomes.append(f"push to Device/{device.id}: outcome-unknown")
+            continue
+        try:
+            result = impl.send(_message(comm, comm_id, device.token))
+        except SendError as exc:
+            _count(deps, CHANNEL, exc.kind)
+            if exc.kind != "outcome-unknown":
+                deps.ledger.release(key)  # FCM refused: nothing went out to this device
+            exc.channel = CHANNEL
+            if exc.retryable:
+                raise  # the task retries; the devices pushed so far are in the ledger
+            outcomes.append(f"push to Device/{device.id}: {exc.kind} ({exc.detail})")
+            if exc.kind == "invalid-recipient":
+                code = error_code_of(exc)
+                deactivate(deps.fhir, device.id, code, f"FCM answered {exc.detail}")
+                log.warning("push token of Device/%s is dead (%s); the Device is now inactive",
+                            device.id, code)
+            elif exc.kind != "outcome-unknown":
+                other = other or exc
+            continue
+        _count(deps, CHANNEL, "sent")
+        deps.ledger.record(key, {"provider_id": result.provider_id, "channel": CHANNEL,
+                                 "device": device.id})
+        accepted.append(result.provider_id)
+        outcomes.append(f"push to Device/{device.id}: sent as {result.provider_id}")
+    if not accepted:
+        if other is not None:
+            raise _with(other, outcomes)
+        unknown = all(o.endswith("outcome-unknown") for o in outcomes)
+        raise _with(SendError("outcome-unknown" if unknown else "invalid-recipient",
+                              f"no device accepted the push ({len(devices)} tried)"), outcomes)
+    result = SendResult(provider_id=accepted[0], status="accepted")
+    sent = {"provider_id": result.provider_id, "channel": CHANNEL, "message_id": ""}
+    deps.ledger.record(comm_id, sent)  # from here on a redelivery sends nothing at all
+    deps.state.update(req.request_id, "sent", communication=comm_id, devices=len(accepted),
+                      **sent)
+    log.info("outbound Communication/%s sent by push to %d of %d devices", comm_id,
+             len(accepted), len(devices))
+    # Each device's outcome goes on the Communication as a note (ids and FCM names, no tokens).
+    _record_sent(deps, comm_id, CHANNEL, result, [*req.attempts, *outcomes], req.request_id)
+    return result
+
+
+def _with(exc: SendError, outcomes: list[str]) -> SendError:
+    exc.channel = CHANNEL
+    exc.attempts = (*exc.attempts, *outcomes)
+    return exc
