@@ -111,7 +111,8 @@ def send_push(req: OutboundRequest, deps: OutboundDeps, comm: dict[str, Any], co
     log.info("outbound Communication/%s sent by push to %d of %d devices", comm_id,
              len(accepted), len(devices))
     # Each device's outcome goes on the Communication as a note (ids and FCM names, no tokens).
-    _record_sent(deps, comm_id, CHANNEL, result, [*req.attempts, *outcomes], req.request_id)
+    _record_sent(deps, comm_id, CHANNEL, result, [*req.attempts, *outcomes], req.request_id,
+                 known=comm)
     return result
 
 
