@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import redis
 
-from tests.support import AUTH_TOKEN, PUBLIC_BASE_URL, ProviderSandbox, Sandbox
+from tests.support import AUTH_TOKEN, DATA_KEY, PUBLIC_BASE_URL, ProviderSandbox, Sandbox
 from worker.ops import devstack
 from worker.settings import Settings, load_settings
 from worker.stores.dead_letters import DeadLetterStore
@@ -95,6 +95,7 @@ def make_env(redis_url: str, fhir_base: str, **overrides: str) -> dict[str, str]
         "TWILIO_ACCOUNT_SID": "ACtest",
         "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
         "PUBLIC_BASE_URL": PUBLIC_BASE_URL,
+        "DATA_ENCRYPTION_KEYS": DATA_KEY,
         **FAST_RETRIES,
     }
     env.update(overrides)
@@ -125,7 +126,7 @@ class Service:
     @property
     def dead_letters(self) -> DeadLetterStore:
         """The dead-letter store of this configuration."""
-        return DeadLetterStore(self.redis)
+        return DeadLetterStore(self.redis, self.settings.sealer())
 
     def app(self) -> Any:
         """A Flask app (the receiver) publishing to this configuration's Redis database."""

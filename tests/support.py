@@ -11,6 +11,7 @@ from urllib.parse import urlencode
 import httpx
 from twilio.request_validator import RequestValidator
 
+from worker.crypto import generate_key
 from worker.fhir.client import FhirClient
 from worker.fhir.query import token
 from worker.settings import Settings
@@ -18,6 +19,8 @@ from worker.settings import Settings
 T = TypeVar("T")
 AUTH_TOKEN = "test-twilio-auth-token"
 PUBLIC_BASE_URL = "https://switchboard.test"
+# The test bed's data key, new for every run (what it seals lives only as long as the run).
+DATA_KEY = generate_key()
 CLINIC = "+15557654321"
 
 

@@ -223,7 +223,7 @@ def _request_id(key: str | None) -> str | None:
 def api_blueprint(settings: Settings, client: redis.Redis) -> Blueprint:
     """Routes of the outbound API."""
     bp = Blueprint("api", __name__)
-    state = OutboundState(client)
+    state = OutboundState(client, settings.sealer())
 
     def rejected(reason: str) -> None:
         current_app.extensions["switchboard.metrics"].inc(

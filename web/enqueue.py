@@ -10,6 +10,7 @@ from celery import Celery
 
 from worker.broker.celery_app import create_celery
 from worker.broker.publish import ACCEPT_AND_PUBLISH, TaskMessages, accept_and_publish
+from worker.crypto import Sealer
 from worker.settings import Settings
 from worker.stores.inbox import HEADER as INBOX_HEADER
 
@@ -28,8 +29,8 @@ class Enqueuer:
     message in one atomic Lua step (worker/broker/publish.py), so a 2xx means both are in Redis
     and a 5xx means neither is."""
 
-    def __init__(self, celery: Celery, client: redis.Redis) -> None:
-        self._messages = TaskMessages(celery)
+    def __init__(self, celery: Celery, client: redis.Redis, sealer: Sealer) -> None:
+        self._messages = TaskMessages(celery, sealer)
         self._script: Any = client.register_script(ACCEPT_AND_PUBLISH)
 
     @classmethod
@@ -37,7 +38,7 @@ class Enqueuer:
         """An Enqueuer publishing to the configured broker."""
         client = redis.Redis.from_url(settings.redis_url, socket_timeout=STEP_TIMEOUT_SECONDS,
                                       socket_connect_timeout=STEP_TIMEOUT_SECONDS)
-        return cls(create_celery(settings), client)
+        return cls(create_celery(settings), client, settings.sealer())
 
     def send(self, task: str, queue: str, args: list[Any], inbox_key: str) -> str:
         """Record the message in the inbox and publish it; raises EnqueueFailed unless both

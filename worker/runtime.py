@@ -57,6 +57,7 @@ def build_runtime(settings: Settings) -> Runtime:
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5,
                                   socket_connect_timeout=5, health_check_interval=30)
     metrics = for_redis(settings.redis_url)
+    sealer = settings.sealer()
     fhir = FhirClient(settings.fhir_base_url, settings.fhir_token_url, settings.fhir_client_id,
                       settings.fhir_client_secret.get_secret_value(),
                       timeout=settings.fhir_timeout_seconds,
@@ -70,8 +71,8 @@ def build_runtime(settings: Settings) -> Runtime:
                           "switchboard_fhir_contention", event=event))
     outbound = OutboundDeps(
         fhir=fhir, channels=build_channels(settings),
-        ledger=SendLedger(client), optouts=OptOuts(client, settings.optout_key()),
-        limiter=RateLimiter(client), state=OutboundState(client),
+        ledger=SendLedger(client, sealer), optouts=OptOuts(client, settings.optout_key()),
+        limiter=RateLimiter(client), state=OutboundState(client, sealer),
         rates={"sms": settings.sms_rate_per_second, "email": settings.email_rate_per_second,
                "push": settings.push_rate_per_second},
         id_systems={"sms": settings.message_id_system,
@@ -83,10 +84,10 @@ def build_runtime(settings: Settings) -> Runtime:
         max_countdown=settings.broker_visibility_timeout_seconds / 2, metrics=metrics,
         device_system=settings.device_token_system, channel_order=settings.channel_list())
     return Runtime(settings, fhir, client, DeadLetterStore(
-        client, retention_seconds=settings.dead_letter_retention_days * 86400),
+        client, sealer, retention_seconds=settings.dead_letter_retention_days * 86400),
                    RedisSeenMessages(client, settings.inbound_seen_ttl_seconds),
                    RedisLocks(client, settings.thread_lock_timeout_seconds), outbound, metrics,
-                   Inbox(client),
+                   Inbox(client, sealer),
                    # SendGrid retries a batch for up to 24 hours; a week covers it.
                    RedisSeenMessages(client, settings.inbound_seen_ttl_seconds,
                                      namespace="sendgrid-event"),

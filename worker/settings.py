@@ -12,6 +12,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from worker.crypto import Sealer, parse_keys, sealer_for
+
 ThreadStrategy = Literal["conversation", "active-thread", "new-thread"]
 UnknownSenderPolicy = Literal["reject", "create-patient"]
 CHANNELS = ("sms", "email", "push")
@@ -32,6 +34,8 @@ _HINTS: dict[str, str] = {
     "SENDGRID_INBOUND_VERIFICATION_KEY": "the base64 public key SendGrid shows for the "
     "Inbound Parse security policy, without PEM armour",
     "SENDGRID_INBOUND_BASIC_AUTH": "user:password, as embedded in the Inbound Parse URL",
+    "DATA_ENCRYPTION_KEYS": "comma-separated keys, the first seals; make one with "
+                            "`switchboard keys generate`",
 }
 
 
@@ -65,6 +69,9 @@ class Settings(BaseSettings):
     twilio_account_sid: str = Field(min_length=1)
     twilio_auth_token: SecretStr
     public_base_url: str
+    # Keys that seal PHI at rest in Redis (worker/crypto.py): the first seals, all open.
+    # Required: without one Switchboard refuses to start (make run and the test bed make one).
+    data_encryption_keys: SecretStr
     sms_thread_strategy: ThreadStrategy = "conversation"
     unknown_sender_policy: UnknownSenderPolicy = "reject"
 
@@ -223,6 +230,13 @@ class Settings(BaseSettings):
             raise ValueError("must be user:password")
         return v
 
+    @field_validator("data_encryption_keys")
+    @classmethod
+    def _keys_valid(cls, v: SecretStr) -> SecretStr:
+        # The error names the position of a bad key, never its value (errors reach logs).
+        parse_keys(v.get_secret_value())
+        return v
+
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, v: str) -> str:
@@ -299,6 +313,9 @@ class Settings(BaseSettings):
     def fcm_credentials(self) -> str:
         """The service-account file for push (FCM_CREDENTIALS_FILE, else the Google default)."""
         return self.fcm_credentials_file or self.google_application_credentials
+    def sealer(self) -> Sealer:
+        """The Sealer of DATA_ENCRYPTION_KEYS (one per key set per process)."""
+        return sealer_for(self.data_encryption_keys.get_secret_value())
 
     def api_token_list(self) -> list[str]:
         """The accepted API bearer tokens."""

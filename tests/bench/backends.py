@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support import AUTH_TOKEN, PUBLIC_BASE_URL, Sandbox
+from tests.support import AUTH_TOKEN, DATA_KEY, PUBLIC_BASE_URL, Sandbox
 from worker.ops import devstack
 from worker.settings import Settings, load_settings
 
@@ -39,6 +39,6 @@ def start(log_dir: Path, name: str, **overrides: str) -> Backends:
     env = {"REDIS_URL": rds.url, "FHIR_BASE_URL": fhir.base_url, "FHIR_CLIENT_ID": FHIR_ID,
            "FHIR_CLIENT_SECRET": FHIR_SECRET, "TWILIO_ACCOUNT_SID": "ACbench",
            "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "PUBLIC_BASE_URL": PUBLIC_BASE_URL,
-           "LOG_FORMAT": "console", **overrides}
+           "LOG_FORMAT": "console", "DATA_ENCRYPTION_KEYS": DATA_KEY, **overrides}
     settings = load_settings(env)
     return Backends(rds, fhir, env, settings, Sandbox(fhir.origin, settings))

@@ -14,7 +14,7 @@ from urllib.parse import urlencode
 
 import redis
 
-from tests.support import AUTH_TOKEN, PUBLIC_BASE_URL, sign
+from tests.support import AUTH_TOKEN, DATA_KEY, PUBLIC_BASE_URL, sign
 from worker.ops import devstack
 from worker.settings import load_settings
 
@@ -68,7 +68,8 @@ def run(log_dir: Path, quick: bool = False) -> list[str]:
     env = {"REDIS_URL": base + "/1", "FHIR_BASE_URL": "http://127.0.0.1:9/fhir/R4/",
            "FHIR_CLIENT_ID": "bench", "FHIR_CLIENT_SECRET": "bench",
            "TWILIO_ACCOUNT_SID": "ACbench", "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
-           "PUBLIC_BASE_URL": PUBLIC_BASE_URL, "LOG_FORMAT": "json"}
+           "PUBLIC_BASE_URL": PUBLIC_BASE_URL, "LOG_FORMAT": "json",
+           "DATA_ENCRYPTION_KEYS": DATA_KEY}  # the receiver seals every message it queues
     load_settings(env)  # fail here, not inside gunicorn, on a bad environment
     ports = {name: devstack.free_port() for name in ("bare", "bare-gevent", "ours")}
     servers = [devstack.start_web(env, log_dir, ports["ours"], workers=2)]

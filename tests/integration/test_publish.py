@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 
@@ -11,9 +12,10 @@ import redis
 from tests.conftest import make_env
 from worker.broker.celery_app import QUEUE_INBOUND, REDACTED_ARGS, create_celery
 from worker.broker.publish import ACCEPT_AND_PUBLISH, TaskMessages, accept_and_publish
+from worker.crypto import Sealer
 from worker.ops import devstack
 from worker.settings import load_settings
-from worker.stores.inbox import ENTRIES, INDEX
+from worker.stores.inbox import ENTRIES, INDEX, Inbox, InboxEntry
 
 VARIABLE = {"id", "root_id", "correlation_id", "delivery_tag", "origin"}
 
@@ -27,30 +29,38 @@ def r(redis_server: devstack.RedisServer) -> Iterator[redis.Redis]:
     client.close()
 
 
-def _strip(message: dict) -> dict:  # type: ignore[type-arg]
+def _strip(message: dict, sealer: Sealer) -> dict:  # type: ignore[type-arg]
     headers = {k: v for k, v in message["headers"].items() if k not in VARIABLE}
     props = {k: v for k, v in message["properties"].items() if k not in VARIABLE}
-    return {**message, "headers": headers, "properties": props}
+    # Sealing is randomised (a fresh nonce each time): compare what the bodies open to.
+    body = json.loads(sealer.open_bytes(base64.b64decode(message["body"])))
+    return {**message, "headers": headers, "properties": props, "body": body}
 
 
 def test_the_same_message_as_send_task_in_one_step(r: redis.Redis,
                                                    redis_server: devstack.RedisServer) -> None:
     url = f"redis://127.0.0.1:{redis_server.port}/61"
-    app = create_celery(load_settings(make_env(url, "http://127.0.0.1:1/fhir/R4/")))
+    settings = load_settings(make_env(url, "http://127.0.0.1:1/fhir/R4/"))
+    app, sealer = create_celery(settings), settings.sealer()
     args = [{"MessageSid": "SM1", "Body": "hé"}, {"received_at": "2026-11-30T00:00:00Z"}]
     headers = {"switchboard_inbox": "sms:SM1"}
     app.send_task("switchboard.inbound.sms", args=args, queue=QUEUE_INBOUND, headers=headers,
                   **REDACTED_ARGS)
     stock = json.loads(r.rpop(QUEUE_INBOUND))
-    task_id = accept_and_publish(r.register_script(ACCEPT_AND_PUBLISH), TaskMessages(app),
+    task_id = accept_and_publish(r.register_script(ACCEPT_AND_PUBLISH), TaskMessages(app, sealer),
                                  "switchboard.inbound.sms", QUEUE_INBOUND, args, "sms:SM1",
                                  1.0, headers)
     ours = json.loads(r.rpop(QUEUE_INBOUND))
     assert ours["headers"]["id"] == ours["properties"]["correlation_id"] == task_id
     assert ours["properties"]["delivery_tag"] != stock["properties"]["delivery_tag"]
-    assert _strip(ours) == _strip(stock)  # body included: same args, same encoding
-    # ... and the inbox entry was written in the same step.
-    assert json.loads(r.hget(ENTRIES, "sms:SM1"))["args"] == args
+    assert ours["content-type"] == "application/x-switchboard-sealed"
+    assert _strip(ours, sealer) == _strip(stock, sealer)  # same args, same encoding
+    assert "hé" not in json.dumps(ours) and b"SM1" not in base64.b64decode(ours["body"])
+    # ... and the inbox entry was written in the same step, holding the same sealed body.
+    entry = json.loads(r.hget(ENTRIES, "sms:SM1"))
+    assert entry["body"] == "sb1:" + ours["body"]
+    assert Inbox(r, sealer).stale(-1) == [InboxEntry("sms:SM1", "switchboard.inbound.sms",
+                                                     QUEUE_INBOUND, args)]
     assert r.zscore(INDEX, "sms:SM1") is not None
     app.close()
 

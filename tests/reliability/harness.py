@@ -20,7 +20,7 @@ import httpx
 import redis
 
 from tests.email_payloads import VERIFICATION_KEY, signed
-from tests.support import AUTH_TOKEN, PUBLIC_BASE_URL, ProviderSandbox, Sandbox, sign
+from tests.support import AUTH_TOKEN, DATA_KEY, PUBLIC_BASE_URL, ProviderSandbox, Sandbox, sign
 from worker.channels.sendgrid import EMAIL_INBOUND_MESSAGE_ID_SYSTEM
 from worker.ops import devstack
 from worker.ops.metrics import KEY as METRICS_KEY
@@ -75,7 +75,8 @@ class Stack:
             "REDIS_URL": self.redis.url, "FHIR_BASE_URL": self.fhir_server.base_url,
             "FHIR_CLIENT_ID": FHIR_ID, "FHIR_CLIENT_SECRET": FHIR_SECRET,
             "TWILIO_ACCOUNT_SID": "ACtest", "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
-            "PUBLIC_BASE_URL": PUBLIC_BASE_URL, "TWILIO_API_BASE_URL": origin,
+            "DATA_ENCRYPTION_KEYS": DATA_KEY, "PUBLIC_BASE_URL": PUBLIC_BASE_URL,
+            "TWILIO_API_BASE_URL": origin,
             "TWILIO_FROM_NUMBER": CLINIC, "SENDGRID_API_KEY": "SG.reliability",
             "SENDGRID_FROM_EMAIL": "care@clinic.example", "SENDGRID_API_BASE_URL": origin,
             "SENDGRID_EVENT_VERIFICATION_KEY": event_keys[1], "API_TOKENS": API_TOKEN,
@@ -151,7 +152,7 @@ class Stack:
         """Empty FHIR, the provider record and the dead-letter store between scenarios."""
         self.sandbox.reset()
         self.providers.reset()
-        DeadLetterStore(self._r).purge()
+        DeadLetterStore(self._r, self.settings.sealer()).purge()
 
     # -- traffic --------------------------------------------------------------------------------
 
@@ -232,7 +233,7 @@ class Stack:
 
     def dead_letters(self) -> list[Any]:
         """Every dead-letter entry."""
-        return DeadLetterStore(self._r).list(limit=100000)
+        return DeadLetterStore(self._r, self.settings.sealer()).list(limit=100000)
 
     def queues_idle(self) -> bool:
         """No message waiting, in flight, or accepted and unfinished (the inbox)."""

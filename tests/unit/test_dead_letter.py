@@ -9,6 +9,8 @@ import fakeredis
 import pytest
 import redis
 
+from tests.support import DATA_KEY
+from worker.crypto import sealer_for
 from worker.ops.cli import build_parser
 from worker.stores.dead_letters import (
     ENTRIES_KEY,
@@ -19,9 +21,11 @@ from worker.stores.dead_letters import (
     parse_since,
 )
 
+SEALER = sealer_for(DATA_KEY)
+
 
 def store() -> DeadLetterStore:
-    return DeadLetterStore(fakeredis.FakeRedis())
+    return DeadLetterStore(fakeredis.FakeRedis(), SEALER)
 
 
 def test_record_list_show_remove_purge() -> None:
@@ -50,7 +54,7 @@ def test_same_message_failing_again_updates_its_entry() -> None:
 def seeded(client: fakeredis.FakeRedis | None = None
            ) -> tuple[DeadLetterStore, list[DeadLetter]]:
     """Four entries: two reasons, two tasks, failing at t=100, 200, 300, 400."""
-    s = DeadLetterStore(client or fakeredis.FakeRedis())
+    s = DeadLetterStore(client or fakeredis.FakeRedis(), SEALER)
     made = [
         s.record("t.a", "inbound", [{"MessageSid": "SM1"}], {}, "unknown-sender", "", 1,
                  now=100.0),
@@ -132,7 +136,7 @@ def test_an_entry_failing_again_is_not_pruned() -> None:
 
 def test_record_prunes_with_a_retention_at_most_once_a_minute() -> None:
     client = fakeredis.FakeRedis()
-    s = DeadLetterStore(client, retention_seconds=1000.0)
+    s = DeadLetterStore(client, SEALER, retention_seconds=1000.0)
     s.record("t", "q", ["old"], {}, "fhir-400", "", 1, now=100.0)  # prunes (nothing old yet)
     s.record("t", "q", ["mid"], {}, "fhir-400", "", 1, now=130.0)
     s.record("t", "q", ["a"], {}, "fhir-400", "", 1, now=1_110.0)  # old is >1000s old: pruned
@@ -152,7 +156,7 @@ def test_record_without_a_retention_never_prunes() -> None:
 
 
 def test_a_failing_prune_does_not_fail_the_record(monkeypatch: pytest.MonkeyPatch) -> None:
-    s = DeadLetterStore(fakeredis.FakeRedis(), retention_seconds=10.0)
+    s = DeadLetterStore(fakeredis.FakeRedis(), SEALER, retention_seconds=10.0)
 
     def broken(*_: object, **__: object) -> int:
         raise redis.ConnectionError("down")

@@ -9,8 +9,10 @@ from typing import Any
 import fakeredis
 import pytest
 
+from tests.support import DATA_KEY
 from tests.unit.test_fhir_client import FakeFhir, ok
 from worker.channels.twilio import field_problems, opt_keyword
+from worker.crypto import sealer_for
 from worker.fhir.query import query_string, token
 from worker.fhir.reference import InvalidReference, Ref, parse_reference
 from worker.outbound.pipeline import OutboundRequest, unsendable
@@ -198,7 +200,7 @@ def test_a_payload_500_lists_deep_is_stored_as_it_is() -> None:
     deep: Any = "x"
     for _ in range(500):
         deep = [deep]
-    store = DeadLetterStore(fakeredis.FakeRedis())
+    store = DeadLetterStore(fakeredis.FakeRedis(), sealer_for(DATA_KEY))
     entry = store.record("switchboard.outbound.send", "outbound", [{"x": deep}], {},
                          "fhir-400", "unknown element", 1, task_id="t-1")
     assert entry.args == [{"x": deep}] and store.get(entry.id) == entry
@@ -209,7 +211,7 @@ def test_a_payload_too_deep_to_store_still_makes_a_dead_letter() -> None:
     deep: Any = "x"
     for _ in range(5000):
         deep = [deep]
-    store = DeadLetterStore(fakeredis.FakeRedis())
+    store = DeadLetterStore(fakeredis.FakeRedis(), sealer_for(DATA_KEY))
     entry = store.record("switchboard.outbound.send", "outbound", [{"resource": deep}], {},
                          "unexpected-error", "RecursionError", 1, task_id="t-1")
     assert entry.args == [{"unstorable": "RecursionError", "task_id": "t-1"}]

@@ -14,6 +14,7 @@ GOOD = {
     "TWILIO_ACCOUNT_SID": "AC1",
     "TWILIO_AUTH_TOKEN": "tw1l1o-auth-value",
     "PUBLIC_BASE_URL": "https://sb.example.org/",
+    "DATA_ENCRYPTION_KEYS": "qbXeDm3GLpVtBUq1hLtqRo1mZpqrnV5Prg1NQXYBb5I=",
 }
 
 

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 from celery import Celery
 from kombu.entity import Queue
+from kombu.serialization import register
+from kombu.utils import json as kombu_json
 
+from worker.crypto import Sealer, UnknownKey, Unsealable, bytes_to_text
 from worker.settings import Settings
 
 # Queue names and task names are the public contract with the web receiver and other services.
@@ -26,9 +32,65 @@ TASK_DEVICE_UPDATE = "switchboard.devices.update"
 # our tasks carry phone numbers and message bodies.
 REDACTED_ARGS = {"argsrepr": "(redacted)", "kwargsrepr": "{}"}
 
+# Task bodies ([args, kwargs, embed], Celery protocol 2) are sealed as one value: the headers
+# (task name, id, retries) and the routing stay readable for workers, Flower and kombu.
+SEALED_CONTENT_TYPE = "application/x-switchboard-sealed"
+SEALED_SERIALIZER = "switchboard-sealed"
+# A body that could not be opened is handed to the task as this one argument (the sealed body
+# kept as text), so the task dead-letters it as `undecryptable` instead of kombu dropping it
+# (kombu acks a message it cannot decode, and rejects one it may not accept, without requeue).
+UNDECRYPTABLE = "switchboard_undecryptable"
+# Celery's protocol-2 "embed" part of a body (no callbacks, chain or chord).
+EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+_openers_lock = threading.Lock()
+_opener: Sealer | None = None  # opens with every key of every app of this process
+
+
+def undecryptable(args: Any) -> dict[str, str] | None:
+    """The placeholder argument of a task body that could not be opened, if that is what
+    `args` is: {UNDECRYPTABLE: the sealed body as text, "why": what stopped it}."""
+    if args and len(args) == 1 and isinstance(args[0], dict) and UNDECRYPTABLE in args[0]:
+        return {k: str(v) for k, v in args[0].items()}
+    return None
+
+
+def open_body(sealer: Sealer, token: bytes) -> Any:
+    """A sealed task body as Celery reads it, or the undecryptable placeholder body."""
+    try:
+        return kombu_json.loads(sealer.open_bytes(token))  # type: ignore[no-untyped-call]
+    except Unsealable as exc:
+        why = "unknown-key" if isinstance(exc, UnknownKey) else "tampered"
+        return [[{UNDECRYPTABLE: bytes_to_text(token), "why": why, "detail": str(exc)}], {}, EMBED]
+
+
+def _loads(token: bytes) -> Any:
+    opener = _opener
+    if opener is None:  # pragma: no cover - a serializer is registered before any decode
+        raise RuntimeError("no sealing keys registered in this process")
+    return open_body(opener, token)
+
+
+def register_sealed(sealer: Sealer) -> str:
+    """Register the sealed serializer for `sealer` with kombu (a process-wide registry) and
+    return its name. Each key set gets its own name, so every app seals with its own first key;
+    decoding, which kombu looks up by content type alone, opens with every key registered in
+    the process (one key set in a deployment; several only in tests)."""
+    global _opener
+    name = f"{SEALED_SERIALIZER}-{sealer.current_id}"
+    with _openers_lock:
+        _opener = sealer if _opener is None else _opener.merged(sealer)
+
+        def dumps(body: Any) -> bytes:
+            return sealer.seal_bytes(kombu_json.dumps(body).encode())  # type: ignore[no-untyped-call]
+
+        register(name, dumps, _loads, content_type=SEALED_CONTENT_TYPE,  # type: ignore[no-untyped-call]
+                 content_encoding="binary")
+    return name
+
 
 def create_celery(settings: Settings) -> Celery:
     """A Celery app for `settings` (the web uses it only to publish; the worker runs tasks)."""
+    serializer = register_sealed(settings.sealer())
     app = Celery("switchboard", set_as_current=False)
     app.conf.update(
         broker_url=settings.redis_url,
@@ -40,8 +102,10 @@ def create_celery(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        task_serializer="json",
-        accept_content=["json"],
+        # Sealed bodies (see SEALED_CONTENT_TYPE); plain JSON is still accepted from services
+        # that publish our tasks directly (README, "The outbound task").
+        task_serializer=serializer,
+        accept_content=[serializer, "json"],
         task_queues=[Queue(name) for name in QUEUES],  # type: ignore[no-untyped-call]
         task_default_queue=QUEUE_INBOUND,
         task_routes={TASK_INBOUND_SMS: {"queue": QUEUE_INBOUND},

@@ -2,10 +2,13 @@
 
 A stock `send_task` costs the receiver three round trips per webhook on the Redis transport
 (the inbox write, kombu's exchange lookup, the LPUSH) and about 250 µs of Python. Here the
-message is the exact one kombu would have pushed (Celery protocol 2, JSON, base64 body), built
-from a template that Celery's own `send_task` produced once on kombu's in-memory transport, and
-one Lua script writes the inbox entry and pushes the message atomically: both or neither. A stock
-`celery worker` consumes it like any other, and Flower shows it.
+message is the exact one kombu would have pushed (Celery protocol 2, sealed body, base64),
+built from a template that Celery's own `send_task` produced once on kombu's in-memory
+transport, and one Lua script writes the inbox entry and pushes the message atomically: both or
+neither. A stock `celery worker` consumes it like any other, and Flower shows it.
+
+The body is sealed once (worker/crypto.py, the app's sealed serializer): the task message carries
+it (base64, as kombu encodes binary bodies) and the inbox entry the same sealed value as text.
 
 The script also carries the time after which the receiver no longer waits for an answer: run
 later than that (a Redis that stalled and resumed), it does nothing, so a webhook answered 5xx
@@ -26,7 +29,8 @@ from celery import Celery
 from kombu.connection import Connection
 from kombu.entity import Queue
 
-from worker.broker.celery_app import QUEUE_INBOUND, REDACTED_ARGS
+from worker.broker.celery_app import EMBED, QUEUE_INBOUND, REDACTED_ARGS, SEALED_CONTENT_TYPE
+from worker.crypto import PREFIX, Sealer
 from worker.stores.inbox import ENTRIES as INBOX_ENTRIES
 from worker.stores.inbox import INDEX as INBOX_INDEX
 
@@ -42,8 +46,6 @@ redis.call('ZADD', KEYS[2], now, ARGV[1])
 redis.call('LPUSH', KEYS[3], ARGV[3])
 return 1
 """
-# Celery's protocol-2 "embed" part of the body (no callbacks, chain or chord).
-_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 _TEMPLATE_TASK = "switchboard.template"
 _TEMPLATE_QUEUE = QUEUE_INBOUND  # any of our queues: the routing is set per message
 
@@ -51,13 +53,14 @@ _TEMPLATE_QUEUE = QUEUE_INBOUND  # any of our queues: the routing is set per mes
 class TaskMessages:
     """Builds the Redis message of a task publish, as kombu would (see module doc)."""
 
-    def __init__(self, app: Celery) -> None:
+    def __init__(self, app: Celery, sealer: Sealer) -> None:
         self._template = _capture(app)
         self._origin = f"gen{os.getpid()}@{socket.gethostname()}"
+        self._seal = sealer.seal_bytes
 
     def build(self, task: str, queue: str, args: list[Any], headers: dict[str, str]
-              ) -> tuple[str, str]:
-        """(task id, the JSON message to LPUSH onto `queue`)."""
+              ) -> tuple[str, str, str]:
+        """(task id, the JSON message to LPUSH onto `queue`, its sealed body as text)."""
         task_id = str(uuid.uuid4())
         # A shallow copy of the two dicts that change (a deepcopy costs more than the rest).
         t = self._template
@@ -66,9 +69,9 @@ class TaskMessages:
                    "properties": {**t["properties"], "correlation_id": task_id,
                                   "delivery_tag": str(uuid.uuid4()),
                                   "delivery_info": {"exchange": "", "routing_key": queue}}}
-        body = json.dumps([args, {}, _EMBED]).encode()
-        message["body"] = base64.b64encode(body).decode()
-        return task_id, json.dumps(message)
+        body = base64.b64encode(self._seal(json.dumps([args, {}, EMBED]).encode())).decode()
+        message["body"] = body
+        return task_id, json.dumps(message), PREFIX + body
 
 
 def _capture(app: Celery) -> dict[str, Any]:
@@ -81,7 +84,8 @@ def _capture(app: Celery) -> dict[str, Any]:
                       headers={}, **REDACTED_ARGS)
         message: dict[str, Any] = channel._get(_TEMPLATE_QUEUE)
     if message["properties"].get("body_encoding") != "base64" or \
-            message.get("content-type") != "application/json":
+            message.get("content-type") != SEALED_CONTENT_TYPE or \
+            message.get("content-encoding") != "binary":
         raise RuntimeError("unexpected kombu message layout; publish with send_task instead")
     return message
 
@@ -96,8 +100,8 @@ def accept_and_publish(script: Any, messages: TaskMessages, task: str, queue: st
     says "too late" means the caller's clock is behind Redis's, so the step is sent again
     without a deadline. Raises whatever redis-py raises (nothing was kept, or it is unknown).
     """
-    task_id, message = messages.build(task, queue, args, extra_headers)
-    entry = json.dumps({"task": task, "queue": queue, "args": args})
+    task_id, message, sealed = messages.build(task, queue, args, extra_headers)
+    entry = json.dumps({"task": task, "queue": queue, "body": sealed})
     keys = [INBOX_ENTRIES, INBOX_INDEX, queue]
     if wait_seconds is not None and script(
             keys=keys, args=[inbox_key, entry, message, time.time() + wait_seconds]):

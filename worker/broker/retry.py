@@ -27,7 +27,7 @@ from celery import Task
 from celery.exceptions import Reject, Retry
 
 from worker.broker.backoff import retry_delay
-from worker.broker.celery_app import REDACTED_ARGS
+from worker.broker.celery_app import REDACTED_ARGS, undecryptable
 from worker.errors import Deferred, PermanentError, TransientError
 from worker.ops import logs
 from worker.runtime import get_runtime
@@ -81,6 +81,11 @@ class SwitchboardTask(Task):  # type: ignore[misc]
                 return None
             if deliveries > settings.max_deliveries:
                 raise PermanentError("delivery-loop", "the worker died on every delivery")
+            held = undecryptable(args)
+            if held is not None:
+                # Sealed with a key this worker lacks (or damaged): kept sealed in the
+                # dead-letter store, replayable once the key is configured again.
+                raise PermanentError("undecryptable", held.get("detail", ""))
             result = self.run(*args, **kwargs)
         except Deferred as exc:
             if exc.changes and args and isinstance(args[0], dict):

@@ -19,6 +19,7 @@ import redis
 from twilio.request_validator import RequestValidator
 
 from worker.channels.phones import InvalidPhoneNumber, to_e164
+from worker.crypto import Unsealable, generate_key
 from worker.fhir.client import FhirClient
 from worker.ops import logs
 from worker.settings import ConfigError, Settings, load_settings
@@ -37,7 +38,8 @@ def _ts(t: float) -> str:
 
 
 def _store(settings: Settings) -> DeadLetterStore:
-    return DeadLetterStore(redis.Redis.from_url(settings.redis_url, socket_timeout=5))
+    return DeadLetterStore(redis.Redis.from_url(settings.redis_url, socket_timeout=5),
+                           settings.sealer())
 
 
 def _print_entry_line(e: DeadLetter) -> None:
@@ -196,13 +198,24 @@ def cmd_dlq_replay(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     log = _dlq_log(settings)
     celery = create_celery(settings)
+    sent = 0
     for e in entries:
-        celery.send_task(e.task, args=e.args, kwargs=e.kwargs, queue=e.queue or None,
+        try:
+            # An `undecryptable` message goes out as it was first sent, once its key is back.
+            task_args, task_kwargs = store.replay_payload(e)
+        except Unsealable as exc:
+            log.warning("dead letter %s not replayed: still sealed with a key that is not "
+                        "configured", e.id)
+            print(f"not replaying {e.id} ({e.task}, {e.reason}): {exc}; configure that key "
+                  "in DATA_ENCRYPTION_KEYS")
+            continue
+        celery.send_task(e.task, args=task_args, kwargs=task_kwargs, queue=e.queue or None,
                          headers={REPLAY_HEADER: e.id}, **REDACTED_ARGS)
         log.info("replaying dead letter %s (task %s, reason %s)", e.id, e.task, e.reason)
         print(f"replaying {e.id} ({e.task}, {e.reason})")
-    print(f"{len(entries)} replayed; entries are removed as their replays succeed")
-    return 0
+        sent += 1
+    print(f"{sent} replayed; entries are removed as their replays succeed")
+    return 0 if sent == len(entries) else 1
 
 
 def cmd_dlq_purge(settings: Settings, args: argparse.Namespace) -> int:
@@ -239,6 +252,9 @@ def cmd_check(_: Settings | None, args: argparse.Namespace) -> int:
             print(f"FAIL config: {problem}")
         return 1
     print("ok   config: all settings valid")
+    sealer = settings.sealer()
+    print(f"ok   keys: {len(sealer.key_ids)} configured, sealing with key id "
+          f"{sealer.current_id}")
     failed = False
     for check in readiness(settings):
         if check.ok:
@@ -351,6 +367,43 @@ def cmd_subscription_status(settings: Settings, args: argparse.Namespace) -> int
         fhir.close()
 
 
+def cmd_keys_generate(_: Settings | None, args: argparse.Namespace) -> int:
+    """Print a new random key for DATA_ENCRYPTION_KEYS."""
+    print(generate_key())
+    return 0
+
+
+def cmd_keys_rotate(settings: Settings, args: argparse.Namespace) -> int:
+    """Seal every stored dead letter, inbox entry, request state and send record with the
+    first key of DATA_ENCRYPTION_KEYS, and say how many (exit 1 if some could not be opened)."""
+    from worker.stores.inbox import Inbox
+    from worker.stores.outbound_state import OutboundState
+    from worker.stores.send_ledger import SendLedger
+
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=30)
+    sealer = settings.sealer()
+    passes = {"dead letters": DeadLetterStore(client, sealer).reseal,
+              "inbox entries": Inbox(client, sealer).reseal,
+              "request states": OutboundState(client, sealer).reseal,
+              "send records": SendLedger(client, sealer).reseal}
+    log = _dlq_log(settings)
+    unopenable = 0
+    for what, reseal in passes.items():
+        done = reseal()
+        unopenable += done.unopenable
+        print(f"{what}: {done.resealed} re-sealed, {done.current} already sealed with the "
+              f"first key, {done.unopenable} sealed with a key not configured (left as is)")
+        log.info("keys rotate: %s: %d re-sealed, %d current, %d unopenable", what,
+                 done.resealed, done.current, done.unopenable)
+    print(f"sealing key id {sealer.current_id}")
+    if unopenable:
+        print(f"{unopenable} values are sealed with keys not in DATA_ENCRYPTION_KEYS: add the "
+              "old key back (after the first) and run this again before retiring it",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 # -- make run ---------------------------------------------------------------------------------
 
 DEV_DEFAULTS = {
@@ -410,6 +463,15 @@ curl -sS -X POST {base}/v1/messages \\
        "payload": [{{"contentString": "Your results are ready"}}], "channel": "push"}}'
 curl -s '{origin}/__requests?provider=fcm'
 """
+def _dev_key(log_dir: Path) -> str:
+    """make run's data key: made once and kept beside its Redis data (owner-only), so what
+    an earlier run sealed still opens."""
+    path = log_dir / "data-encryption-key"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(generate_key() + "\n")
+    return path.read_text().strip()
 
 
 def cmd_run(_: Settings | None, args: argparse.Namespace) -> int:
@@ -425,6 +487,7 @@ def cmd_run(_: Settings | None, args: argparse.Namespace) -> int:
     log_dir = Path(args.log_dir).resolve()
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**DEV_DEFAULTS, **{k: v for k, v in os.environ.items() if k in DEV_DEFAULTS}}
+    env["DATA_ENCRYPTION_KEYS"] = os.environ.get("DATA_ENCRYPTION_KEYS") or _dev_key(log_dir)
     stack = devstack.Stack()
     try:
         if "REDIS_URL" in os.environ:
@@ -630,6 +693,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run, needs_settings=False)
     check = sub.add_parser("check", help="validate the configuration and the dependencies")
     check.set_defaults(func=cmd_check, needs_settings=False)
+
+    keys = sub.add_parser("keys", help="DATA_ENCRYPTION_KEYS: generate a key, re-seal stored "
+                                       "data with the first key").add_subparsers(
+        dest="keys", required=True)
+    keys.add_parser("generate", help="print a new random key").set_defaults(
+        func=cmd_keys_generate, needs_settings=False)
+    keys.add_parser("rotate", help="re-seal dead letters, inbox entries, request states and "
+                                   "send records with the first key; print how many"
+                    ).set_defaults(func=cmd_keys_rotate)
 
     optout = sub.add_parser("optout", help="the local opt-out list (STOP / 21610)")
     optout.add_argument("action", choices=("check", "add", "remove"))

@@ -7,6 +7,12 @@ its one entry instead of adding another, and a replay that succeeds can remove i
 
 Entries are kept for a retention period: `prune` drops those whose last failure is older, and
 `record` calls it by itself at most once a minute per store when the store is given a retention.
+
+Sealed at rest (worker/crypto.py): an entry's id, task, queue, reason, attempt counts and times
+stay readable, so `dlq list` and its filters work without opening anything; its payload (args,
+kwargs) and detail (a FHIR OperationOutcome text can quote a number) are one sealed value. An
+entry sealed with a key that is no longer configured is listed as usual and shown as sealed; it
+opens again once the key is back.
 """
 
 from __future__ import annotations
@@ -23,6 +29,10 @@ from datetime import datetime
 from typing import Any
 
 import redis
+
+from worker.broker.celery_app import UNDECRYPTABLE, open_body, undecryptable
+from worker.crypto import Sealer, Unsealable, is_sealed, text_to_bytes
+from worker.stores import Resealed, reseal_hash
 
 ENTRIES_KEY = "switchboard:dlq:entries"
 INDEX_KEY = "switchboard:dlq:index"
@@ -55,6 +65,9 @@ class DeadLetter:
     first_failed_at: float
     last_failed_at: float
     failures: int = 1  # how many times this message reached the store (replays that failed again)
+    # False when the sealed part (args, kwargs, detail) could not be opened: sealed with a key
+    # that is not configured (any more). Those fields are then empty and `detail` says why.
+    opened: bool = True
 
     def as_dict(self) -> dict[str, Any]:
         """The fields as a dict, shallow: `dataclasses.asdict` copies the payload recursively
@@ -64,6 +77,7 @@ class DeadLetter:
 
 # (`list` is a method name inside DeadLetterStore.)
 Entries = list[DeadLetter]
+Args = list[Any]
 
 
 def entry_id(task: str, args: list[Any], kwargs: dict[str, Any]) -> str:
@@ -75,9 +89,11 @@ def entry_id(task: str, args: list[Any], kwargs: dict[str, Any]) -> str:
 class DeadLetterStore:
     """Redis-backed dead-letter entries."""
 
-    def __init__(self, client: redis.Redis, retention_seconds: float | None = None) -> None:
+    def __init__(self, client: redis.Redis, sealer: Sealer,
+                 retention_seconds: float | None = None) -> None:
         """`retention_seconds`: prune older entries from `record` (None: only when asked)."""
         self._r: Any = client  # redis-py types every call as sync-or-async
+        self._sealer = sealer
         self.retention_seconds = retention_seconds
         self._prune_lock = threading.Lock()
         self._next_prune = 0.0
@@ -100,7 +116,7 @@ class DeadLetterStore:
 
         def merge(pipe: Any) -> DeadLetter:
             raw = pipe.hget(ENTRIES_KEY, eid)
-            old = _load(raw) if raw else None
+            old = _load_clear(raw) if raw else None
             entry = DeadLetter(
                 id=eid, task=task, queue=queue, args=args, kwargs=kwargs, reason=reason,
                 detail=detail,
@@ -110,7 +126,7 @@ class DeadLetterStore:
                 failures=(old.failures + 1) if old else 1,
             )
             pipe.multi()
-            pipe.hset(ENTRIES_KEY, eid, json.dumps(entry.as_dict()))
+            pipe.hset(ENTRIES_KEY, eid, self._dump(entry))
             pipe.zadd(INDEX_KEY, {eid: now})
             return entry
 
@@ -121,7 +137,7 @@ class DeadLetterStore:
     def get(self, eid: str) -> DeadLetter | None:
         """The entry with this id, if any."""
         raw = self._r.hget(ENTRIES_KEY, eid)
-        return _load(raw) if raw else None
+        return self._load(raw) if raw else None
 
     def list(self, limit: int = 100) -> list[DeadLetter]:
         """Entries, most recent failure first."""
@@ -144,10 +160,10 @@ class DeadLetterStore:
             for raw in self._r.hmget(ENTRIES_KEY, ids[start:start + _BATCH]):
                 if not raw:
                     continue  # removed since the ids were read
-                entry = _load(raw)
-                if (reason is None or entry.reason == reason) and \
-                        (task is None or entry.task == task):
-                    found.append(entry)
+                clear = _load_clear(raw)
+                if (reason is None or clear.reason == reason) and \
+                        (task is None or clear.task == task):
+                    found.append(self._load(raw))
                     if limit is not None and len(found) >= limit:
                         return found
         return found
@@ -213,6 +229,51 @@ class DeadLetterStore:
 
         pruned: int = self._r.transaction(drop, INDEX_KEY, ENTRIES_KEY, value_from_callable=True)
         return pruned
+
+    def reseal(self) -> Resealed:
+        """Seal every entry with the first key (`switchboard keys rotate`)."""
+        def convert(raw: bytes) -> str | None:
+            data = json.loads(raw)
+            if is_sealed(data.get("sealed")) and self._sealer.is_current(data["sealed"]):
+                return None
+            entry = self._load(raw)
+            if not entry.opened:
+                raise Unsealable(entry.detail)
+            return self._dump(entry)
+        return reseal_hash(self._r, ENTRIES_KEY, convert)
+
+    def replay_payload(self, entry: DeadLetter) -> tuple[Args, dict[str, Any]]:
+        """(args, kwargs) to publish for a replay. A message that arrived undecryptable is
+        replayed as it was first sent once its key is configured again; raises Unsealable
+        while it (or the entry itself) still cannot be opened."""
+        if not entry.opened:
+            raise Unsealable(entry.detail)
+        held = undecryptable(entry.args)
+        if held is None:
+            return entry.args, entry.kwargs
+        body = open_body(self._sealer, text_to_bytes(held[UNDECRYPTABLE]))
+        if undecryptable(body[0]) is not None:
+            raise Unsealable(str(body[0][0].get("detail", "still undecryptable")))
+        return list(body[0]), dict(body[1])
+
+    def _dump(self, entry: DeadLetter) -> str:
+        data = entry.as_dict()
+        secret = {k: data.pop(k) for k in _SEALED_FIELDS}
+        data.pop("opened")
+        data["sealed"] = self._sealer.seal_json(secret)
+        return json.dumps(data)
+
+    def _load(self, raw: bytes | str) -> DeadLetter:
+        data = json.loads(raw)
+        if "sealed" not in data:
+            return DeadLetter(**data)  # written before sealing (re-sealed by `keys rotate`)
+        token = data.pop("sealed")
+        try:
+            secret = self._sealer.open_json(token)
+        except Unsealable as exc:
+            return DeadLetter(**data, args=[], kwargs={}, detail=f"(sealed: {exc})",
+                              opened=False)
+        return DeadLetter(**data, **secret)
 
     def _maybe_prune(self, now: float) -> None:
         """Apply the retention from `record`, at most once per PRUNE_INTERVAL_SECONDS; never
@@ -283,5 +344,21 @@ def quarantined(client: Any, limit: int = 100) -> list[dict[str, Any]]:
     return [json.loads(raw) for raw in client.lrange(QUARANTINE_KEY, 0, max(limit, 1) - 1)]
 
 
-def _load(raw: bytes | str) -> DeadLetter:
-    return DeadLetter(**json.loads(raw))
+# The fields of an entry that are sealed (they can hold PHI); the rest stays readable.
+_SEALED_FIELDS = ("args", "kwargs", "detail")
+
+
+@dataclass(frozen=True)
+class _Clear:
+    task: str
+    reason: str
+    attempts: int
+    first_failed_at: float
+    failures: int
+
+
+def _load_clear(raw: bytes | str) -> _Clear:
+    """The readable fields of an entry, without opening anything."""
+    data = json.loads(raw)
+    return _Clear(data["task"], data["reason"], int(data["attempts"]),
+                  float(data["first_failed_at"]), int(data.get("failures", 1)))

@@ -7,6 +7,9 @@ same atomic step that queues it (worker/broker/publish.py); the task removes it 
 (written or dead-lettered), and a periodic sweep re-publishes entries nobody has touched for
 INBOX_STALE_SECONDS. Every write downstream is idempotent, so a re-published message that was
 in fact still alive does no harm.
+
+An entry is {"task", "queue", "body"}: the body is the task message's own sealed body
+([args, kwargs, embed], worker/crypto.py), so the receiver seals once for both.
 """
 
 from __future__ import annotations
@@ -17,6 +20,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+
+from worker.broker.celery_app import EMBED as _EMBED
+from worker.broker.celery_app import open_body
+from worker.crypto import Sealer, Unsealable, is_sealed, text_to_bytes
+from worker.stores import Resealed, reseal_hash
 
 ENTRIES = "switchboard:inbox:entries"
 INDEX = "switchboard:inbox:index"  # entry key → last time someone vouched for it
@@ -37,8 +45,9 @@ class InboxEntry:
 class Inbox:
     """Redis-backed inbox."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, sealer: Sealer) -> None:
         self._r: Any = client
+        self._sealer = sealer
 
     def touch(self, key: str) -> None:
         """The message is alive (being retried or deferred): not stale yet."""
@@ -62,10 +71,35 @@ class Inbox:
             if raw:
                 data = json.loads(raw)
                 out.append(InboxEntry(key.decode() if isinstance(key, bytes) else str(key),
-                                      data["task"], data["queue"], data["args"]))
+                                      data["task"], data["queue"], self._args(data)))
             else:  # finished between the two reads
                 self._r.zrem(INDEX, key)
         return out
+
+    def _args(self, data: dict[str, Any]) -> list[Any]:
+        if "body" not in data:
+            return list(data["args"])  # written before sealing (re-sealed by `keys rotate`)
+        try:
+            token = text_to_bytes(data["body"])
+        except Unsealable:
+            token = b""  # damaged: the task dead-letters it as undecryptable
+        # Unopenable, the placeholder goes out and the task dead-letters it as `undecryptable`
+        # with its sealed body kept (replayable once the key is back).
+        return list(open_body(self._sealer, token)[0])
+
+    def reseal(self) -> Resealed:
+        """Seal every entry with the first key (`switchboard keys rotate`)."""
+        def convert(raw: bytes) -> str | None:
+            data = json.loads(raw)
+            body = data.get("body")
+            if is_sealed(body) and self._sealer.is_current(body):
+                return None
+            if body is None:
+                sealed = self._sealer.seal(json.dumps([data["args"], {}, _EMBED]))
+            else:
+                sealed = self._sealer.reseal(body)
+            return json.dumps({"task": data["task"], "queue": data["queue"], "body": sealed})
+        return reseal_hash(self._r, ENTRIES, convert)
 
     def count(self) -> int:
         """Messages accepted and not yet finished."""

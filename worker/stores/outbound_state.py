@@ -1,6 +1,8 @@
 """What callers of the outbound API can see about a request: queued, sent, failed, delivered.
 
 A Redis hash per request id (30 days), plus a short list the web blocks on for `Prefer: wait`.
+`status` and `updated_at` stay readable; every other field (provider ids, errors and provider
+details, which can quote an address) is sealed (worker/crypto.py).
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from typing import Any
 
 import redis
 
+from worker.crypto import Sealer, Unsealable, is_sealed
+from worker.stores import Resealed, reseal_hash
+
 KEY = "switchboard:outbound:"
 EVENTS = "switchboard:outbound:events:"
 # A request id's shape (a key part here, an identifier value in FHIR). Checked before any id is
@@ -20,13 +25,15 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9\-]{1,64}")
 TTL = 30 * 24 * 3600
 # States after which a waiting caller gets its answer.
 SETTLED = frozenset({"sent", "failed", "delivered"})
+CLEAR_FIELDS = ("status", "updated_at")
 
 
 class OutboundState:
     """Read and write the state of outbound requests."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, sealer: Sealer) -> None:
         self._r: Any = client
+        self._sealer = sealer
 
     def create(self, request_id: str) -> bool:
         """Record a new request as queued; False if this id exists already (a client's retry
@@ -50,7 +57,7 @@ class OutboundState:
         """Set the state (and any details); wakes waiters when the state is settled."""
         _check(request_id)
         values = {"status": status, "updated_at": f"{time.time():.3f}",
-                  **{k: json.dumps(v) for k, v in fields.items() if v is not None}}
+                  **{k: self._sealer.seal_json(v) for k, v in fields.items() if v is not None}}
         pipe = self._r.pipeline()
         if status in SETTLED:
             pipe.hdel(KEY + request_id, "last_error")  # it was retried past that error
@@ -71,7 +78,29 @@ class OutboundState:
         out: dict[str, Any] = {}
         for k, v in raw.items():
             key, value = k.decode(), v.decode()
-            out[key] = value if key in ("status", "updated_at") else json.loads(value)
+            if key in CLEAR_FIELDS:
+                out[key] = value
+            elif not is_sealed(value):
+                out[key] = json.loads(value)  # written before sealing
+            else:
+                try:
+                    out[key] = self._sealer.open_json(value)
+                except Unsealable:
+                    pass  # sealed with a key no longer configured: shown without it
+        return out
+
+    def reseal(self) -> Resealed:
+        """Seal every request's fields with the first key (`switchboard keys rotate`)."""
+        def convert(raw: bytes) -> str | None:
+            value = raw.decode()
+            if not is_sealed(value):
+                return self._sealer.seal(value)  # written before sealing (JSON text)
+            return None if self._sealer.is_current(value) else self._sealer.reseal(value)
+
+        out = Resealed()
+        for key in self._r.scan_iter(match=KEY + "*", count=500, _type="hash"):
+            out.add(reseal_hash(self._r, key, convert,
+                                fields=lambda f: f.decode() not in CLEAR_FIELDS))
         return out
 
     def wait(self, request_id: str, timeout: float) -> dict[str, Any] | None:

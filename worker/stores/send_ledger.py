@@ -8,6 +8,10 @@ from typing import Any
 
 import redis
 
+from worker.crypto import Sealer, Unsealable, is_sealed
+from worker.errors import PermanentError
+from worker.stores import Resealed, reseal_strings
+
 
 @dataclass(frozen=True)
 class Claim:
@@ -36,21 +40,32 @@ class SendLedger:
 
     Keys: `switchboard:send:claim:<comm>` (who and when; kept 30 days, removed only when the
     provider refused, so a claim never silently expires under a task that died mid-send) and
-    `switchboard:send:done:<comm>` (the provider's answer, 30 days).
+    `switchboard:send:done:<comm>` (the provider's answer, 30 days, sealed: worker/crypto.py).
     """
 
     CLAIM = "switchboard:send:claim:"
     DONE = "switchboard:send:done:"
     KEEP = 30 * 24 * 3600
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, sealer: Sealer) -> None:
         self._r: Any = client
+        self._sealer = sealer
         self._claim = self._r.register_script(_CLAIM)
 
     def done(self, communication_id: str) -> dict[str, str] | None:
         """The recorded result of an earlier send of this Communication, if any."""
         raw = self._r.get(self.DONE + communication_id)
-        return json.loads(raw) if raw else None
+        if not raw:
+            return None
+        value = raw.decode()
+        # Unopenable (a key no longer configured) raises: the send happened, and guessing
+        # otherwise could send it twice; the task dead-letters it for a person.
+        if not is_sealed(value):
+            return dict(json.loads(value))
+        try:
+            return dict(self._sealer.open_json(value))
+        except Unsealable as exc:
+            raise PermanentError("undecryptable", str(exc)) from None
 
     def now(self) -> float:
         """Redis's clock (shared by every worker)."""
@@ -71,7 +86,16 @@ class SendLedger:
 
     def record(self, communication_id: str, result: dict[str, str]) -> None:
         """Remember that the provider took the message (first thing after its answer)."""
-        self._r.set(self.DONE + communication_id, json.dumps(result), ex=self.KEEP)
+        self._r.set(self.DONE + communication_id, self._sealer.seal_json(result), ex=self.KEEP)
+
+    def reseal(self) -> Resealed:
+        """Seal every sent record with the first key (`switchboard keys rotate`)."""
+        def convert(raw: bytes) -> str | None:
+            value = raw.decode()
+            if not is_sealed(value):
+                return self._sealer.seal(value)  # written before sealing (JSON text)
+            return None if self._sealer.is_current(value) else self._sealer.reseal(value)
+        return reseal_strings(self._r, self.DONE + "*", convert)
 
 
 def device_send(communication_id: str, device_id: str) -> str:
