@@ -30,7 +30,7 @@ from typing import Any
 
 import redis
 
-from worker.broker.celery_app import UNDECRYPTABLE, open_body, undecryptable
+from worker.broker.celery_app import UNDECRYPTABLE, undecryptable
 from worker.crypto import Sealer, Unsealable, is_sealed, text_to_bytes
 from worker.stores import Resealed, reseal_hash
 
@@ -251,9 +251,7 @@ class DeadLetterStore:
         held = undecryptable(entry.args)
         if held is None:
             return entry.args, entry.kwargs
-        body = open_body(self._sealer, text_to_bytes(held[UNDECRYPTABLE]))
-        if undecryptable(body[0]) is not None:
-            raise Unsealable(str(body[0][0].get("detail", "still undecryptable")))
+        body = json.loads(self._sealer.open_bytes(text_to_bytes(held[UNDECRYPTABLE])))
         return list(body[0]), dict(body[1])
 
     def _dump(self, entry: DeadLetter) -> str:
