@@ -4,14 +4,25 @@ message sealed with a key the worker lacks, and no PHI in Redis's files, Flower 
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
+import httpx
 import pytest
 import redis
 
+from tests.conftest import Services, outbound_env
+from tests.integration.test_inbound_sms import PATIENT, landed
+from tests.integration.test_operations import cli
+from tests.integration.test_outbound import message_in_thread, patient, send, state
+from tests.support import DATA_KEY, ProviderSandbox, Sandbox, eventually, post_signed, sms_params
 from tests.unit.test_sealing import ARGS, BODY, EMBED, NEW, OLD, PHONE
-from worker.crypto import sealer_for
+from web.app import create_app
+from worker.broker.celery_app import undecryptable
+from worker.crypto import generate_key, sealer_for
 from worker.ops import devstack
+from worker.settings import load_settings
 from worker.stores.dead_letters import DeadLetterStore
 from worker.stores.inbox import ENTRIES, INDEX, Inbox
 from worker.stores.outbound_state import OutboundState
@@ -110,3 +121,145 @@ def test_rotation_seals_entries_written_before_sealing(r: redis.Redis) -> None:
     assert Inbox(r, s).stale(-1)[0].args == ARGS
     assert OutboundState(r, s).get("req-2") == {"status": "sent", "provider_id": "SM1"}
     assert SendLedger(r, s).done("c") == {"provider_id": "SM1"}
+
+
+# -- end to end --------------------------------------------------------------------------------
+
+
+def test_a_message_sealed_with_a_key_the_worker_lacks_is_kept_then_replayed(
+        services: Services, sandbox: Sandbox) -> None:
+    lacking = generate_key()  # the worker has only this key; the receiver seals with DATA_KEY
+    svc = services.get(DATA_ENCRYPTION_KEYS=lacking, SMS_THREAD_STRATEGY="conversation")
+    sandbox.patient(PATIENT)
+    receiver = create_app(load_settings({**svc.env, "DATA_ENCRYPTION_KEYS": DATA_KEY}))
+    params = sms_params(PATIENT, "sealed with a key the worker does not have")
+    assert post_signed(receiver.test_client(), params).status_code == 200
+    entry = eventually(lambda: svc.dead_letters.query(reason="undecryptable"),
+                       what="undecryptable dead letter")[0]
+    assert entry.task == "switchboard.inbound.sms" and entry.queue == "inbound"
+    assert "not configured" in entry.detail and DATA_KEY not in entry.detail
+    held = undecryptable(entry.args)
+    assert held is not None and held["why"] == "unknown-key"  # the sealed body, kept
+    assert svc.redis.hlen(ENTRIES) == 0  # safe in the dead-letter store: out of the inbox
+    assert sandbox.messages(params["MessageSid"]) == []
+    # Replaying without the key changes nothing and says why.
+    proc = cli(svc.env, "dlq", "replay", "--reason", "undecryptable")
+    assert proc.returncode == 1 and "not replaying" in proc.stdout, proc.stdout + proc.stderr
+    assert svc.dead_letters.get(entry.id) is not None
+    # With the key back (after the new one, which seals), the message goes out as first sent.
+    proc = cli({**svc.env, "DATA_ENCRYPTION_KEYS": f"{lacking},{DATA_KEY}"},
+               "dlq", "replay", "--reason", "undecryptable")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1 replayed" in proc.stdout
+    landed(sandbox, params["MessageSid"])
+    eventually(lambda: svc.dead_letters.get(entry.id) is None, what="entry removed")
+
+
+def _grep(haystack: bytes, needles: list[str]) -> list[str]:
+    return [n for n in needles if n.encode() in haystack]
+
+
+def _files(root: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file())
+
+
+def _dump_every_key(client: redis.Redis) -> bytes:
+    """DUMP of every key in every database of the server."""
+    out = []
+    databases = int(client.config_get("databases")["databases"])
+    for db in range(databases):
+        c = redis.Redis(port=client.connection_pool.connection_kwargs["port"], db=db)
+        for key in c.scan_iter(count=1000):
+            out.append(key + (c.dump(key) or b""))
+        c.close()
+    return b"".join(out)
+
+
+def _settled(client: redis.Redis) -> bool:
+    info = client.info("persistence")
+    return not (info["aof_rewrite_in_progress"] or info["aof_rewrite_scheduled"]
+                or info["rdb_bgsave_in_progress"])
+
+
+def test_no_phi_in_redis_files_keys_flower_or_metrics(
+        services: Services, sandbox: Sandbox, providers: ProviderSandbox, r: redis.Redis,
+        redis_server: devstack.RedisServer, log_dir: Path) -> None:
+    providers.reset()
+    svc = services.get(UNKNOWN_SENDER_POLICY="reject", **outbound_env(providers))
+    flower_port, auth = devstack.free_port(), ("admin", uuid.uuid4().hex)
+    flower = devstack.start_flower(svc.env, log_dir, flower_port, ":".join(auth))
+    try:
+        def number() -> str:
+            return "+1555" + str(uuid.uuid4().int)[:7]
+
+        known, stranger, mobile, failing, queued_sender = (number() for _ in range(5))
+        email = f"p{uuid.uuid4().hex[:10]}@example.org"
+        bodies = {k: f"{k} body {uuid.uuid4().hex}" for k in (
+            "inbound", "stranger", "sms", "email", "failing", "queued")}
+        sandbox.patient(known)
+        web = svc.app().test_client()
+        # Inbound: one written, one dead-lettered with its payload (unknown sender).
+        written = sms_params(known, bodies["inbound"])
+        assert post_signed(web, written).status_code == 200
+        assert post_signed(web, sms_params(stranger, bodies["stranger"])).status_code == 200
+        # Outbound: SMS and email sent, one refused by the provider (21211: failed state with
+        # the provider's detail, and a dead letter).
+        pat = patient(sandbox, phone=mobile, email=email)
+        bad = patient(sandbox, phone=failing, email=None)
+        providers.fault(provider="twilio", to=failing, status=400, twilio_code=21211)
+        ids = []
+        for who, medium, text, channel in ((pat, "SMSWRIT", bodies["sms"], None),
+                                           (pat, None, bodies["email"], "email"),
+                                           (bad, "SMSWRIT", bodies["failing"], None)):
+            comm = message_in_thread(sandbox, who, medium, text)
+            body = {"communication": f"Communication/{comm['id']}", "channel": channel}
+            ids.append(send(svc, body).get_json()["id"])
+        # And one accepted message still waiting in its queue and the inbox (no worker).
+        idle = services.get(worker=False, UNKNOWN_SENDER_POLICY="reject",
+                            **outbound_env(providers))
+        assert post_signed(idle.app().test_client(),
+                           sms_params(queued_sender, bodies["queued"])).status_code == 200
+        landed(sandbox, written["MessageSid"])
+        for request_id, final in zip(ids, ("sent", "sent", "failed"), strict=True):
+            state(svc, request_id, final)
+        eventually(lambda: len(svc.dead_letters.list()) >= 2, what="two dead letters")
+        assert idle.redis.hlen(ENTRIES) == 1 and idle.redis.llen("inbound") == 1
+        flower_tasks = eventually(lambda: _flower_tasks(flower_port, auth, 5),
+                                  what="Flower showing the tasks")
+
+        phi = [known, stranger, mobile, failing, queued_sender, email, *bodies.values()]
+        # Digits alone too: a number may be stored without its "+".
+        phi += [n.lstrip("+") for n in (known, stranger, mobile, failing, queued_sender)]
+        canary = f"canary {uuid.uuid4().hex} " * 4  # proves each grep sees clear text
+        r.set("canary", canary)
+        r.config_set("rdbcompression", "no")  # else LZF could hide a clear string from grep
+        aof_history = _files(redis_server.data_dir)  # every command since the server started
+        r.save()
+        r.bgrewriteaof()
+        eventually(lambda: _settled(r), what="AOF rewrite done")
+        files = _files(redis_server.data_dir)
+        dumps = _dump_every_key(r)
+        pages = flower_tasks + b"".join(
+            httpx.get(f"http://127.0.0.1:{flower_port}/task/{tid}", auth=auth).content
+            for tid in json.loads(flower_tasks))
+        metrics = web.get("/metrics").data
+        assert b"switchboard.outbound.send" in pages and b"(redacted)" in pages
+        assert b"switchboard_webhooks_enqueued_total" in metrics
+        for name, blob in (("RDB and AOF files", files), ("key dumps", dumps)):
+            assert canary.encode() in blob, name
+        assert canary.encode() in aof_history
+        for name, blob in (("AOF history", aof_history), ("RDB and AOF files", files),
+                           ("key dumps", dumps), ("Flower", pages), ("/metrics", metrics)):
+            assert _grep(blob, phi) == [], name
+    finally:
+        flower.stop()
+        r.config_set("rdbcompression", "yes")
+
+
+def _flower_tasks(port: int, auth: tuple[str, str], at_least: int) -> bytes | None:
+    """Flower's task list (JSON), once it shows at least this many tasks."""
+    try:
+        resp = httpx.get(f"http://127.0.0.1:{port}/api/tasks", auth=auth, timeout=5)
+    except httpx.HTTPError:
+        return None
+    return resp.content if resp.status_code == 200 and len(resp.json()) >= at_least else None
