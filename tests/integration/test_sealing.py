@@ -8,11 +8,11 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import redis
 
-from tests.conftest import Services, outbound_env
+from tests import at_rest
+from tests.conftest import Services, make_env, outbound_env
 from tests.integration.test_inbound_sms import PATIENT, landed
 from tests.integration.test_operations import cli
 from tests.integration.test_outbound import message_in_thread, patient, send, state
@@ -20,7 +20,7 @@ from tests.support import DATA_KEY, ProviderSandbox, Sandbox, eventually, post_s
 from tests.unit.test_sealing import ARGS, BODY, EMBED, NEW, OLD, PHONE
 from web.app import create_app
 from worker.broker.celery_app import undecryptable
-from worker.crypto import generate_key, sealer_for
+from worker.crypto import generate_key, parse_keys, sealer_for
 from worker.ops import devstack
 from worker.settings import load_settings
 from worker.stores.dead_letters import DeadLetterStore
@@ -155,32 +155,6 @@ def test_a_message_sealed_with_a_key_the_worker_lacks_is_kept_then_replayed(
     eventually(lambda: svc.dead_letters.get(entry.id) is None, what="entry removed")
 
 
-def _grep(haystack: bytes, needles: list[str]) -> list[str]:
-    return [n for n in needles if n.encode() in haystack]
-
-
-def _files(root: Path) -> bytes:
-    return b"".join(p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file())
-
-
-def _dump_every_key(client: redis.Redis) -> bytes:
-    """DUMP of every key in every database of the server."""
-    out = []
-    databases = int(client.config_get("databases")["databases"])
-    for db in range(databases):
-        c = redis.Redis(port=client.connection_pool.connection_kwargs["port"], db=db)
-        for key in c.scan_iter(count=1000):
-            out.append(key + (c.dump(key) or b""))
-        c.close()
-    return b"".join(out)
-
-
-def _settled(client: redis.Redis) -> bool:
-    info = client.info("persistence")
-    return not (info["aof_rewrite_in_progress"] or info["aof_rewrite_scheduled"]
-                or info["rdb_bgsave_in_progress"])
-
-
 def test_no_phi_in_redis_files_keys_flower_or_metrics(
         services: Services, sandbox: Sandbox, providers: ProviderSandbox, r: redis.Redis,
         redis_server: devstack.RedisServer, log_dir: Path) -> None:
@@ -224,42 +198,52 @@ def test_no_phi_in_redis_files_keys_flower_or_metrics(
             state(svc, request_id, final)
         eventually(lambda: len(svc.dead_letters.list()) >= 2, what="two dead letters")
         assert idle.redis.hlen(ENTRIES) == 1 and idle.redis.llen("inbound") == 1
-        flower_tasks = eventually(lambda: _flower_tasks(flower_port, auth, 5),
-                                  what="Flower showing the tasks")
+        origin = f"http://127.0.0.1:{flower_port}"
+        eventually(lambda: at_rest.flower_tasks(origin, auth) >= 5,
+                   what="Flower showing the tasks")
 
         phi = [known, stranger, mobile, failing, queued_sender, email, *bodies.values()]
         # Digits alone too: a number may be stored without its "+".
         phi += [n.lstrip("+") for n in (known, stranger, mobile, failing, queued_sender)]
-        canary = f"canary {uuid.uuid4().hex} " * 4  # proves each grep sees clear text
-        r.set("canary", canary)
-        r.config_set("rdbcompression", "no")  # else LZF could hide a clear string from grep
-        aof_history = _files(redis_server.data_dir)  # every command since the server started
-        r.save()
-        r.bgrewriteaof()
-        eventually(lambda: _settled(r), what="AOF rewrite done")
-        files = _files(redis_server.data_dir)
-        dumps = _dump_every_key(r)
-        pages = flower_tasks + b"".join(
-            httpx.get(f"http://127.0.0.1:{flower_port}/task/{tid}", auth=auth).content
-            for tid in json.loads(flower_tasks))
-        metrics = web.get("/metrics").data
-        assert b"switchboard.outbound.send" in pages and b"(redacted)" in pages
-        assert b"switchboard_webhooks_enqueued_total" in metrics
-        for name, blob in (("RDB and AOF files", files), ("key dumps", dumps)):
-            assert canary.encode() in blob, name
-        assert canary.encode() in aof_history
-        for name, blob in (("AOF history", aof_history), ("RDB and AOF files", files),
-                           ("key dumps", dumps), ("Flower", pages), ("/metrics", metrics)):
-            assert _grep(blob, phi) == [], name
+        # AOF (history and rewritten), RDB and every key's DUMP; each proven able to see a
+        # clear-text canary.
+        seen = at_rest.persisted(r, redis_server.data_dir)
+        seen["Flower"] = at_rest.flower(origin, auth)
+        seen["/metrics"] = web.get("/metrics").data
+        assert b"switchboard.outbound.send" in seen["Flower"]
+        assert b"(redacted)" in seen["Flower"]
+        assert b"switchboard_webhooks_enqueued_total" in seen["/metrics"]
+        for name, blob in seen.items():
+            assert at_rest.hits(blob, phi) == [], name
     finally:
         flower.stop()
-        r.config_set("rdbcompression", "yes")
 
 
-def _flower_tasks(port: int, auth: tuple[str, str], at_least: int) -> bytes | None:
-    """Flower's task list (JSON), once it shows at least this many tasks."""
-    try:
-        resp = httpx.get(f"http://127.0.0.1:{port}/api/tasks", auth=auth, timeout=5)
-    except httpx.HTTPError:
-        return None
-    return resp.content if resp.status_code == 200 and len(resp.json()) >= at_least else None
+def test_keys_generate_rotate_and_check_on_the_command_line(
+        r: redis.Redis, redis_server: devstack.RedisServer) -> None:
+    env = make_env(f"redis://127.0.0.1:{redis_server.port}/60", "http://127.0.0.1:1/fhir/R4/")
+    made = [cli(env, "keys", "generate").stdout.strip() for _ in range(2)]
+    assert made[0] != made[1] and all(len(parse_keys(k)) == 1 for k in made)
+    new = made[0]
+    entry = DeadLetterStore(r, sealer_for(DATA_KEY)).record("t", "q", ARGS, {}, "r", "d", 1)
+    # Rotating without the old key leaves its values as they are and says so.
+    proc = cli({**env, "DATA_ENCRYPTION_KEYS": new}, "keys", "rotate")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "dead letters: 0 re-sealed, 0 already sealed with the first key, 1 sealed with a " \
+           "key not configured" in proc.stdout
+    proc = cli({**env, "DATA_ENCRYPTION_KEYS": f"{new},{DATA_KEY}"}, "keys", "rotate")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "dead letters: 1 re-sealed" in proc.stdout
+    assert f"sealing key id {sealer_for(new).current_id}" in proc.stdout
+    shown = cli({**env, "DATA_ENCRYPTION_KEYS": new}, "dlq", "show", entry.id)
+    assert shown.returncode == 0 and PHONE in shown.stdout  # the old key can go
+    for proc in (cli({**env, "DATA_ENCRYPTION_KEYS": new[:20]}, "check"),
+                 cli({k: v for k, v in env.items() if k != "DATA_ENCRYPTION_KEYS"}, "check")):
+        assert proc.returncode == 1
+        assert "FAIL config: DATA_ENCRYPTION_KEYS" in proc.stdout
+        assert new[:20] not in proc.stdout + proc.stderr
+    check = cli({**env, "DATA_ENCRYPTION_KEYS": f"{new},{DATA_KEY}"}, "check")
+    assert f"ok   keys: 2 configured, sealing with key id {sealer_for(new).current_id}" \
+        in check.stdout
+    for key in (new, DATA_KEY):
+        assert key not in check.stdout + check.stderr

@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         bodies = ["storm 1", "kill 3", "outage 2", "redis 4", "faults reply 1",
                   "email body 1", "email body 4"]
         rows.append(scenarios.privacy(stack, numbers, bodies))
+        rows.append(scenarios.at_rest(stack, numbers, [
+            f"{what} {i}" for what in ("storm", "kill", "outage", "redis", "faults reply")
+            for i in range(50)]))
     finally:
         stack.stop()
     print(table(rows))

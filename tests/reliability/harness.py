@@ -102,6 +102,12 @@ class Stack:
                                  limits=httpx.Limits(max_connections=32))
         self.workers = [self.start_worker(n) for n in range(workers)]
         self.beat = devstack.start_beat(self.env, self.log_dir)
+        # Flower watches the whole run: scenario 10 reads its task pages for PHI.
+        self.flower_auth = ("admin", uuid.uuid4().hex)
+        self.flower_origin = f"http://127.0.0.1:{devstack.free_port()}"
+        self.flower = devstack.start_flower(self.env, self.log_dir,
+                                            int(self.flower_origin.rsplit(":", 1)[1]),
+                                            ":".join(self.flower_auth))
         # Like compose's `restart: unless-stopped` or a Procfile runner: a worker that exits is
         # started again. (Celery exits with "Unrecoverable error" after some broker reconnects,
         # an upstream bug, celery#8030 / #10205; deployments must supervise workers.)
@@ -141,6 +147,7 @@ class Stack:
         for w in self.workers:
             w.stop()
         self.beat.stop()
+        self.flower.stop()
         self.web.stop()
         self.providers.close()
         self.providers_child.stop()

@@ -1,4 +1,4 @@
-"""Fault scenarios 1-5, 8 and 9 of the reliability suite, each returning counted results.
+"""Fault scenarios 1-5 and 8-11 of the reliability suite, each returning counted results.
 
 Each takes a running `Stack` and a size; `make reliability` runs them at full size, the pytest
 suite (tests/integration/test_reliability.py) small. All bounded in count and time.
@@ -361,6 +361,30 @@ def privacy(stack: Stack, numbers: list[str], bodies: list[str]) -> Counts:
     counts.duplicates = len(hits)  # reported in the "duplicates" column as "hits"
     counts.notes.append(f"{len(logs)} log files, {len(needles)} values searched; "
                         f"hits: {sorted(set(hits))[:5]}")
+    return counts
+
+
+def at_rest(stack: Stack, numbers: list[str], bodies: list[str]) -> Counts:
+    """11. After every other scenario: Redis's AOF (all writes since it started), a SAVE and
+    an AOF rewrite (RDB and AOF files), a DUMP of every key, Flower's task pages and /metrics,
+    searched for every phone number and body used. Sealing (worker/crypto.py) keeps them out."""
+    from tests import at_rest as collect
+
+    counts = Counts("11 PHI at rest (Redis, Flower)")
+    started = time.monotonic()
+    seen = collect.persisted(stack._r, stack.redis.data_dir)
+    seen["Flower"] = collect.flower(stack.flower_origin, stack.flower_auth)
+    seen["/metrics"] = stack.http.get("/metrics").content
+    needles = sorted({*numbers, *(n[1:] for n in numbers), *bodies})
+    found = {name: collect.hits(blob, needles) for name, blob in seen.items()}
+    counts.sent = sum(len(b) for b in seen.values())
+    counts.written = len(needles)
+    counts.duplicates = sum(len(h) for h in found.values())  # the "duplicates" column: hits
+    counts.seconds = time.monotonic() - started
+    sizes = ", ".join(f"{name} {len(blob) // 1024} KiB" for name, blob in seen.items())
+    counts.notes.append(f"searched {sizes} for {len(needles)} values; Flower showed "
+                        f"{collect.flower_tasks(stack.flower_origin, stack.flower_auth)} tasks; "
+                        f"hits: {({k: v[:3] for k, v in found.items() if v})}")
     return counts
 
 
