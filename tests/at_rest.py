@@ -86,5 +86,6 @@ def flower_tasks(origin: str, auth: tuple[str, str]) -> int:
 def hits(blob: bytes, needles: list[str]) -> list[str]:
     """The needles found in `blob`; a phone number counts only on its own (not inside a longer
     run of digits, which random bytes can hold)."""
-    return [n for n in needles if n and re.search(
+    # A plain substring search first (fast); the regex only for what it finds.
+    return [n for n in needles if n and n.encode() in blob and re.search(
         rb"(?<![0-9])" + re.escape(n.encode()) + rb"(?![0-9])", blob)]

@@ -573,7 +573,9 @@ Switchboard is running (logs in {log_dir}).
   Flower        http://127.0.0.1:{args.flower_port}  (user:password {flower_auth}; its
                 Prometheus metrics at /metrics)
   FHIR          {settings.fhir_base_url}  (token: POST {settings.fhir_token_url})
-  Redis         {settings.redis_url}
+  Redis         {settings.redis_url}  (PHI sealed at rest with key id
+                {settings.sealer().current_id}; the key is in {log_dir / "data-encryption-key"}
+                unless DATA_ENCRYPTION_KEYS was set)
   strategy      {settings.sms_thread_strategy}, unknown senders: {settings.unknown_sender_policy}
 
 A signed SMS from the demo patient {DEMO_PATIENT_PHONE} (paste it into another shell):
