@@ -25,7 +25,7 @@ import functools
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -197,15 +197,6 @@ def text_to_bytes(token: str) -> bytes:
 def bytes_to_text(token: bytes) -> str:
     """The text form of a binary sealed value."""
     return PREFIX + base64.b64encode(token).decode("ascii")
-
-
-def union(sealers: Iterable[Sealer]) -> Sealer:
-    """One Sealer opening with the keys of all (sealing as the first)."""
-    it = iter(sealers)
-    out = next(it)
-    for s in it:
-        out = out.merged(s)
-    return out
 
 
 @functools.lru_cache(maxsize=16)
