@@ -10,6 +10,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from tests.support import DATA_KEY
 from worker.channels.sendgrid import (
     EventBatchError,
     EventSignature,
@@ -173,7 +174,8 @@ def test_event_signature_agrees_with_the_sdk_helper() -> None:
 def test_verification_key_is_checked_at_start_up() -> None:
     base = {"REDIS_URL": "redis://127.0.0.1:6379/0", "FHIR_BASE_URL": "http://127.0.0.1/fhir/",
             "FHIR_CLIENT_ID": "c", "FHIR_CLIENT_SECRET": "s", "TWILIO_ACCOUNT_SID": "AC1",
-            "TWILIO_AUTH_TOKEN": "t", "PUBLIC_BASE_URL": "https://sb.example.org"}
+            "TWILIO_AUTH_TOKEN": "t", "PUBLIC_BASE_URL": "https://sb.example.org",
+            "DATA_ENCRYPTION_KEYS": DATA_KEY}
     _, public = _keys()
     wrapped = "\n".join(public[i:i + 64] for i in range(0, len(public), 64))
     assert load_settings({**base, "SENDGRID_EVENT_VERIFICATION_KEY": wrapped}
