@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                   "email body 1", "email body 4"]
         rows.append(scenarios.privacy(stack, numbers, bodies))
         rows.append(scenarios.at_rest(stack, numbers, [
-            f"{what} {i}" for what in ("storm", "kill", "outage", "redis", "faults reply")
-            for i in range(50)]))
+            f"{what} {i}" for what in ("storm", "kill", "outage", "redis", "faults reply",
+                                       "email body") for i in range(50)]))
     finally:
         stack.stop()
     print(table(rows))
