@@ -55,7 +55,9 @@ def queued(svc: Service) -> list[dict[str, Any]]:
     for raw in svc.redis.lrange("outbound", 0, -1):
         message = json.loads(raw)
         assert message["headers"]["task"] == TASK
-        args, _, _ = json.loads(base64.b64decode(message["body"]))
+        # Bodies are sealed at rest (worker/crypto.py): open with this configuration's keys.
+        body = svc.settings.sealer().open_bytes(base64.b64decode(message["body"]))
+        args, _, _ = json.loads(body)
         out.append(args[0])
     return out
 
