@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from tests.support import DATA_KEY
 from worker.channels.fcm import classify_error, error_code_of, valid_token
 from worker.fhir.devices import device_resource
 from worker.ops.logs import redact
@@ -109,7 +110,7 @@ def test_device_shape_is_the_documented_one() -> None:
 
 BASE = {"REDIS_URL": "redis://x", "FHIR_BASE_URL": "http://f/", "FHIR_CLIENT_ID": "a",
         "FHIR_CLIENT_SECRET": "b", "TWILIO_ACCOUNT_SID": "AC", "TWILIO_AUTH_TOKEN": "t",
-        "PUBLIC_BASE_URL": "https://p"}
+        "PUBLIC_BASE_URL": "https://p", "DATA_ENCRYPTION_KEYS": DATA_KEY}
 
 
 def test_push_settings() -> None:
