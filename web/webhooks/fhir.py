@@ -8,6 +8,7 @@ import logging
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from web.enqueue import EnqueueFailed, Enqueuer
+from web.webhooks import rejected
 from worker.broker.celery_app import QUEUE_OUTBOUND, TASK_SUBSCRIPTION_NOTIFIED
 from worker.ops.metrics import Metrics
 from worker.outbound.automatic import BadNotification, ignored, notified_ids, signature_valid
@@ -30,10 +31,7 @@ def fhir_blueprint(settings: Settings) -> Blueprint:
         metrics.inc("switchboard_webhooks_received", endpoint=ENDPOINT)
 
         def reject(status: int, reason: str, detail: str) -> tuple[Response, int]:
-            # Reasons only: the body is a patient's message.
-            log.warning("fhir subscription notification rejected: %s", reason)
-            metrics.inc("switchboard_webhooks_rejected", endpoint=ENDPOINT, reason=reason)
-            return jsonify(error=reason, detail=detail), status
+            return rejected(ENDPOINT, "fhir subscription notification", status, reason, detail)
 
         if request.mimetype not in JSON_TYPES:
             # A form body would be parsed by the framework before we could sign its exact

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from web.enqueue import EnqueueFailed, Enqueuer
+from web.webhooks import rejected
 from worker.broker.celery_app import QUEUE_INBOUND, TASK_INBOUND_EMAIL
 from worker.channels.sendgrid_inbound import (
     InvalidEmail,
@@ -65,10 +66,7 @@ def sendgrid_blueprint(settings: Settings) -> Blueprint:
         metrics.inc("switchboard_webhooks_received", endpoint=endpoint)
 
         def reject(status: int, reason: str, detail: str) -> tuple[Response, int]:
-            # Reasons only: the body holds addresses and what the patient wrote.
-            log.warning("sendgrid inbound webhook rejected: %s", reason)
-            metrics.inc("switchboard_webhooks_rejected", endpoint=endpoint, reason=reason)
-            resp = jsonify(error=reason, detail=detail)
+            resp, status = rejected(endpoint, "sendgrid inbound webhook", status, reason, detail)
             if status == 401 and settings.sendgrid_inbound_basic_auth.get_secret_value():
                 resp.headers["WWW-Authenticate"] = 'Basic realm="switchboard"'
             return resp, status

@@ -8,6 +8,7 @@ import logging
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from web.enqueue import EnqueueFailed, Enqueuer
+from web.webhooks import rejected
 from worker.broker.celery_app import QUEUE_STATUS, TASK_SENDGRID_EVENTS
 from worker.channels.sendgrid import (
     EVENT_MAX_BYTES,
@@ -45,12 +46,7 @@ def sendgrid_events_blueprint(settings: Settings) -> Blueprint:
 
         def reject(status: int, reason: str, detail: str, fields: list[str] | None = None,
                    error: str | None = None) -> tuple[Response, int]:
-            # Reasons and field positions only: events carry recipients' addresses.
-            log.warning("sendgrid events rejected: %s%s", reason,
-                        f" {','.join(fields)}" if fields else "")
-            metrics.inc("switchboard_webhooks_rejected", endpoint=ENDPOINT, reason=reason)
-            body = {"error": error or reason, "detail": detail}
-            return jsonify({**body, "fields": fields} if fields else body), status
+            return rejected(ENDPOINT, "sendgrid events", status, reason, detail, fields, error)
 
         body = request.get_data(cache=True)
         refused = signature.check(body, request.headers.get(EVENT_SIGNATURE_HEADER),

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, request
 
 from web.enqueue import EnqueueFailed, Enqueuer
+from web.webhooks import rejected
 from worker.broker.celery_app import (
     QUEUE_INBOUND,
     QUEUE_STATUS,
@@ -50,12 +51,8 @@ def twilio_blueprint(settings: Settings) -> Blueprint:
 
         def reject(status: int, reason: str, detail: str, fields: list[str] | None = None,
                    error: str | None = None) -> tuple[Response, int]:
-            # Names and reasons only in the log line: values can be phone numbers or text.
-            log.warning("twilio %s webhook rejected: %s%s", kind, reason,
-                        f" {','.join(fields)}" if fields else "")
-            metrics.inc("switchboard_webhooks_rejected", endpoint=endpoint, reason=reason)
-            body = {"error": error or reason, "detail": detail}
-            return jsonify({**body, "fields": fields} if fields else body), status
+            return rejected(endpoint, f"twilio {kind} webhook", status, reason, detail, fields,
+                            error)
 
         if request.mimetype != "application/x-www-form-urlencoded":
             # Twilio only ever posts urlencoded forms; multipart bodies can carry nameless
