@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from worker.crypto import Unsealable
+from worker.crypto import Sealer, Unsealable, is_sealed
 
 
 def digest(value: str) -> str:
@@ -75,6 +75,17 @@ def reseal_strings(client: Any, match: str, convert: Convert) -> Resealed:
         if new is not None:
             _count_write(out, script(keys=[key], args=[raw, new]))
     return out
+
+
+def sealed_text(sealer: Sealer) -> Convert:
+    """The re-seal of a value that is one sealed string (or JSON text written before sealing
+    was turned on): None when it is already sealed with the first key."""
+    def convert(raw: bytes) -> str | None:
+        value = raw.decode()
+        if not is_sealed(value):
+            return sealer.seal(value)
+        return None if sealer.is_current(value) else sealer.reseal(value)
+    return convert
 
 
 def _convert(out: Resealed, raw: bytes, convert: Convert) -> str | None:

@@ -15,7 +15,7 @@ from typing import Any
 import redis
 
 from worker.crypto import Sealer, Unsealable, is_sealed
-from worker.stores import Resealed, reseal_hash
+from worker.stores import Resealed, reseal_hash, sealed_text
 
 KEY = "switchboard:outbound:"
 EVENTS = "switchboard:outbound:events:"
@@ -91,11 +91,7 @@ class OutboundState:
 
     def reseal(self) -> Resealed:
         """Seal every request's fields with the first key (`switchboard keys rotate`)."""
-        def convert(raw: bytes) -> str | None:
-            value = raw.decode()
-            if not is_sealed(value):
-                return self._sealer.seal(value)  # written before sealing (JSON text)
-            return None if self._sealer.is_current(value) else self._sealer.reseal(value)
+        convert = sealed_text(self._sealer)
 
         out = Resealed()
         for key in self._r.scan_iter(match=KEY + "*", count=500, _type="hash"):

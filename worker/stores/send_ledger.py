@@ -10,7 +10,7 @@ import redis
 
 from worker.crypto import Sealer, Unsealable, is_sealed
 from worker.errors import PermanentError
-from worker.stores import Resealed, reseal_strings
+from worker.stores import Resealed, reseal_strings, sealed_text
 
 
 @dataclass(frozen=True)
@@ -90,12 +90,7 @@ class SendLedger:
 
     def reseal(self) -> Resealed:
         """Seal every sent record with the first key (`switchboard keys rotate`)."""
-        def convert(raw: bytes) -> str | None:
-            value = raw.decode()
-            if not is_sealed(value):
-                return self._sealer.seal(value)  # written before sealing (JSON text)
-            return None if self._sealer.is_current(value) else self._sealer.reseal(value)
-        return reseal_strings(self._r, self.DONE + "*", convert)
+        return reseal_strings(self._r, self.DONE + "*", sealed_text(self._sealer))
 
 
 def device_send(communication_id: str, device_id: str) -> str:
