@@ -795,15 +795,7 @@ class Handler(BaseHTTPRequestHandler):
         target = url or self.server.config.sendgrid_event_url
         if post and target:
             result["url"] = target
-            request = urllib.request.Request(target, data=body, method="POST",  # noqa: S310
-                                             headers=headers)
-            try:
-                with urllib.request.urlopen(request, timeout=CALLBACK_TIMEOUT_S) as response:  # noqa: S310
-                    result["status"] = response.status
-            except urllib.error.HTTPError as exc:
-                result["status"] = exc.code
-            except (urllib.error.URLError, OSError) as exc:
-                result["error"] = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
+            result.update(post_webhook(target, body, headers))
         with self.server.state.lock:
             self.server.state.event_posts.append(
                 {k: result.get(k) for k in ("url", "status", "error")}
@@ -1098,22 +1090,12 @@ class Handler(BaseHTTPRequestHandler):
         if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
             return {"url": url, "params": params, "status": None,
                     "error": "StatusCallback must be an http(s) URL"}
-        request = urllib.request.Request(url, data=data, method="POST", headers={  # noqa: S310
+        return {"url": url, "params": params, **post_webhook(url, data, {
             "Content-Type": "application/x-www-form-urlencoded; charset=utf-8",
             "User-Agent": "TwilioProxy/1.1",
             "X-Twilio-Signature": twilio_signature(token, url, params),
             "I-Twilio-Idempotency-Token": str(uuid.uuid4()),
-        })
-        result: dict[str, Any] = {"url": url, "params": params}
-        try:
-            with urllib.request.urlopen(request, timeout=CALLBACK_TIMEOUT_S) as response:  # noqa: S310
-                result["status"] = response.status
-        except urllib.error.HTTPError as exc:
-            result["status"] = exc.code
-        except (urllib.error.URLError, OSError) as exc:
-            result["status"] = None
-            result["error"] = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
-        return result
+        })}
 
 
 # --- SendGrid Inbound Parse ---------------------------------------------------------------------
@@ -1222,14 +1204,23 @@ def post_inbound_email(spec: dict[str, Any]) -> dict[str, Any]:
     url = str(spec["url"])
     if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
         raise BadFault("url must be an http(s) URL")
+    return post_webhook(url, body, headers, answer=True)
+
+
+def post_webhook(url: str, body: bytes, headers: dict[str, str], answer: bool = False
+                 ) -> dict[str, Any]:
+    """POST a webhook as a provider does: {"status": the HTTP status, or None and "error" when
+    nothing answered}; with `answer`, the answer's body too. Never raises."""
     request = urllib.request.Request(url, data=body, method="POST", headers=headers)  # noqa: S310
     try:
         with urllib.request.urlopen(request, timeout=CALLBACK_TIMEOUT_S) as response:  # noqa: S310
-            return {"status": response.status, "body": response.read().decode(errors="replace")}
+            status, text = response.status, response.read() if answer else b""
     except urllib.error.HTTPError as exc:
-        return {"status": exc.code, "body": exc.read().decode(errors="replace")}
+        status, text = exc.code, exc.read() if answer else b""
     except (urllib.error.URLError, OSError) as exc:
-        return {"status": None, "error": f"{type(exc).__name__}"}
+        return {"status": None, "error": f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"}
+    return {"status": status, "body": text.decode(errors="replace")} if answer \
+        else {"status": status}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
