@@ -18,7 +18,7 @@ import logging
 import re
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,6 +35,7 @@ from worker.outbound.routing import CHANNEL_TO_MEDIUM, choose_channel, medium_ch
 from worker.stores.optouts import OptOuts
 from worker.stores.outbound_state import REQUEST_ID, OutboundState
 from worker.stores.rate_limit import RateLimiter
+from worker.stores.send_gate import Opened, SendGate
 from worker.stores.send_ledger import SendLedger
 
 log = logging.getLogger("switchboard.outbound")
@@ -101,6 +102,10 @@ class OutboundDeps:
     metrics: Metrics | None = None
     device_system: str = "urn:switchboard:fcm-token"  # push tokens on FHIR Devices
     channel_order: tuple[str, ...] = ("sms", "email")  # CHANNEL_ORDER
+    gate: SendGate = field(init=False)  # opt-out, pacing and claim in one step (the stores')
+
+    def __post_init__(self) -> None:
+        self.gate = SendGate(self.optouts, self.limiter, self.ledger, self.ledger.client)
 
 
 def send_outbound(req: OutboundRequest, deps: OutboundDeps, task_id: str) -> SendResult:
@@ -162,16 +167,19 @@ def _send(req: OutboundRequest, deps: OutboundDeps, comm: Mapping[str, Any], com
     to = pick_contact(telecoms, channel)
     if to is None:
         raise SendError("invalid-recipient", f"the patient has no usable {channel} contact")
-    if deps.optouts.has(channel, to):
-        raise SendError("opted-out", "the patient opted out (recorded locally)")
-    _pace(req, deps, channel, impl.sender_key())
     message = _message(comm, comm_id, to, req.request_id)
     if channel == "email":
         # Before the claim: a FHIR failure here is an ordinary retry, not a held claim.
         message = _email_thread(message, thread, deps)
-    held = deps.ledger.claim(comm_id, task_id)
+    gate = deps.gate.open(comm_id, task_id, f"{channel}:{impl.sender_key()}",
+                          deps.rates[channel], req.rate_slot, opt_out=(channel, to))
+    if gate.outcome == "opted-out":
+        raise SendError("opted-out", "the patient opted out (recorded locally)")
+    if gate.outcome == "wait":
+        raise deferral(gate, deps, channel)
+    held = gate.claim
     if held is not None:
-        done = deps.ledger.done(comm_id)
+        done = gate.done
         if done:
             deps.state.update(req.request_id, "sent", communication=comm_id, **done)
             return SendResult(done["provider_id"], "sent", done.get("message_id", ""))
@@ -207,8 +215,10 @@ def _send(req: OutboundRequest, deps: OutboundDeps, comm: Mapping[str, Any], com
     _count(deps, channel, "sent")
     sent = {"provider_id": result.provider_id, "channel": channel,
             "message_id": result.message_id}
-    deps.ledger.record(comm_id, sent)  # first: from here on a redelivery will not send again
-    deps.state.update(req.request_id, "sent", communication=comm_id, **sent)
+    # First: from here on a redelivery will not send again. The API request's state goes in
+    # the same round trip.
+    deps.ledger.record(comm_id, sent, also=lambda pipe: deps.state.add_update(
+        pipe, req.request_id, "sent", communication=comm_id, **sent))
     log.info("outbound Communication/%s sent by %s as %s", comm_id, channel, result.provider_id)
     _record_sent(deps, comm_id, channel, result, list(req.attempts), req.request_id, comm)
     return result
@@ -225,20 +235,12 @@ def _count(deps: OutboundDeps, channel: str, outcome: str) -> None:
         deps.metrics.inc("switchboard_sends", channel=channel, outcome=outcome)
 
 
-def _pace(req: OutboundRequest, deps: OutboundDeps, channel: str, sender: str) -> None:
-    """Wait for this sender's shared rate: reserve a slot once, then keep to it."""
-    if req.rate_slot is not None:
-        wait = req.rate_slot - deps.ledger.now()
-        if wait <= 0:
-            return  # our reserved slot has come
-    else:
-        wait, now = deps.limiter.acquire(f"{channel}:{sender}", deps.rates[channel])
-        if wait <= 0:
-            return
-        req = replace(req, rate_slot=now + wait)
-    # Long waits are taken in steps, each well inside the broker's visibility timeout.
-    raise Deferred(min(wait, deps.max_countdown), "rate-limited",
-                   {"rate_slot": req.rate_slot, "channel": channel})
+def deferral(gate: Opened, deps: OutboundDeps, channel: str) -> Deferred:
+    """Wait for the send slot the gate reserved; the slot travels with the re-queued task, so
+    the next run sends then without asking again. Long waits are taken in steps, each well
+    inside the broker's visibility timeout."""
+    return Deferred(min(gate.wait, deps.max_countdown), "rate-limited",
+                    {"rate_slot": gate.slot, "channel": channel})
 
 
 def _load(req: OutboundRequest, deps: OutboundDeps

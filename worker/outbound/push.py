@@ -14,7 +14,6 @@ task: devices already pushed are skipped then.
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from typing import Any
 
 from worker.channels import SendError, SendResult
@@ -26,8 +25,8 @@ from worker.outbound.pipeline import (
     OutboundRequest,
     _count,
     _message,
-    _pace,
     _record_sent,
+    deferral,
 )
 from worker.stores.send_ledger import device_send
 
@@ -61,11 +60,14 @@ def send_push(req: OutboundRequest, deps: OutboundDeps, comm: dict[str, Any], co
             accepted.append(done["provider_id"])
             outcomes.append(f"push to Device/{device.id}: sent as {done['provider_id']}")
             continue
-        _pace(replace(req, rate_slot=slot), deps, CHANNEL, impl.sender_key())
+        gate = deps.gate.open(key, task_id, f"{CHANNEL}:{impl.sender_key()}",
+                              deps.rates[CHANNEL], slot)
+        if gate.outcome == "wait":
+            raise deferral(gate, deps, CHANNEL)
         slot = None
-        held = deps.ledger.claim(key, task_id)
+        held = gate.claim
         if held is not None:
-            done = deps.ledger.done(key)
+            done = gate.done
             if done:
                 accepted.append(done["provider_id"])
                 continue
@@ -105,9 +107,9 @@ def send_push(req: OutboundRequest, deps: OutboundDeps, comm: dict[str, Any], co
                               f"no device accepted the push ({len(devices)} tried)"), outcomes)
     result = SendResult(provider_id=accepted[0], status="accepted")
     sent = {"provider_id": result.provider_id, "channel": CHANNEL, "message_id": ""}
-    deps.ledger.record(comm_id, sent)  # from here on a redelivery sends nothing at all
-    deps.state.update(req.request_id, "sent", communication=comm_id, devices=len(accepted),
-                      **sent)
+    # From here on a redelivery sends nothing at all; the request's state in the same step.
+    deps.ledger.record(comm_id, sent, also=lambda pipe: deps.state.add_update(
+        pipe, req.request_id, "sent", communication=comm_id, devices=len(accepted), **sent))
     log.info("outbound Communication/%s sent by push to %d of %d devices", comm_id,
              len(accepted), len(devices))
     # Each device's outcome goes on the Communication as a note (ids and FCM names, no tokens).

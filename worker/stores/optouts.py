@@ -30,6 +30,10 @@ class OptOuts:
         self._r: Any = client
         self._key = key
 
+    def digests(self, channel: str, address: str) -> tuple[str, str]:
+        """The set members that mean "this address opted out": keyed, and legacy (bare)."""
+        return self._digest(channel, address), _legacy_digest(f"{channel}:{address}")
+
     def _digest(self, channel: str, address: str) -> str:
         if channel == "email":
             # SendGrid's events may spell an address differently from Patient.telecom; mail

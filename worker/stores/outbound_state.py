@@ -55,10 +55,15 @@ class OutboundState:
 
     def update(self, request_id: str, status: str, **fields: Any) -> None:
         """Set the state (and any details); wakes waiters when the state is settled."""
+        pipe = self._r.pipeline()
+        self.add_update(pipe, request_id, status, **fields)
+        pipe.execute()
+
+    def add_update(self, pipe: Any, request_id: str, status: str, **fields: Any) -> None:
+        """`update`, as commands added to `pipe` (another store's round trip), not executed."""
         _check(request_id)
         values = {"status": status, "updated_at": f"{time.time():.3f}",
                   **{k: self._sealer.seal_json(v) for k, v in fields.items() if v is not None}}
-        pipe = self._r.pipeline()
         if status in SETTLED:
             pipe.hdel(KEY + request_id, "last_error")  # it was retried past that error
         pipe.hset(KEY + request_id, mapping=values)
@@ -66,7 +71,6 @@ class OutboundState:
         # Every change wakes a waiting caller (it decides whether the news is final).
         pipe.lpush(EVENTS + request_id, status)
         pipe.expire(EVENTS + request_id, 120)
-        pipe.execute()
 
     def get(self, request_id: str) -> dict[str, Any] | None:
         """The state of a request, or None if unknown (or not a request id at all)."""

@@ -8,26 +8,31 @@ import redis
 
 from worker.stores import digest as _h
 
-# Token bucket in one atomic step: refill by elapsed time, take a token, say how long to wait.
-_BUCKET = """
-local key = KEYS[1]
-local rate = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
+# Token bucket, as a Lua function other scripts include (worker/stores/send_gate.py): refill by
+# elapsed time, take a token, return how long to wait (0: send now).
+TAKE_SLOT_LUA = """
+local function take_slot(key, rate, burst, now)
+  local state = redis.call('HMGET', key, 'tokens', 'at')
+  local tokens = tonumber(state[1]) or burst
+  local at = tonumber(state[2]) or now
+  tokens = math.min(burst, tokens + (now - at) * rate)
+  -- Always take the token, going into debt if need be: a waiting sender has reserved its slot
+  -- (now + wait) and must not ask again, or every waiter would wake and race at each refill.
+  tokens = tokens - 1
+  local wait = 0
+  if tokens < 0 then
+    wait = -tokens / rate
+  end
+  redis.call('HSET', key, 'tokens', tostring(tokens), 'at', tostring(now))
+  redis.call('EXPIRE', key, math.ceil(wait + burst / rate) + 60)
+  return wait
+end
+"""
+# One slot in one atomic step, on Redis's clock.
+_BUCKET = TAKE_SLOT_LUA + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local state = redis.call('HMGET', key, 'tokens', 'at')
-local tokens = tonumber(state[1]) or burst
-local at = tonumber(state[2]) or now
-tokens = math.min(burst, tokens + (now - at) * rate)
--- Always take the token, going into debt if need be: a waiting sender has reserved its slot
--- (now + wait) and must not ask again, or every waiter would wake and race at each refill.
-tokens = tokens - 1
-local wait = 0
-if tokens < 0 then
-  wait = -tokens / rate
-end
-redis.call('HSET', key, 'tokens', tostring(tokens), 'at', tostring(now))
-redis.call('EXPIRE', key, math.ceil(wait + burst / rate) + 60)
+local wait = take_slot(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), now)
 return {tostring(wait), tostring(now)}
 """
 
@@ -46,5 +51,9 @@ class RateLimiter:
 
         0 wait means send now. Otherwise the slot at now + wait is this caller's: it sends
         then without asking again (see worker.outbound.pipeline)."""
-        wait, now = self._script(keys=[self.KEY + _h(key)], args=[rate, burst])
+        wait, now = self._script(keys=[self.key(key)], args=[rate, burst])
         return float(wait), float(now)
+
+    def key(self, name: str) -> str:
+        """The Redis key of the bucket called `name` (`<channel>:<sender>`)."""
+        return self.KEY + _h(name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,16 +22,27 @@ class Claim:
     age: float
 
 
-# Claim in one atomic step, stamped with Redis's own clock: either take the key (nil back) or
-# return the existing claim and the current time, so the caller can tell its age.
-_CLAIM = """
+# Take a claim, as a Lua function other scripts include (worker/stores/send_gate.py): false when
+# the key was free and is now ours (stamped with Redis's clock), else the existing claim.
+TAKE_CLAIM_LUA = """
+local function take_claim(key, task_id, keep, now)
+  local mine = cjson.encode({task_id = task_id, at = now})
+  if redis.call('SET', key, mine, 'NX', 'EX', keep) then
+    return false
+  end
+  return redis.call('GET', key)
+end
+"""
+# Claim in one atomic step: either take the key (nil back) or return the existing claim and the
+# current time, so the caller can tell its age.
+_CLAIM = TAKE_CLAIM_LUA + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local mine = cjson.encode({task_id = ARGV[1], at = now})
-if redis.call('SET', KEYS[1], mine, 'NX', 'EX', ARGV[2]) then
+local held = take_claim(KEYS[1], ARGV[1], ARGV[2], now)
+if not held then
   return nil
 end
-return {redis.call('GET', KEYS[1]), tostring(now)}
+return {held, tostring(now)}
 """
 
 
@@ -54,7 +66,10 @@ class SendLedger:
 
     def done(self, communication_id: str) -> dict[str, str] | None:
         """The recorded result of an earlier send of this Communication, if any."""
-        raw = self._r.get(self.DONE + communication_id)
+        return self.opened(self._r.get(self.DONE + communication_id))
+
+    def opened(self, raw: bytes | None) -> dict[str, str] | None:
+        """A sent record as stored (sealed, or plain JSON from before sealing), opened."""
         if not raw:
             return None
         value = raw.decode()
@@ -67,30 +82,41 @@ class SendLedger:
         except Unsealable as exc:
             raise PermanentError("undecryptable", str(exc)) from None
 
-    def now(self) -> float:
-        """Redis's clock (shared by every worker)."""
-        secs, micros = self._r.time()
-        return float(secs) + float(micros) / 1e6
+    @property
+    def client(self) -> Any:
+        """The Redis client the ledger writes with (the send gate shares it)."""
+        return self._r
 
     def claim(self, communication_id: str, task_id: str) -> Claim | None:
         """Take the right to send. Returns None when taken, else the existing claim."""
         found = self._claim(keys=[self.CLAIM + communication_id], args=[task_id, self.KEEP])
         if found is None:
             return None
-        held, now = json.loads(found[0]), float(found[1])
-        return Claim(str(held.get("task_id", "")), now - float(held.get("at", 0.0)))
+        return held_claim(found[0], float(found[1]))
 
     def release(self, communication_id: str) -> None:
         """Give the claim back (the provider refused before sending, so a retry is safe)."""
         self._r.delete(self.CLAIM + communication_id)
 
-    def record(self, communication_id: str, result: dict[str, str]) -> None:
-        """Remember that the provider took the message (first thing after its answer)."""
-        self._r.set(self.DONE + communication_id, self._sealer.seal_json(result), ex=self.KEEP)
+    def record(self, communication_id: str, result: dict[str, str],
+               also: Callable[[Any], None] | None = None) -> None:
+        """Remember that the provider took the message (first thing after its answer). `also`
+        adds another store's writes to the same round trip (MULTI: they land together)."""
+        pipe = self._r.pipeline()
+        pipe.set(self.DONE + communication_id, self._sealer.seal_json(result), ex=self.KEEP)
+        if also is not None:
+            also(pipe)
+        pipe.execute()
 
     def reseal(self) -> Resealed:
         """Seal every sent record with the first key (`switchboard keys rotate`)."""
         return reseal_strings(self._r, self.DONE + "*", sealed_text(self._sealer))
+
+
+def held_claim(raw: bytes, now: float) -> Claim:
+    """The claim stored as `raw`, aged at Redis time `now`."""
+    held = json.loads(raw)
+    return Claim(str(held.get("task_id", "")), now - float(held.get("at", 0.0)))
 
 
 def device_send(communication_id: str, device_id: str) -> str:

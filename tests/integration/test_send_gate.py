@@ -1,0 +1,85 @@
+"""The send gate (opt-out, send slot, claim in one Lua step) on a real redis-server: each
+outcome, and that a refused or waiting send leaves nothing behind it should not."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from tests.support import DATA_KEY
+from worker.crypto import sealer_for
+from worker.ops import devstack
+from worker.stores import digest
+from worker.stores.optouts import OptOuts
+from worker.stores.rate_limit import RateLimiter
+from worker.stores.send_gate import SendGate
+from worker.stores.send_ledger import SendLedger
+
+PHONE = "+15551230001"
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def r(redis_server: devstack.RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+def _stores(r: redis.Redis) -> tuple[SendGate, OptOuts, RateLimiter, SendLedger]:
+    optouts, limiter = OptOuts(r, b"k" * 32), RateLimiter(r)
+    ledger = SendLedger(r, sealer_for(DATA_KEY))
+    return SendGate(optouts, limiter, ledger, r), optouts, limiter, ledger
+
+
+def test_a_free_send_takes_its_slot_and_the_claim(r: redis.Redis) -> None:
+    gate, _, limiter, _ = _stores(r)
+    opened = gate.open("c1", "task-1", "sms:clinic", 100.0, opt_out=("sms", PHONE))
+    assert opened.outcome == "claimed"
+    assert r.exists(SendLedger.CLAIM + "c1") and r.exists(limiter.key("sms:clinic"))
+
+
+def test_an_opted_out_address_is_refused_before_any_slot_or_claim(r: redis.Redis) -> None:
+    gate, optouts, limiter, _ = _stores(r)
+    optouts.add("sms", PHONE)
+    assert gate.open("c1", "t", "sms:clinic", 1.0, opt_out=("sms", PHONE)).outcome == "opted-out"
+    assert not r.exists(SendLedger.CLAIM + "c1") and not r.exists(limiter.key("sms:clinic"))
+    # Another channel's opt-out is not this one's; no opt-out check at all for a push device.
+    assert gate.open("c1", "t", "sms:clinic", 1.0, opt_out=("email", PHONE)).outcome == "claimed"
+    assert gate.open("c2", "t", "push:app", 1.0).outcome == "claimed"
+
+
+def test_a_legacy_opt_out_refuses_and_is_moved_to_the_keyed_form(r: redis.Redis) -> None:
+    gate, optouts, _, _ = _stores(r)
+    r.sadd(OptOuts.KEY, digest(f"sms:{PHONE}"))  # written before opt-outs were keyed
+    assert gate.open("c1", "t", "sms:clinic", 1.0, opt_out=("sms", PHONE)).outcome == "opted-out"
+    assert r.smembers(OptOuts.KEY) == {optouts.digests("sms", PHONE)[0].encode()}
+
+
+def test_a_send_over_the_rate_waits_for_its_reserved_slot_without_a_claim(r: redis.Redis
+                                                                          ) -> None:
+    gate, _, _, _ = _stores(r)
+    assert gate.open("c1", "t1", "sms:clinic", 1.0).outcome == "claimed"
+    second = gate.open("c2", "t2", "sms:clinic", 1.0)
+    assert second.outcome == "wait" and 0.5 < second.wait <= 1.0
+    assert not r.exists(SendLedger.CLAIM + "c2")
+    # Its next run keeps to the slot it reserved: still early → wait again, no new token.
+    again = gate.open("c2", "t2", "sms:clinic", 1.0, slot=second.slot)
+    assert again.outcome == "wait" and again.slot == pytest.approx(second.slot)
+    # Once the slot has come, it sends without asking the bucket again.
+    assert gate.open("c2", "t2", "sms:clinic", 1.0, slot=second.slot - 5).outcome == "claimed"
+
+
+def test_a_claimed_send_is_held_for_anyone_else_with_the_sent_record(r: redis.Redis) -> None:
+    gate, _, _, ledger = _stores(r)
+    assert gate.open("c1", "task-1", "sms:clinic", 1e6).outcome == "claimed"
+    held = gate.open("c1", "task-2", "sms:clinic", 1e6)
+    assert held.outcome == "held" and held.claim is not None and held.done is None
+    assert held.claim.task_id == "task-1" and 0 <= held.claim.age < 5
+    ledger.record("c1", {"provider_id": "SM1", "channel": "sms"})
+    after = gate.open("c1", "task-3", "sms:clinic", 1e6)
+    assert after.outcome == "held" and after.done == {"provider_id": "SM1", "channel": "sms"}
