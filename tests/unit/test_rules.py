@@ -179,6 +179,19 @@ def test_redact(raw: str, clean: str) -> None:
     assert redact(raw) == clean
 
 
+@given(st.lists(st.sampled_from(["+", "%2B", "%40", "@", ".", "-", " ", "(", ")", "1", "5",
+                                  "0", "\u0665", "a", "Bearer ", "/v1/devices/", "x.org"]),
+                max_size=40).map("".join))
+def test_redact_skips_a_pattern_only_where_it_could_not_match(text: str) -> None:
+    # The preconditions are speed only: the same text as running every pattern everywhere.
+    from worker.ops.logs import _PATTERNS, redact
+
+    expected = text
+    for pattern, replacement, _ in _PATTERNS:
+        expected = pattern.sub(replacement, expected)
+    assert redact(text) == expected
+
+
 def test_redacting_filter_covers_args_and_tracebacks() -> None:
     import io
     import logging
