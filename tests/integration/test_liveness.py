@@ -33,6 +33,7 @@ def take(r: redis.Redis, worker: Liveness, tag: str, queue: str = "inbound",
     r.hset(UNACKED, tag, json.dumps([payload, queue, queue]))
     r.zadd(UNACKED_INDEX, {tag: time.time() - age})
     worker.received(tag, task_id)
+    worker.record_held()  # what the worker's recording thread does a moment later
 
 
 def test_a_dead_workers_messages_go_back_to_the_head_of_their_queue(r: redis.Redis) -> None:
@@ -90,6 +91,23 @@ def test_held_tags_of_acknowledged_messages_are_pruned(r: redis.Redis) -> None:
     finally:
         live.stop()
     assert not r.exists(ALIVE + "live") and r.smembers(WORKERS) == set()
+
+
+def test_received_messages_reach_the_held_set_from_the_recording_thread(r: redis.Redis
+                                                                        ) -> None:
+    live = Liveness(r, QUEUES, interval=60, worker_id="live")
+    live.start()  # the heartbeat round is a minute away: only the recording thread writes
+    try:
+        for tag in ("m1", "m2", "m3"):
+            r.hset(UNACKED, tag, "[]")
+            live.received(tag, tag)  # as kombu's consumer does, without waiting on Redis
+        deadline = time.monotonic() + 5
+        while len(r.smembers(HELD + "live")) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert r.smembers(HELD + "live") == {b"m1", b"m2", b"m3"}
+        assert live.record_held() == 0  # nothing left over
+    finally:
+        live.stop()
 
 
 def test_messages_on_foreign_routing_keys_are_left_alone(r: redis.Redis) -> None:

@@ -7,7 +7,10 @@ died, therefore used to delay its patients' messages by up to an hour.
 
 So every worker process (a Celery worker's main process, where kombu's consumer runs):
 - announces itself in `switchboard:workers` and refreshes a heartbeat key with a short expiry;
-- records the delivery tag of every message it receives in its own held set;
+- records the delivery tag of every message it receives in its own held set (written by a
+  thread of its own, batched, so kombu's consumer loop, which feeds every task of the process,
+  never waits on Redis for it: up to RECORD_GATHER_SECONDS later, and a worker that dies
+  inside that window leaves messages nobody holds, which the orphan sweep below gives back);
 - every few seconds, looks for workers whose heartbeat has expired and puts the messages they
   held, and that are still unacknowledged, back at the head of their queue (the same move kombu
   makes at the visibility timeout, marked redelivered), then forgets that worker;
@@ -43,6 +46,7 @@ ALIVE = "switchboard:worker:alive:"  # + id: heartbeat, expires
 HELD = "switchboard:worker:held:"  # + id: delivery tags it received (acked ones pruned)
 RECOVERING = "switchboard:worker:recovering:"  # + id: one janitor at a time per dead worker
 ORPHAN_SWEEP = "switchboard:worker:orphan-sweep"  # one orphan sweep at a time
+RECORD_GATHER_SECONDS = 0.05  # how long a received message may wait to be recorded as held
 # kombu's Redis transport keys (kombu.transport.redis.Channel defaults).
 UNACKED = "unacked"
 UNACKED_INDEX = "unacked_index"
@@ -118,6 +122,8 @@ class Liveness:
         self._holding_lock = threading.Lock()
         self._suspects: set[str] = set()
         self._thread: threading.Thread | None = None
+        self._unrecorded: list[str] = []  # received, not yet in the held set in Redis
+        self._to_record = threading.Event()
 
     def start(self) -> None:
         """Announce this worker and run heartbeat + janitor on a daemon thread."""
@@ -125,10 +131,12 @@ class Liveness:
         self._thread = threading.Thread(target=self._run, name="switchboard-liveness",
                                         daemon=True)
         self._thread.start()
+        threading.Thread(target=self._record_held, name="switchboard-held", daemon=True).start()
 
     def stop(self) -> None:
         """Stop beating and leave the registry (a warm shutdown gives its messages back)."""
         self._stop.set()
+        self._to_record.set()
         try:
             self._r.srem(WORKERS, self.worker_id)
             self._r.delete(ALIVE + self.worker_id, HELD + self.worker_id)
@@ -139,7 +147,38 @@ class Liveness:
         """Record a message this worker took (called from kombu's consumer, per message)."""
         with self._holding_lock:
             self._holding.setdefault(task_id or delivery_tag, []).append(delivery_tag)
-        self._r.sadd(HELD + self.worker_id, delivery_tag)
+            self._unrecorded.append(delivery_tag)
+        self._to_record.set()
+
+    def record_held(self) -> int:
+        """Write the tags received since the last call to the held set, in one command."""
+        with self._holding_lock:
+            tags, self._unrecorded = self._unrecorded, []
+        if not tags:
+            return 0
+        try:
+            self._r.sadd(HELD + self.worker_id, *tags)
+        except redis.exceptions.RedisError:
+            with self._holding_lock:
+                self._unrecorded[:0] = tags  # kept for the next try
+            raise
+        return len(tags)
+
+    def _record_held(self) -> None:
+        while not self._stop.is_set():
+            self._to_record.wait()
+            # Gather what else arrives meanwhile: one command for several messages under load.
+            self._stop.wait(RECORD_GATHER_SECONDS)
+            self._to_record.clear()
+            if self._stop.is_set():
+                return  # stop() drops the held set; writing after it would leave a stray one
+            try:
+                self.record_held()
+            except redis.exceptions.RedisError as exc:
+                log.warning("held messages not recorded (%s); next try in %.0fs",
+                            type(exc).__name__, self.interval)
+                self._stop.wait(self.interval)
+                self._to_record.set()
 
     def finished(self, task_id: str, delivery_tag: str | None = None) -> None:
         """The task of a message ran to its end here (its ack follows at once). Without the
