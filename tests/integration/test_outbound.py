@@ -7,11 +7,13 @@ import time
 from typing import Any
 
 import pytest
+import redis
 
 from tests.conftest import API_TOKEN, CLINIC_SMS, Service, Services, outbound_env
 from tests.support import ProviderSandbox, Sandbox, eventually, post_signed
 from worker.broker.celery_app import TASK_OUTBOUND_SEND
 from worker.ops import devstack
+from worker.stores.send_ledger import SendLedger
 
 MOBILE = "+15551112222"
 EMAIL = "pat@example.org"
@@ -323,6 +325,24 @@ def test_worker_killed_after_the_provider_answered_does_not_send_twice(
         assert len(providers_clean.requests("twilio")) == 1
     finally:
         replacement.stop()
+
+
+def test_a_message_sent_before_a_crash_is_never_marked_failed_later(
+        services: Services, sandbox: Sandbox, providers_clean: ProviderSandbox) -> None:
+    """A worker died after the provider took the message and before FHIR heard of it; by the
+    redelivery the patient's number is gone. The send ledger says it went out: the redelivery
+    records that on the Communication, and neither marks it failed nor sends anything."""
+    svc = outbound(services, providers_clean)
+    pat = patient(sandbox, email=None)
+    comm = message_in_thread(sandbox, pat, "SMSWRIT")
+    SendLedger(redis.Redis.from_url(svc.settings.redis_url), svc.settings.sealer()).record(
+        comm["id"], {"provider_id": "SMsentbeforethecrash", "channel": "sms", "message_id": ""})
+    sandbox.fhir.update({**pat, "telecom": []})
+    resp = send(svc, {"communication": f"Communication/{comm['id']}"})
+    assert state(svc, resp.get_json()["id"], "sent", "failed")["status"] == "sent"
+    stored = recorded(sandbox, comm["id"], svc.settings.message_id_system)
+    assert stored["status"] == "in-progress" and "statusReason" not in stored
+    assert not providers_clean.requests("twilio")
 
 
 def test_two_workers_share_one_send_rate(services: Services, sandbox: Sandbox,

@@ -74,12 +74,18 @@ def test_a_send_over_the_rate_waits_for_its_reserved_slot_without_a_claim(r: red
     assert gate.open("c2", "t2", "sms:clinic", 1.0, slot=second.slot - 5).outcome == "claimed"
 
 
-def test_a_claimed_send_is_held_for_anyone_else_with_the_sent_record(r: redis.Redis) -> None:
-    gate, _, _, ledger = _stores(r)
+def test_a_claimed_send_is_held_for_anyone_else(r: redis.Redis) -> None:
+    gate = _stores(r)[0]
     assert gate.open("c1", "task-1", "sms:clinic", 1e6).outcome == "claimed"
     held = gate.open("c1", "task-2", "sms:clinic", 1e6)
     assert held.outcome == "held" and held.claim is not None and held.done is None
     assert held.claim.task_id == "task-1" and 0 <= held.claim.age < 5
+
+
+def test_a_sent_message_is_answered_before_any_other_check(r: redis.Redis) -> None:
+    gate, optouts, limiter, ledger = _stores(r)
     ledger.record("c1", {"provider_id": "SM1", "channel": "sms"})
-    after = gate.open("c1", "task-3", "sms:clinic", 1e6)
-    assert after.outcome == "held" and after.done == {"provider_id": "SM1", "channel": "sms"}
+    optouts.add("sms", PHONE)  # opted out after the send: the send still happened
+    after = gate.open("c1", "task-2", "sms:clinic", 1.0, opt_out=("sms", PHONE))
+    assert after.outcome == "done" and after.done == {"provider_id": "SM1", "channel": "sms"}
+    assert not r.exists(SendLedger.CLAIM + "c1") and not r.exists(limiter.key("sms:clinic"))

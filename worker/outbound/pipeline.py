@@ -2,14 +2,17 @@
 
 Order of events for one send, and why:
 1. load the Communication (creating it first when the caller sent the resource itself);
-2. a Communication already carrying a provider id, or with a sent record in Redis, is done;
+2. a Communication already carrying our provider id is done;
 3. recipient Patient → channel (forced, else the thread's medium, else phone then email) →
    contact (Patient.telecom);
-4. a locally recorded opt-out refuses the send without calling the provider;
-5. the shared rate limit may defer the send (not a failure, no retry spent);
-6. claim the send (Redis SET NX): a second worker, or a redelivery of this task, cannot send too;
-7. call the provider; record its answer in Redis at once, then on the Communication (If-Match),
-   then the task is acknowledged. A redelivery after step 7 finds the record and does not send.
+4. the send gate, one Redis step (worker/stores/send_gate.py): a sent record in the ledger
+   means done (an earlier run died before FHIR heard of it: finish that); a locally recorded
+   opt-out refuses without calling the provider; the shared rate limit may defer the send
+   (not a failure, no retry spent); else the send is claimed, so a second worker, or a
+   redelivery of this task, cannot send too;
+5. call the provider; record its answer in Redis at once, then on the Communication (If-Match),
+   then the task is acknowledged. A redelivery after step 5 finds the record and does not send.
+A failure before the gate asks the ledger first: a message that went out is never marked failed.
 """
 
 from __future__ import annotations
@@ -128,6 +131,9 @@ def send_outbound(req: OutboundRequest, deps: OutboundDeps, task_id: str) -> Sen
             None, _reply_channel(header, patient, deps), telecoms, deps.channel_order,
             lambda: _has_device(deps, str(patient["id"])))
     except PermanentError as exc:
+        earlier = _sent_before(req, deps, comm, comm_id)
+        if earlier is not None:
+            return earlier
         # Failed before any provider was called (no recipient, a bad reference, a 404): the
         # Communication says so too, as for every other permanent failure.
         _mark_failed(deps, comm_id, exc.reason, exc.detail)
@@ -147,6 +153,9 @@ def send_outbound(req: OutboundRequest, deps: OutboundDeps, task_id: str) -> Sen
             deps.state.update(req.request_id, "queued", communication=comm_id,
                               last_error=exc.kind)
             raise TransientError(exc.kind, exc.detail, exc.retry_after) from None
+        earlier = _sent_before(req, deps, comm, comm_id)
+        if earlier is not None:
+            return earlier
         _record_failure(req, deps, comm_id, exc, exc.channel or channel)
         raise PermanentError(exc.kind, _describe(exc)) from None
 
@@ -173,16 +182,14 @@ def _send(req: OutboundRequest, deps: OutboundDeps, comm: Mapping[str, Any], com
         message = _email_thread(message, thread, deps)
     gate = deps.gate.open(comm_id, task_id, f"{channel}:{impl.sender_key()}",
                           deps.rates[channel], req.rate_slot, opt_out=(channel, to))
+    if gate.done is not None:  # sent by an earlier run that died before FHIR heard of it
+        return _finish_earlier(req, deps, comm, comm_id, gate.done)
     if gate.outcome == "opted-out":
         raise SendError("opted-out", "the patient opted out (recorded locally)")
     if gate.outcome == "wait":
         raise deferral(gate, deps, channel)
     held = gate.claim
     if held is not None:
-        done = gate.done
-        if done:
-            deps.state.update(req.request_id, "sent", communication=comm_id, **done)
-            return SendResult(done["provider_id"], "sent", done.get("message_id", ""))
         if held.age < deps.claim_seconds:
             # Someone (maybe an earlier delivery of this very task) is sending right now.
             raise TransientError("send-in-progress", "another attempt is sending this message")
@@ -297,27 +304,43 @@ def unsendable(comm: Mapping[str, Any]) -> str | None:
 
 def _already_sent(req: OutboundRequest, comm: Mapping[str, Any], comm_id: str,
                   deps: OutboundDeps) -> SendResult | None:
-    """The earlier send of this Communication, if there was one (and finish recording it).
+    """The earlier send of this Communication as recorded on it, if there was one.
 
-    Only Switchboard's own sends count: the send ledger in Redis, or a provider id recorded on
-    the Communication together with the outbound-request identifier our send writes beside it.
-    A provider id alone (an inbound message's, or one made up in a posted body) proves nothing.
+    Only Switchboard's own sends count: a provider id recorded on the Communication together
+    with the outbound-request identifier our send writes beside it. A provider id alone (an
+    inbound message's, or one made up in a posted body) proves nothing. A send the provider
+    took whose FHIR write did not happen (the worker died) is in the send ledger instead: the
+    send gate answers it (one Redis step with the claim), and so do the failure paths below,
+    before they would mark a sent message failed (_sent_before).
     """
-    done = deps.ledger.done(comm_id)
     systems = {v: k for k, v in deps.id_systems.items()}
     idents = [i for i in _list(comm.get("identifier")) if isinstance(i, Mapping)]
-    ours = any(i.get("system") == deps.request_system for i in idents)
-    recorded = next((i for i in idents if i.get("system") in systems), None) if ours else None
-    if recorded is not None and done is None:
-        done = {"provider_id": str(recorded.get("value")),
-                "channel": systems[recorded["system"]], "message_id": ""}
-    if done is None:
+    if not any(i.get("system") == deps.request_system for i in idents):
         return None
+    recorded = next((i for i in idents if i.get("system") in systems), None)
+    if recorded is None:
+        return None
+    done = {"provider_id": str(recorded.get("value")), "channel": systems[recorded["system"]],
+            "message_id": ""}
+    deps.state.update(req.request_id, "sent", communication=comm_id, **done)
+    return SendResult(done["provider_id"], "sent", "")
+
+
+def _sent_before(req: OutboundRequest, deps: OutboundDeps, comm: Mapping[str, Any],
+                 comm_id: str) -> SendResult | None:
+    """The send ledger's record of an earlier send (finished here), else None: asked before
+    a failure is recorded, so a message that went out is never marked failed."""
+    done = deps.ledger.done(comm_id)
+    return None if done is None else _finish_earlier(req, deps, comm, comm_id, done)
+
+
+def _finish_earlier(req: OutboundRequest, deps: OutboundDeps, comm: Mapping[str, Any],
+                    comm_id: str, done: Mapping[str, str]) -> SendResult:
+    """The provider took this message in an earlier run but the FHIR write did not happen
+    (the worker died): finish that, and report the earlier send."""
     deps.state.update(req.request_id, "sent", communication=comm_id, **done)
     result = SendResult(done["provider_id"], "sent", done.get("message_id", ""))
-    if recorded is None:
-        # The provider took it but the FHIR write did not happen (worker died): finish that.
-        _record_sent(deps, comm_id, done["channel"], result, [], req.request_id, comm)
+    _record_sent(deps, comm_id, done["channel"], result, [], req.request_id, comm)
     return result
 
 

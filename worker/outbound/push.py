@@ -55,22 +55,17 @@ def send_push(req: OutboundRequest, deps: OutboundDeps, comm: dict[str, Any], co
     slot = req.rate_slot  # reserved by an earlier run for the first device still to push
     for device in devices:
         key = device_send(comm_id, device.id)
-        done = deps.ledger.done(key)
-        if done:
-            accepted.append(done["provider_id"])
-            outcomes.append(f"push to Device/{device.id}: sent as {done['provider_id']}")
-            continue
         gate = deps.gate.open(key, task_id, f"{CHANNEL}:{impl.sender_key()}",
                               deps.rates[CHANNEL], slot)
+        if gate.done is not None:  # pushed by an earlier run: the slot stays for the next
+            accepted.append(gate.done["provider_id"])
+            outcomes.append(f"push to Device/{device.id}: sent as {gate.done['provider_id']}")
+            continue
         if gate.outcome == "wait":
             raise deferral(gate, deps, CHANNEL)
         slot = None
         held = gate.claim
         if held is not None:
-            done = gate.done
-            if done:
-                accepted.append(done["provider_id"])
-                continue
             if held.age < deps.claim_seconds:
                 raise TransientError("send-in-progress", "another attempt is pushing this message")
             # Its holder died while FCM answered: pushing again could notify twice.

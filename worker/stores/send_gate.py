@@ -1,11 +1,12 @@
-"""The gate before a provider call: opted out? this sender's send slot? the claim? in one step.
+"""The gate before a provider call: sent before? opted out? a send slot? the claim? One step.
 
-The three checks live in their own stores (optouts.py, rate_limit.py, send_ledger.py) and keep
-their own keys; this runs them together in one Lua script, so a send pays one Redis round trip
-for them instead of four. On a 2-core worker the send is CPU-bound and every round trip costs
+The checks live in their own stores (send_ledger.py, optouts.py, rate_limit.py) and keep their
+own keys; this runs them together in one Lua script, so a send pays one Redis round trip for
+them instead of six. On a 2-core worker the send is CPU-bound and every round trip costs
 a few hundred microseconds of Python (bench/results.md, "Outbound sends"). Same order and
-meaning as before: an opt-out refuses before a slot is taken, a send waiting for its slot
-holds no claim, and a claim is only taken when the send goes out now.
+meaning as before: a message already sent (the ledger's record) is not sent again, an opt-out
+refuses before a slot is taken, a send waiting for its slot holds no claim, and a claim is
+only taken when the send goes out now.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from worker.stores.send_ledger import TAKE_CLAIM_LUA, Claim, SendLedger, held_cl
 # ARGV: opt-out digest (keyed), legacy digest ('' for none: skip the opt-out check), rate,
 # burst, reserved slot (Redis time; '' for none), task id, claim lifetime (seconds).
 _GATE = TAKE_SLOT_LUA + TAKE_CLAIM_LUA + """
+local done = redis.call('GET', KEYS[4])
+if done then
+  return {'done', done}
+end
 if ARGV[2] ~= '' then
   if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then
     return {'opted-out'}
@@ -49,14 +54,15 @@ local held = take_claim(KEYS[3], ARGV[6], ARGV[7], now)
 if not held then
   return {'claimed'}
 end
-return {'held', held, tostring(now), redis.call('GET', KEYS[4]) or ''}
+return {'held', held, tostring(now)}
 """
 
 
 @dataclass(frozen=True)
 class Opened:
-    """What the gate said: `claimed` (send now), `opted-out`, `wait` (for `slot`, Redis time,
-    `wait` seconds away) or `held` (someone else's `claim`, and the sent record if any)."""
+    """What the gate said: `done` (sent before: its record), `claimed` (send now),
+    `opted-out`, `wait` (for `slot`, Redis time, `wait` seconds away) or `held` (by someone
+    else's `claim`, its outcome not recorded yet)."""
 
     outcome: str
     wait: float = 0.0
@@ -76,8 +82,9 @@ class SendGate:
     def open(self, send_key: str, task_id: str, bucket: str, rate: float,
              slot: float | None = None, opt_out: tuple[str, str] | None = None,
              burst: float = 1.0) -> Opened:
-        """Check `opt_out` (channel, address), then wait for `slot` (reserved earlier) or take
-        one from `bucket`, then claim `send_key` for `task_id`."""
+        """Look for the sent record of `send_key`, check `opt_out` (channel, address), then
+        wait for `slot` (reserved earlier) or take one from `bucket`, then claim `send_key` for
+        `task_id`."""
         keyed, legacy = self._optouts.digests(*opt_out) if opt_out else ("", "")
         found = self._script(
             keys=[OptOuts.KEY, self._limiter.key(bucket), SendLedger.CLAIM + send_key,
@@ -88,6 +95,7 @@ class SendGate:
         if outcome == "wait":
             return Opened(outcome, wait=float(found[1]), slot=float(found[2]))
         if outcome == "held":
-            return Opened(outcome, claim=held_claim(found[1], float(found[2])),
-                          done=self._ledger.opened(found[3] or None))
+            return Opened(outcome, claim=held_claim(found[1], float(found[2])))
+        if outcome == "done":
+            return Opened(outcome, done=self._ledger.opened(found[1]))
         return Opened(outcome)
