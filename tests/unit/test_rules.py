@@ -7,6 +7,7 @@ import random
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from urllib3 import HTTPHeaderDict
 
 from worker.broker.backoff import retry_delay
 from worker.channels.phones import InvalidPhoneNumber, search_variants, to_e164
@@ -88,6 +89,14 @@ def test_retry_after_prefers_retry_after_header() -> None:
     assert retry_after_seconds({"Retry-After": "3"}) == 3
     assert retry_after_seconds({"ratelimit": '"requests";r=10;t=2'}) == 2
     assert retry_after_seconds({}) is None
+
+
+def test_retry_after_reads_a_repeated_header_as_one() -> None:
+    # urllib3's HTTPHeaderDict (the FHIR client's answers) yields each line from .items().
+    headers = HTTPHeaderDict()
+    headers.add("RateLimit", '"fhirInteractions";r=0;t=56')
+    headers.add("ratelimit", '"requests";r=99;t=3')
+    assert retry_after_seconds(headers) == 56
 
 
 def test_unresolved_reference_is_read_from_the_outcome() -> None:

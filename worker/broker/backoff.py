@@ -31,7 +31,9 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
     Retry-After; the quota with r=0 is the one that blocks, and waiting the largest t is safe.
     Twilio and SendGrid send Retry-After.
     """
-    lowered = {k.lower(): v for k, v in headers.items()}
+    # By name, not .items(): urllib3's HTTPHeaderDict yields a repeated header once per line
+    # there, while headers[name] joins the lines as HTTP says (and as httpx and requests do).
+    lowered = {k.lower(): headers[k] for k in headers}
     ra = lowered.get("retry-after")
     if ra is not None:
         try:
