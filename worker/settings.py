@@ -256,7 +256,7 @@ class Settings(BaseSettings):
     @field_validator("fhir_base_url")
     @classmethod
     def _trailing_slash(cls, v: str) -> str:
-        # httpx joins relative paths onto the base only when it ends with a slash.
+        # The FHIR client appends relative paths (`Patient/1`) to the base.
         return v if v.endswith("/") else v + "/"
 
     @field_validator("public_base_url", "twilio_api_base_url", "sendgrid_api_base_url",

@@ -6,13 +6,13 @@ import threading
 import time
 from typing import Any
 
-import httpx
 import pytest
 
-from tests.unit.test_fhir_client import BASE, TOKEN_URL, FakeFhir
+from tests.unit.test_fhir_client import BASE, TOKEN_URL, FakeFhir, Request, answer
 from worker.errors import PermanentError, TransientError
 from worker.fhir.client import FhirClient
 from worker.fhir.contention import CONGESTED, WriteLimit
+from worker.fhir.http import HttpAnswer
 from worker.fhir.outcome import (
     FhirConflictError,
     FhirPermanentError,
@@ -79,17 +79,17 @@ class Conflicts:
     def __init__(self, n: int) -> None:
         self.left = n
 
-    def __call__(self, request: httpx.Request) -> httpx.Response:
+    def __call__(self, request: Request) -> HttpAnswer:
         if self.left > 0:
             self.left -= 1
-            return httpx.Response(409, json=MEDPLUM_40001)
-        return httpx.Response(201, json={"resourceType": "Patient", "id": "p1"})
+            return answer(409, MEDPLUM_40001)
+        return answer(201, {"resourceType": "Patient", "id": "p1"})
 
 
 def client(fake: FakeFhir, retries: int = 8) -> tuple[FhirClient, list[str], list[float]]:
     events: list[str] = []
     sleeps: list[float] = []
-    c = FhirClient(BASE, TOKEN_URL, "cid", "secret", transport=httpx.MockTransport(fake),
+    c = FhirClient(BASE, TOKEN_URL, "cid", "secret", http=fake,
                    conflict_retries=retries, conflict_backoff=(0.02, 1.0),
                    on_contention=events.append, sleep=sleeps.append)
     return c, events, sleeps
@@ -121,12 +121,11 @@ def test_after_its_retries_a_conflict_goes_up_as_a_transient_error() -> None:
 
 
 def test_transactions_and_upserts_are_retried_too() -> None:
-    answers = iter([httpx.Response(409, json=MEDPLUM_40001),
-                    httpx.Response(200, json={"resourceType": "Bundle", "type":
-                                              "transaction-response", "entry": [
-                                                  {"response": {"status": "201 Created"}}]}),
-                    httpx.Response(409, json=MEDPLUM_40001),
-                    httpx.Response(201, json={"resourceType": "Patient", "id": "p1"})])
+    answers = iter([answer(409, MEDPLUM_40001),
+                    answer(200, {"resourceType": "Bundle", "type": "transaction-response",
+                                 "entry": [{"response": {"status": "201 Created"}}]}),
+                    answer(409, MEDPLUM_40001),
+                    answer(201, {"resourceType": "Patient", "id": "p1"})])
     fake = FakeFhir(lambda request: next(answers))
     c, events, _ = client(fake)
     c.transaction({"resourceType": "Bundle", "type": "transaction",
@@ -136,7 +135,7 @@ def test_transactions_and_upserts_are_retried_too() -> None:
 
 
 def test_reads_and_other_errors_are_not_retried_here() -> None:
-    fake = FakeFhir(lambda request: httpx.Response(409, json={
+    fake = FakeFhir(lambda request: answer(409, {
         "resourceType": "OperationOutcome", "issue": [{"code": "conflict"}]}))
     c, events, _ = client(fake)
     with pytest.raises(FhirPermanentError):
@@ -147,7 +146,7 @@ def test_reads_and_other_errors_are_not_retried_here() -> None:
 
 
 def test_a_429_on_a_write_halves_the_limit_and_is_left_to_the_task() -> None:
-    fake = FakeFhir(lambda request: httpx.Response(429, json={}, headers={"Retry-After": "3"}))
+    fake = FakeFhir(lambda request: answer(429, {}, headers={"Retry-After": "3"}))
     c, events, _ = client(fake)
     before = c.write_limit.limit
     with pytest.raises(TransientError) as info:

@@ -1,51 +1,73 @@
-"""The FHIR client against a recording fake at the HTTP boundary (httpx.MockTransport)."""
+"""The FHIR client against a recording fake at its HTTP boundary (worker.fhir.http.Http)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
-import httpx
 import pytest
 
 from worker.fhir.client import FhirClient
+from worker.fhir.http import HttpAnswer, HttpTimeout, HttpTransportError
 from worker.fhir.outcome import FhirPermanentError, FhirTransientError
 
 BASE = "https://fhir.test/fhir/R4/"
 TOKEN_URL = "https://fhir.test/oauth2/token"
 
 
+@dataclass(frozen=True)
+class Request:
+    """One request as it reached the HTTP boundary."""
+
+    method: str
+    url: str
+    headers: dict[str, str]
+    content: bytes | None
+    timeout: float
+
+
+def answer(status: int, json_body: Any = None, headers: Mapping[str, str] | None = None
+           ) -> HttpAnswer:
+    """An answer with a JSON body (none when `json_body` is None)."""
+    body = b"" if json_body is None else json.dumps(json_body).encode()
+    return HttpAnswer(status, dict(headers or {}), body)
+
+
 class FakeFhir:
     """Answers token requests with numbered tokens; FHIR requests from a handler; records all."""
 
-    def __init__(self, handler: Callable[[httpx.Request], httpx.Response],
-                 expires_in: int = 3600) -> None:
+    def __init__(self, handler: Callable[[Request], HttpAnswer], expires_in: int = 3600) -> None:
         self.handler = handler
         self.expires_in = expires_in
         self.tokens_issued = 0
-        self.requests: list[httpx.Request] = []
+        self.requests: list[Request] = []
 
-    def __call__(self, request: httpx.Request) -> httpx.Response:
+    def __call__(self, method: str, url: str, headers: Mapping[str, str], body: bytes | None,
+                 timeout: float) -> HttpAnswer:
+        request = Request(method, url, dict(headers), body, timeout)
         self.requests.append(request)
-        if str(request.url) == TOKEN_URL:
+        if url == TOKEN_URL:
             self.tokens_issued += 1
-            body = dict(x.split("=") for x in request.content.decode().split("&"))
-            assert body["grant_type"] == "client_credentials"
-            assert body["client_id"] == "cid"
-            return httpx.Response(200, json={"access_token": f"t{self.tokens_issued}",
-                                             "token_type": "Bearer",
-                                             "expires_in": self.expires_in})
+            assert method == "POST"
+            assert headers["Content-Type"] == "application/x-www-form-urlencoded"
+            form = dict(x.split("=") for x in (body or b"").decode().split("&"))
+            assert form["grant_type"] == "client_credentials"
+            assert form["client_id"] == "cid"
+            return answer(200, {"access_token": f"t{self.tokens_issued}",
+                                "token_type": "Bearer", "expires_in": self.expires_in})
         return self.handler(request)
 
-    def client(self) -> FhirClient:
-        return FhirClient(BASE, TOKEN_URL, "cid", "secret", transport=httpx.MockTransport(self))
+    def client(self, **options: Any) -> FhirClient:
+        return FhirClient(BASE, TOKEN_URL, "cid", "secret", http=self, **options)
 
-    def fhir_requests(self) -> list[httpx.Request]:
-        return [r for r in self.requests if str(r.url) != TOKEN_URL]
+    def fhir_requests(self) -> list[Request]:
+        return [r for r in self.requests if r.url != TOKEN_URL]
 
 
-def ok(request: httpx.Request) -> httpx.Response:
-    return httpx.Response(201, json={"resourceType": "Patient", "id": "p1"})
+def ok(request: Request) -> HttpAnswer:
+    return answer(201, {"resourceType": "Patient", "id": "p1"})
 
 
 def test_token_is_fetched_once_and_reused() -> None:
@@ -57,6 +79,41 @@ def test_token_is_fetched_once_and_reused() -> None:
     assert all(r.headers["Authorization"] == "Bearer t1" for r in fake.fhir_requests())
 
 
+def test_requests_ask_for_fhir_json_and_send_it_with_the_timeout() -> None:
+    fake = FakeFhir(ok)
+    fake.client(timeout=2.5).create({"resourceType": "Patient", "name": [{"text": "Zoë"}]})
+    token, create = fake.requests
+    assert token.headers["Accept"] == "application/json" and token.timeout == 2.5
+    assert token.content == b"grant_type=client_credentials&client_id=cid&client_secret=secret"
+    assert (create.method, create.url) == ("POST", BASE + "Patient")
+    assert create.headers == {"Accept": "application/fhir+json",
+                              "Content-Type": "application/fhir+json",
+                              "Authorization": "Bearer t1"}
+    assert create.content == '{"resourceType":"Patient","name":[{"text":"Zoë"}]}'.encode()
+    assert create.timeout == 2.5
+
+
+def test_a_base_without_its_trailing_slash_keeps_its_path() -> None:
+    fake = FakeFhir(ok)
+    FhirClient(BASE.rstrip("/"), TOKEN_URL, "cid", "secret", http=fake).read("Patient", "p1")
+    assert [r.url for r in fake.fhir_requests()] == [BASE + "Patient/p1"]
+
+
+def test_every_request_is_observed_with_its_operation() -> None:
+    seen: list[str] = []
+
+    def refuse(request: Request) -> HttpAnswer:
+        raise HttpTransportError("ProtocolError")
+
+    c = FakeFhir(ok).client(observe=lambda op, seconds: seen.append(op))
+    c.read("Patient", "p1")
+    c.create({"resourceType": "Patient"}, if_none_exist=[("identifier", "s|1")])
+    with pytest.raises(FhirTransientError):
+        FakeFhir(refuse).client(observe=lambda op, seconds: seen.append(op)).search(
+            "Patient", [("_count", "1")])
+    assert seen == ["read", "conditional-create", "search"]
+
+
 def test_token_is_refreshed_before_expiry() -> None:
     fake = FakeFhir(ok, expires_in=0)  # already inside the refresh margin
     c = fake.client()
@@ -66,16 +123,16 @@ def test_token_is_refreshed_before_expiry() -> None:
 
 
 def test_a_401_refreshes_the_token_once_then_gives_up() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: Request) -> HttpAnswer:
         if request.headers["Authorization"] == "Bearer t1":
-            return httpx.Response(401, json={"resourceType": "OperationOutcome", "issue": []})
+            return answer(401, {"resourceType": "OperationOutcome", "issue": []})
         return ok(request)
 
     fake = FakeFhir(handler)
     assert fake.client().create({"resourceType": "Patient"}).status == 201
     assert fake.tokens_issued == 2
 
-    always = FakeFhir(lambda r: httpx.Response(401))
+    always = FakeFhir(lambda r: answer(401))
     with pytest.raises(FhirTransientError) as exc:
         always.client().read("Patient", "x")
     assert exc.value.reason == "fhir-unauthorized"
@@ -91,48 +148,50 @@ def test_conditional_create_encodes_plus_in_if_none_exist() -> None:
 
 
 def test_search_and_upsert_encode_plus_in_the_url() -> None:
-    fake = FakeFhir(lambda r: httpx.Response(200, json={"resourceType": "Bundle"}))
+    fake = FakeFhir(lambda r: answer(200, {"resourceType": "Bundle"}))
     c = fake.client()
     c.search("Patient", [("phone", "+15551234567")])
     c.upsert({"resourceType": "Communication"}, [("identifier", "sys|+1")])
-    urls = [r.url.raw_path.decode() for r in fake.fhir_requests()]
-    assert urls == ["/fhir/R4/Patient?phone=%2B15551234567",
-                    "/fhir/R4/Communication?identifier=sys|%2B1"]
+    urls = [r.url for r in fake.fhir_requests()]
+    assert urls == ["https://fhir.test/fhir/R4/Patient?phone=%2B15551234567",
+                    "https://fhir.test/fhir/R4/Communication?identifier=sys|%2B1"]
 
 
 def test_update_sends_if_match() -> None:
-    fake = FakeFhir(lambda r: httpx.Response(200, json={"resourceType": "Communication"}))
+    fake = FakeFhir(lambda r: answer(200, {"resourceType": "Communication"}))
     fake.client().update({"resourceType": "Communication", "id": "c1"}, if_match_version="7")
     (req,) = fake.fhir_requests()
     assert req.method == "PUT" and req.headers["If-Match"] == 'W/"7"'
 
 
 def test_429_without_retry_after_uses_ratelimit_t() -> None:
-    fake = FakeFhir(lambda r: httpx.Response(
-        429, headers={"RateLimit": '"requests";r=99;t=3, "fhirInteractions";r=0;t=56'},
-        json={"resourceType": "OperationOutcome", "issue": [{"code": "throttled"}]}))
+    fake = FakeFhir(lambda r: answer(
+        429, {"resourceType": "OperationOutcome", "issue": [{"code": "throttled"}]},
+        headers={"RateLimit": '"requests";r=99;t=3, "fhirInteractions";r=0;t=56'}))
     with pytest.raises(FhirTransientError) as exc:
         fake.client().read("Patient", "x")
     assert exc.value.retry_after == 56
 
 
 def test_connection_errors_and_timeouts_are_transient() -> None:
-    def refuse(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused")
+    def refuse(request: Request) -> HttpAnswer:
+        raise HttpTransportError("NewConnectionError")
 
-    def slow(request: httpx.Request) -> httpx.Response:
-        raise httpx.ReadTimeout("slow")
+    def slow(request: Request) -> HttpAnswer:
+        raise HttpTimeout("ReadTimeoutError")
 
-    for handler in (refuse, slow):
-        with pytest.raises(FhirTransientError):
-            FakeFhir(handler).client().read("Patient", "x")
+    for handler, text in ((refuse, "NewConnectionError on GET Patient"),
+                          (slow, "timeout on GET Patient")):
+        with pytest.raises(FhirTransientError) as exc:
+            FakeFhir(handler).client().search("Patient", [("phone", "+15551234567")])
+        assert exc.value.detail == text  # the resource type only: no query, no phone number
 
 
 def test_permanent_errors_carry_the_outcome_text() -> None:
     outcome = {"resourceType": "OperationOutcome", "issue": [
         {"severity": "error", "code": "invalid", "details": {"text": "Invalid additional property"},
          "expression": ["Communication.foo"]}]}
-    fake = FakeFhir(lambda r: httpx.Response(400, json=outcome))
+    fake = FakeFhir(lambda r: answer(400, outcome))
     with pytest.raises(FhirPermanentError) as exc:
         fake.client().create({"resourceType": "Communication"})
     assert exc.value.status == 400
@@ -147,16 +206,18 @@ def test_transaction_checks_every_entry() -> None:
             "issue": [{"details": {"text": "second entry failed"}}]}}},
     ]}
     sent = {"resourceType": "Bundle", "type": "transaction", "entry": [{}, {}]}
-    fake = FakeFhir(lambda r: httpx.Response(200, json=body))
+    fake = FakeFhir(lambda r: answer(200, body))
     with pytest.raises(FhirPermanentError) as exc:
         fake.client().transaction(sent)
     assert "second entry failed" in exc.value.outcome_text
-    assert json.loads(fake.fhir_requests()[0].content)["type"] == "transaction"
+    (req,) = fake.fhir_requests()
+    assert req.method == "POST" and req.url == BASE  # a transaction goes to the base itself
+    assert json.loads(req.content or b"")["type"] == "transaction"
 
 
 def test_a_short_transaction_answer_is_not_success() -> None:
     body = {"resourceType": "Bundle", "type": "transaction-response",
             "entry": [{"response": {"status": "201 Created"}}]}
-    fake = FakeFhir(lambda r: httpx.Response(200, json=body))
+    fake = FakeFhir(lambda r: answer(200, body))
     with pytest.raises(FhirTransientError):
         fake.client().transaction({"resourceType": "Bundle", "entry": [{}, {}]})

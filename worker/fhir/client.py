@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
-
-import httpx
+from urllib.parse import urlencode
 
 from worker.broker.backoff import retry_delay
 from worker.fhir.contention import CONGESTED, WriteLimit
+from worker.fhir.http import (
+    Http,
+    HttpAnswer,
+    HttpTimeout,
+    HttpTransportError,
+    Urllib3Http,
+    environment_proxy,
+)
 from worker.fhir.outcome import FhirConflictError, FhirTransientError, classify
 from worker.fhir.query import Params, query_string
 from worker.fhir.reference import InvalidReference, ref, valid_type
 
 T = TypeVar("T")
 FHIR_JSON = "application/fhir+json"
+# Connections per client (the worker's threads share one client).
+POOL_SIZE = 64
 # Refresh this long before the token's stated expiry, so a request never races the deadline.
 TOKEN_REFRESH_MARGIN_SECONDS = 60.0
 
@@ -38,11 +48,13 @@ class FhirResponse:
 class TokenSource:
     """OAuth2 client-credentials token, cached and refreshed before expiry (thread-safe)."""
 
-    def __init__(self, http: httpx.Client, token_url: str, client_id: str, secret: str) -> None:
+    def __init__(self, http: Http, token_url: str, client_id: str, secret: str,
+                 timeout: float = 10.0) -> None:
         self._http = http
         self._token_url = token_url
         self._client_id = client_id
         self._secret = secret
+        self._timeout = timeout
         self._lock = threading.Lock()
         self._token: str | None = None
         self._expires_at = 0.0
@@ -62,26 +74,25 @@ class TokenSource:
                 self._token = None
 
     def _fetch(self) -> None:
+        form = urlencode({
+            "grant_type": "client_credentials",
+            "client_id": self._client_id,
+            "client_secret": self._secret,
+        }).encode()
         try:
-            resp = self._http.post(
-                self._token_url,
-                data={
-                    "grant_type": "client_credentials",
-                    "client_id": self._client_id,
-                    "client_secret": self._secret,
-                },
-                headers={"Accept": "application/json"},
-            )
-        except httpx.HTTPError as exc:
-            raise FhirTransientError(f"token endpoint unreachable: {type(exc).__name__}") from exc
-        if resp.status_code >= 500 or resp.status_code == 429:
-            raise FhirTransientError(f"token endpoint answered {resp.status_code}",
-                                     resp.status_code)
-        if resp.status_code != 200:
+            resp = self._http("POST", self._token_url, {
+                "Accept": "application/json",
+                "Content-Type": "application/x-www-form-urlencoded",
+            }, form, self._timeout)
+        except HttpTransportError as exc:  # HttpTimeout too
+            raise FhirTransientError(f"token endpoint unreachable: {exc}") from exc
+        if resp.status >= 500 or resp.status == 429:
+            raise FhirTransientError(f"token endpoint answered {resp.status}", resp.status)
+        if resp.status != 200:
             # Wrong credentials: retrying the message will not help until an operator fixes
             # the configuration, but the message must survive until then (see classify, 401).
-            raise FhirTransientError(f"token request refused ({resp.status_code})", 401)
-        body = resp.json()
+            raise FhirTransientError(f"token request refused ({resp.status})", 401)
+        body = json.loads(resp.body)
         self._token = str(body["access_token"])
         ttl = float(body.get("expires_in", 3600))
         self._expires_at = time.monotonic() + max(ttl - TOKEN_REFRESH_MARGIN_SECONDS, ttl / 2)
@@ -98,7 +109,7 @@ class FhirClient:
         client_id: str,
         client_secret: str,
         timeout: float = 10.0,
-        transport: httpx.BaseTransport | None = None,
+        http: Http | None = None,
         observe: Callable[[str, float], None] | None = None,
         write_limit: WriteLimit | None = None,
         conflict_retries: int = 8,
@@ -115,18 +126,21 @@ class FhirClient:
         self._conflict_backoff = conflict_backoff
         self._on_contention = on_contention  # "conflict", "retried", "gave-up", "throttled"
         self._sleep = sleep
-        self._http = httpx.Client(
-            base_url=base_url,
-            timeout=timeout,
-            transport=transport,
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
-            headers={"Accept": FHIR_JSON},
-        )
-        self._tokens = TokenSource(self._http, token_url, client_id, client_secret)
+        # Relative URLs (`Type/id`, `Type?query`, "" for the base) are appended to the base.
+        self._base = base_url if base_url.endswith("/") else base_url + "/"
+        self._timeout = timeout
+        # `http` is the HTTP boundary (worker.fhir.http); by default our own urllib3 pools,
+        # through the proxy the environment names for the FHIR server, if any.
+        self._pools: Urllib3Http | None = None
+        if http is None:
+            http = self._pools = Urllib3Http(POOL_SIZE, environment_proxy(self._base))
+        self._http = http
+        self._tokens = TokenSource(self._http, token_url, client_id, client_secret, timeout)
 
     def close(self) -> None:
         """Close the connection pool."""
-        self._http.close()
+        if self._pools is not None:
+            self._pools.close()
 
     # -- operations ---------------------------------------------------------------------------
 
@@ -218,33 +232,37 @@ class FhirClient:
 
     def _request(self, method: str, url: str, json: Any = None,
                  headers: Mapping[str, str] | None = None, op: str = "other") -> FhirResponse:
-        hdrs = dict(headers or {})
+        """`url` is relative to the base and built only from checked parts (ref, _type,
+        query_string), so it can neither leave the base nor carry a raw '+'."""
+        hdrs = {"Accept": FHIR_JSON, **(headers or {})}
+        content = None
         if json is not None:
             hdrs["Content-Type"] = FHIR_JSON
+            content = _encode(json)
         for attempt in (1, 2):
             token = self._tokens.get()
-            hdrs["Authorization"] = f"Bearer {token}"
             started = time.perf_counter()
             try:
-                resp = self._http.request(method, url, json=json, headers=hdrs)
-            except httpx.TimeoutException as exc:
+                resp = self._http(method, self._base + url,
+                                  {**hdrs, "Authorization": f"Bearer {token}"}, content,
+                                  self._timeout)
+            except HttpTimeout as exc:
                 raise FhirTransientError(f"timeout on {method} {_path(url)}") from exc
-            except httpx.TransportError as exc:
-                raise FhirTransientError(
-                    f"{type(exc).__name__} on {method} {_path(url)}") from exc
+            except HttpTransportError as exc:
+                raise FhirTransientError(f"{exc} on {method} {_path(url)}") from exc
             finally:
                 if self._observe is not None:
                     self._observe(op, time.perf_counter() - started)
-            if resp.status_code == 401 and attempt == 1:
+            if resp.status == 401 and attempt == 1:
                 # Tokens can be revoked or expire early; refresh once, then believe the 401.
                 self._tokens.invalidate(token)
                 continue
             break
         body = _json_or_none(resp)
-        err = classify(resp.status_code, resp.headers, body)
+        err = classify(resp.status, resp.headers, body)
         if err is not None:
             raise err
-        return FhirResponse(resp.status_code, body if isinstance(body, dict) else {})
+        return FhirResponse(resp.status, body if isinstance(body, dict) else {})
 
 
 def _type(resource_type: object) -> str:
@@ -258,8 +276,14 @@ def _path(url: str) -> str:
     return url.split("?", 1)[0].split("/", 1)[0] or "/"
 
 
-def _json_or_none(resp: httpx.Response) -> Any:
+def _encode(resource: Any) -> bytes:
+    # The bytes httpx sent for json=: compact UTF-8, and NaN/Infinity refused (not JSON).
+    return json.dumps(resource, ensure_ascii=False, separators=(",", ":"),
+                      allow_nan=False).encode()
+
+
+def _json_or_none(resp: HttpAnswer) -> Any:
     try:
-        return resp.json()
-    except ValueError:
+        return json.loads(resp.body)
+    except ValueError:  # not JSON (or not UTF-8): classified by its status alone
         return None

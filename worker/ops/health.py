@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import redis
 
 from worker.fhir.client import TokenSource
+from worker.fhir.http import Urllib3Http, environment_proxy
 from worker.settings import Settings
 
 
@@ -35,23 +36,24 @@ def check_redis(settings: Settings) -> Check:
 
 def check_fhir_token(settings: Settings) -> Check:
     """A FHIR access token can be obtained with the configured client credentials."""
-    import httpx
-
-    with httpx.Client(timeout=settings.fhir_timeout_seconds) as http:
-        tokens = TokenSource(http, settings.fhir_token_url, settings.fhir_client_id,
-                             settings.fhir_client_secret.get_secret_value())
-        try:
-            tokens.get()
-            return Check("fhir", True)
-        except Exception as exc:  # FhirTransientError for every failure; text has no secret
-            refused = getattr(exc, "status", None) == 401
-            # The reason slug and status only (no URL, no secret): /readyz is unauthenticated.
-            detail = f"{getattr(exc, 'reason', type(exc).__name__)}"
-            if getattr(exc, "status", None):
-                detail += f" ({exc.status})"  # type: ignore[attr-defined]
-            return Check("fhir", False, detail,
-                         "check FHIR_CLIENT_ID / FHIR_CLIENT_SECRET (the ClientApplication)"
-                         if refused else "check FHIR_BASE_URL / FHIR_TOKEN_URL and the network")
+    http = Urllib3Http(1, environment_proxy(settings.fhir_token_url))
+    tokens = TokenSource(http, settings.fhir_token_url, settings.fhir_client_id,
+                         settings.fhir_client_secret.get_secret_value(),
+                         settings.fhir_timeout_seconds)
+    try:
+        tokens.get()
+        return Check("fhir", True)
+    except Exception as exc:  # FhirTransientError for every failure; text has no secret
+        refused = getattr(exc, "status", None) == 401
+        # The reason slug and status only (no URL, no secret): /readyz is unauthenticated.
+        detail = f"{getattr(exc, 'reason', type(exc).__name__)}"
+        if getattr(exc, "status", None):
+            detail += f" ({exc.status})"  # type: ignore[attr-defined]
+        return Check("fhir", False, detail,
+                     "check FHIR_CLIENT_ID / FHIR_CLIENT_SECRET (the ClientApplication)"
+                     if refused else "check FHIR_BASE_URL / FHIR_TOKEN_URL and the network")
+    finally:
+        http.close()
 
 
 def readiness(settings: Settings) -> list[Check]:

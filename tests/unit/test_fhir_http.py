@@ -1,0 +1,204 @@
+"""The default HTTP boundary (urllib3) against a real HTTP server on loopback."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from worker.fhir.client import FhirClient
+from worker.fhir.http import Urllib3Http, environment_proxy
+from worker.fhir.outcome import FhirTransientError
+
+THROTTLED = {"resourceType": "OperationOutcome", "issue": [{"code": "throttled"}]}
+
+
+@dataclass(frozen=True)
+class Seen:
+    method: str
+    target: str  # the request target exactly as it arrived
+    headers: dict[str, str]  # names lowercased
+    body: bytes
+    port: int  # the client's port: the same one for requests on one kept-alive connection
+
+
+class Server:
+    """A token endpoint and a tiny FHIR base in a thread; records every request."""
+
+    def __init__(self) -> None:
+        self.seen: list[Seen] = []
+        self.release = threading.Event()  # lets the slow route answer
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive
+
+            def do_GET(self) -> None:
+                self._handle()
+
+            def do_POST(self) -> None:
+                self._handle()
+
+            def do_PUT(self) -> None:
+                self._handle()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _handle(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                server.seen.append(Seen(self.command, self.path,
+                                        {k.lower(): v for k, v in self.headers.items()}, body,
+                                        self.client_address[1]))
+                if self.path == "/oauth2/token":
+                    self._send(200, {"access_token": "tok", "expires_in": 3600})
+                elif self.path.endswith("/Patient/slow"):
+                    server.release.wait(10)
+                    self._send(200, {"resourceType": "Patient", "id": "slow"})
+                elif self.path.endswith("/Patient/throttled"):
+                    # Two header lines: the blocking quota comes first, so a reader that kept
+                    # only the last line would wait 3 s instead of 56.
+                    self._send(429, THROTTLED, [("RateLimit", '"fhirInteractions";r=0;t=56'),
+                                                ("ratelimit", '"requests";r=99;t=3')])
+                else:
+                    echo = json.loads(body) if body else None
+                    self._send(201 if self.command == "POST" else 200,
+                               {"resourceType": "Patient", "id": "p1", "echo": echo})
+
+            def _send(self, status: int, doc: object,
+                      headers: list[tuple[str, str]] | None = None) -> None:
+                data = json.dumps(doc).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/fhir+json")
+                    self.send_header("Content-Length", str(len(data)))
+                    for name, value in headers or []:
+                        self.send_header(name, value)
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:
+                    pass  # the client gave up (the timeout test)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.origin = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def client(self, base: str | None = None, timeout: float = 5.0) -> FhirClient:
+        return FhirClient(base or self.origin + "/fhir/R4/", self.origin + "/oauth2/token",
+                          "cid", "se+cret", timeout=timeout)
+
+    def stop(self) -> None:
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    s = Server()
+    yield s
+    s.stop()
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_a_json_round_trip_on_one_kept_alive_connection(server: Server) -> None:
+    c = server.client()
+    try:
+        created = c.create({"resourceType": "Patient", "name": [{"text": "Zoë"}]},
+                           if_none_exist=[("phone", "+15551234567")])
+        assert created.created
+        assert created.resource["echo"] == {"resourceType": "Patient", "name": [{"text": "Zoë"}]}
+        assert c.read("Patient", "p1").resource["id"] == "p1"
+        c.search("Communication", [("identifier", "sys|+1"), ("phone", "+15551234567")])
+    finally:
+        c.close()
+    token, create, read, search = server.seen
+    assert (token.method, token.target) == ("POST", "/oauth2/token")
+    assert token.body == b"grant_type=client_credentials&client_id=cid&client_secret=se%2Bcret"
+    assert token.headers["content-type"] == "application/x-www-form-urlencoded"
+    assert (create.method, create.target) == ("POST", "/fhir/R4/Patient")
+    assert create.body == '{"resourceType":"Patient","name":[{"text":"Zoë"}]}'.encode()
+    assert create.headers["content-type"] == create.headers["accept"] == "application/fhir+json"
+    assert create.headers["authorization"] == "Bearer tok"
+    assert create.headers["if-none-exist"] == "phone=%2B15551234567"
+    assert "gzip" in create.headers["accept-encoding"]
+    assert (read.method, read.target) == ("GET", "/fhir/R4/Patient/p1")
+    # '+' stays percent-encoded on the wire; urllib3 also percent-encodes '|' (same value).
+    assert search.target == "/fhir/R4/Communication?identifier=sys%7C%2B1&phone=%2B15551234567"
+    assert len({s.port for s in server.seen}) == 1  # one connection, kept alive
+
+
+def test_a_timeout_is_a_transient_error_naming_the_type_only(server: Server) -> None:
+    c = server.client(timeout=0.2)
+    try:
+        with pytest.raises(FhirTransientError) as exc:
+            c.read("Patient", "slow")
+    finally:
+        c.close()
+    assert exc.value.detail == "timeout on GET Patient"
+    assert exc.value.reason == "fhir-unavailable" and exc.value.retryable
+
+
+def test_a_refused_connection_is_a_transient_error(server: Server) -> None:
+    refused = f"http://127.0.0.1:{closed_port()}"
+    c = server.client(base=refused + "/fhir/R4/")  # the token endpoint still answers
+    try:
+        with pytest.raises(FhirTransientError) as exc:
+            c.search("Patient", [("phone", "+15551234567")])
+    finally:
+        c.close()
+    assert exc.value.detail == "NewConnectionError on GET Patient"
+
+    no_token = FhirClient(refused + "/fhir/R4/", refused + "/oauth2/token", "cid", "secret")
+    with pytest.raises(FhirTransientError) as exc:
+        no_token.read("Patient", "p1")
+    no_token.close()
+    assert exc.value.detail == "token endpoint unreachable: NewConnectionError"
+
+
+def test_repeated_ratelimit_lines_are_read_as_one_header(server: Server) -> None:
+    c = server.client()
+    try:
+        with pytest.raises(FhirTransientError) as exc:
+            c.read("Patient", "throttled")
+    finally:
+        c.close()
+    assert exc.value.status == 429 and exc.value.retry_after == 56
+
+
+def test_a_proxy_gets_the_absolute_url(server: Server) -> None:
+    http = Urllib3Http(proxy=server.origin)
+    try:
+        answer = http("GET", "http://fhir.test/fhir/R4/Patient/p1",
+                      {"Accept": "application/fhir+json"}, None, 5.0)
+    finally:
+        http.close()
+    assert answer.status == 200 and json.loads(answer.body)["id"] == "p1"
+    assert answer.headers["content-type"] == "application/fhir+json"  # any case
+    (seen,) = server.seen
+    assert seen.target == "http://fhir.test/fhir/R4/Patient/p1"
+
+
+def test_the_proxy_comes_from_the_environment_as_httpx_read_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    assert environment_proxy("https://fhir.example/fhir/R4/") is None
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    assert environment_proxy("https://fhir.example/fhir/R4/") == "http://proxy.internal:3128"
+    assert environment_proxy("http://fhir.example/fhir/R4/") is None  # no HTTP_PROXY
+    assert environment_proxy("https://127.0.0.1:8103/fhir/R4/") is None  # NO_PROXY (conftest)
+    monkeypatch.setenv("HTTPS_PROXY", "proxy.internal:3128")  # no scheme: http, as httpx
+    assert environment_proxy("https://fhir.example/fhir/R4/") == "http://proxy.internal:3128"
+    monkeypatch.setenv("NO_PROXY", "fhir.example")
+    assert environment_proxy("https://fhir.example:443/fhir/R4/") is None
