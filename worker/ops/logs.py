@@ -13,34 +13,26 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, MutableMapping
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
 
 _NO_DIGITS = str.maketrans("", "", "0123456789")
+_TEN_DIGITS = ("ten digits",)  # a precondition of its own (see redact)
 
-
-def _ten_digits(text: str) -> bool:
-    # `\d` also matches other scripts' digits: outside ASCII, let the patterns look.
-    return not text.isascii() or len(text) - len(text.translate(_NO_DIGITS)) >= 10
-
-
-def _has(*parts: str) -> Callable[[str], bool]:
-    return lambda text: any(part in text for part in parts)
-
-
-# (pattern, replacement, precondition): a pattern runs only on text that could hold a match.
-# Most strings logged (task names, ids, times) hold none, a worker logs a few lines per message,
-# and the email pattern backtracks over every run of word characters (30 µs on a task line).
-_PATTERNS: list[tuple[re.Pattern[str], str, Callable[[str], bool] | None]] = [
+# (pattern, replacement, precondition): a pattern runs only on text that could hold a match,
+# text holding one of the listed strings, or ten digits. Most strings logged (task names, ids,
+# times) hold none, a worker logs a few lines per message, and the email pattern backtracks
+# over every run of word characters (30 µs on a task line).
+_PATTERNS: list[tuple[re.Pattern[str], str, tuple[str, ...] | None]] = [
     (re.compile(r"(?i)bearer\s+[\w\-.~+/]+=*"), "Bearer [redacted]", None),
-    (re.compile(r"[\w.+\-]+(?:@|%40)[\w\-]+(?:\.[\w\-]+)+"), "[email]", _has("@", "%40")),
-    (re.compile(r"(?:\+|%2B)\d[\d\s().\-]{6,}\d"), "[phone]", _has("+", "%2B")),
-    (re.compile(r"\(?\b\d{3}\)?[\s.\-]\d{3}[\s.\-]\d{4}\b"), "[phone]", _ten_digits),
-    (re.compile(r"(?<![\w\-])1?\d{10}(?![\w\-])"), "[phone]", _ten_digits),
+    (re.compile(r"[\w.+\-]+(?:@|%40)[\w\-]+(?:\.[\w\-]+)+"), "[email]", ("@", "%40")),
+    (re.compile(r"(?:\+|%2B)\d[\d\s().\-]{6,}\d"), "[phone]", ("+", "%2B")),
+    (re.compile(r"\(?\b\d{3}\)?[\s.\-]\d{3}[\s.\-]\d{4}\b"), "[phone]", _TEN_DIGITS),
+    (re.compile(r"(?<![\w\-])1?\d{10}(?![\w\-])"), "[phone]", _TEN_DIGITS),
     # A push token in a path (DELETE /v1/devices/<token> in the access log).
-    (re.compile(r"/v1/devices/[^\s?\"']+"), "/v1/devices/[token]", _has("/v1/devices/")),
+    (re.compile(r"/v1/devices/[^\s?\"']+"), "/v1/devices/[token]", ("/v1/devices/",)),
 ]
 # Loggers that print URLs or payloads at INFO/DEBUG.
 _CHATTY = ("httpx", "httpcore", "urllib3", "twilio.http_client", "python_http_client",
@@ -51,8 +43,14 @@ _OURS = frozenset({"timestamp", "level", "logger"})
 
 def redact(text: str) -> str:
     """`text` with phone numbers, email addresses and bearer tokens replaced."""
-    for pattern, replacement, could_match in _PATTERNS:
-        if could_match is None or could_match(text):
+    # The preconditions are read on the text as given: a replacement never adds a digit, an
+    # `@`, a `+` or a path, so what the original lacks the rewritten text lacks too. `\d` also
+    # matches other scripts' digits: outside ASCII the digit patterns always look.
+    ten = not text.isascii() or len(text) - len(text.translate(_NO_DIGITS)) >= 10
+    original = text
+    for pattern, replacement, needs in _PATTERNS:
+        if needs is None or (ten if needs is _TEN_DIGITS else
+                             any(part in original for part in needs)):
             text = pattern.sub(replacement, text)
     return text
 
@@ -68,6 +66,7 @@ class RedactingFilter(logging.Filter):
             message = str(record.msg)
         record.msg = redact(message)
         record.args = None
+        record.switchboard_redacted = True  # the message; _redact_fields need not look again
         if record.exc_info and not record.exc_text:
             # Format the traceback now so its text (exception messages can hold a URL with a
             # phone number) is redacted too; handlers then print exc_text as it is.
@@ -90,8 +89,11 @@ def protect(handler: logging.Handler) -> None:
 def _redact_fields(_: Any, __: str, event: MutableMapping[str, Any]
                    ) -> MutableMapping[str, Any]:
     """structlog processor: redact every string field (event text, exception, extras)."""
+    record = event.get("_record")
+    done = (record is not None and getattr(record, "switchboard_redacted", False)
+            and event.get("event") == record.msg)
     for key, value in list(event.items()):
-        if isinstance(value, str) and key not in _OURS:
+        if isinstance(value, str) and key not in _OURS and not (done and key == "event"):
             event[key] = redact(value)
     return event
 
@@ -118,8 +120,8 @@ def formatter(fmt: str = "json") -> logging.Formatter:
             _record_exception,
         ],
         processors=[
+            _redact_fields,  # first: it reads the record (_record), which the next one drops
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            _redact_fields,
             renderer,
         ],
     )
