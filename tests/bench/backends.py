@@ -31,7 +31,7 @@ class Backends:
 
 
 def start(log_dir: Path, name: str, **overrides: str) -> Backends:
-    """Start them; `overrides` are settings on top of the defaults (console logs)."""
+    """Start them; `overrides` are settings on top of the defaults."""
     rds = devstack.start_redis(log_dir, data_dir=log_dir / f"{name}-redis")
     fhir = devstack.start_fhir_sandbox(log_dir, extra_env={
         "FHIR_SANDBOX_CLIENT_ID": FHIR_ID, "FHIR_SANDBOX_CLIENT_SECRET": FHIR_SECRET},
@@ -39,6 +39,6 @@ def start(log_dir: Path, name: str, **overrides: str) -> Backends:
     env = {"REDIS_URL": rds.url, "FHIR_BASE_URL": fhir.base_url, "FHIR_CLIENT_ID": FHIR_ID,
            "FHIR_CLIENT_SECRET": FHIR_SECRET, "TWILIO_ACCOUNT_SID": "ACbench",
            "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "PUBLIC_BASE_URL": PUBLIC_BASE_URL,
-           "LOG_FORMAT": "console", "DATA_ENCRYPTION_KEYS": DATA_KEY, **overrides}
+           "DATA_ENCRYPTION_KEYS": DATA_KEY, **overrides}
     settings = load_settings(env)
     return Backends(rds, fhir, env, settings, Sandbox(fhir.origin, settings))

@@ -20,7 +20,10 @@ TASK = "bare.send"
 QUEUE = "bare"
 app = Celery("bare", broker=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
 app.conf.update(task_ignore_result=True, task_default_queue=QUEUE,
-                broker_connection_retry_on_startup=True)
+                broker_connection_retry_on_startup=True,
+                # Task events (what Flower shows) when the benchmark asks, as Switchboard's
+                # worker sends them: the same monitoring cost on both sides.
+                worker_send_task_events=os.environ.get("BARE_TASK_EVENTS") == "1")
 _local = threading.local()
 
 
