@@ -21,7 +21,6 @@ from worker.stores.inbox import Inbox
 from worker.stores.locks import RedisLocks
 from worker.stores.optouts import OptOuts
 from worker.stores.outbound_state import OutboundState
-from worker.stores.rate_limit import RateLimiter
 from worker.stores.seen import RedisSeenMessages
 from worker.stores.send_ledger import SendLedger
 
@@ -72,7 +71,7 @@ def build_runtime(settings: Settings) -> Runtime:
     outbound = OutboundDeps(
         fhir=fhir, channels=build_channels(settings),
         ledger=SendLedger(client, sealer), optouts=OptOuts(client, settings.optout_key()),
-        limiter=RateLimiter(client), state=OutboundState(client, sealer),
+        state=OutboundState(client, sealer),
         rates={"sms": settings.sms_rate_per_second, "email": settings.email_rate_per_second,
                "push": settings.push_rate_per_second},
         id_systems={"sms": settings.message_id_system,

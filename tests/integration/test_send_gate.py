@@ -13,7 +13,7 @@ from worker.crypto import sealer_for
 from worker.ops import devstack
 from worker.stores import digest
 from worker.stores.optouts import OptOuts
-from worker.stores.rate_limit import RateLimiter
+from worker.stores.rate_limit import bucket_key
 from worker.stores.send_gate import SendGate
 from worker.stores.send_ledger import SendLedger
 
@@ -30,31 +30,30 @@ def r(redis_server: devstack.RedisServer) -> Iterator[redis.Redis]:
     client.close()
 
 
-def _stores(r: redis.Redis) -> tuple[SendGate, OptOuts, RateLimiter, SendLedger]:
-    optouts, limiter = OptOuts(r, b"k" * 32), RateLimiter(r)
-    ledger = SendLedger(r, sealer_for(DATA_KEY))
-    return SendGate(optouts, limiter, ledger, r), optouts, limiter, ledger
+def _stores(r: redis.Redis) -> tuple[SendGate, OptOuts, SendLedger]:
+    optouts, ledger = OptOuts(r, b"k" * 32), SendLedger(r, sealer_for(DATA_KEY))
+    return SendGate(optouts, ledger), optouts, ledger
 
 
 def test_a_free_send_takes_its_slot_and_the_claim(r: redis.Redis) -> None:
-    gate, _, limiter, _ = _stores(r)
+    gate, _, _ = _stores(r)
     opened = gate.open("c1", "task-1", "sms:clinic", 100.0, opt_out=("sms", PHONE))
     assert opened.outcome == "claimed"
-    assert r.exists(SendLedger.CLAIM + "c1") and r.exists(limiter.key("sms:clinic"))
+    assert r.exists(SendLedger.CLAIM + "c1") and r.exists(bucket_key("sms:clinic"))
 
 
 def test_an_opted_out_address_is_refused_before_any_slot_or_claim(r: redis.Redis) -> None:
-    gate, optouts, limiter, _ = _stores(r)
+    gate, optouts, _ = _stores(r)
     optouts.add("sms", PHONE)
     assert gate.open("c1", "t", "sms:clinic", 1.0, opt_out=("sms", PHONE)).outcome == "opted-out"
-    assert not r.exists(SendLedger.CLAIM + "c1") and not r.exists(limiter.key("sms:clinic"))
+    assert not r.exists(SendLedger.CLAIM + "c1") and not r.exists(bucket_key("sms:clinic"))
     # Another channel's opt-out is not this one's; no opt-out check at all for a push device.
     assert gate.open("c1", "t", "sms:clinic", 1.0, opt_out=("email", PHONE)).outcome == "claimed"
     assert gate.open("c2", "t", "push:app", 1.0).outcome == "claimed"
 
 
 def test_a_legacy_opt_out_refuses_and_is_moved_to_the_keyed_form(r: redis.Redis) -> None:
-    gate, optouts, _, _ = _stores(r)
+    gate, optouts, _ = _stores(r)
     r.sadd(OptOuts.KEY, digest(f"sms:{PHONE}"))  # written before opt-outs were keyed
     assert gate.open("c1", "t", "sms:clinic", 1.0, opt_out=("sms", PHONE)).outcome == "opted-out"
     assert r.smembers(OptOuts.KEY) == {optouts.digests("sms", PHONE)[0].encode()}
@@ -62,7 +61,7 @@ def test_a_legacy_opt_out_refuses_and_is_moved_to_the_keyed_form(r: redis.Redis)
 
 def test_a_send_over_the_rate_waits_for_its_reserved_slot_without_a_claim(r: redis.Redis
                                                                           ) -> None:
-    gate, _, _, _ = _stores(r)
+    gate = _stores(r)[0]
     assert gate.open("c1", "t1", "sms:clinic", 1.0).outcome == "claimed"
     second = gate.open("c2", "t2", "sms:clinic", 1.0)
     assert second.outcome == "wait" and 0.5 < second.wait <= 1.0
@@ -83,9 +82,9 @@ def test_a_claimed_send_is_held_for_anyone_else(r: redis.Redis) -> None:
 
 
 def test_a_sent_message_is_answered_before_any_other_check(r: redis.Redis) -> None:
-    gate, optouts, limiter, ledger = _stores(r)
+    gate, optouts, ledger = _stores(r)
     ledger.record("c1", {"provider_id": "SM1", "channel": "sms"})
     optouts.add("sms", PHONE)  # opted out after the send: the send still happened
     after = gate.open("c1", "task-2", "sms:clinic", 1.0, opt_out=("sms", PHONE))
     assert after.outcome == "done" and after.done == {"provider_id": "SM1", "channel": "sms"}
-    assert not r.exists(SendLedger.CLAIM + "c1") and not r.exists(limiter.key("sms:clinic"))
+    assert not r.exists(SendLedger.CLAIM + "c1") and not r.exists(bucket_key("sms:clinic"))

@@ -37,7 +37,6 @@ from worker.ops.metrics import Metrics
 from worker.outbound.routing import CHANNEL_TO_MEDIUM, choose_channel, medium_channel, pick_contact
 from worker.stores.optouts import OptOuts
 from worker.stores.outbound_state import REQUEST_ID, OutboundState
-from worker.stores.rate_limit import RateLimiter
 from worker.stores.send_gate import Opened, SendGate
 from worker.stores.send_ledger import SendLedger
 
@@ -93,7 +92,6 @@ class OutboundDeps:
     channels: dict[str, Channel]
     ledger: SendLedger
     optouts: OptOuts
-    limiter: RateLimiter
     state: OutboundState
     rates: dict[str, float]
     id_systems: dict[str, str]  # channel → identifier system of its provider ids
@@ -105,10 +103,11 @@ class OutboundDeps:
     metrics: Metrics | None = None
     device_system: str = "urn:switchboard:fcm-token"  # push tokens on FHIR Devices
     channel_order: tuple[str, ...] = ("sms", "email")  # CHANNEL_ORDER
-    gate: SendGate = field(init=False)  # opt-out, pacing and claim in one step (the stores')
+    # Sent before? opted out? a send slot? the claim? One Redis step over the stores' keys.
+    gate: SendGate = field(init=False)
 
     def __post_init__(self) -> None:
-        self.gate = SendGate(self.optouts, self.limiter, self.ledger, self.ledger.client)
+        self.gate = SendGate(self.optouts, self.ledger)
 
 
 def send_outbound(req: OutboundRequest, deps: OutboundDeps, task_id: str) -> SendResult:

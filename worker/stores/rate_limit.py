@@ -1,15 +1,17 @@
-"""Send pacing shared by every worker: a Redis token bucket on Redis's clock."""
+"""Send pacing shared by every worker: a Redis token bucket per sender, on Redis's clock.
+
+The bucket is taken inside the send gate's one Redis step (worker/stores/send_gate.py), together
+with the opt-out check and the send claim; this module owns its Lua and its keys.
+"""
 
 from __future__ import annotations
 
-from typing import Any
-
-import redis
-
 from worker.stores import digest as _h
 
-# Token bucket, as a Lua function other scripts include (worker/stores/send_gate.py): refill by
-# elapsed time, take a token, return how long to wait (0: send now).
+KEY = "switchboard:rate:"
+
+# Token bucket, as a Lua function the send gate's script includes: refill by elapsed time, take
+# a token, return how long to wait (0: send now).
 TAKE_SLOT_LUA = """
 local function take_slot(key, rate, burst, now)
   local state = redis.call('HMGET', key, 'tokens', 'at')
@@ -28,32 +30,8 @@ local function take_slot(key, rate, burst, now)
   return wait
 end
 """
-# One slot in one atomic step, on Redis's clock.
-_BUCKET = TAKE_SLOT_LUA + """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local wait = take_slot(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), now)
-return {tostring(wait), tostring(now)}
-"""
 
 
-class RateLimiter:
-    """A send rate shared by every worker on every machine (Redis token bucket, Redis clock)."""
-
-    KEY = "switchboard:rate:"
-
-    def __init__(self, client: redis.Redis) -> None:
-        self._r: Any = client
-        self._script = self._r.register_script(_BUCKET)
-
-    def acquire(self, key: str, rate: float, burst: float = 1.0) -> tuple[float, float]:
-        """Reserve one send slot: (seconds to wait before sending, Redis time now).
-
-        0 wait means send now. Otherwise the slot at now + wait is this caller's: it sends
-        then without asking again (see worker.outbound.pipeline)."""
-        wait, now = self._script(keys=[self.key(key)], args=[rate, burst])
-        return float(wait), float(now)
-
-    def key(self, name: str) -> str:
-        """The Redis key of the bucket called `name` (`<channel>:<sender>`)."""
-        return self.KEY + _h(name)
+def bucket_key(name: str) -> str:
+    """The Redis key of the bucket called `name` (`<channel>:<sender>`)."""
+    return KEY + _h(name)

@@ -12,10 +12,9 @@ only taken when the send goes out now.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from worker.stores.optouts import OptOuts
-from worker.stores.rate_limit import TAKE_SLOT_LUA, RateLimiter
+from worker.stores.rate_limit import TAKE_SLOT_LUA, bucket_key
 from worker.stores.send_ledger import TAKE_CLAIM_LUA, Claim, SendLedger, held_claim
 
 # KEYS: opt-out set, rate bucket, claim, sent record.
@@ -72,12 +71,12 @@ class Opened:
 
 
 class SendGate:
-    """Opt-out check, send pacing and the send claim for one message, in one Redis step."""
+    """The ledger's sent record, the opt-out check, send pacing and the send claim for one
+    message, in one Redis step (on the ledger's Redis)."""
 
-    def __init__(self, optouts: OptOuts, limiter: RateLimiter, ledger: SendLedger,
-                 client: Any) -> None:
-        self._optouts, self._limiter, self._ledger = optouts, limiter, ledger
-        self._script = client.register_script(_GATE)
+    def __init__(self, optouts: OptOuts, ledger: SendLedger) -> None:
+        self._optouts, self._ledger = optouts, ledger
+        self._script = ledger.client.register_script(_GATE)
 
     def open(self, send_key: str, task_id: str, bucket: str, rate: float,
              slot: float | None = None, opt_out: tuple[str, str] | None = None,
@@ -87,7 +86,7 @@ class SendGate:
         `task_id`."""
         keyed, legacy = self._optouts.digests(*opt_out) if opt_out else ("", "")
         found = self._script(
-            keys=[OptOuts.KEY, self._limiter.key(bucket), SendLedger.CLAIM + send_key,
+            keys=[OptOuts.KEY, bucket_key(bucket), SendLedger.CLAIM + send_key,
                   SendLedger.DONE + send_key],
             args=[keyed, legacy, rate, burst, "" if slot is None else repr(slot), task_id,
                   SendLedger.KEEP])

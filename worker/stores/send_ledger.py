@@ -22,8 +22,9 @@ class Claim:
     age: float
 
 
-# Take a claim, as a Lua function other scripts include (worker/stores/send_gate.py): false when
-# the key was free and is now ours (stamped with Redis's clock), else the existing claim.
+# Take a claim, as a Lua function the send gate's script includes (worker/stores/send_gate.py):
+# false when the key was free and is now ours (stamped with Redis's clock), else the existing
+# claim.
 TAKE_CLAIM_LUA = """
 local function take_claim(key, task_id, keep, now)
   local mine = cjson.encode({task_id = task_id, at = now})
@@ -32,17 +33,6 @@ local function take_claim(key, task_id, keep, now)
   end
   return redis.call('GET', key)
 end
-"""
-# Claim in one atomic step: either take the key (nil back) or return the existing claim and the
-# current time, so the caller can tell its age.
-_CLAIM = TAKE_CLAIM_LUA + """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local held = take_claim(KEYS[1], ARGV[1], ARGV[2], now)
-if not held then
-  return nil
-end
-return {held, tostring(now)}
 """
 
 
@@ -62,7 +52,6 @@ class SendLedger:
     def __init__(self, client: redis.Redis, sealer: Sealer) -> None:
         self._r: Any = client
         self._sealer = sealer
-        self._claim = self._r.register_script(_CLAIM)
 
     def done(self, communication_id: str) -> dict[str, str] | None:
         """The recorded result of an earlier send of this Communication, if any."""
@@ -86,13 +75,6 @@ class SendLedger:
     def client(self) -> Any:
         """The Redis client the ledger writes with (the send gate shares it)."""
         return self._r
-
-    def claim(self, communication_id: str, task_id: str) -> Claim | None:
-        """Take the right to send. Returns None when taken, else the existing claim."""
-        found = self._claim(keys=[self.CLAIM + communication_id], args=[task_id, self.KEEP])
-        if found is None:
-            return None
-        return held_claim(found[0], float(found[1]))
 
     def release(self, communication_id: str) -> None:
         """Give the claim back (the provider refused before sending, so a retry is safe)."""
