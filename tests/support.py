@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlencode
 
@@ -49,6 +50,18 @@ def post_signed(client: Any, params: dict[str, str], path: str = "/webhooks/twil
     if isinstance(client, httpx.Client):
         return client.post(path, content=urlencode(params), headers=headers)
     return client.post(path, data=urlencode(params), headers=headers)
+
+
+def our_log_files(log_dir: Path) -> list[Path]:
+    """The logs our own processes wrote under `log_dir` (web, workers, tools): what the PHI
+    scans read. The sandboxes and Redis, which play the outside world, excluded."""
+    return [p for p in log_dir.glob("*.log")
+            if not p.name.startswith(("fhir-sandbox", "provider-sandbox", "redis"))]
+
+
+def our_logs(log_dir: Path) -> str:
+    """Those logs as one text."""
+    return "\n".join(p.read_text(errors="replace") for p in our_log_files(log_dir))
 
 
 def eventually(fn: Callable[[], T | None], timeout: float = 20.0, interval: float = 0.1,

@@ -24,7 +24,7 @@ from tests.email_payloads import (
     raw_post,
     signed,
 )
-from tests.support import ProviderSandbox, Sandbox, eventually
+from tests.support import ProviderSandbox, Sandbox, eventually, our_logs
 from worker.channels.sendgrid import EMAIL_INBOUND_MESSAGE_ID_SYSTEM, EMAIL_MESSAGE_ID_SYSTEM
 from worker.fhir.query import token
 from worker.ops import devstack
@@ -406,9 +406,7 @@ def test_email_logs_hold_no_addresses_or_bodies(services: Services, log_dir: Pat
     """Runs after the flows above: every worker and web log of the session so far."""
     svc = services.get(SENDGRID_INBOUND_VERIFICATION_KEY=VERIFICATION_KEY)
     eventually(lambda: processed(svc) or None, what="an email processed")
-    logs = [p for p in log_dir.glob("*.log")
-            if not p.name.startswith(("fhir-sandbox", "provider-sandbox", "redis"))]
-    text = "\n".join(p.read_text(errors="replace") for p in logs)
+    text = our_logs(log_dir)
     assert "inbound email: " in text
     for needle in (PATIENT, "pat.inbound", "stranger@", "twin@", SECRET_BODY, "qv9k",
                    "Can I come on Friday", "Results attached", "予約", "mail.example.org",

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from tests.conftest import API_TOKEN, CLINIC_SMS, Service, Services, outbound_env
-from tests.support import ProviderSandbox, Sandbox, eventually, post_signed
+from tests.support import ProviderSandbox, Sandbox, eventually, our_logs, post_signed
 from worker.broker.celery_app import TASK_OUTBOUND_SEND
 from worker.ops import devstack
 from worker.stores.send_ledger import SendLedger
@@ -426,9 +426,7 @@ def test_outbound_logs_hold_no_contacts_bodies_or_secrets(log_dir: Any) -> None:
     from tests.conftest import SENDGRID_KEY
     from tests.support import AUTH_TOKEN
 
-    logs = [p for p in Path(log_dir).glob("*.log")
-            if not p.name.startswith(("fhir-sandbox", "provider-sandbox", "redis"))]
-    text = "\n".join(p.read_text(errors="replace") for p in logs)
+    text = our_logs(Path(log_dir))
     assert "outbound Communication/" in text  # the outbound flows were logged at all
     # test_email_events.py ran before this file: its recipients, bodies and event reasons too.
     for needle in (MOBILE, MOBILE[2:], "5553334444", "5556667777", EMAIL, "Your results",

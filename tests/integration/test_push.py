@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import API_TOKEN, Service, Services, outbound_env
-from tests.support import ProviderSandbox, Sandbox, eventually
+from tests.support import ProviderSandbox, Sandbox, eventually, our_logs
 from worker.fhir.query import token as token_param
 from worker.ops import devstack
 
@@ -314,9 +314,7 @@ def test_worker_killed_between_the_second_and_third_device_pushes_nobody_twice(
 
 def test_push_logs_hold_no_tokens_or_bodies(log_dir: Path) -> None:
     """Runs after the flows above: every worker and web log of the session."""
-    logs = [p for p in Path(log_dir).glob("*.log")
-            if not p.name.startswith(("fhir-sandbox", "provider-sandbox", "redis"))]
-    text = "\n".join(p.read_text(errors="replace") for p in logs)
+    text = our_logs(Path(log_dir))
     assert "sent by push" in text  # the push flows were logged at all
     assert TOKENS
     for needle in (*TOKENS, "fcmtok", "APA91b", SECRET_TEXT, "qx9z", "ya29.sandbox"):

@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import API_TOKEN, Service, Services, outbound_env
 from tests.integration.test_outbound import message_in_thread, patient, recorded
-from tests.support import ProviderSandbox, Sandbox, eventually, post_signed, sms_params
+from tests.support import ProviderSandbox, Sandbox, eventually, our_logs, post_signed, sms_params
 from worker.fhir import subscription as sub
 from worker.ops import devstack
 from worker.ops.metrics import KEY as METRICS_KEY
@@ -346,9 +346,7 @@ def test_subscription_logs_hold_no_contacts_bodies_or_secrets(log_dir: Path) -> 
     """Runs after the flows above: every worker and web log of the session."""
     from tests.integration.test_outbound import MOBILE
 
-    logs = [p for p in log_dir.glob("*.log")
-            if not p.name.startswith(("fhir-sandbox", "provider-sandbox", "redis"))]
-    text = "\n".join(p.read_text(errors="replace") for p in logs)
+    text = our_logs(log_dir)
     assert f"{TASK}[" in text  # the subscription flows were logged at all
     for needle in (SECRET, MOBILE, MOBILE[2:], "+15553330001", "5553330001",
                    "Written in Medplum", "Your results are ready", "move my appointment"):

@@ -21,6 +21,7 @@ from tests.reliability.harness import (
     shuffled,
     sms,
 )
+from tests.support import our_log_files
 from worker.channels.sendgrid import EMAIL_INBOUND_MESSAGE_ID_SYSTEM
 from worker.fhir.query import token
 
@@ -346,8 +347,7 @@ def privacy(stack: Stack, numbers: list[str], bodies: list[str]) -> Counts:
     """8. Every log line of the stack's web, workers and tools, scanned for every phone number
     and body used in the scenarios (the sandboxes, which play the outside world, excluded)."""
     counts = Counts("8 privacy (log lines with PHI)")
-    logs = [p for p in stack.log_dir.glob("*.log")
-            if not p.name.startswith(("fhir-sandbox", "provider-sandbox", "redis"))]
+    logs = our_log_files(stack.log_dir)
     text = "\n".join(p.read_text(errors="replace") for p in logs)
     needles = {*numbers, *(n[2:] for n in numbers if n.startswith("+")), *bodies, CLINIC}
     # A number counts only on its own: "…0.0992555200000424s" (a task's run time) is no leak.
