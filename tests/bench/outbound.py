@@ -74,15 +74,7 @@ def _switchboard(log_dir: Path, env: dict[str, str], sandbox: Sandbox, comm_ids:
     child = devstack.start_worker(env, log_dir, name=f"bench-out-{pool}", queues="outbound",
                                   concurrency=CONCURRENCY, pool=pool)
     sandbox.reset_counter()
-    try:
-        cpu, fhir_cpu = cpu_seconds(child.proc.pid), cpu_seconds(fhir_pid)
-        seconds = wait_finished([child], len(comm_ids), 600)
-        cpu, fhir_cpu = cpu_seconds(child.proc.pid) - cpu, cpu_seconds(fhir_pid) - fhir_cpu
-        rss = rss_mib(child.proc.pid)
-    finally:
-        child.stop()
-    return {"rate": len(comm_ids) / seconds, "rss": rss, "cpu": 1000 * cpu / len(comm_ids),
-            "fhir_cpu": 1000 * fhir_cpu / len(comm_ids),
+    return {**_measure(child, len(comm_ids), fhir_pid),
             "trips": sandbox.stats()["requests"] / len(comm_ids)}
 
 
@@ -102,14 +94,25 @@ def _bare(log_dir: Path, env: dict[str, str], count: int, phones: list[str], poo
                                   name=f"bench-bare-{pool}-{'events' if events else 'stock'}",
                                   queues=bare_outbound.QUEUE, concurrency=CONCURRENCY,
                                   pool=pool, app="tests.bench.bare_outbound")
+    return _measure(child, count)
+
+
+def _measure(child: devstack.Child, count: int, fhir_pid: int | None = None
+             ) -> dict[str, float]:
+    """Wait for `child` to finish `count` sends, then stop it: sends/s, its RSS MiB, its CPU ms
+    per send, and the FHIR sandbox's (`fhir_pid`) when given."""
+    pids = [child.proc.pid, *([fhir_pid] if fhir_pid else [])]
     try:
-        cpu = cpu_seconds(child.proc.pid)
+        before = [cpu_seconds(pid) for pid in pids]
         seconds = wait_finished([child], count, 600)
-        cpu = cpu_seconds(child.proc.pid) - cpu
+        used = [cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=True)]
         rss = rss_mib(child.proc.pid)
     finally:
         child.stop()
-    return {"rate": count / seconds, "rss": rss, "cpu": 1000 * cpu / count}
+    out = {"rate": count / seconds, "rss": rss, "cpu": 1000 * used[0] / count}
+    if fhir_pid:
+        out["fhir_cpu"] = 1000 * used[1] / count
+    return out
 
 
 def run(log_dir: Path, quick: bool = False) -> list[str]:
