@@ -53,11 +53,12 @@ class OptOuts:
 
     def has(self, channel: str, address: str) -> bool:
         """True if this address opted out of this channel."""
-        if self._r.sismember(self.KEY, self._digest(channel, address)):
+        # Sends check the same, in Lua, inside the send gate (worker/stores/send_gate.py).
+        keyed, legacy = self.digests(channel, address)
+        if self._r.sismember(self.KEY, keyed):
             return True
-        legacy = _legacy_digest(f"{channel}:{address}")
         if self._r.sismember(self.KEY, legacy):
-            self.add(channel, address)
+            self._r.sadd(self.KEY, keyed)
             self._r.srem(self.KEY, legacy)
             return True
         return False
