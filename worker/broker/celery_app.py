@@ -94,6 +94,8 @@ def create_celery(settings: Settings) -> Celery:
     app = Celery("switchboard", set_as_current=False)
     app.conf.update(
         broker_url=settings.redis_url,
+        # kombu's Redis transport, minus a client object built per publish and ack.
+        broker_transport="worker.broker.transport:Transport",
         # No result backend: outcomes are written to FHIR and to the dead-letter store.
         result_backend=None,
         task_ignore_result=True,
