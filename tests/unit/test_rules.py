@@ -224,3 +224,39 @@ def test_redacting_filter_covers_args_and_tracebacks() -> None:
     out = stream.getvalue()
     assert "5551234567" not in out and "5557654321" not in out and "jo@example.org" not in out
     assert "Patient?phone=[phone]" in out and "ValueError: bad reference" in out
+
+
+def test_task_context_is_redacted_once_at_binding_and_extras_still_every_line() -> None:
+    import io
+    import json
+    import logging
+
+    import structlog
+
+    from worker.ops import logs
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("test.redaction.context")
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    logs.install(logger)
+    try:
+        # A message id is whatever a provider or caller sent: it may hold an address.
+        logs.bind_task(task_id="t-1", task="switchboard.inbound.sms", queue="inbound",
+                       message_id="<jo@example.org>")
+        logger.info("one")
+        # The same field bound again by other code, not through bind_task: redacted per line.
+        structlog.contextvars.bind_contextvars(message_id="call +15551234567")
+        logger.info("two")
+        logs.unbind_task()
+        structlog.contextvars.bind_contextvars(message_id="<jo@example.org>")
+        logger.info("three")
+        structlog.contextvars.clear_contextvars()
+    finally:
+        logger.removeHandler(handler)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line.get("message_id") for line in lines] == ["<[email]>", "call [phone]",
+                                                          "<[email]>"]
+    assert lines[0]["task_id"] == "t-1" and "task_id" not in lines[2]
