@@ -24,6 +24,8 @@ def test_one_client_per_channel_and_a_new_one_with_a_new_pool(
     app = create_celery(load_settings(make_env(url, "http://127.0.0.1:1/fhir/R4/")))
     with app.connection_for_write() as conn:
         assert isinstance(conn.transport, Transport)
+        # The URI Celery prints and Flower reads (its broker page knows redis:// only).
+        assert conn.as_uri().startswith("redis://")
         channel = conn.default_channel
         kept = channel._create_client()
         assert channel._create_client() is kept  # not a new client per publish or ack

@@ -17,15 +17,22 @@ control channel); a task that finishes meanwhile frees a slot nobody asks to ref
 message waited up to 2 s (bench: 6 sends/s against 119 under threads). So while the slots are
 full the wait is cut to WAIT_WHILE_FULL_SECONDS: the loop comes round, sees the freed slot and
 asks again. The threads and prefork pools run kombu's event loop instead and never call this.
+
+`install()` makes it the transport of `redis://` and `rediss://` URLs in this process. Naming
+the class in `broker_transport` instead would put its import path where the scheme goes in the
+broker URI that Celery prints and Flower reads (`Connection.as_uri()`), and Flower's broker page
+and queue lengths know only `redis://`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 
 WAIT_WHILE_FULL_SECONDS = 0.02
+SCHEMES = ("redis", "rediss")
 
 
 class Channel(kombu_redis.Channel):
@@ -54,3 +61,9 @@ class Transport(kombu_redis.Transport):
                                        for channel in self.channels):
             timeout = min(timeout, WAIT_WHILE_FULL_SECONDS)
         return super().drain_events(connection, timeout=timeout)  # type: ignore[no-untyped-call]
+
+
+def install() -> None:
+    """Use this transport for every `redis://` and `rediss://` broker URL of this process."""
+    for scheme in SCHEMES:
+        TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"
