@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 
@@ -212,6 +213,10 @@ def test_no_phi_in_redis_files_keys_flower_or_metrics(
         seen["/metrics"] = web.get("/metrics").data
         assert b"switchboard.outbound.send" in seen["Flower"]
         assert b"(redacted)" in seen["Flower"]
+        # Flower reads the broker through the URI Celery gives it (our transport keeps it
+        # redis://); its queue lengths answer only for a broker it knows.
+        lengths = httpx.get(f"{origin}/api/queues/length", auth=auth, timeout=30)
+        assert lengths.status_code == 200 and "active_queues" in lengths.json()
         assert b"switchboard_webhooks_enqueued_total" in seen["/metrics"]
         for name, blob in seen.items():
             assert at_rest.hits(blob, phi) == [], name
