@@ -4,23 +4,35 @@ while the prefetch window is full (the gevent pool's synchronous loop)."""
 from __future__ import annotations
 
 import json
+import socket
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
+from kombu import Connection, Consumer, Exchange, Producer, Queue
 
 from tests.conftest import make_env
 from worker.broker.celery_app import QUEUE_STATUS, create_celery
-from worker.broker.transport import Transport
+from worker.broker.transport import WAIT_WHILE_FULL_SECONDS, Transport
 from worker.ops import devstack
 from worker.settings import load_settings
 
+DB = 62
+
+
+@pytest.fixture()
+def r(redis_server: devstack.RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis(port=redis_server.port, db=DB)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
 
 def test_one_client_per_channel_and_a_new_one_with_a_new_pool(
-        redis_server: devstack.RedisServer) -> None:
-    url = f"redis://127.0.0.1:{redis_server.port}/62"
-    r = redis.Redis(port=redis_server.port, db=62)
-    r.flushdb()
+        r: redis.Redis, redis_server: devstack.RedisServer) -> None:
+    url = f"redis://127.0.0.1:{redis_server.port}/{DB}"
     app = create_celery(load_settings(make_env(url, "http://127.0.0.1:1/fhir/R4/")))
     with app.connection_for_write() as conn:
         assert isinstance(conn.transport, Transport)
@@ -38,24 +50,14 @@ def test_one_client_per_channel_and_a_new_one_with_a_new_pool(
     # Both went out as stock kombu would write them (any Celery worker consumes them).
     sent = [json.loads(m) for m in r.lrange(QUEUE_STATUS, 0, -1)]
     assert [m["headers"]["task"] for m in sent] == ["switchboard.status.reconcile"] * 2
-    r.flushdb()
-    r.close()
 
 
 def test_a_full_prefetch_window_shortens_the_wait_so_a_freed_slot_is_refilled(
-        redis_server: devstack.RedisServer) -> None:
+        r: redis.Redis, redis_server: devstack.RedisServer) -> None:
     # Celery's loop under the gevent pool calls drain_events(timeout=2.0); while every prefetch
     # slot is taken kombu does not ask Redis for more, so that wait is all the next message
     # would get after the running one is acked.
-    import socket
-
-    from kombu import Connection, Consumer, Exchange, Producer, Queue
-
-    from worker.broker.transport import WAIT_WHILE_FULL_SECONDS
-
-    url = f"redis://127.0.0.1:{redis_server.port}/63"
-    r = redis.Redis(port=redis_server.port, db=63)
-    r.flushdb()
+    url = f"redis://127.0.0.1:{redis_server.port}/{DB}"
     queue = Queue("transport-test", Exchange("transport-test"), "transport-test")
     got: list[Any] = []
     with Connection(url, transport=Transport) as conn:
@@ -84,5 +86,3 @@ def test_a_full_prefetch_window_shortens_the_wait_so_a_freed_slot_is_refilled(
             conn.drain_events(timeout=2.0)  # the freed slot is refilled
             assert [m.payload for m in got] == [{"n": 1}, {"n": 2}]
             got[1].ack()
-    r.flushdb()
-    r.close()
