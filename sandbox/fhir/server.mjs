@@ -5,7 +5,8 @@
 // rest-hook Subscriptions delivered as Medplum delivers them (subscriptions.mjs).
 //
 // Contention mode (--contention-rate R, or POST /__contention) does what PostgreSQL's SERIALIZABLE
-// isolation does to the real server's conditional writes: see runSerializable below.
+// isolation does to the real server's conditional writes, and what REPEATABLE READ does to its
+// If-Match updates: see runSerializable and runVersionChecked below.
 //
 // Run with the Node 22 binary installed by `npm ci`:
 //   node_modules/.bin/node server.mjs --port 0 [--host 127.0.0.1] [--token-ttl 3600]
@@ -369,12 +370,14 @@ const state = {
   contention: { rate: 0, attempts: 2, retryMs: 50, transactionMs: 5 },
   contentionDefaults: { rate: 0, attempts: 2, retryMs: 50, transactionMs: 5 },
   serializableCommits: 0, // commits of serializable writes so far (the "clock" overlaps are read on)
+  resourceCommits: new Map(), // 'Type/id' -> writes committed to that resource (If-Match's clock)
 };
 
 function newStats() {
-  // serializable: serializable writes received; aborts: attempts PostgreSQL would have aborted
-  // (40001), including those Medplum retried itself; conflicts: 409s answered to the client.
-  return { requests: 0, by_method: {}, serializable: 0, aborts: 0, conflicts: 0 };
+  // serializable: serializable writes received; version_checked: If-Match updates received;
+  // aborts: attempts PostgreSQL would have aborted (40001), including those Medplum retried
+  // itself; conflicts: 409s answered to the client.
+  return { requests: 0, by_method: {}, serializable: 0, version_checked: 0, aborts: 0, conflicts: 0 };
 }
 
 function checkContention({ rate, attempts, retryMs, transactionMs }) {
@@ -398,15 +401,13 @@ function resetStats() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Contention: PostgreSQL SERIALIZABLE isolation as the real Medplum server meets it
+// Contention: PostgreSQL's isolation levels as the real Medplum server meets them
 //
 // The real server runs every write that carries If-None-Exist, conditional references, a
 // conditional update URL, or a transaction Bundle in a SERIALIZABLE transaction. When two overlap,
 // PostgreSQL aborts one with SQLSTATE 40001 (first committer wins); Medplum retries it
 // (transactionAttempts, default 2, 50 ms apart) and then answers 409 with
 // conflict('could not serialize access ...', '40001'). Plain creates and reads never conflict.
-// We also count If-Match updates as serializable, so status and send-record updates meet
-// contention in tests too (a version-checked update reads and writes in one transaction).
 //
 // Model: a serializable write's transaction starts when it arrives, runs for `transactionMs`
 // alongside any others (PostgreSQL runs transactions in parallel; only the engine call below is
@@ -414,9 +415,18 @@ function resetStats() {
 // probability `rate`) before touching the repository, as an aborted transaction leaves nothing
 // behind. So conflicts grow with the number of writes in flight, and each abort costs the client
 // Medplum's retry pause, which is why throughput falls as concurrency rises, as on the server.
+//
+// An If-Match update is different on the server: Repository.updateResource wraps it in
+// withTransaction() without `serializable`, that is REPEATABLE READ, where PostgreSQL aborts a
+// transaction only when a row it writes was changed by another transaction that committed after
+// its snapshot ("could not serialize access due to concurrent update", also 40001, so also
+// retried and then 409). Updates of different resources never conflict; two updates of the same
+// resource do (runVersionChecked). After Medplum's retry the version has moved, so the client
+// usually gets 412 rather than 409, as on the server.
 
 const SERIALIZATION_FAILURE =
   'could not serialize access due to read/write dependencies among transactions';
+const CONCURRENT_UPDATE = 'could not serialize access due to concurrent update';
 const CONDITIONAL_REFERENCE = /"reference"\s*:\s*"[^"]*\?/;
 
 function isSerializable(method, fhirUrl, headers, bodyText) {
@@ -428,26 +438,46 @@ function isSerializable(method, fhirUrl, headers, bodyText) {
     (method === 'POST' && headers['if-none-exist'] !== undefined) ||
     (method === 'POST' && (path === '/' || path === '')) || // transaction or batch Bundle
     (method === 'PUT' && fhirUrl.includes('?')) || // conditional update (upsert)
-    headers['if-match'] !== undefined ||
     CONDITIONAL_REFERENCE.test(bodyText)
   );
 }
 
+/** 'Type/id' of a version-checked update (PUT or PATCH of Type/id with If-Match), else undefined. */
+function versionCheckedTarget(method, fhirUrl, headers) {
+  if ((method !== 'PUT' && method !== 'PATCH') || headers['if-match'] === undefined || fhirUrl.includes('?')) {
+    return undefined;
+  }
+  const [type, id, rest] = fhirUrl.replace(/^\/+/, '').split('/');
+  return type && id && rest === undefined ? `${type}/${id}` : undefined;
+}
+
+/** Counts a committed write against each resource it changed (the clock If-Match updates read). */
+function recordCommits(method, fhirUrl, answer) {
+  for (const { resource } of writesOf(method, fhirUrl, answer[0], answer[1])) {
+    const key = `${resource.resourceType}/${resource.id}`;
+    state.resourceCommits.set(key, (state.resourceCommits.get(key) ?? 0) + 1);
+  }
+}
+
 const ABORTED = Symbol('aborted');
 
-async function runSerializable(fn) {
+/**
+ * Runs fn as one transaction of `transactionMs` that aborts (with probability `rate`) when
+ * `clock()`, the commit counter the transaction conflicts on, moved while it ran; an abort is
+ * retried as Medplum retries it, and the last one answers 409 with `failure`.
+ */
+async function runTransaction(fn, clock, failure, onCommit) {
   const c = state.contention;
-  state.stats.serializable++;
   for (let attempt = 1; ; attempt++) {
-    const startedAt = state.serializableCommits;
+    const startedAt = clock();
     await new Promise((r) => setTimeout(r, c.transactionMs));
     const result = await serialised(async () => {
-      if (state.serializableCommits > startedAt && Math.random() < c.rate) {
+      if (clock() > startedAt && Math.random() < c.rate) {
         return ABORTED;
       }
       const answer = await fn();
       if (getStatus(answer[0]) < 400) {
-        state.serializableCommits++;
+        onCommit();
       }
       return answer;
     });
@@ -457,10 +487,30 @@ async function runSerializable(fn) {
     state.stats.aborts++;
     if (attempt >= c.attempts) {
       state.stats.conflicts++;
-      return [conflict(SERIALIZATION_FAILURE, '40001'), undefined];
+      return [conflict(failure, '40001'), undefined];
     }
     await new Promise((r) => setTimeout(r, c.retryMs));
   }
+}
+
+function runSerializable(fn) {
+  state.stats.serializable++;
+  return runTransaction(
+    fn,
+    () => state.serializableCommits,
+    SERIALIZATION_FAILURE,
+    () => state.serializableCommits++
+  );
+}
+
+function runVersionChecked(key, fn) {
+  state.stats.version_checked++;
+  return runTransaction(
+    fn,
+    () => state.resourceCommits.get(key) ?? 0,
+    CONCURRENT_UPDATE,
+    () => undefined // recordCommits (in fn) moves this resource's clock
+  );
 }
 
 function loadDefinitions() {
@@ -669,13 +719,24 @@ async function handleFhir(req, res, url) {
     config: { transactions: true }, // atomic transaction Bundles, like the transaction-bundles feature
   };
 
-  const handle = () => state.router.handleRequest(fhirRequest, state.repo).catch((err) => [normalizeOperationOutcome(err)]);
+  const handle = async () => {
+    const answer = await state.router
+      .handleRequest(fhirRequest, state.repo)
+      .catch((err) => [normalizeOperationOutcome(err)]);
+    recordCommits(method, fhirUrl, answer);
+    return answer;
+  };
+  const contended = state.contention.rate > 0;
+  const versionChecked = contended ? versionCheckedTarget(method, fhirUrl, req.headers) : undefined;
   let result;
   try {
-    result =
-      state.contention.rate > 0 && isSerializable(method, fhirUrl, req.headers, bodyText)
-        ? await runSerializable(handle)
-        : await serialised(handle);
+    if (contended && isSerializable(method, fhirUrl, req.headers, bodyText)) {
+      result = await runSerializable(handle);
+    } else if (versionChecked) {
+      result = await runVersionChecked(versionChecked, handle);
+    } else {
+      result = await serialised(handle);
+    }
   } catch (err) {
     result = [normalizeOperationOutcome(err)];
   }
@@ -727,6 +788,7 @@ async function handleControl(req, res, path, bodyText) {
   if (path === '/__reset' && method === 'POST') {
     await serialised(() => {
       state.repo = new SandboxRepository();
+      state.resourceCommits = new Map();
       state.faults = [];
       state.contention = { ...state.contentionDefaults };
       state.notifier.reset();

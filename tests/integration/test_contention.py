@@ -14,6 +14,7 @@ import pytest
 from tests.conftest import Services
 from tests.integration.test_outbound import AUTH, outbound, patient, recorded, state
 from tests.support import ProviderSandbox, Sandbox, eventually, post_signed, sms_params
+from worker.fhir.update import guarded_update
 
 SERIALIZATION_FAILURE = ("could not serialize access due to read/write dependencies among "
                          "transactions")
@@ -62,6 +63,65 @@ def test_the_sandbox_aborts_overlapping_conditional_writes_like_medplum(sandbox:
             == [201, 201]
     stats = sandbox.stats()
     assert stats["conflicts"] == 1 and stats["aborts"] == 2
+
+
+def test_the_sandbox_aborts_if_match_updates_only_of_the_same_resource_like_medplum(
+        sandbox: Sandbox) -> None:
+    # Medplum runs an If-Match update in a REPEATABLE READ transaction, not a serializable one:
+    # PostgreSQL aborts it only when another transaction committed a change to the same row.
+    sandbox.contention(rate=1, attempts=1, transaction_ms=300)
+    headers = {"Authorization": f"Bearer {sandbox.token()}",
+               "Content-Type": "application/fhir+json"}
+    with httpx.Client(base_url=sandbox.settings.fhir_base_url, headers=headers,
+                      timeout=10) as http:
+        created = [http.post("Communication", json={"resourceType": "Communication",
+                                                    "status": "in-progress"}).json()
+                   for _ in range(2)]
+
+        def update(resource: dict[str, Any], status: str) -> httpx.Response:
+            return http.put(f"Communication/{resource['id']}",
+                            headers={"If-Match": f'W/"{resource["meta"]["versionId"]}"'},
+                            json={**resource, "status": status})
+
+        # Two resources at once: no conflict.
+        assert [r.status_code for r in at_once(2, lambda i: update(created[i], "completed"))] \
+            == [200, 200]
+        assert sandbox.stats()["conflicts"] == 0
+        # The same resource at once: the second committer is aborted.
+        current = http.get(f"Communication/{created[0]['id']}").json()
+        answers = at_once(2, lambda i: update(current, ["stopped", "on-hold"][i]))
+        assert sorted(r.status_code for r in answers) == [200, 409]
+        refused = next(r for r in answers if r.status_code == 409)
+        assert refused.json()["issue"][0]["details"] == {
+            "coding": [{"code": "40001"}],
+            "text": "could not serialize access due to concurrent update"}
+        # With Medplum's own retry the retried update finds the version moved: 412, not 409.
+        sandbox.contention(attempts=2)
+        current = http.get(f"Communication/{created[1]['id']}").json()
+        answers = at_once(2, lambda i: update(current, ["stopped", "on-hold"][i]))
+        assert sorted(r.status_code for r in answers) == [200, 412]
+    stats = sandbox.stats()
+    assert stats["version_checked"] == 6 and stats["serializable"] == 0
+    assert stats["conflicts"] == 1 and stats["aborts"] == 2
+
+
+def test_concurrent_guarded_updates_of_one_communication_all_land(sandbox: Sandbox) -> None:
+    # Status callbacks and the send's write-back can update the same Communication at once:
+    # Medplum aborts all but one (409, or 412 after its own retry); each change is re-applied.
+    sandbox.contention(rate=1, attempts=2, transaction_ms=50)
+    comm = sandbox.fhir.create({"resourceType": "Communication", "status": "in-progress"}
+                               ).resource
+
+    def tag(i: int) -> None:
+        def change(c: dict[str, Any]) -> dict[str, Any]:
+            return {**c, "identifier": [*(c.get("identifier") or []),
+                                        {"system": "urn:test", "value": str(i)}]}
+        guarded_update(sandbox.fhir, "Communication", comm["id"], change, attempts=20)
+
+    at_once(4, tag)
+    final = sandbox.fhir.read("Communication", comm["id"]).resource
+    assert sorted(i["value"] for i in final["identifier"]) == ["0", "1", "2", "3"]
+    assert sandbox.stats()["aborts"] > 0  # they did collide
 
 
 STRATEGY_HEADERS = {"conversation": "one per number", "active-thread": "one per patient",
