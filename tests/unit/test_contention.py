@@ -12,13 +12,13 @@ from tests.unit.test_fhir_client import BASE, TOKEN_URL, FakeFhir, Request, answ
 from worker.errors import PermanentError, TransientError
 from worker.fhir.client import FhirClient
 from worker.fhir.contention import CONGESTED, WriteLimit
-from worker.fhir.http import HttpAnswer
 from worker.fhir.outcome import (
     FhirConflictError,
     FhirPermanentError,
     classify,
     is_contention,
 )
+from worker.http import HttpAnswer
 
 # Exactly what Medplum answers when PostgreSQL aborts a serializable transaction: @medplum/core's
 # conflict(text, '40001'), as seen on a 5.0.10 server under load.

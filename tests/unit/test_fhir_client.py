@@ -1,4 +1,4 @@
-"""The FHIR client against a recording fake at its HTTP boundary (worker.fhir.http.Http)."""
+"""The FHIR client against a recording fake at its HTTP boundary (worker.http.Http)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from worker.fhir.client import FhirClient
-from worker.fhir.http import HttpAnswer, HttpTimeout, HttpTransportError
 from worker.fhir.outcome import FhirPermanentError, FhirTransientError
+from worker.http import HttpAnswer, HttpTimeout, HttpTransportError
 
 BASE = "https://fhir.test/fhir/R4/"
 TOKEN_URL = "https://fhir.test/oauth2/token"

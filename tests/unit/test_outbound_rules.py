@@ -120,17 +120,3 @@ def test_outbound_payload_validation() -> None:
     for bad in ({"request_id": "r"}, {"communication": "Communication/x", "channel": "fax"}):
         with pytest.raises(PermanentError):
             OutboundRequest.from_payload(bad)
-
-
-def test_only_connection_failures_before_sending_are_safe_to_retry() -> None:
-    import requests
-    from urllib3.exceptions import MaxRetryError, NewConnectionError, ProtocolError
-
-    refused = requests.exceptions.ConnectionError(MaxRetryError(
-        None, "/", reason=NewConnectionError(None, "refused")))  # type: ignore[arg-type]
-    dropped = requests.exceptions.ConnectionError(ProtocolError(
-        "Connection aborted.", ConnectionResetError()))
-    assert twilio.never_sent(refused)
-    assert twilio.never_sent(requests.exceptions.ConnectTimeout())
-    assert not twilio.never_sent(dropped)
-    assert not twilio.never_sent(requests.exceptions.ReadTimeout())

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import hmac
+import json
+import logging
 import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 from twilio.request_validator import RequestValidator
 
@@ -15,6 +18,7 @@ from worker.broker.backoff import retry_after_seconds
 from worker.channels import Attachment, InboundMessage, OutboundMessage, SendError, SendResult
 from worker.channels.phones import InvalidPhoneNumber, to_e164
 from worker.errors import PermanentError
+from worker.http import HttpTransportError, Urllib3Http, environment_proxy
 from worker.outbound.status_map import TWILIO_TO_FHIR
 
 CHANNEL = "sms"
@@ -342,7 +346,6 @@ class TwilioSms:
 
     def send(self, message: OutboundMessage) -> SendResult:
         """Send one message; raises SendError."""
-        from requests import RequestException
         from twilio.base.exceptions import TwilioException
 
         client = self._client()
@@ -364,18 +367,17 @@ class TwilioSms:
             retry_after = retry_after_seconds(client.http_client.last_headers)
             raise classify_error(getattr(exc, "status", None), getattr(exc, "code", None),
                                  retry_after) from None
-        except RequestException as exc:
-            if never_sent(exc):  # refused, unresolvable, connect timeout: nothing left us
-                raise SendError("provider-unavailable", type(exc).__name__) from None
+        except HttpTransportError as exc:
+            if not exc.reached:  # refused, unresolvable, connect timeout: nothing left us
+                raise SendError("provider-unavailable", str(exc)) from None
             # The request reached Twilio, which may have created the message before the answer
             # was lost (read timeout, connection dropped): retrying could text the patient
             # twice, and Twilio's Messages API has no idempotency key.
-            raise SendError("outcome-unknown", type(exc).__name__) from None
+            raise SendError("outcome-unknown", str(exc)) from None
         return SendResult(provider_id=str(created.sid), status=str(created.status))
 
     def fetch_status(self, sid: str) -> tuple[str, str]:
         """Ask Twilio for a message's current status: (status, error code or "")."""
-        from requests import RequestException
         from twilio.base.exceptions import TwilioException
 
         try:
@@ -383,55 +385,79 @@ class TwilioSms:
         except TwilioException as exc:
             raise classify_error(getattr(exc, "status", None),
                                  getattr(exc, "code", None)) from None
-        except RequestException as exc:
-            raise SendError("provider-unavailable", type(exc).__name__) from None
+        except HttpTransportError as exc:
+            raise SendError("provider-unavailable", str(exc)) from None
         code = message.error_code
         return str(message.status), "" if code in (None, "") else str(code)
 
 
-def never_sent(exc: BaseException) -> bool:
-    """True when a requests failure happened before the request could reach the server."""
-    from requests.exceptions import ConnectTimeout
-    from urllib3.exceptions import NameResolutionError, NewConnectionError
-
-    if isinstance(exc, ConnectTimeout):
-        return True
-    seen: BaseException | None = exc
-    for _ in range(6):  # requests → urllib3 MaxRetryError → its `reason`
-        if seen is None:
-            break
-        if isinstance(seen, NewConnectionError | NameResolutionError | ConnectionRefusedError):
-            return True
-        inner = getattr(seen, "reason", None)
-        if not isinstance(inner, BaseException) and seen.args:
-            inner = seen.args[0] if isinstance(seen.args[0], BaseException) else None
-        seen = inner
-    return False
-
-
 def _http_client(base_url: str, timeout: float) -> Any:
-    """The SDK's HTTP client, sending to `base_url` and keeping the last response's headers.
+    """The SDK's HTTP client: its requests go through our HTTP boundary (worker.http) to
+    `base_url`, and it keeps the last answer's headers (Retry-After is not on the SDK's
+    exceptions). One instance per thread.
+
+    Why not the SDK's own TwilioHttpClient: it builds a `requests` request per call (environment
+    proxies, hooks, adapters), 0.61 ms of CPU per send against 0.29 ms here, and the send is
+    CPU-bound in the worker. The request on the wire is the one `requests` would make: the
+    SDK's headers, its form (or JSON) body, HTTP Basic auth, no redirects followed. Proxies
+    come from the environment as `requests` read them (HTTPS_PROXY, NO_PROXY).
 
     Rewriting every *.twilio.com URL (rather than setting `client.api.base_url`) keeps working
-    when the SDK itself rewrites hosts for TWILIO_EDGE / TWILIO_REGION. One instance per thread.
+    when the SDK itself rewrites hosts for TWILIO_EDGE / TWILIO_REGION.
     """
-    from urllib.parse import urlsplit
-
-    from twilio.http.http_client import TwilioHttpClient
+    from twilio.http import HttpClient
+    from twilio.http.response import Response
 
     rewrite = base_url.rstrip("/") != TWILIO_API
     base_url = base_url.rstrip("/")
 
-    class RecordingHttpClient(TwilioHttpClient):  # type: ignore[misc]
+    class Transport(HttpClient):  # type: ignore[misc]
         last_headers: Mapping[str, str] = {}
 
-        def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        def __init__(self) -> None:
+            super().__init__(logging.getLogger("twilio.http_client"), False, timeout)
+            self._https: dict[str, Urllib3Http] = {}  # origin → pool (and its proxy)
+
+        def request(self, method: str, url: str, params: Mapping[str, Any] | None = None,
+                    data: Mapping[str, Any] | None = None,
+                    headers: Mapping[str, str] | None = None,
+                    auth: tuple[str, str] | None = None, timeout: float | None = None,
+                    allow_redirects: bool = False) -> Any:
             parts = urlsplit(url)
             if rewrite and (parts.hostname or "").endswith(".twilio.com"):
                 url = base_url + parts.path + (f"?{parts.query}" if parts.query else "")
+            if params:
+                url += ("&" if "?" in url else "?") + _form(params)
+            hdrs = dict(headers or {})
+            body = None
+            if data:
+                if hdrs.get("Content-Type") in ("application/json", "application/scim+json"):
+                    body = json.dumps(data).encode()
+                else:
+                    hdrs.setdefault("Content-Type", "application/x-www-form-urlencoded")
+                    body = _form(data).encode()
+            if auth is not None:
+                # HTTP Basic, latin-1 as requests encodes it.
+                hdrs["Authorization"] = "Basic " + base64.b64encode(
+                    f"{auth[0]}:{auth[1]}".encode("latin-1")).decode()
             self.last_headers = {}
-            response = super().request(method, url, *args, **kwargs)
-            self.last_headers = dict(response.headers or {})
-            return response
+            target = urlsplit(url)
+            origin = f"{target.scheme}://{target.netloc}"
+            http = self._https.get(origin)
+            if http is None:
+                http = self._https[origin] = Urllib3Http(proxy=environment_proxy(origin))
+            answer = http(method.upper(), url, hdrs, body,
+                          timeout if timeout is not None else self.timeout)
+            self.last_headers = dict(answer.headers)
+            return Response(answer.status, answer.body.decode("utf-8", "replace"),
+                            self.last_headers)
 
-    return RecordingHttpClient(timeout=timeout)
+    return Transport()
+
+
+def _form(values: Mapping[str, Any]) -> str:
+    """A form body or query string as `requests` encodes a dict: lists repeat the key, None
+    values are left out."""
+    pairs = [(key, v) for key, value in values.items()
+             for v in (value if isinstance(value, list | tuple) else [value]) if v is not None]
+    return urlencode(pairs)

@@ -12,7 +12,10 @@ from urllib.parse import urlencode
 
 from worker.broker.backoff import retry_delay
 from worker.fhir.contention import CONGESTED, WriteLimit
-from worker.fhir.http import (
+from worker.fhir.outcome import FhirConflictError, FhirTransientError, classify
+from worker.fhir.query import Params, query_string
+from worker.fhir.reference import InvalidReference, ref, valid_type
+from worker.http import (
     Http,
     HttpAnswer,
     HttpTimeout,
@@ -20,9 +23,6 @@ from worker.fhir.http import (
     Urllib3Http,
     environment_proxy,
 )
-from worker.fhir.outcome import FhirConflictError, FhirTransientError, classify
-from worker.fhir.query import Params, query_string
-from worker.fhir.reference import InvalidReference, ref, valid_type
 
 T = TypeVar("T")
 FHIR_JSON = "application/fhir+json"
@@ -129,7 +129,7 @@ class FhirClient:
         # Relative URLs (`Type/id`, `Type?query`, "" for the base) are appended to the base.
         self._base = base_url if base_url.endswith("/") else base_url + "/"
         self._timeout = timeout
-        # `http` is the HTTP boundary (worker.fhir.http); by default our own urllib3 pools,
+        # `http` is the HTTP boundary (worker.http); by default our own urllib3 pools,
         # through the proxy the environment names for the FHIR server, if any.
         self._pools: Urllib3Http | None = None
         if http is None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import redis
 
 from worker.fhir.client import TokenSource
-from worker.fhir.http import Urllib3Http, environment_proxy
+from worker.http import Urllib3Http, environment_proxy
 from worker.settings import Settings
 
 

@@ -12,8 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from worker.fhir.client import FhirClient
-from worker.fhir.http import Urllib3Http, environment_proxy
 from worker.fhir.outcome import FhirTransientError
+from worker.http import Urllib3Http, environment_proxy
 
 THROTTLED = {"resourceType": "OperationOutcome", "issue": [{"code": "throttled"}]}
 
