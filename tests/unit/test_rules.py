@@ -260,3 +260,44 @@ def test_task_context_is_redacted_once_at_binding_and_extras_still_every_line() 
     assert [line.get("message_id") for line in lines] == ["<[email]>", "call [phone]",
                                                           "<[email]>"]
     assert lines[0]["task_id"] == "t-1" and "task_id" not in lines[2]
+
+
+def test_the_json_line_formatter_renders_what_the_structlog_chain_does() -> None:
+    import io
+    import json
+    import logging
+
+    import structlog
+
+    from worker.ops import logs
+
+    def lines(formatter: logging.Formatter) -> list[dict[str, object]]:
+        stream = io.StringIO()
+        handler = logging.StreamHandler(stream)
+        logs.protect(handler)
+        handler.setFormatter(formatter)
+        logger = logging.getLogger("test.json.lines")
+        logger.handlers[:] = [handler]
+        logger.propagate = False
+        logger.setLevel(logging.DEBUG)
+        logger.info("plain %s", "line")
+        logger.warning("call +1 (555) 123-4567 or jo@example.org, Bearer abc.def")
+        logs.bind_task(task_id="t-1", task="switchboard.outbound.send", queue="outbound",
+                       message_id="<jo@example.org>")
+        logger.error("Task %s[%s] received", "switchboard.outbound.send", "t-1")
+        structlog.contextvars.bind_contextvars(extra="5551234567", count=3)
+        logger.debug("ünïcode 555 123 4567")
+        try:
+            raise ValueError("Patient?phone=+15551234567")
+        except ValueError:
+            logger.exception("failed for %s", "jo@example.org")
+        logs.unbind_task()
+        out = [json.loads(line) for line in stream.getvalue().splitlines()]
+        for line in out:
+            assert isinstance(line.pop("timestamp"), str)
+        return out
+
+    ours, reference = lines(logs.formatter("json")), lines(logs.structlog_formatter("json"))
+    assert ours == reference
+    assert [list(line) for line in ours] == [list(line) for line in reference]  # same order
+    assert "5551234567" not in json.dumps(ours) and "jo@example.org" not in json.dumps(ours)
