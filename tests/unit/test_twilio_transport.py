@@ -33,7 +33,7 @@ class Twilio:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 twilio.seen.append({"path": self.path, "headers": dict(self.headers),
                                     "form": parse_qs(body.decode(), keep_blank_values=True)})
