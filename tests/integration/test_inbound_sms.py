@@ -168,6 +168,21 @@ def test_unknown_sender_rejected_goes_to_dead_letter(services: Services, sandbox
     assert sandbox.all("Patient") == []
 
 
+def test_a_finished_message_leaves_no_inbox_entry_and_no_delivery_count(
+        services: Services, sandbox: Sandbox) -> None:
+    svc = services.get(UNKNOWN_SENDER_POLICY="reject")
+    sandbox.patient(PATIENT)
+    written, refused = sms_params(PATIENT, "hello"), sms_params("+15559990000", "who am I")
+    deliver(svc, written)
+    deliver(svc, refused)
+    landed(sandbox, written["MessageSid"])
+    eventually(lambda: svc.dead_letters.list(), what="dead letter")
+    # Written or dead-lettered: the inbox entry and the crash-loop count went with it.
+    eventually(lambda: not svc.redis.hlen("switchboard:inbox:entries")
+               and not svc.redis.keys("switchboard:deliveries:*"),
+               what="inbox and delivery counts empty")
+
+
 @pytest.mark.parametrize("strategy", ["conversation", "active-thread", "new-thread"])
 def test_unknown_sender_gets_a_patient_under_create_patient(
         services: Services, sandbox: Sandbox, strategy: str) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,11 +54,14 @@ class Inbox:
         """The message is alive (being retried or deferred): not stale yet."""
         self._r.zadd(INDEX, {key: time.time()}, xx=True)
 
-    def done(self, key: str) -> None:
-        """The message reached an end (written, or safe in the dead-letter store)."""
+    def done(self, key: str, also: Callable[[Any], None] | None = None) -> None:
+        """The message reached an end (written, or safe in the dead-letter store). `also` adds
+        another store's writes to the same round trip."""
         pipe = self._r.pipeline()
         pipe.hdel(ENTRIES, key)
         pipe.zrem(INDEX, key)
+        if also is not None:
+            also(pipe)
         pipe.execute()
 
     def stale(self, older_than: float, limit: int = 500) -> list[InboxEntry]:
