@@ -142,6 +142,10 @@ class Sandbox:
         """Remove every queued fault (the outage ends)."""
         self._http.delete("/__faults").raise_for_status()
 
+    def faults(self) -> list[dict[str, Any]]:
+        """The faults still queued, each with the count it has left."""
+        return list(self._http.get("/__faults").json()["faults"])
+
     def all(self, resource_type: str, **params: str) -> list[dict[str, Any]]:
         """Every resource of a type matching params."""
         bundle = self.fhir.search(resource_type, [*params.items(), ("_count", "1000")])

@@ -50,3 +50,33 @@ def test_a_killed_workers_messages_land_within_a_minute(services: Services, sand
         assert "put back in their queues" in replacement.output()
     finally:
         replacement.stop()
+
+
+def test_a_message_that_kills_every_worker_is_dead_lettered_after_max_deliveries(
+        services: Services, sandbox: Sandbox, log_dir: Path) -> None:
+    # Each worker that takes the message dies on it (SIGKILLed while its FHIR write hangs);
+    # the liveness janitor gives it back, marked redelivered. With MAX_DELIVERIES=2 the third
+    # delivery must not run it again: it is dead-lettered as a delivery loop.
+    svc = services.get(worker=False, SMS_THREAD_STRATEGY="new-thread", MAX_DELIVERIES="2",
+                       WORKER_HEARTBEAT_SECONDS="0.5", WORKER_DEAD_AFTER_SECONDS="1.5")
+    sandbox.patient(PATIENT)
+    # Two deliveries hang in their FHIR write (inside the client's 10 s timeout) until killed.
+    sandbox.fault(delay_ms=8000, count=2, method="POST")
+    poison = sms_params(PATIENT, "crash every worker")
+    deliver(svc, poison)
+    for n in (1, 2):
+        doomed = devstack.start_worker(svc.env, log_dir, name=f"worker-loop-doomed-{n}",
+                                       concurrency=1)
+        eventually(lambda n=n: sum(f.get("count", 0) for f in sandbox.faults()) == 2 - n,
+                   timeout=30, what=f"delivery {n} inside its FHIR write")
+        doomed.kill()
+    last = devstack.start_worker(svc.env, log_dir, name="worker-loop-last", concurrency=1)
+    try:
+        entry = eventually(lambda: svc.dead_letters.list(), timeout=60,
+                           what="the poison message dead-lettered")[0]
+        assert entry.reason == "delivery-loop"
+        assert entry.args[0]["MessageSid"] == poison["MessageSid"]
+        assert sandbox.messages(poison["MessageSid"]) == []
+        eventually(lambda: svc.redis.hlen("unacked") == 0, what="acknowledged")
+    finally:
+        last.stop()

@@ -130,13 +130,20 @@ class SwitchboardTask(Task):  # type: ignore[misc]
         return f"{DELIVERY_KEY}{self.request.id}:{attempt}"
 
     def _deliveries(self, attempt: int) -> int:
-        """How often the broker has handed us this attempt (>1 means a worker died on it)."""
+        """How often the broker has handed us this attempt (>1 means a worker died on it).
+
+        Only a redelivery is counted in Redis: every way a message comes back (kombu at the
+        visibility timeout, a requeueing reject, a warm shutdown, the liveness janitor) marks
+        it redelivered, and a first delivery, the common case, then costs no round trip. The
+        first delivery is the 1 added to the count."""
+        if not (self.request.delivery_info or {}).get("redelivered"):
+            return 1
         key = self._delivery_key(attempt)
         pipe = get_runtime().redis.pipeline()
         pipe.incr(key)
         pipe.expire(key, 7 * 24 * 3600)
         count, _ = pipe.execute()
-        return int(count)
+        return int(count) + 1
 
     def _defer(self, args: Any, kwargs: Any, countdown: float) -> None:
         """Publish this task again for later without spending a retry attempt, then ack."""
