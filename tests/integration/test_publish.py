@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 import redis
 
 from tests.conftest import make_env
+from tests.unit.test_http import closed_port
 from worker.broker.celery_app import QUEUE_INBOUND, REDACTED_ARGS, create_celery
 from worker.broker.publish import ACCEPT_AND_PUBLISH, TaskMessages, accept_and_publish
 from worker.crypto import Sealer
@@ -70,3 +73,31 @@ def test_a_publish_that_reaches_redis_too_late_writes_nothing(r: redis.Redis) ->
     # A deadline already past by Redis's clock: what a stalled-then-resumed Redis would run.
     assert script(keys=[ENTRIES, INDEX, QUEUE_INBOUND], args=["k", "{}", "{}", 1.0]) == 0
     assert r.llen(QUEUE_INBOUND) == 0 and r.hlen(ENTRIES) == 0 and r.zcard(INDEX) == 0
+
+
+def test_finished_entries_are_removed_together_from_the_inbox_thread(r: redis.Redis) -> None:
+    inbox = Inbox(r, Sealer([b"\x01" * 32]))
+    for key in ("a", "b", "c", "kept"):
+        r.hset(ENTRIES, key, "{}")
+        r.zadd(INDEX, {key: 1.0})
+    r.set("count:b", 2)
+    for key in ("a", "b", "c"):
+        inbox.done_soon(key, also_delete=("count:b",) if key == "b" else ())
+    # Not on the caller's thread: the inbox's own gathers for DONE_GATHER_SECONDS first.
+    assert r.hlen(ENTRIES) == 4
+    assert any(t.name == "inbox-done" for t in threading.enumerate())
+    deadline = time.monotonic() + 5
+    while r.hlen(ENTRIES) > 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert r.hkeys(ENTRIES) == [b"kept"] and r.zrange(INDEX, 0, -1) == [b"kept"]
+    assert not r.exists("count:b")
+    assert inbox.flush() == 0  # nothing left over
+
+
+def test_finished_entries_wait_out_a_redis_failure() -> None:
+    down = redis.Redis(port=closed_port(), socket_connect_timeout=0.2)
+    inbox = Inbox(down, Sealer([b"\x01" * 32]))
+    inbox._finished.append(("a", ()))
+    with pytest.raises(redis.exceptions.ConnectionError):
+        inbox.flush()
+    assert inbox._finished == [("a", ())]  # kept for the next try

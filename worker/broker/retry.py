@@ -118,7 +118,7 @@ class SwitchboardTask(Task):  # type: ignore[misc]
             self._count("failed")
             raise
         self._count("succeeded")
-        self._finished()
+        self._finished(at_once=False)
         replay_of = self.request.get(REPLAY_HEADER)
         if replay_of:
             rt.dead_letters.remove(str(replay_of))
@@ -153,8 +153,10 @@ class SwitchboardTask(Task):  # type: ignore[misc]
             sig.apply_async()
         except Exception as exc:
             raise Reject(type(exc).__name__, requeue=True) from None
-        # The deferred copy is a new delivery of the same attempt, not a crash loop.
-        get_runtime().redis.delete(self._delivery_key(int(self.request.retries or 0) + 1))
+        # The deferred copy is a new delivery of the same attempt, not a crash loop (only a
+        # redelivery has a count to forget).
+        if (self.request.delivery_info or {}).get("redelivered"):
+            get_runtime().redis.delete(self._delivery_key(int(self.request.retries or 0) + 1))
 
     def _retry(self, reason: str, countdown: float) -> None:
         try:
@@ -217,17 +219,20 @@ class SwitchboardTask(Task):  # type: ignore[misc]
         if key:
             get_runtime().inbox.touch(str(key))
 
-    def _finished(self) -> None:
-        """The message reached an end: its inbox entry and this attempt's delivery count go,
-        in one round trip when it has an entry. (The count used to stay for its 7 days: a key
-        per message in Redis, and in its AOF, long after the message was done.)"""
+    def _finished(self, at_once: bool = True) -> None:
+        """The message reached an end: its inbox entry and this attempt's delivery count (a
+        redelivery's: a first delivery has none) go together. A written message's go from the
+        inbox's own thread, moments later (`Inbox.done_soon`); a dead letter's at once."""
         rt = get_runtime()
-        count = self._delivery_key(int(self.request.retries or 0) + 1)
+        redelivered = (self.request.delivery_info or {}).get("redelivered")
+        count = (self._delivery_key(int(self.request.retries or 0) + 1),) if redelivered else ()
         key = self.request.get(INBOX_HEADER)
-        if key:
-            rt.inbox.done(str(key), also=lambda pipe: pipe.delete(count))
-        else:
-            rt.redis.delete(count)
+        if key and not at_once:
+            rt.inbox.done_soon(str(key), also_delete=count)
+        elif key:
+            rt.inbox.done(str(key), also=lambda pipe: pipe.delete(*count) if count else None)
+        elif count:
+            rt.redis.delete(*count)
 
     def _count(self, outcome: str) -> None:
         get_runtime().metrics.inc("switchboard_tasks", task=self.name, outcome=outcome)
