@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
+import http.client
+import io
 import json
 import socket
 import threading
@@ -10,10 +13,12 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from worker.fhir.client import FhirClient
 from worker.fhir.outcome import FhirTransientError
-from worker.http import Urllib3Http, environment_proxy
+from worker.http import Urllib3Http, environment_proxy, header_message
 
 THROTTLED = {"resourceType": "OperationOutcome", "issue": [{"code": "throttled"}]}
 
@@ -60,6 +65,20 @@ class Server:
                 elif self.path.endswith("/Patient/slow"):
                     server.release.wait(10)
                     self._send(200, {"resourceType": "Patient", "id": "slow"})
+                elif self.path.endswith("/Patient/chunked"):
+                    # Chunked and gzip, with a folded header line: what a proxy or a
+                    # compressing server may send.
+                    data = gzip.compress(json.dumps({"resourceType": "Patient",
+                                                     "id": "chunked"}).encode())
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/fhir+json")
+                    self.send_header("Content-Encoding", "gzip")
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.send_header("X-Folded", "first\r\n second")
+                    self.end_headers()
+                    for part in (data[:7], data[7:]):
+                        self.wfile.write(f"{len(part):x}\r\n".encode() + part + b"\r\n")
+                    self.wfile.write(b"0\r\n\r\n")
                 elif self.path.endswith("/Patient/throttled"):
                     # Two header lines: the blocking quota comes first, so a reader that kept
                     # only the last line would wait 3 s instead of 56.
@@ -202,3 +221,39 @@ def test_the_proxy_comes_from_the_environment_as_httpx_read_it(
     assert environment_proxy("https://fhir.example/fhir/R4/") == "http://proxy.internal:3128"
     monkeypatch.setenv("NO_PROXY", "fhir.example")
     assert environment_proxy("https://fhir.example:443/fhir/R4/") is None
+
+
+def test_chunked_and_compressed_answers_keep_the_connection(server: Server) -> None:
+    http = Urllib3Http()
+    try:
+        first = http("GET", server.origin + "/fhir/R4/Patient/chunked", {}, None, 5.0)
+        second = http("GET", server.origin + "/fhir/R4/Patient/p1", {}, None, 5.0)
+    finally:
+        http.close()
+    assert first.status == 200 and json.loads(first.body)["id"] == "chunked"
+    assert first.headers["x-folded"] == "first second"  # urllib3 unfolds it
+    assert json.loads(second.body)["id"] == "p1"
+    assert len({s.port for s in server.seen}) == 1  # the chunked body was read to its end
+
+
+HEADER_NAME = st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126,
+                                             blacklist_characters=":"), min_size=1, max_size=20)
+HEADER_VALUE = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=255,
+                                              blacklist_characters="\x7f"), max_size=40)
+
+
+@given(st.lists(st.tuples(HEADER_NAME, HEADER_VALUE, st.booleans(), st.sampled_from(
+    ["", " ", "  ", "\t"]), st.sampled_from(["\r\n", "\n"])), max_size=12))
+def test_the_header_block_reads_as_http_client_reads_it(
+        headers: list[tuple[str, str, bool, str, str]]) -> None:
+    lines = []
+    for name, value, folded, gap, end in headers:
+        lines.append(f"{name}:{gap}{value}{end}".encode("iso-8859-1"))
+        if folded:
+            lines.append(f" more {value}{end}".encode("iso-8859-1"))
+    block = b"".join(lines) + b"\r\n"
+    expected = http.client.parse_headers(io.BytesIO(block))
+    got = header_message(lines)
+    assert got.items() == expected.items()
+    for name, *_ in headers:
+        assert got.get_all(name) == expected.get_all(name)
