@@ -31,7 +31,10 @@ from typing import Any
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 
-WAIT_WHILE_FULL_SECONDS = 0.02
+# 1 ms: a freed slot is refilled within a millisecond (at 20 ms the gevent pool sent 0.62 of
+# the bare task's rate, at 1 ms about 0.8); the loop comes round at most a thousand times a
+# second, and only while every slot is busy.
+WAIT_WHILE_FULL_SECONDS = 0.001
 SCHEMES = ("redis", "rediss")
 
 
