@@ -8,6 +8,7 @@ import io
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,7 +19,14 @@ from hypothesis import strategies as st
 
 from worker.fhir.client import FhirClient
 from worker.fhir.outcome import FhirTransientError
-from worker.http import Urllib3Http, environment_proxy, header_message
+from worker.http import (
+    DirectHttp,
+    HttpTimeout,
+    HttpTransportError,
+    Urllib3Http,
+    environment_proxy,
+    header_message,
+)
 
 THROTTLED = {"resourceType": "OperationOutcome", "issue": [{"code": "throttled"}]}
 
@@ -223,8 +231,9 @@ def test_the_proxy_comes_from_the_environment_as_httpx_read_it(
     assert environment_proxy("https://fhir.example:443/fhir/R4/") is None
 
 
-def test_chunked_and_compressed_answers_keep_the_connection(server: Server) -> None:
-    http = Urllib3Http()
+@pytest.mark.parametrize("kind", [DirectHttp, Urllib3Http])
+def test_chunked_and_compressed_answers_keep_the_connection(server: Server, kind: type) -> None:
+    http = kind()
     try:
         first = http("GET", server.origin + "/fhir/R4/Patient/chunked", {}, None, 5.0)
         second = http("GET", server.origin + "/fhir/R4/Patient/p1", {}, None, 5.0)
@@ -257,3 +266,110 @@ def test_the_header_block_reads_as_http_client_reads_it(
     assert got.items() == expected.items()
     for name, *_ in headers:
         assert got.get_all(name) == expected.get_all(name)
+
+
+class RawServer:
+    """Answers each request on a connection with the next canned reply, then does what the
+    reply says: keep the connection, or close it."""
+
+    def __init__(self, replies: list[tuple[bytes, bool]]) -> None:
+        self.replies = list(replies)
+        self.connections = 0
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen()
+        self.origin = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while self.replies:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            with conn:
+                while self.replies:
+                    data = b""
+                    while b"\r\n\r\n" not in data:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                    if not data:
+                        break
+                    reply, keep = self.replies.pop(0)
+                    conn.sendall(reply)
+                    if not keep:
+                        break
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_connection_the_server_closed_while_idle_is_not_reused() -> None:
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    # The server answers and then closes (no Connection: close said): the next request must
+    # go on a new connection, not fail on the dead one.
+    raw = RawServer([(ok, False), (ok, False)])
+    http = DirectHttp()
+    try:
+        assert http("GET", raw.origin + "/a", {}, None, 5.0).body == b"ok"
+        time.sleep(0.1)  # the server's close reaches us
+        assert http("POST", raw.origin + "/b", {}, b"x", 5.0).body == b"ok"
+    finally:
+        http.close()
+        raw.close()
+    assert raw.connections == 2
+
+
+def test_connection_close_and_a_body_to_the_end_of_the_connection() -> None:
+    raw = RawServer([(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 3\r\n\r\none",
+                      False),
+                     (b"HTTP/1.0 201 Created\r\nContent-Type: text/plain\r\n\r\ntwo, to EOF",
+                      False)])
+    http = DirectHttp()
+    try:
+        first = http("GET", raw.origin + "/", {}, None, 5.0)
+        second = http("GET", raw.origin + "/", {}, None, 5.0)
+    finally:
+        http.close()
+        raw.close()
+    assert (first.status, first.body) == (200, b"one")
+    assert (second.status, second.body) == (201, b"two, to EOF")
+    assert second.headers["content-type"] == "text/plain"
+    assert raw.connections == 2
+
+
+def test_a_full_pool_times_out_without_sending(server: Server) -> None:
+    http = DirectHttp(maxsize=1)
+    slow = threading.Thread(target=lambda: http("GET", server.origin + "/fhir/R4/Patient/slow",
+                                                {}, None, 5.0))
+    slow.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not server.seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(HttpTimeout) as caught:
+            http("GET", server.origin + "/fhir/R4/Patient/p1", {}, None, 0.2)
+        assert not caught.value.reached
+    finally:
+        server.release.set()
+        slow.join()
+        http.close()
+
+
+def test_a_line_break_in_a_header_value_is_refused() -> None:
+    http = DirectHttp()
+    with pytest.raises(ValueError):
+        http("GET", f"http://127.0.0.1:{closed_port()}/", {"X-A": "b\r\nX-Injected: 1"}, None,
+             1.0)
+    http.close()
+
+
+def test_refused_means_nothing_was_sent() -> None:
+    http = DirectHttp()
+    with pytest.raises(HttpTransportError) as caught:
+        http("POST", f"http://127.0.0.1:{closed_port()}/", {}, b"x", 1.0)
+    http.close()
+    assert not caught.value.reached and str(caught.value) == "NewConnectionError"

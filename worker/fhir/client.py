@@ -16,12 +16,13 @@ from worker.fhir.outcome import FhirConflictError, FhirTransientError, classify
 from worker.fhir.query import Params, query_string
 from worker.fhir.reference import InvalidReference, ref, valid_type
 from worker.http import (
+    DirectHttp,
     Http,
     HttpAnswer,
     HttpTimeout,
     HttpTransportError,
     Urllib3Http,
-    environment_proxy,
+    default_http,
 )
 
 T = TypeVar("T")
@@ -129,11 +130,11 @@ class FhirClient:
         # Relative URLs (`Type/id`, `Type?query`, "" for the base) are appended to the base.
         self._base = base_url if base_url.endswith("/") else base_url + "/"
         self._timeout = timeout
-        # `http` is the HTTP boundary (worker.http); by default our own urllib3 pools,
-        # through the proxy the environment names for the FHIR server, if any.
-        self._pools: Urllib3Http | None = None
+        # `http` is the HTTP boundary (worker.http); by default our own kept-alive connections,
+        # or urllib3 through the proxy the environment names for the FHIR server, if any.
+        self._pools: DirectHttp | Urllib3Http | None = None
         if http is None:
-            http = self._pools = Urllib3Http(POOL_SIZE, environment_proxy(self._base))
+            http = self._pools = default_http(self._base, POOL_SIZE)
         self._http = http
         self._tokens = TokenSource(self._http, token_url, client_id, client_secret, timeout)
 
