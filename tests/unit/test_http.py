@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -373,3 +374,61 @@ def test_refused_means_nothing_was_sent() -> None:
         http("POST", f"http://127.0.0.1:{closed_port()}/", {}, b"x", 1.0)
     http.close()
     assert not caught.value.reached and str(caught.value) == "NewConnectionError"
+
+
+@pytest.fixture
+def tls_server(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """An HTTPS server on 127.0.0.1 with a certificate of its own, trusted through
+    SSL_CERT_FILE (which OpenSSL's default verify paths read)."""
+    import datetime
+    import ipaddress
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    server = Server()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    server.httpd.socket = context.wrap_socket(server.httpd.socket, server_side=True)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert_file))
+    yield f"https://127.0.0.1:{server.httpd.server_address[1]}"
+    server.stop()
+
+
+def test_https_round_trips_on_one_verified_connection(tls_server: str) -> None:
+    http = DirectHttp()
+    try:
+        first = http("PUT", tls_server + "/fhir/R4/Patient/p1", {}, b'{"a": 1}', 5.0)
+        second = http("GET", tls_server + "/fhir/R4/Patient/p1", {}, None, 5.0)
+    finally:
+        http.close()
+    assert json.loads(first.body)["echo"] == {"a": 1} and second.status == 200
+
+
+def test_an_untrusted_certificate_sends_nothing(tls_server: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SSL_CERT_FILE")
+    http = DirectHttp()
+    with pytest.raises(HttpTransportError) as caught:
+        http("POST", tls_server + "/fhir/R4/Patient", {}, b"{}", 5.0)
+    http.close()
+    assert not caught.value.reached and str(caught.value) == "SSLCertVerificationError"
