@@ -12,7 +12,6 @@ import pytest
 import redis
 
 from tests.conftest import make_env
-from tests.unit.test_http import closed_port
 from worker.broker.celery_app import QUEUE_INBOUND, REDACTED_ARGS, create_celery
 from worker.broker.publish import ACCEPT_AND_PUBLISH, TaskMessages, accept_and_publish
 from worker.crypto import Sealer
@@ -92,12 +91,3 @@ def test_finished_entries_are_removed_together_from_the_inbox_thread(r: redis.Re
     assert r.hkeys(ENTRIES) == [b"kept"] and r.zrange(INDEX, 0, -1) == [b"kept"]
     assert not r.exists("count:b")
     assert inbox.flush() == 0  # nothing left over
-
-
-def test_finished_entries_wait_out_a_redis_failure() -> None:
-    down = redis.Redis(port=closed_port(), socket_connect_timeout=0.2)
-    inbox = Inbox(down, Sealer([b"\x01" * 32]))
-    inbox._finished.append(("a", ()))
-    with pytest.raises(redis.exceptions.ConnectionError):
-        inbox.flush()
-    assert inbox._finished == [("a", ())]  # kept for the next try

@@ -39,6 +39,8 @@ from typing import Any
 
 import redis
 
+from worker.batched import Batched
+
 log = logging.getLogger("switchboard.liveness")
 
 WORKERS = "switchboard:workers"  # ids of worker processes that announced themselves
@@ -122,8 +124,11 @@ class Liveness:
         self._holding_lock = threading.Lock()
         self._suspects: set[str] = set()
         self._thread: threading.Thread | None = None
-        self._unrecorded: list[str] = []  # received, not yet in the held set in Redis
-        self._to_record = threading.Event()
+        # Received tags go to the held set from a thread of their own, gathered over
+        # RECORD_GATHER_SECONDS (one SADD for several), kept while Redis refuses them.
+        self._unrecorded: Batched[str] = Batched(
+            lambda tags: self._r.sadd(HELD + self.worker_id, *tags), "switchboard-held",
+            gather=RECORD_GATHER_SECONDS, retry=interval)
 
     def start(self) -> None:
         """Announce this worker and run heartbeat + janitor on a daemon thread."""
@@ -131,12 +136,11 @@ class Liveness:
         self._thread = threading.Thread(target=self._run, name="switchboard-liveness",
                                         daemon=True)
         self._thread.start()
-        threading.Thread(target=self._record_held, name="switchboard-held", daemon=True).start()
 
     def stop(self) -> None:
         """Stop beating and leave the registry (a warm shutdown gives its messages back)."""
         self._stop.set()
-        self._to_record.set()
+        self._unrecorded.close()  # the held set goes below: nothing may write it again
         try:
             self._r.srem(WORKERS, self.worker_id)
             self._r.delete(ALIVE + self.worker_id, HELD + self.worker_id)
@@ -147,38 +151,12 @@ class Liveness:
         """Record a message this worker took (called from kombu's consumer, per message)."""
         with self._holding_lock:
             self._holding.setdefault(task_id or delivery_tag, []).append(delivery_tag)
-            self._unrecorded.append(delivery_tag)
-        self._to_record.set()
+        self._unrecorded.add(delivery_tag)
 
     def record_held(self) -> int:
-        """Write the tags received since the last call to the held set, in one command."""
-        with self._holding_lock:
-            tags, self._unrecorded = self._unrecorded, []
-        if not tags:
-            return 0
-        try:
-            self._r.sadd(HELD + self.worker_id, *tags)
-        except redis.exceptions.RedisError:
-            with self._holding_lock:
-                self._unrecorded[:0] = tags  # kept for the next try
-            raise
-        return len(tags)
-
-    def _record_held(self) -> None:
-        while not self._stop.is_set():
-            self._to_record.wait()
-            # Gather what else arrives meanwhile: one command for several messages under load.
-            self._stop.wait(RECORD_GATHER_SECONDS)
-            self._to_record.clear()
-            if self._stop.is_set():
-                return  # stop() drops the held set; writing after it would leave a stray one
-            try:
-                self.record_held()
-            except redis.exceptions.RedisError as exc:
-                log.warning("held messages not recorded (%s); next try in %.0fs",
-                            type(exc).__name__, self.interval)
-                self._stop.wait(self.interval)
-                self._to_record.set()
+        """Write the tags received and not yet recorded to the held set now, in one command
+        (the recording thread does it by itself a moment after they arrive)."""
+        return self._unrecorded.flush()
 
     def finished(self, task_id: str, delivery_tag: str | None = None) -> None:
         """The task of a message ran to its end here (its ack follows at once). Without the

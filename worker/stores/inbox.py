@@ -14,11 +14,7 @@ An entry is {"task", "queue", "body"}: the body is the task message's own sealed
 
 from __future__ import annotations
 
-import atexit
 import json
-import logging
-import os
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,12 +22,11 @@ from typing import Any
 
 import redis
 
+from worker.batched import Batched
 from worker.broker.celery_app import EMBED as _EMBED
 from worker.broker.celery_app import open_body
 from worker.crypto import Sealer, Unsealable, is_sealed, text_to_bytes
 from worker.stores import Resealed, reseal_hash
-
-log = logging.getLogger("switchboard.inbox")
 
 ENTRIES = "switchboard:inbox:entries"
 INDEX = "switchboard:inbox:index"  # entry key → last time someone vouched for it
@@ -60,10 +55,8 @@ class Inbox:
         self._r: Any = client
         self._sealer = sealer
         # Entries of finished messages (and keys to drop with them) not yet removed in Redis.
-        self._finished: list[tuple[str, tuple[str, ...]]] = []
-        self._finished_lock = threading.Lock()
-        self._wake = threading.Event()
-        self._pid: int | None = None  # the process whose thread removes them
+        self._finished: Batched[tuple[str, tuple[str, ...]]] = Batched(
+            self._remove, "inbox-done", gather=DONE_GATHER_SECONDS)
 
     def touch(self, key: str) -> None:
         """The message is alive (being retried or deferred): not stale yet."""
@@ -89,53 +82,20 @@ class Inbox:
         again after INBOX_STALE_SECONDS: every write downstream is idempotent and every send
         is recorded, so that is a repeat that changes nothing, never a duplicate. A dead
         letter still ends with `done`, at once: a repeat of it would be a second one."""
-        with self._finished_lock:
-            self._finished.append((key, also_delete))
-            if self._pid != os.getpid():  # first use in this process, or we were forked
-                self._pid = os.getpid()
-                threading.Thread(target=self._remove_finished, name="inbox-done",
-                                 daemon=True).start()
-                atexit.register(self._flush_quietly)
-        self._wake.set()
+        self._finished.add((key, also_delete))
 
     def flush(self) -> int:
-        """Remove the entries `done_soon` has gathered, in one round trip; how many."""
-        with self._finished_lock:
-            finished, self._finished = self._finished, []
-        if not finished:
-            return 0
-        try:
-            pipe = self._r.pipeline(transaction=False)  # each removal stands alone
-            pipe.hdel(ENTRIES, *(key for key, _ in finished))
-            pipe.zrem(INDEX, *(key for key, _ in finished))
-            extra = [k for _, keys in finished for k in keys]
-            if extra:
-                pipe.delete(*extra)
-            pipe.execute()
-        except redis.exceptions.RedisError:
-            with self._finished_lock:
-                self._finished[:0] = finished  # kept for the next try
-            raise
-        return len(finished)
+        """Remove the entries `done_soon` has gathered now; how many."""
+        return self._finished.flush()
 
-    def _remove_finished(self) -> None:
-        while True:
-            self._wake.wait()
-            time.sleep(DONE_GATHER_SECONDS)  # gather what else finishes meanwhile
-            self._wake.clear()
-            try:
-                self.flush()
-            except redis.exceptions.RedisError as exc:
-                log.warning("inbox entries of finished messages not removed yet (%s); "
-                            "retrying", type(exc).__name__)
-                self._wake.set()
-                time.sleep(1.0)
-
-    def _flush_quietly(self) -> None:
-        try:
-            self.flush()
-        except redis.exceptions.RedisError:
-            pass  # at exit with Redis gone: the sweep repeats them, harmlessly
+    def _remove(self, finished: list[tuple[str, tuple[str, ...]]]) -> None:
+        pipe = self._r.pipeline(transaction=False)  # each removal stands alone
+        pipe.hdel(ENTRIES, *(key for key, _ in finished))
+        pipe.zrem(INDEX, *(key for key, _ in finished))
+        extra = [k for _, keys in finished for k in keys]
+        if extra:
+            pipe.delete(*extra)
+        pipe.execute()
 
     def stale(self, older_than: float, limit: int = 500) -> list[InboxEntry]:
         """Entries nobody has touched for `older_than` seconds."""
