@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import http.client
 import re
-import select
 import socket
 import ssl
 import threading
@@ -24,6 +23,7 @@ from urllib.parse import quote
 
 import urllib3
 from urllib3.exceptions import ConnectTimeoutError, EmptyPoolError, NewConnectionError
+from urllib3.util.wait import wait_for_read
 
 # Compressed answers, as httpx asked for them (gzip, deflate; br/zstd when installed).
 _ACCEPT_ENCODING = {
@@ -306,11 +306,10 @@ class _Connection11:
         """False if the server closed it (or sent something unasked) while it was idle."""
         if self._buf:
             return False
-        try:
-            readable, _, _ = select.select([self._sock], [], [], 0)
+        try:  # urllib3's own check (poll where there is one: no limit on the descriptor)
+            return not wait_for_read(self._sock, timeout=0.0)
         except (OSError, ValueError):
             return False
-        return not readable
 
     def send(self, data: bytes, timeout: float) -> None:
         self._sock.settimeout(timeout)
