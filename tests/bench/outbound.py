@@ -83,9 +83,10 @@ def _switchboard(log_dir: Path, env: dict[str, str], sandbox: Sandbox, comm_ids:
 
 
 def _bare(log_dir: Path, env: dict[str, str], count: int, phones: list[str], pool: str,
-          events: bool) -> dict[str, float]:
+          events: bool, http: str = "sdk") -> dict[str, float]:
     """Sends/s, worker RSS MiB and worker CPU ms per send for the bare task, with or without
-    Celery's task events (what Flower shows; Switchboard's worker sends them)."""
+    Celery's task events (what Flower shows; Switchboard's worker sends them), its Twilio call
+    through the SDK's own HTTP client or Switchboard's (`http="switchboard"`)."""
     redis.Redis.from_url(env["REDIS_URL"]).flushdb()
     app = bare_outbound.app
     app.conf.broker_url = env["REDIS_URL"]
@@ -94,8 +95,10 @@ def _bare(log_dir: Path, env: dict[str, str], count: int, phones: list[str], poo
             app.send_task(bare_outbound.TASK, args=[phones[i % len(phones)],
                                                     f"Your results are ready ({i})"],
                           queue=bare_outbound.QUEUE, connection=conn)
-    child = devstack.start_worker({**env, "BARE_TASK_EVENTS": "1" if events else "0"}, log_dir,
-                                  name=f"bench-bare-{pool}-{'events' if events else 'stock'}",
+    child = devstack.start_worker({**env, "BARE_TASK_EVENTS": "1" if events else "0",
+                                   "BARE_HTTP": http}, log_dir,
+                                  name=f"bench-bare-{pool}-{'events' if events else 'stock'}"
+                                       f"-{http}",
                                   queues=bare_outbound.QUEUE, concurrency=CONCURRENCY,
                                   pool=pool, app="tests.bench.bare_outbound")
     return _measure(child, count)
@@ -141,7 +144,9 @@ def run(log_dir: Path, quick: bool = False) -> list[str]:
                 "ours": _switchboard(log_dir, backends.env, backends.sandbox, ids, pool,
                                      backends.fhir.child.proc.pid),
                 "bare": _bare(log_dir, backends.env, count, phones, pool, events=True),
-                "stock": _bare(log_dir, backends.env, count, phones, pool, events=False)}
+                "stock": _bare(log_dir, backends.env, count, phones, pool, events=False),
+                "same_http": _bare(log_dir, backends.env, count, phones, pool, events=True,
+                                   http="switchboard")}
     finally:
         backends.stop()
         providers.close()
@@ -159,18 +164,25 @@ def run(log_dir: Path, quick: bool = False) -> list[str]:
              "its processes), per send; the FHIR sandbox's CPU per send is shown too, as it "
              "shares the 2 cores.", "",
              "| pool | Switchboard sends/s | bare sends/s | ratio | stock bare sends/s "
-             "| ratio | CPU ms/send: Switchboard, bare, stock | RSS MiB: Switchboard, bare "
-             "| FHIR requests per send | FHIR sandbox CPU ms/send |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| ratio | bare, Switchboard's HTTP, sends/s | ratio "
+             "| CPU ms/send: Switchboard, bare, stock, bare with Switchboard's HTTP "
+             "| RSS MiB: Switchboard, bare | FHIR requests per send | FHIR sandbox CPU ms/send |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for pool, r in rows.items():
-        ours, bare, stock = r["ours"], r["bare"], r["stock"]
+        ours, bare, stock, same = r["ours"], r["bare"], r["stock"], r["same_http"]
         lines.append(
             f"| {pool} | {ours['rate']:.0f} | {bare['rate']:.0f} | "
             f"{ours['rate'] / bare['rate']:.2f} | {stock['rate']:.0f} | "
-            f"{ours['rate'] / stock['rate']:.2f} | {ours['cpu']:.1f}, {bare['cpu']:.1f}, "
-            f"{stock['cpu']:.1f} | {ours['rss']:.0f}, {bare['rss']:.0f} | "
+            f"{ours['rate'] / stock['rate']:.2f} | {same['rate']:.0f} | "
+            f"{ours['rate'] / same['rate']:.2f} | {ours['cpu']:.1f}, {bare['cpu']:.1f}, "
+            f"{stock['cpu']:.1f}, {same['cpu']:.1f} | {ours['rss']:.0f}, {bare['rss']:.0f} | "
             f"{ours['trips']:.1f} | {ours['fhir_cpu']:.1f} |")
     ratios = {pool: r["ours"]["rate"] / r["bare"]["rate"] for pool, r in rows.items()}
+    same = {pool: r["ours"]["rate"] / r["same_http"]["rate"] for pool, r in rows.items()}
     lines.append(f"\nMedian ratio over the pools {statistics.median(ratios[p] for p in POOLS):.2f}"
-                 f" like for like (goal ≥ 0.80); threads {ratios['threads']:.2f}.")
+                 f" like for like (goal ≥ 0.80); threads {ratios['threads']:.2f}. Against a "
+                 f"bare task whose Twilio call goes through Switchboard's own HTTP client "
+                 f"(worker.http) instead of the SDK's `requests` one: threads "
+                 f"{same['threads']:.2f}, median {statistics.median(same.values()):.2f}: what "
+                 "Switchboard's own work costs, apart from how cheaply it makes its HTTP calls.")
     return lines

@@ -340,7 +340,7 @@ class TwilioSms:
             from twilio.rest import Client
 
             client = Client(self._sid, self._token,
-                            http_client=_http_client(self._base, self._timeout))
+                            http_client=sdk_http_client(self._base, self._timeout))
             self._local.client = client
         return client
 
@@ -391,7 +391,7 @@ class TwilioSms:
         return str(message.status), "" if code in (None, "") else str(code)
 
 
-def _http_client(base_url: str, timeout: float) -> Any:
+def sdk_http_client(base_url: str, timeout: float) -> Any:
     """The SDK's HTTP client: its requests go through our HTTP boundary (worker.http) to
     `base_url`, and it keeps the last answer's headers (Retry-After is not on the SDK's
     exceptions). One instance per thread.
