@@ -64,17 +64,12 @@ class HttpTimeout(HttpTransportError):
 
 
 class Urllib3Http:
-    """The default Http: a urllib3 connection pool per origin (keep-alive, at most `maxsize`
-    connections, waiting up to the timeout for a free one), no retries, no redirects."""
+    """The Http through a proxy (default_http picks it when the environment names one):
+    urllib3's ProxyManager (keep-alive, at most `maxsize` connections per origin, waiting up to
+    the timeout for a free one), no retries, no redirects."""
 
-    def __init__(self, maxsize: int = 64, proxy: str | None = None) -> None:
-        self._maxsize = maxsize
-        self._lock = threading.Lock()
-        self._pools: dict[str, urllib3.HTTPConnectionPool] = {}
-        self._proxy = (urllib3.ProxyManager(proxy, maxsize=maxsize, block=True, retries=False)
-                       if proxy else None)
-        if self._proxy is not None:
-            self._proxy.pool_classes_by_scheme = _POOLS
+    def __init__(self, proxy: str, maxsize: int = 64) -> None:
+        self._proxy = urllib3.ProxyManager(proxy, maxsize=maxsize, block=True, retries=False)
 
     def __call__(self, method: str, url: str, headers: Mapping[str, str], body: bytes | None,
                  timeout: float) -> HttpAnswer:
@@ -83,14 +78,8 @@ class Urllib3Http:
         wait: Any = timeout  # urllib3 annotates pool_timeout as int; it is a queue wait
         hdrs = {**_ACCEPT_ENCODING, **headers}
         try:
-            if self._proxy is not None:
-                resp = self._proxy.urlopen(method, url, body=body, headers=hdrs, retries=False,
-                                           redirect=False, timeout=limit, pool_timeout=wait)
-            else:
-                origin, target = _split(url)
-                pool = self._pools.get(origin) or self._pool(origin)
-                resp = pool.urlopen(method, target, body=body, headers=hdrs, retries=False,
-                                    redirect=False, timeout=limit, pool_timeout=wait)
+            resp = self._proxy.urlopen(method, url, body=body, headers=hdrs, retries=False,
+                                       redirect=False, timeout=limit, pool_timeout=wait)
         except NewConnectionError as exc:  # before TimeoutError: urllib3 derives it from that
             # Refused or unresolvable (NameResolutionError is one): nothing was sent.
             raise HttpTransportError(type(exc).__name__, reached=False) from exc
@@ -104,31 +93,14 @@ class Urllib3Http:
 
     def close(self) -> None:
         """Close every pooled connection."""
-        with self._lock:
-            pools, self._pools = list(self._pools.values()), {}
-        for pool in pools:
-            pool.close()
-        if self._proxy is not None:
-            self._proxy.clear()
-
-    def _pool(self, origin: str) -> urllib3.HTTPConnectionPool:
-        with self._lock:
-            pool = self._pools.get(origin)
-            if pool is None:
-                scheme, _, host, port, *_ = urllib3.util.parse_url(origin)
-                cls = _POOLS.get(scheme or "http")
-                if cls is None or not host:
-                    raise urllib3.exceptions.LocationValueError("not an http(s) URL")
-                pool = cls(host, port, maxsize=self._maxsize, block=True, retries=False)
-                self._pools[origin] = pool
-            return pool
+        self._proxy.clear()
 
 
 def default_http(url: str, maxsize: int = 64) -> DirectHttp | Urllib3Http:
     """The Http for requests to `url`'s server: DirectHttp, or urllib3 through the proxy the
     environment names for it (HTTPS_PROXY, NO_PROXY)."""
     proxy = environment_proxy(url)
-    return Urllib3Http(maxsize, proxy) if proxy else DirectHttp(maxsize)
+    return Urllib3Http(proxy, maxsize) if proxy else DirectHttp(maxsize)
 
 
 class DirectHttp:
@@ -435,110 +407,6 @@ def _header_pairs(lines: list[bytes]) -> list[tuple[str, str]]:
 # http.client's limits on a response's header block.
 _MAX_LINE = 65536
 _MAX_HEADERS = 100
-
-
-class _Response(http.client.HTTPResponse):
-    """http.client's response, its header block read into the same HTTPMessage by a plain
-    split of its lines instead of the email package's parser, which cost 15 µs a response
-    (about 60 under load), three responses a send, in a worker whose sends are CPU-bound.
-
-    The rest is http.client's own `begin`: the status line, 100 Continue skipped, chunked or
-    Content-Length, whether the connection closes. Headers keep their order and repeats;
-    folded lines are joined as the email parser joins them; a line that is not a header
-    (no colon) is left out (the email parser took it and everything after it for a body,
-    which urllib3 then logged as unparsed)."""
-
-    def begin(self) -> None:
-        if self.headers is not None:
-            return  # already read
-        while True:
-            version, status, reason = self._read_status()
-            if status != http.client.CONTINUE:
-                break
-            _read_header_lines(self.fp)  # the 100 response's headers
-        self.code = self.status = status
-        self.reason = reason.strip()
-        if version in ("HTTP/1.0", "HTTP/0.9"):
-            self.version = 10
-        elif version.startswith("HTTP/1."):
-            self.version = 11
-        else:
-            raise http.client.UnknownProtocol(version)
-        self.headers = self.msg = header_message(_read_header_lines(self.fp))
-        encoding = self.headers.get("transfer-encoding")
-        self.chunked = bool(encoding and encoding.lower() == "chunked")
-        self.chunk_left = None
-        self.will_close = self._check_close()
-        self.length = None
-        length = self.headers.get("content-length")
-        if length and not self.chunked:
-            try:
-                self.length = int(length)
-            except ValueError:
-                self.length = None
-            else:
-                if self.length < 0:
-                    self.length = None
-        if (status in (http.client.NO_CONTENT, http.client.NOT_MODIFIED)
-                or 100 <= status < 200 or self._method == "HEAD"):
-            self.length = 0
-        if not self.will_close and not self.chunked and self.length is None:
-            self.will_close = True
-
-
-def _read_header_lines(fp: Any) -> list[bytes]:
-    """The header block's lines up to the blank one, within http.client's limits."""
-    lines: list[bytes] = []
-    while True:
-        line = fp.readline(_MAX_LINE + 1)
-        if len(line) > _MAX_LINE:
-            raise http.client.LineTooLong("header line")
-        if line in (b"\r\n", b"\n", b""):
-            return lines
-        lines.append(line)
-        if len(lines) > _MAX_HEADERS:
-            raise http.client.HTTPException(f"got more than {_MAX_HEADERS} headers")
-
-
-def header_message(lines: list[bytes]) -> http.client.HTTPMessage:
-    """An HTTPMessage of these header lines, as http.client.parse_headers builds it for
-    well-formed ones (names and values as sent, ISO-8859-1; a value's leading blanks dropped;
-    a folded line kept with its line break, as the email parser keeps it)."""
-    message = http.client.HTTPMessage()
-    name = ""
-    value: list[str] = []
-    for raw in lines:
-        line = raw.decode("iso-8859-1")
-        if line[:1] in (" ", "\t"):
-            if name:
-                value.append(line)
-            continue
-        if name:
-            message[name] = "".join(value).rstrip("\r\n")
-        head, colon, rest = line.partition(":")
-        name, value = (head, [rest.lstrip(" \t")]) if colon else ("", [])
-    if name:
-        message[name] = "".join(value).rstrip("\r\n")
-    return message
-
-
-class _Connection(urllib3.connection.HTTPConnection):
-    response_class = _Response
-
-
-class _TlsConnection(urllib3.connection.HTTPSConnection):
-    response_class = _Response
-
-
-class _Pool(urllib3.HTTPConnectionPool):
-    ConnectionCls = _Connection
-
-
-class _TlsPool(urllib3.HTTPSConnectionPool):
-    ConnectionCls = _TlsConnection
-
-
-_POOLS: dict[str, type[urllib3.HTTPConnectionPool]] = {"http": _Pool, "https": _TlsPool}
 
 
 def environment_proxy(url: str) -> str | None:
