@@ -136,7 +136,7 @@ class SwitchboardTask(Task):  # type: ignore[misc]
         visibility timeout, a requeueing reject, a warm shutdown, the liveness janitor) marks
         it redelivered, and a first delivery, the common case, then costs no round trip. The
         first delivery is the 1 added to the count."""
-        if not (self.request.delivery_info or {}).get("redelivered"):
+        if not self._redelivered():
             return 1
         key = self._delivery_key(attempt)
         pipe = get_runtime().redis.pipeline()
@@ -155,7 +155,7 @@ class SwitchboardTask(Task):  # type: ignore[misc]
             raise Reject(type(exc).__name__, requeue=True) from None
         # The deferred copy is a new delivery of the same attempt, not a crash loop (only a
         # redelivery has a count to forget).
-        if (self.request.delivery_info or {}).get("redelivered"):
+        if self._redelivered():
             get_runtime().redis.delete(self._delivery_key(int(self.request.retries or 0) + 1))
 
     def _retry(self, reason: str, countdown: float) -> None:
@@ -224,15 +224,20 @@ class SwitchboardTask(Task):  # type: ignore[misc]
         redelivery's: a first delivery has none) go together. A written message's go from the
         inbox's own thread, moments later (`Inbox.done_soon`); a dead letter's at once."""
         rt = get_runtime()
-        redelivered = (self.request.delivery_info or {}).get("redelivered")
-        count = (self._delivery_key(int(self.request.retries or 0) + 1),) if redelivered else ()
+        count = ((self._delivery_key(int(self.request.retries or 0) + 1),)
+                 if self._redelivered() else ())
         key = self.request.get(INBOX_HEADER)
         if key and not at_once:
             rt.inbox.done_soon(str(key), also_delete=count)
         elif key:
-            rt.inbox.done(str(key), also=lambda pipe: pipe.delete(*count) if count else None)
+            rt.inbox.done(str(key), also_delete=count)
         elif count:
             rt.redis.delete(*count)
+
+    def _redelivered(self) -> bool:
+        """The broker gave this message back after a worker took it (kombu and the liveness
+        janitor mark it so)."""
+        return bool((self.request.delivery_info or {}).get("redelivered"))
 
     def _count(self, outcome: str) -> None:
         get_runtime().metrics.inc("switchboard_tasks", task=self.name, outcome=outcome)

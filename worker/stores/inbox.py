@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,15 +61,10 @@ class Inbox:
         """The message is alive (being retried or deferred): not stale yet."""
         self._r.zadd(INDEX, {key: time.time()}, xx=True)
 
-    def done(self, key: str, also: Callable[[Any], None] | None = None) -> None:
-        """The message reached an end (written, or safe in the dead-letter store). `also` adds
-        another store's writes to the same round trip."""
-        pipe = self._r.pipeline()
-        pipe.hdel(ENTRIES, key)
-        pipe.zrem(INDEX, key)
-        if also is not None:
-            also(pipe)
-        pipe.execute()
+    def done(self, key: str, also_delete: tuple[str, ...] = ()) -> None:
+        """The message reached an end (written, or safe in the dead-letter store); `also_delete`
+        are keys that go in the same round trip."""
+        self._remove([(key, also_delete)])
 
     def done_soon(self, key: str, also_delete: tuple[str, ...] = ()) -> None:
         """`done` for a message that was written, from a thread of the inbox's own within
@@ -89,7 +83,7 @@ class Inbox:
         return self._finished.flush()
 
     def _remove(self, finished: list[tuple[str, tuple[str, ...]]]) -> None:
-        pipe = self._r.pipeline(transaction=False)  # each removal stands alone
+        pipe = self._r.pipeline()  # an entry and its index go together, as they came
         pipe.hdel(ENTRIES, *(key for key, _ in finished))
         pipe.zrem(INDEX, *(key for key, _ in finished))
         extra = [k for _, keys in finished for k in keys]
