@@ -5,13 +5,13 @@ from __future__ import annotations
 import base64
 import json
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
 import redis
 
 from tests.conftest import make_env
+from tests.support import eventually
 from worker.broker.celery_app import QUEUE_INBOUND, REDACTED_ARGS, create_celery
 from worker.broker.publish import ACCEPT_AND_PUBLISH, TaskMessages, accept_and_publish
 from worker.crypto import Sealer
@@ -85,9 +85,8 @@ def test_finished_entries_are_removed_together_from_the_inbox_thread(r: redis.Re
     # Not on the caller's thread: the inbox's own gathers for DONE_GATHER_SECONDS first.
     assert r.hlen(ENTRIES) == 4
     assert any(t.name == "inbox-done" for t in threading.enumerate())
-    deadline = time.monotonic() + 5
-    while r.hlen(ENTRIES) > 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    eventually(lambda: r.hlen(ENTRIES) == 1, timeout=5, interval=0.01,
+               what="finished entries removed")
     assert r.hkeys(ENTRIES) == [b"kept"] and r.zrange(INDEX, 0, -1) == [b"kept"]
     assert not r.exists("count:b")
     assert inbox.flush() == 0  # nothing left over

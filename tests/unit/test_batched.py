@@ -7,13 +7,8 @@ import time
 
 import redis
 
+from tests.support import eventually
 from worker.batched import Batched
-
-
-def wait_for(check, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not check() and time.monotonic() < deadline:
-        time.sleep(0.005)
 
 
 def test_items_from_many_threads_are_written_together_by_the_batch_thread() -> None:
@@ -27,7 +22,7 @@ def test_items_from_many_threads_are_written_together_by_the_batch_thread() -> N
     for t in adders:
         t.join()
     assert calls == []  # not on the adding threads: the batch thread gathers first
-    wait_for(lambda: calls)
+    eventually(lambda: calls, timeout=5, interval=0.005, what="the batch written")
     assert [(name, sorted(items)) for name, items in calls] == [("test-batch", [0, 1, 2, 3, 4])]
     assert batch.flush() == 0
     batch.close()
@@ -45,7 +40,7 @@ def test_items_are_kept_while_redis_refuses_them_and_written_once_it_takes_them(
     batch: Batched[str] = Batched(write, "test-retry", gather=0.01, retry=0.02)
     batch.add("a")
     batch.add("b")
-    wait_for(lambda: written)
+    eventually(lambda: written, timeout=5, interval=0.005, what="the batch written")
     assert written == [["a", "b"]] and failures == []
     batch.close()
 

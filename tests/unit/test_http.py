@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tests.support import eventually
 from worker.fhir.client import FhirClient
 from worker.fhir.outcome import FhirTransientError
 from worker.http import (
@@ -319,9 +320,7 @@ def test_a_full_pool_times_out_without_sending(server: Server) -> None:
                                                 {}, None, 5.0))
     slow.start()
     try:
-        deadline = time.monotonic() + 5
-        while not server.seen and time.monotonic() < deadline:
-            time.sleep(0.01)
+        eventually(lambda: server.seen, timeout=5, interval=0.01, what="the slow request")
         with pytest.raises(HttpTimeout) as caught:
             http("GET", server.origin + "/fhir/R4/Patient/p1", {}, None, 0.2)
         assert not caught.value.reached
