@@ -201,16 +201,13 @@ class _Origin:
     """The kept-alive connections to one server."""
 
     def __init__(self, origin: str, maxsize: int) -> None:
-        scheme, _, rest = origin.partition("://")
-        if scheme not in ("http", "https") or not rest:
-            raise HttpTransportError("LocationValueError", reached=False)
         parts = urllib3.util.parse_url(origin)
-        if not parts.host:
+        if parts.scheme not in ("http", "https") or not parts.host:
             raise HttpTransportError("LocationValueError", reached=False)
-        self.tls = scheme == "https"
+        self.tls = parts.scheme == "https"
         self.host = parts.host.strip("[]")
-        self.port = parts.port or (443 if self.tls else 80)
-        default = (443 if self.tls else 80)
+        default = 443 if self.tls else 80
+        self.port = parts.port or default
         self.host_header = parts.host if self.port == default else f"{parts.host}:{self.port}"
         self._idle: list[_Connection11] = []
         self._free = threading.Semaphore(maxsize)

@@ -131,7 +131,7 @@ class JsonLines(logging.Formatter):
             event["stack_info"] = record.stack_info
         for key, value in structlog.contextvars.get_contextvars().items():
             event.setdefault(key, value)
-        event["level"] = _LEVELS.get(record.levelname) or record.levelname.lower()
+        event["level"] = record.levelname.lower()
         event["logger"] = record.name
         event["timestamp"] = datetime.now(tz=UTC).isoformat().replace("+00:00", "Z")
         if record.exc_info and not record.exc_text:  # a handler without RedactingFilter
@@ -140,10 +140,6 @@ class JsonLines(logging.Formatter):
             event["exception"] = record.exc_text
         _redact_fields(None, "", event, record)
         return json.dumps(event, default=repr)
-
-
-_LEVELS = {"WARNING": "warning", "ERROR": "error", "INFO": "info", "DEBUG": "debug",
-           "CRITICAL": "critical"}
 
 
 def formatter(fmt: str = "json") -> logging.Formatter:
