@@ -6,7 +6,7 @@ import fakeredis
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from worker.ops.metrics import Metrics, RedisCollector
+from worker.ops.metrics import LATENCY_BUCKETS, Metrics, RedisCollector
 
 
 def render(client: fakeredis.FakeRedis) -> str:
@@ -43,3 +43,36 @@ def test_unknown_labels_are_refused() -> None:
         m.inc("switchboard_sends", channel="sms")
     with pytest.raises(KeyError):
         m.inc("no_such_metric")
+
+
+@pytest.mark.parametrize("value", [0.0, 0.001, 0.005, 0.0050001, 0.02, 0.1, 1.0, 3.0, 10.0,
+                                   10.5, 99.0])
+def test_an_observation_counts_in_every_bucket_it_does_not_exceed(value: float) -> None:
+    # Prometheus buckets are cumulative: `le` counts every observation <= its bound, at the
+    # bound included; +Inf counts them all. Observed twice: the second uses the cached series.
+    client = fakeredis.FakeRedis()
+    m = Metrics(client, interval=3600)
+    for _ in range(2):
+        m.observe("switchboard_fhir_request_seconds", value, operation="read")
+    m.flush()
+    text = render(client)
+    for le in LATENCY_BUCKETS:
+        expected = 2.0 if value <= le else 0.0
+        line = f'switchboard_fhir_request_seconds_bucket{{le="{le}",operation="read"}}'
+        assert f"{line} {expected}" in text, (le, text)
+    assert 'switchboard_fhir_request_seconds_bucket{le="+Inf",operation="read"} 2.0' in text
+    assert f'switchboard_fhir_request_seconds_sum{{operation="read"}} {2 * value}' in text
+
+
+def test_histogram_series_keep_their_labels_apart() -> None:
+    client = fakeredis.FakeRedis()
+    m = Metrics(client, interval=3600)
+    m.observe("switchboard_fhir_request_seconds", 0.02, operation="read")
+    m.observe("switchboard_fhir_request_seconds", 0.2, operation="update")
+    m.flush()
+    text = render(client)
+    assert 'switchboard_fhir_request_seconds_bucket{le="0.025",operation="read"} 1.0' in text
+    assert 'switchboard_fhir_request_seconds_bucket{le="0.025",operation="update"} 0.0' in text
+    assert 'switchboard_fhir_request_seconds_count{operation="update"} 1.0' in text
+    with pytest.raises(ValueError):
+        m.observe("switchboard_fhir_request_seconds", 0.1, op="read")

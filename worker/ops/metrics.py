@@ -9,6 +9,7 @@ One mechanism for gunicorn's processes and Celery workers on other machines alik
 from __future__ import annotations
 
 import atexit
+import bisect
 import os
 import threading
 from collections import defaultdict
@@ -30,6 +31,8 @@ from worker.stores.inbox import INDEX as INBOX_INDEX
 KEY = "switchboard:metrics:"
 SEP = "\x1f"  # between label values in a Redis field; never inside a label value we use
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Histogram series whose fields are kept formatted (label values come from our code: a few).
+MAX_CACHED_SERIES = 256
 
 # name → (type, help, label names). The only metrics there are; inc()/observe() check this.
 DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -84,6 +87,7 @@ class Metrics:
         self._counts: dict[tuple[str, str], float] = defaultdict(float)
         self._pid = 0
         self._stop = threading.Event()
+        self._series: dict[tuple[Any, ...], tuple[tuple[str, str], ...]] = {}
 
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
         """Add to a counter."""
@@ -91,14 +95,31 @@ class Metrics:
 
     def observe(self, name: str, value: float, **labels: str) -> None:
         """Record one observation in a histogram."""
-        base = _field(name, labels)
+        fields = self._histogram_fields(name, labels)
+        # The buckets are cumulative: the observation counts in every bucket from the first
+        # whose bound it does not exceed, through +Inf (the one before the sum).
+        first = bisect.bisect_left(LATENCY_BUCKETS, value)
         with self._lock:
             self._ensure_thread()
-            for le in LATENCY_BUCKETS:
-                if value <= le:
-                    self._counts[(name, f"{base}{SEP}le={le}")] += 1
-            self._counts[(name, f"{base}{SEP}le=+Inf")] += 1
-            self._counts[(name, f"{base}{SEP}sum")] += value
+            counts = self._counts
+            for key in fields[first:-1]:
+                counts[key] += 1
+            counts[fields[-1]] += value
+
+    def _histogram_fields(self, name: str, labels: dict[str, str]
+                          ) -> tuple[tuple[str, str], ...]:
+        """The count keys of one histogram series: a bucket per bound, +Inf, then the sum.
+        Built once per series (a FHIR request observes one, and formatting a dozen fields
+        cost more than the rest of the observation)."""
+        cache_key = (name, *labels.items())
+        fields = self._series.get(cache_key)
+        if fields is None:
+            base = _field(name, labels)
+            fields = (*((name, f"{base}{SEP}le={le}") for le in LATENCY_BUCKETS),
+                      (name, f"{base}{SEP}le=+Inf"), (name, f"{base}{SEP}sum"))
+            if len(self._series) < MAX_CACHED_SERIES:
+                self._series[cache_key] = fields
+        return fields
 
     def _add(self, name: str, field: str, amount: float) -> None:
         with self._lock:
