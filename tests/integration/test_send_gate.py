@@ -1,9 +1,11 @@
 """The send gate (opt-out, send slot, claim in one Lua step) on a real redis-server: each
-outcome, and that a refused or waiting send leaves nothing behind it should not."""
+outcome, and that a refused or waiting send leaves nothing behind it should not; and the step
+that records a send with the API request's state."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from unittest.mock import ANY
 
 import pytest
 import redis
@@ -13,6 +15,7 @@ from worker.crypto import sealer_for
 from worker.ops import devstack
 from worker.stores import digest
 from worker.stores.optouts import OptOuts
+from worker.stores.outbound_state import EVENTS, KEY, TTL, OutboundState
 from worker.stores.rate_limit import bucket_key
 from worker.stores.send_gate import SendGate
 from worker.stores.send_ledger import SendLedger
@@ -88,3 +91,33 @@ def test_a_sent_message_is_answered_before_any_other_check(r: redis.Redis) -> No
     after = gate.open("c1", "task-2", "sms:clinic", 1.0, opt_out=("sms", PHONE))
     assert after.outcome == "done" and after.done == {"provider_id": "SM1", "channel": "sms"}
     assert not r.exists(SendLedger.CLAIM + "c1") and not r.exists(bucket_key("sms:clinic"))
+
+
+def test_recording_a_send_writes_the_record_and_the_requests_state_in_one_step(
+        r: redis.Redis) -> None:
+    sealer = sealer_for(DATA_KEY)
+    ledger, state = SendLedger(r, sealer), OutboundState(r, sealer)
+    state.create("req-1")
+    state.update("req-1", "queued", communication="c1", last_error="provider-unavailable")
+    r.delete(EVENTS + "req-1")
+    sent = {"provider_id": "SM1", "channel": "sms", "message_id": ""}
+    ledger.record("c1", sent, state.change("req-1", "sent", communication="c1", **sent))
+    assert ledger.done("c1") == sent
+    assert 29 * 86400 < r.ttl(SendLedger.DONE + "c1") <= SendLedger.KEEP
+    # Settled: the error it was retried past is gone; the details are sealed, status is not.
+    assert state.get("req-1") == {"status": "sent", "updated_at": ANY, "communication": "c1",
+                                  "provider_id": "SM1", "channel": "sms", "message_id": ""}
+    assert r.hget(KEY + "req-1", "status") == b"sent"
+    assert b"SM1" not in r.hget(KEY + "req-1", "provider_id")  # type: ignore[operator]
+    assert 29 * 86400 < r.ttl(KEY + "req-1") <= TTL
+    # A caller waiting with `Prefer: wait` is woken.
+    assert r.lrange(EVENTS + "req-1", 0, -1) == [b"sent"] and 0 < r.ttl(EVENTS + "req-1") <= 120
+
+
+def test_an_unsettled_state_change_keeps_the_last_error(r: redis.Redis) -> None:
+    state = OutboundState(r, sealer_for(DATA_KEY))
+    state.update("req-2", "queued", last_error="provider-unavailable")
+    state.update("req-2", "queued", communication="c2")
+    assert state.get("req-2") == {"status": "queued", "updated_at": ANY, "communication": "c2",
+                                  "last_error": "provider-unavailable"}
+    assert r.lrange(EVENTS + "req-2", 0, -1) == [b"queued", b"queued"]

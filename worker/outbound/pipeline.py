@@ -223,8 +223,8 @@ def _send(req: OutboundRequest, deps: OutboundDeps, comm: Mapping[str, Any], com
             "message_id": result.message_id}
     # First: from here on a redelivery will not send again. The API request's state goes in
     # the same round trip.
-    deps.ledger.record(comm_id, sent, also=lambda pipe: deps.state.add_update(
-        pipe, req.request_id, "sent", communication=comm_id, **sent))
+    deps.ledger.record(comm_id, sent, deps.state.change(
+        req.request_id, "sent", communication=comm_id, **sent))
     log.info("outbound Communication/%s sent by %s as %s", comm_id, channel, result.provider_id)
     _record_sent(deps, comm_id, channel, result, list(req.attempts), req.request_id, comm)
     return result

@@ -103,8 +103,8 @@ def send_push(req: OutboundRequest, deps: OutboundDeps, comm: dict[str, Any], co
     result = SendResult(provider_id=accepted[0], status="accepted")
     sent = {"provider_id": result.provider_id, "channel": CHANNEL, "message_id": ""}
     # From here on a redelivery sends nothing at all; the request's state in the same step.
-    deps.ledger.record(comm_id, sent, also=lambda pipe: deps.state.add_update(
-        pipe, req.request_id, "sent", communication=comm_id, devices=len(accepted), **sent))
+    deps.ledger.record(comm_id, sent, deps.state.change(
+        req.request_id, "sent", communication=comm_id, devices=len(accepted), **sent))
     log.info("outbound Communication/%s sent by push to %d of %d devices", comm_id,
              len(accepted), len(devices))
     # Each device's outcome goes on the Communication as a note (ids and FCM names, no tokens).

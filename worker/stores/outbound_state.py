@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -27,6 +28,31 @@ TTL = 30 * 24 * 3600
 SETTLED = frozenset({"sent", "failed", "delivered"})
 CLEAR_FIELDS = ("status", "updated_at")
 
+# One request's state change, as a Lua function: alone (OutboundState.update) or in the step
+# that records a send (worker/stores/send_ledger.py), so both write it the same way. ARGV from
+# `first`: status, settled ('1': clear the error it was retried past), TTL, then the hash's
+# field/value pairs. Every change wakes a waiting caller (it decides whether the news is final).
+UPDATE_STATE_LUA = """
+local function update_state(key, events, first)
+  if ARGV[first + 1] == '1' then
+    redis.call('HDEL', key, 'last_error')
+  end
+  redis.call('HSET', key, unpack(ARGV, first + 3))
+  redis.call('EXPIRE', key, ARGV[first + 2])
+  redis.call('LPUSH', events, ARGV[first])
+  redis.call('EXPIRE', events, 120)
+end
+"""
+
+
+@dataclass(frozen=True)
+class StateChange:
+    """A request's state change, sealed and ready: the keys (state hash, event list) and the
+    arguments UPDATE_STATE_LUA reads."""
+
+    keys: tuple[str, str]
+    args: tuple[str | int, ...]
+
 
 class OutboundState:
     """Read and write the state of outbound requests."""
@@ -34,6 +60,8 @@ class OutboundState:
     def __init__(self, client: redis.Redis, sealer: Sealer) -> None:
         self._r: Any = client
         self._sealer = sealer
+        self._update = client.register_script(UPDATE_STATE_LUA
+                                              + "update_state(KEYS[1], KEYS[2], 1)")
 
     def create(self, request_id: str) -> bool:
         """Record a new request as queued; False if this id exists already (a client's retry
@@ -55,22 +83,18 @@ class OutboundState:
 
     def update(self, request_id: str, status: str, **fields: Any) -> None:
         """Set the state (and any details); wakes waiters when the state is settled."""
-        pipe = self._r.pipeline()
-        self.add_update(pipe, request_id, status, **fields)
-        pipe.execute()
+        change = self.change(request_id, status, **fields)
+        self._update(keys=change.keys, args=change.args)
 
-    def add_update(self, pipe: Any, request_id: str, status: str, **fields: Any) -> None:
-        """`update`, as commands added to `pipe` (another store's round trip), not executed."""
+    def change(self, request_id: str, status: str, **fields: Any) -> StateChange:
+        """`update` as values for UPDATE_STATE_LUA, for another store's step to apply with its
+        own writes (the send ledger's sent record: worker/stores/send_ledger.py)."""
         _check(request_id)
         values = {"status": status, "updated_at": f"{time.time():.3f}",
                   **{k: self._sealer.seal_json(v) for k, v in fields.items() if v is not None}}
-        if status in SETTLED:
-            pipe.hdel(KEY + request_id, "last_error")  # it was retried past that error
-        pipe.hset(KEY + request_id, mapping=values)
-        pipe.expire(KEY + request_id, TTL)
-        # Every change wakes a waiting caller (it decides whether the news is final).
-        pipe.lpush(EVENTS + request_id, status)
-        pipe.expire(EVENTS + request_id, 120)
+        return StateChange((KEY + request_id, EVENTS + request_id),
+                           (status, "1" if status in SETTLED else "0", TTL,
+                            *(part for pair in values.items() for part in pair)))
 
     def get(self, request_id: str) -> dict[str, Any] | None:
         """The state of a request, or None if unknown (or not a request id at all)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +11,7 @@ import redis
 from worker.crypto import Sealer, Unsealable, is_sealed
 from worker.errors import PermanentError
 from worker.stores import Resealed, reseal_strings, sealed_text
+from worker.stores.outbound_state import UPDATE_STATE_LUA, StateChange
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,13 @@ local function take_claim(key, task_id, keep, now)
 end
 """
 
+# The sent record, then the API request's state change (worker/stores/outbound_state.py).
+# KEYS: sent record, state hash, state events. ARGV: sealed record, lifetime, then the change.
+_RECORD = UPDATE_STATE_LUA + """
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+update_state(KEYS[2], KEYS[3], 3)
+"""
+
 
 class SendLedger:
     """Never send one Communication twice: a claim before the provider call, a sent record
@@ -52,6 +59,7 @@ class SendLedger:
     def __init__(self, client: redis.Redis, sealer: Sealer) -> None:
         self._r: Any = client
         self._sealer = sealer
+        self._record = client.register_script(_RECORD)
 
     def done(self, communication_id: str) -> dict[str, str] | None:
         """The recorded result of an earlier send of this Communication, if any."""
@@ -81,14 +89,16 @@ class SendLedger:
         self._r.delete(self.CLAIM + communication_id)
 
     def record(self, communication_id: str, result: dict[str, str],
-               also: Callable[[Any], None] | None = None) -> None:
-        """Remember that the provider took the message (first thing after its answer). `also`
-        adds another store's writes to the same round trip (MULTI: they land together)."""
-        pipe = self._r.pipeline()
-        pipe.set(self.DONE + communication_id, self._sealer.seal_json(result), ex=self.KEEP)
-        if also is not None:
-            also(pipe)
-        pipe.execute()
+               state: StateChange | None = None) -> None:
+        """Remember that the provider took the message (first thing after its answer). The API
+        request's `state` change, when given, lands in the same step (one Lua script: the
+        record is written first, and nothing runs between the two)."""
+        sealed = self._sealer.seal_json(result)
+        if state is None:
+            self._r.set(self.DONE + communication_id, sealed, ex=self.KEEP)
+            return
+        self._record(keys=[self.DONE + communication_id, *state.keys],
+                     args=[sealed, self.KEEP, *state.args])
 
     def reseal(self) -> Resealed:
         """Seal every sent record with the first key (`switchboard keys rotate`)."""
