@@ -121,3 +121,7 @@ def test_an_unsettled_state_change_keeps_the_last_error(r: redis.Redis) -> None:
     assert state.get("req-2") == {"status": "queued", "updated_at": ANY, "communication": "c2",
                                   "last_error": "provider-unavailable"}
     assert r.lrange(EVENTS + "req-2", 0, -1) == [b"queued", b"queued"]
+    state.update("req-2", "failed", error="invalid-recipient")  # settled: the error goes
+    assert state.get("req-2") == {"status": "failed", "updated_at": ANY, "communication": "c2",
+                                  "error": "invalid-recipient"}
+    assert r.lrange(EVENTS + "req-2", 0, 0) == [b"failed"]

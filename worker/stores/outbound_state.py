@@ -82,7 +82,8 @@ class OutboundState:
             pass
 
     def update(self, request_id: str, status: str, **fields: Any) -> None:
-        """Set the state (and any details); wakes waiters when the state is settled."""
+        """Set the state (and any details); wakes any waiting caller (it decides whether the
+        news is final)."""
         change = self.change(request_id, status, **fields)
         self._update(keys=change.keys, args=change.args)
 
