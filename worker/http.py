@@ -1,11 +1,11 @@
 """The HTTP boundary of the FHIR client and the Twilio channel: one request in, one answer out;
 DirectHttp behind it by default, urllib3 through a proxy.
 
-Why urllib3 rather than httpx: the outbound send is CPU-bound in the worker, and httpx.Client
-cost about 1.0 ms of CPU per FHIR request against a local server where a urllib3 pool costs about
-0.42 ms (measured; giving httpx a urllib3 transport did not help: httpx's own client is the cost).
-Twilio's SDK sends through `requests` by default: 0.61 ms of CPU per send against 0.29 ms
-through this boundary (measured on the provider sandbox).
+Why not httpx or `requests`: the outbound send is CPU-bound in the worker, and httpx.Client cost
+about 1.0 ms of CPU per FHIR request against a local server where a urllib3 pool cost about
+0.42 ms (measured; giving httpx a urllib3 transport did not help: httpx's own client is the
+cost). Twilio's SDK sends through `requests` by default: 0.61 ms of CPU per send against 0.29 ms
+through urllib3 here (measured on the provider sandbox). DirectHttp says why not urllib3 either.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ class DirectHttp:
                 # can time out or be reset after the request left.
                 raise _transport_error(exc, reached=True) from exc
             try:
-                answer, keep = conn.read_answer(method, timeout)
+                answer, keep = conn.read_answer(method)
             except OSError as exc:
                 raise _transport_error(exc, reached=True) from exc
             except (ValueError, zlib.error, http.client.HTTPException) as exc:
@@ -204,15 +204,15 @@ class _Origin:
         parts = urllib3.util.parse_url(origin)
         if parts.scheme not in ("http", "https") or not parts.host:
             raise HttpTransportError("LocationValueError", reached=False)
-        self.tls = parts.scheme == "https"
+        tls = parts.scheme == "https"
         self.host = parts.host.strip("[]")
-        default = 443 if self.tls else 80
+        default = 443 if tls else 80
         self.port = parts.port or default
         self.host_header = parts.host if self.port == default else f"{parts.host}:{self.port}"
         self._idle: list[_Connection11] = []
         self._free = threading.Semaphore(maxsize)
         self._lock = threading.Lock()
-        self._tls = ssl.create_default_context() if self.tls else None
+        self._tls = ssl.create_default_context() if tls else None
 
     def take(self, timeout: float) -> _Connection11:
         if not self._free.acquire(timeout=timeout):
@@ -290,8 +290,9 @@ class _Connection11:
         except OSError:
             pass
 
-    def read_answer(self, method: str, timeout: float) -> tuple[HttpAnswer, bool]:
-        """The answer and whether the connection may carry another request."""
+    def read_answer(self, method: str) -> tuple[HttpAnswer, bool]:
+        """The answer and whether the connection may carry another request (read within the
+        timeout `send` set on the socket)."""
         while True:
             status_line = self._line()
             version, _, rest = status_line.partition(b" ")
