@@ -72,9 +72,9 @@ class SwitchboardTask(Task):  # type: ignore[misc]
     def _call(self, args: Any, kwargs: Any) -> Any:
         rt = get_runtime()
         settings = rt.settings
-        attempt = int(self.request.retries or 0) + 1
+        attempt = self._attempt()
         try:
-            deliveries = self._deliveries(attempt)
+            deliveries = self._deliveries()
             if deliveries > 2 * settings.max_deliveries:
                 # Even the dead-letter write kept failing on this message: stop the loop here.
                 self._quarantine("delivery-loop")
@@ -126,19 +126,28 @@ class SwitchboardTask(Task):  # type: ignore[misc]
                      self.name, self.request.id, replay_of)
         return result
 
-    def _delivery_key(self, attempt: int) -> str:
-        return f"{DELIVERY_KEY}{self.request.id}:{attempt}"
+    def _attempt(self) -> int:
+        """This run's attempt: 1 + the retries spent before it."""
+        return int(self.request.retries or 0) + 1
 
-    def _deliveries(self, attempt: int) -> int:
+    def _delivery_counts(self) -> tuple[str, ...]:
+        """The key counting this attempt's deliveries, when it has one: only a redelivery is
+        counted (see _deliveries)."""
+        if not self._redelivered():
+            return ()
+        return (f"{DELIVERY_KEY}{self.request.id}:{self._attempt()}",)
+
+    def _deliveries(self) -> int:
         """How often the broker has handed us this attempt (>1 means a worker died on it).
 
         Only a redelivery is counted in Redis: every way a message comes back (kombu at the
         visibility timeout, a requeueing reject, a warm shutdown, the liveness janitor) marks
         it redelivered, and a first delivery, the common case, then costs no round trip. The
         first delivery is the 1 added to the count."""
-        if not self._redelivered():
+        counts = self._delivery_counts()
+        if not counts:
             return 1
-        key = self._delivery_key(attempt)
+        key, = counts
         pipe = get_runtime().redis.pipeline()
         pipe.incr(key)
         pipe.expire(key, 7 * 24 * 3600)
@@ -155,8 +164,9 @@ class SwitchboardTask(Task):  # type: ignore[misc]
             raise Reject(type(exc).__name__, requeue=True) from None
         # The deferred copy is a new delivery of the same attempt, not a crash loop (only a
         # redelivery has a count to forget).
-        if self._redelivered():
-            get_runtime().redis.delete(self._delivery_key(int(self.request.retries or 0) + 1))
+        counts = self._delivery_counts()
+        if counts:
+            get_runtime().redis.delete(*counts)
 
     def _retry(self, reason: str, countdown: float) -> None:
         try:
@@ -224,8 +234,7 @@ class SwitchboardTask(Task):  # type: ignore[misc]
         redelivery's: a first delivery has none) go together. A written message's go from the
         inbox's own thread, moments later (`Inbox.done_soon`); a dead letter's at once."""
         rt = get_runtime()
-        count = ((self._delivery_key(int(self.request.retries or 0) + 1),)
-                 if self._redelivered() else ())
+        count = self._delivery_counts()
         key = self.request.get(INBOX_HEADER)
         if key and not at_once:
             rt.inbox.done_soon(str(key), also_delete=count)
