@@ -105,7 +105,7 @@ class OutboundTask(SwitchboardTask):
 
 @shared_task(bind=True, base=OutboundTask, name=TASK_OUTBOUND_SEND)
 def outbound_send(self: OutboundTask, payload: dict[str, Any]) -> dict[str, Any]:
-    """Send one outbound message (payload schema: README, "The outbound task")."""
+    """Send one outbound message (payload schema: docs/http-api.md, "The outbound task")."""
     rt = get_runtime()
     result = send_outbound(OutboundRequest.from_payload(payload), rt.outbound,
                            str(self.request.id))
@@ -122,7 +122,7 @@ def subscription_notified(self: SwitchboardTask, payload: dict[str, Any]) -> dic
 
 @shared_task(bind=True, base=SwitchboardTask, name=TASK_DEVICE_UPDATE)
 def device_update(self: SwitchboardTask, payload: dict[str, Any]) -> dict[str, Any]:
-    """Register or deactivate one push device token (payload: README, "Push")."""
+    """Register or deactivate one push device token (payload: docs/channels.md, "Push (FCM)")."""
     rt = get_runtime()
     result = apply_device_change(rt.fhir, rt.settings.device_token_system, payload)
     # Never the token in a log line: it addresses the patient's phone.

@@ -57,7 +57,7 @@ def app_patient(sandbox: Sandbox) -> dict[str, Any]:
 
 
 def device(sandbox: Sandbox, pat: dict[str, Any], tok: str) -> dict[str, Any]:
-    """A Device written as the README tells a patient app to write it."""
+    """A Device written as docs/channels.md tells a patient app to write it."""
     return sandbox.fhir.create({
         "resourceType": "Device", "status": "active",
         "identifier": [{"system": DEVICE_SYSTEM, "value": tok}],

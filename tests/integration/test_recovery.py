@@ -12,7 +12,7 @@ from tests.support import Sandbox, eventually, sms_params
 from worker.ops import devstack
 from worker.settings import Settings
 
-RECOVERY_BOUND_SECONDS = 60.0  # the README's guarantee
+RECOVERY_BOUND_SECONDS = 60.0  # docs/reliability.md, "Guarantees"
 
 
 def test_defaults_are_what_production_runs() -> None:

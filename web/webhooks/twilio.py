@@ -80,7 +80,7 @@ def twilio_blueprint(settings: Settings) -> Blueprint:
             enqueuer.send(task, queue, args, inbox_key=key)
         except EnqueueFailed:
             # Not accepted, and said so: Twilio retries only as the webhook URL's connection
-            # overrides allow (README: configure retries and a fallback URL).
+            # overrides allow (docs/operations.md: configure retries and a fallback URL).
             return reject(503, "queue-unavailable", "queue unavailable, retry later",
                           error="unavailable")
         metrics.inc("switchboard_webhooks_enqueued", endpoint=endpoint)

@@ -107,7 +107,7 @@ def create_celery(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         # Sealed bodies (see SEALED_CONTENT_TYPE); plain JSON is still accepted from services
-        # that publish our tasks directly (README, "The outbound task").
+        # that publish our tasks directly (docs/http-api.md, "The outbound task").
         task_serializer=serializer,
         accept_content=[serializer, "json"],
         task_queues=[Queue(name) for name in QUEUES],  # type: ignore[no-untyped-call]

@@ -1,4 +1,4 @@
-"""Channels: one module per provider behind a small contract (STYLE.md habit 1).
+"""Channels: one module per provider behind a small contract (docs/design.md, habit 1).
 
 A channel module turns a provider's inbound payload into an `InboundMessage` and (outbound issue)
 sends and maps delivery statuses. Nothing outside the module knows a provider's field names.

@@ -17,7 +17,7 @@ def to_e164(raw: str, default_country_code: str = "1") -> str:
 
     Accepts what providers and people send: `+1 (555) 123-4567`, `whatsapp:+1555…`, `001555…`,
     a 10-digit NANP number (given the default country code), or a form-encoded leading space
-    where '+' was decoded as ' ' by an upstream hop (ARCHITECTURE.md B).
+    where '+' was decoded as ' ' by an upstream hop (docs/design.md, "Medplum facts").
     """
     value = raw.strip()
     if ":" in value:  # channel prefixes such as whatsapp:+1555…

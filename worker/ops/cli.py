@@ -284,7 +284,7 @@ def _refused(what: str, exc: Exception) -> int:
               f"{exc.outcome_text or 'no reason given'}", file=sys.stderr)
         if exc.status in (401, 403):
             print("  the client needs write access to Subscription and read access to "
-                  "AuditEvent (README, Automatic outbound)", file=sys.stderr)
+                  "AuditEvent (docs/automatic-outbound.md)", file=sys.stderr)
     else:
         print(f"FAIL {what}: {exc}", file=sys.stderr)
     return 1

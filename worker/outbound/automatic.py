@@ -27,7 +27,7 @@ log = logging.getLogger("switchboard.outbound")
 
 # The one status a reply to send has. `preparation` is a draft: a clinician's app that writes
 # drafts moves them to in-progress with an update, which the create-only Subscription never
-# sees, so such apps should call /v1/messages instead (README, "Automatic outbound").
+# sees, so such apps should call /v1/messages instead (docs/automatic-outbound.md).
 SENDABLE_STATUS = "in-progress"
 # At most this many Communications are taken from one notification Bundle.
 MAX_COMMUNICATIONS = 50

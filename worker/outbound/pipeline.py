@@ -48,7 +48,7 @@ FALLBACK_KINDS = frozenset({"invalid-recipient", "unreachable"})
 
 @dataclass(frozen=True)
 class OutboundRequest:
-    """The payload of the `switchboard.outbound.send` task (see README)."""
+    """The payload of the `switchboard.outbound.send` task (see docs/http-api.md)."""
 
     request_id: str
     communication_id: str | None = None
