@@ -163,7 +163,7 @@ class Settings(BaseSettings):
     # Log lines: JSON (one object per line, for log shippers) or console text.
     log_format: Literal["json", "console"] = "json"
 
-    # Identifier systems (documented in docs/configuration.md). Changing one after go-live orphans the
+    # Identifier systems (docs/configuration.md). Changing one after go-live orphans the
     # idempotency keys already written, so they are settings rather than code constants.
     message_id_system: str = "https://www.twilio.com/docs/api/messaging/message#sid"
     conversation_id_system: str = "urn:switchboard:sms-conversation"

@@ -210,7 +210,8 @@ def test_twilio_send_through_rewriting_http_client(sb: Running) -> None:
 
 def test_twilio_base_url_attribute_also_works(sb: Running) -> None:
     client = Client(ACCOUNT, TOKEN)
-    client.api.base_url = sb.url  # only the `api` domain (Messages); see sandbox/providers/README.md
+    # Only the `api` domain (Messages); see sandbox/providers/README.md.
+    client.api.base_url = sb.url
     msg = client.messages.create(to=PATIENT, from_=CLINIC, body="hi")
     assert sb.requests()[0]["message_sid"] == msg.sid
 

@@ -1,4 +1,5 @@
-"""The one place that turns a task's failure into a retry or a dead letter (docs/design.md, habit 2).
+"""The one place that turns a task's failure into a retry or a dead letter (docs/design.md,
+habit 2).
 
 - TransientError (and Redis blips): retry with exponential backoff and jitter, up to
   RETRY_MAX_ATTEMPTS; then dead letter with reason `retries-exhausted`.

@@ -35,8 +35,8 @@ EMAIL_MESSAGE_ID_SYSTEM = "urn:ietf:rfc:5322"
 # by email answers the patient's last email by this id.
 EMAIL_INBOUND_MESSAGE_ID_SYSTEM = "urn:switchboard:email-message-id:inbound"
 
-# Event Webhook (docs/design.md, "Broker and provider facts"): ECDSA P-256 / SHA-256 over the timestamp followed by the
-# raw body, base64 DER signature.
+# Event Webhook (docs/design.md, "Broker and provider facts"): ECDSA P-256 / SHA-256 over the
+# timestamp followed by the raw body, base64 DER signature.
 EVENT_SIGNATURE_HEADER = SIGNATURE_HEADER
 EVENT_TIMESTAMP_HEADER = TIMESTAMP_HEADER
 EVENT_MAX_AGE_SECONDS = MAX_AGE_SECONDS

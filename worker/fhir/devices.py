@@ -1,4 +1,4 @@
-"""Push device tokens as FHIR `Device` resources (shape documented in docs/channels.md, "Push (FCM)").
+"""Push device tokens as FHIR `Device` resources (shape: docs/channels.md, "Push (FCM)").
 
     {"resourceType": "Device", "status": "active",
      "identifier": [{"system": DEVICE_TOKEN_SYSTEM, "value": "<FCM registration token>"}],

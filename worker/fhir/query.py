@@ -1,8 +1,9 @@
 """Query strings for searches, If-None-Exist headers and conditional references.
 
-Medplum quirk (docs/design.md, "Medplum facts"): a literal '+' in any of these is decoded as a space, so
-`Patient?phone=+1555…` matches nothing and an If-None-Exist with a raw '+' creates a duplicate
-every time. Everything that becomes a query goes through `query_string`, which percent-encodes.
+Medplum quirk (docs/design.md, "Medplum facts"): a literal '+' in any of these is decoded as a
+space, so `Patient?phone=+1555…` matches nothing and an If-None-Exist with a raw '+' creates a
+duplicate every time. Everything that becomes a query goes through `query_string`, which
+percent-encodes.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ Resource = dict[str, Any]
 
 @dataclass(frozen=True)
 class IdentifierSystems:
-    """The identifier systems that make our writes idempotent (configurable, see docs/configuration.md)."""
+    """The identifier systems that make our writes idempotent (docs/configuration.md)."""
 
     message: str  # provider message ids (Twilio MessageSid)
     conversation: str  # external conversation ids on thread headers

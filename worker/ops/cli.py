@@ -13,15 +13,13 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import urlencode
 
 import redis
-from twilio.request_validator import RequestValidator
 
 from worker.channels.phones import InvalidPhoneNumber, to_e164
 from worker.crypto import Unsealable, generate_key
 from worker.fhir.client import FhirClient
-from worker.ops import logs
+from worker.ops import demo, logs
 from worker.settings import ConfigError, Settings, load_settings
 from worker.stores.dead_letters import (
     REPLAY_HEADER,
@@ -419,50 +417,9 @@ DEV_API_TOKEN = "dev-api-token"  # noqa: S105 (make run's local sandbox only)
 DEMO_PATIENT_PHONE = "+15551234567"
 DEMO_CLINIC_PHONE = "+15557654321"
 DEMO_PATIENT_EMAIL = "demo.patient@example.org"
+DEMO_CLINIC_EMAIL = "care@clinic.example"
 
 
-def signed_example(settings: Settings, body: str = "Hello from the demo patient") -> str:
-    """A curl command posting a correctly signed Twilio SMS webhook to this service."""
-    url = settings.public_base_url + "/webhooks/twilio/sms"
-    params = {"MessageSid": "SM" + os.urandom(16).hex(), "AccountSid": settings.twilio_account_sid,
-              "From": DEMO_PATIENT_PHONE, "To": DEMO_CLINIC_PHONE, "Body": body, "NumMedia": "0"}
-    sig = RequestValidator(settings.twilio_auth_token.get_secret_value()).compute_signature(
-        url, params)
-    return (f"curl -sS -X POST {shlex.quote(url)} -H {shlex.quote('X-Twilio-Signature: ' + sig)}"
-            f" --data {shlex.quote(urlencode(params))}")
-
-
-def inbound_email_example(providers_origin: str, settings: Settings,
-                          text: str = "Hello from the demo patient, by email") -> str:
-    """A curl command making the provider sandbox post a signed Inbound Parse email to us."""
-    spec = {"url": settings.public_base_url + "/webhooks/sendgrid/inbound",
-            "from": f"Demo Patient <{DEMO_PATIENT_EMAIL}>", "to": "care@clinic.example",
-            "subject": "A question", "text": text, "mode": "parsed"}
-    return (f"curl -sS -X POST {shlex.quote(providers_origin + '/__inbound_email')} "
-            f"-H 'Content-Type: application/json' --data {shlex.quote(json.dumps(spec))}")
-
-
-DEMO_PUSH_TOKEN = "demo-device-token:APA91b" + "x" * 40
-
-
-def push_example(settings: Settings, patient_id: str, api_token: str, origin: str) -> str:
-    """Ready-to-paste commands: register the demo patient's phone, push a message to it."""
-    base = settings.public_base_url
-    return f"""Push: FCM goes to the provider sandbox too (service account
-{settings.fcm_credentials()}).
-Register a device for the demo patient, then push to it (the push says only
-"{settings.push_notification_title}"; the data carries the Communication id):
-
-curl -sS -X POST {base}/v1/devices -H 'Authorization: Bearer {api_token}' \\
-  -H 'Content-Type: application/json' \\
-  -d '{{"patient": "Patient/{patient_id}", "token": "{DEMO_PUSH_TOKEN}"}}'
-curl -sS -X POST {base}/v1/messages \\
-  -H 'Authorization: Bearer {api_token}' -H 'Prefer: wait=10' \\
-  -H 'Content-Type: application/json' \\
-  -d '{{"resourceType": "Communication", "recipient": [{{"reference": "Patient/{patient_id}"}}],
-       "payload": [{{"contentString": "Your results are ready"}}], "channel": "push"}}'
-curl -s '{origin}/__requests?provider=fcm'
-"""
 def _dev_key(log_dir: Path) -> str:
     """make run's data key: made once and kept beside its Redis data (owner-only), so what
     an earlier run sealed still opens."""
@@ -536,7 +493,7 @@ def cmd_run(_: Settings | None, args: argparse.Namespace) -> int:
                         "TWILIO_FROM_NUMBER": DEMO_CLINIC_PHONE,
                         "SENDGRID_API_BASE_URL": providers_origin,
                         "SENDGRID_API_KEY": DEV_SENDGRID_KEY,
-                        "SENDGRID_FROM_EMAIL": "care@clinic.example",
+                        "SENDGRID_FROM_EMAIL": DEMO_CLINIC_EMAIL,
                         "API_TOKENS": os.environ.get("API_TOKENS", DEV_API_TOKEN),
                         # Inbound Parse posts come from the sandbox, signed with its key.
                         "SENDGRID_INBOUND_VERIFICATION_KEY": devstack.sandbox_inbound_key(
@@ -551,9 +508,9 @@ def cmd_run(_: Settings | None, args: argparse.Namespace) -> int:
         thread: dict[str, str] = {}
         if sandbox is not None:
             fhir = _fhir(settings)
-            demo = patient_with_phone(DEMO_PATIENT_PHONE)
-            demo["telecom"].append({"system": "email", "value": DEMO_PATIENT_EMAIL})
-            demo_id = fhir.create(demo, if_none_exist=[("phone", DEMO_PATIENT_PHONE)]
+            patient = patient_with_phone(DEMO_PATIENT_PHONE)
+            patient["telecom"].append({"system": "email", "value": DEMO_PATIENT_EMAIL})
+            demo_id = fhir.create(patient, if_none_exist=[("phone", DEMO_PATIENT_PHONE)]
                                   ).resource["id"]
             thread = _demo_thread(fhir, settings, demo_id)
             fhir.close()
@@ -565,81 +522,28 @@ def cmd_run(_: Settings | None, args: argparse.Namespace) -> int:
         flower_auth = os.environ.get("FLOWER_BASIC_AUTH") or f"admin:{secrets.token_urlsafe(9)}"
         stack.children.append(devstack.start_flower(child_env, log_dir, args.flower_port,
                                                     flower_auth))
+        demo.write_state(log_dir, {
+            "public_base_url": settings.public_base_url, "fhir_base_url": settings.fhir_base_url,
+            "fhir_token_url": settings.fhir_token_url, "providers_origin": providers_origin,
+            "twilio_account_sid": settings.twilio_account_sid,
+            "message_id_system": settings.message_id_system,
+            "clinic_phone": DEMO_CLINIC_PHONE, "clinic_email": DEMO_CLINIC_EMAIL,
+            "patient_phone": DEMO_PATIENT_PHONE, "patient_email": DEMO_PATIENT_EMAIL,
+            "patient_id": demo_id, **{k: thread.get(k, "") for k in ("thread_id",
+                                                                     "practitioner_id")}})
         print(f"""
-Switchboard is running (logs in {log_dir}).
-  webhook URL   {settings.public_base_url}/webhooks/twilio/sms
-  health        {settings.public_base_url}/healthz  and  /readyz
-  metrics       {settings.public_base_url}/metrics
-  Flower        http://127.0.0.1:{args.flower_port}  (user:password {flower_auth}; its
-                Prometheus metrics at /metrics)
-  FHIR          {settings.fhir_base_url}  (token: POST {settings.fhir_token_url})
-  Redis         {settings.redis_url}  (PHI sealed at rest with key id
-                {settings.sealer().current_id}; the key is in {log_dir / "data-encryption-key"}
-                unless DATA_ENCRYPTION_KEYS was set)
-  strategy      {settings.sms_thread_strategy}, unknown senders: {settings.unknown_sender_policy}
+Switchboard is running (logs in {log_dir}; Ctrl-C stops everything).
+  receiver  {settings.public_base_url}  (/healthz, /readyz, /metrics, /v1/messages)
+  FHIR      {settings.fhir_base_url}
+  Flower    http://127.0.0.1:{args.flower_port}  (user:password {flower_auth})
+  Redis     {settings.redis_url}""" + (f"""
+  providers {providers_origin}  (what was "sent": {providers_origin}/__requests)"""
+                                    if providers_origin else "") + f"""
 
-A signed SMS from the demo patient {DEMO_PATIENT_PHONE} (paste it into another shell):
-
-{signed_example(settings)}
-
-Then see it in the FHIR sandbox (newest Communications first):
-
-TOKEN=$(curl -s {settings.fhir_token_url} -d grant_type=client_credentials \
-  -d client_id={settings.fhir_client_id} -d client_secret=anything \
-  | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
-curl -s -H "Authorization: Bearer $TOKEN" \
-  '{settings.fhir_base_url}Communication?_sort=-_lastUpdated&_count=5'
-
-(the sandbox accepts any client secret). For a message the worker could not process, see
-`switchboard dlq list` with REDIS_URL={settings.redis_url}). Ctrl-C stops everything.
+Next, in another shell:  {_switchboard_command()} demo sms
+  (the demo patient texts the clinic; then try: demo reply, email, inbound-email, push;
+   docs/development.md says what each shows)
 """, flush=True)
-        if providers_origin:
-            shown_token = DEV_API_TOKEN if "API_TOKENS" not in os.environ else "$API_TOKEN"
-            print(f"""Outbound: sends go to the provider sandbox at {providers_origin}
-(see what was sent: curl -s {providers_origin}/__requests). Reply to the demo patient:
-
-curl -sS -X POST {settings.public_base_url}/v1/messages \\
-  -H 'Authorization: Bearer {shown_token}' -H 'Prefer: wait=10' \\
-  -H 'Content-Type: application/json' \\
-  -d '{{"resourceType": "Communication", "recipient": [{{"reference": "Patient/{demo_id}"}}],
-       "payload": [{{"contentString": "Thanks, see you soon"}}]}}'
-
-By email (the sandbox then posts SendGrid's signed delivery events to
-/webhooks/sendgrid/events; the request turns "delivered" and the Communication "completed"):
-
-curl -sS -X POST {settings.public_base_url}/v1/messages \\
-  -H 'Authorization: Bearer {shown_token}' -H 'Prefer: wait=10' \\
-  -H 'Content-Type: application/json' \\
-  -d '{{"resourceType": "Communication", "recipient": [{{"reference": "Patient/{demo_id}"}}],
-       "topic": {{"text": "Your appointment"}}, "channel": "email",
-       "payload": [{{"contentString": "See you on Tuesday"}}]}}'
-
-then: curl -s -H 'Authorization: Bearer {shown_token}' \\
-  {settings.public_base_url}/v1/messages/<id from the answer>
-(a bounce instead: curl -s -X POST {providers_origin}/__faults \\
-  -d '{{"provider": "sendgrid", "to": "{DEMO_PATIENT_EMAIL}", "event": "bounce"}}')
-
-An email from the demo patient {DEMO_PATIENT_EMAIL}, posted by the provider sandbox
-as SendGrid's Inbound Parse does (signed; "mode": "raw" posts the raw MIME message):
-
-{inbound_email_example(providers_origin, settings)}
-""", flush=True)
-        if thread:
-            print(f"""Automatic outbound: {thread["installed"]}; the FHIR sandbox posts every new
-reply to {settings.public_base_url}/webhooks/fhir/subscription (signed). Write a clinician's reply
-into the demo thread in FHIR (with TOKEN from above), and the SMS appears in the provider
-sandbox with nothing else to call:
-
-curl -sS -X POST -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/fhir+json' \\
-  '{settings.fhir_base_url}Communication' -d '{{"resourceType": "Communication",
-   "status": "in-progress", "partOf": [{{"reference": "Communication/{thread["thread"]}"}}],
-   "sender": {{"reference": "Practitioner/{thread["practitioner"]}"}},
-   "recipient": [{{"reference": "Patient/{demo_id}"}}],
-   "payload": [{{"contentString": "Your lab results are in; all normal."}}]}}'
-""" + (f"curl -s {providers_origin}/__requests\n" if providers_origin else ""), flush=True)
-        if providers_origin and settings.fcm_credentials():
-            print(push_example(settings, demo_id, DEV_API_TOKEN if "API_TOKENS" not in os.environ
-                               else "$API_TOKEN", providers_origin), flush=True)
         while all(_alive(c) for c in stack.children):
             time.sleep(0.5)
         print("a component exited; stopping", file=sys.stderr)
@@ -649,6 +553,24 @@ curl -sS -X POST -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application
         return 0
     finally:
         stack.stop()
+
+
+def _switchboard_command() -> str:
+    """How this console script was called (`.venv/bin/switchboard` under `make run`)."""
+    called = sys.argv[0] if Path(sys.argv[0]).name == "switchboard" else "switchboard"
+    return shlex.quote(os.path.relpath(called) if os.sep in called else called)
+
+
+def cmd_demo(_: Settings | None, args: argparse.Namespace) -> int:
+    """Send one demo through the stack `make run` started; print what happened."""
+    env = {**DEV_DEFAULTS, **{k: v for k, v in os.environ.items() if k in DEV_DEFAULTS}}
+    env["API_TOKEN"] = (os.environ.get("API_TOKENS") or DEV_API_TOKEN).split(",")[0].strip()
+    try:
+        print(demo.run_demo(args.flow, demo.load_stack(Path(args.log_dir), env), args.text))
+    except demo.DemoFailed as exc:
+        print(f"demo {args.flow}: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _demo_thread(fhir: FhirClient, settings: Settings, patient_id: str) -> dict[str, str]:
@@ -667,11 +589,9 @@ def _demo_thread(fhir: FhirClient, settings: Settings, patient_id: str) -> dict[
         "subject": {"reference": f"Patient/{patient_id}"}, "topic": {"text": "Demo thread"},
         "medium": [{"coding": [{"system": PARTICIPATION_MODE, "code": "SMSWRIT"}]}]},
         if_none_exist=[("identifier", f"{key}|demo-thread")]).resource
-    done = sub.install(fhir, settings.public_base_url,
-                       settings.fhir_subscription_secret.get_secret_value())
-    how = "created" if done.created else "updated"
-    return {"thread": str(thread["id"]), "practitioner": str(doctor["id"]),
-            "installed": f"Subscription/{done.resource.get('id')} {how}"}
+    sub.install(fhir, settings.public_base_url,
+                settings.fhir_subscription_secret.get_secret_value())
+    return {"thread_id": str(thread["id"]), "practitioner_id": str(doctor["id"])}
 
 
 def _alive(c: object) -> bool:
@@ -693,6 +613,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--fhir-port", type=int, default=0)
     run.add_argument("--log-dir", default=".run")
     run.set_defaults(func=cmd_run, needs_settings=False)
+    show = sub.add_parser("demo", help="with `make run` running: send one demo through it and "
+                                       "say what happened")
+    show.add_argument("flow", choices=demo.DEMOS, help="sms: the demo patient texts the clinic; "
+                      "reply: a clinician writes a reply into FHIR; email: the clinic emails "
+                      "the patient through /v1/messages; inbound-email: the patient emails the "
+                      "clinic; push: a push to the patient's registered phone")
+    show.add_argument("--text", help="the message text (else a demo text)")
+    show.add_argument("--log-dir", default=".run", help="the log directory of `make run`")
+    show.set_defaults(func=cmd_demo, needs_settings=False)
     check = sub.add_parser("check", help="validate the configuration and the dependencies")
     check.set_defaults(func=cmd_check, needs_settings=False)
 

@@ -1,6 +1,7 @@
 """The dead-letter store: every message that cannot be processed, durable and replayable.
 
-Celery on Redis has no native dead-letter queue (docs/design.md, "Celery settings that matter"), so this is one: a Redis hash
+Celery on Redis has no native dead-letter queue (docs/design.md, "Celery settings that
+matter"), so this is one: a Redis hash
 of entries (JSON) and a sorted set indexing them by last failure time. An entry's id is derived
 from the task name and payload, so the same message failing again (say, after a replay) updates
 its one entry instead of adding another, and a replay that succeeds can remove it by that id.
