@@ -114,8 +114,9 @@ class Settings(BaseSettings):
     email_thread_strategy: ThreadStrategy = "conversation"
     # Size of a whole email above which its attachments are left out (its text still lands).
     email_max_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
-    # Conversation ids on email thread headers (the root of References). The idempotency key
-    # of an inbound email (its Message-ID) uses worker.channels.sendgrid's
+    # Conversation ids on email thread headers (the root of References, scoped by the sender).
+    # An inbound email is keyed on (sender, Message-ID) under worker.channels.sendgrid's
+    # EMAIL_INBOUND_KEY_SYSTEM, and carries its bare Message-ID under
     # EMAIL_INBOUND_MESSAGE_ID_SYSTEM, which the outbound side reads to answer it.
     email_conversation_id_system: str = "urn:switchboard:email-conversation"
     outbound_request_system: str = "urn:switchboard:outbound-request"

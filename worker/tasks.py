@@ -22,7 +22,7 @@ from worker.broker.celery_app import (
 )
 from worker.broker.retry import SwitchboardTask
 from worker.channels import twilio
-from worker.channels.sendgrid import EMAIL_INBOUND_MESSAGE_ID_SYSTEM
+from worker.channels.sendgrid import EMAIL_INBOUND_KEY_SYSTEM
 from worker.channels.sendgrid_inbound import clinic_mailbox
 from worker.channels.twilio import TwilioSms
 from worker.fhir.devices import apply_device_change
@@ -67,7 +67,7 @@ def inbound_email(self: SwitchboardTask, record: dict[str, Any], meta: dict[str,
     """Write one inbound email (the receiver's email record) to FHIR."""
     rt = get_runtime()
     s = rt.settings
-    systems = replace(rt.systems, message=EMAIL_INBOUND_MESSAGE_ID_SYSTEM,
+    systems = replace(rt.systems, message=EMAIL_INBOUND_KEY_SYSTEM,
                       conversation=s.email_conversation_id_system)
     clinic = ({"reference": s.clinic_reference} if s.clinic_reference else
               {"identifier": {"system": s.clinic_number_system,

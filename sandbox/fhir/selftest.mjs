@@ -207,6 +207,30 @@ const header = {
   ok((await req('GET', '/Communication/nope')).status === 404, 'read missing -> 404');
 }
 
+// --- Medplum's size limits: JSON bodies over 1 MiB refused, raw Binary uploads stored as bytes
+{
+  const big = 'x'.repeat(1024 * 1024 + 10);
+  const tooBig = await post('/Communication', { resourceType: 'Communication', status: 'completed', payload: [{ contentString: big }] });
+  ok(tooBig.status === 400 && text(tooBig.json) === 'File too large', 'JSON body over 1 MiB -> 400 File too large');
+  const photo = Buffer.alloc(2 * 1024 * 1024);
+  for (let i = 0; i < photo.length; i++) {
+    photo[i] = (i * 7919) % 256;
+  }
+  const inJson = await post('/Binary', { resourceType: 'Binary', contentType: 'image/jpeg', data: photo.toString('base64') });
+  ok(inJson.status === 400, 'base64 Binary of 2 MB -> 400');
+  const up = await fetch(`${fhir}/Binary`, { method: 'POST', headers: { Authorization: `Bearer ${token}`, 'Content-Type': 'image/jpeg', Accept: 'application/fhir+json' }, body: photo });
+  const created = await up.json();
+  ok(up.status === 201 && created.resourceType === 'Binary' && created.contentType === 'image/jpeg' && created.data === undefined, 'raw Binary upload -> 201, no data in the resource');
+  const back = await fetch(`${fhir}/Binary/${created.id}`, { headers: { Authorization: `Bearer ${token}`, Accept: 'image/jpeg' } });
+  ok(back.status === 200 && back.headers.get('content-type') === 'image/jpeg', 'raw Binary read with its type in Accept');
+  ok(Buffer.from(await back.arrayBuffer()).equals(photo), 'raw Binary reads back byte-identical');
+  const asJson = await req('GET', `/Binary/${created.id}`, undefined, { Accept: 'application/fhir+json' });
+  ok(asJson.status === 200 && asJson.json.id === created.id, 'the Binary reads as JSON with a FHIR Accept');
+  const small = await post('/Binary', { resourceType: 'Binary', contentType: 'text/plain', data: Buffer.from('hi').toString('base64') });
+  const smallBack = await fetch(`${fhir}/Binary/${small.json.id}`, { headers: { Authorization: `Bearer ${token}`, Accept: 'text/plain' } });
+  ok((await smallBack.text()) === 'hi', 'a JSON-created Binary is served raw too');
+}
+
 // --- transaction
 function txBundle(suffix, extra = []) {
   const hdr = 'urn:uuid:11111111-1111-4111-8111-' + suffix.padStart(12, '0');

@@ -42,6 +42,10 @@ import { Notifier, writesOf } from './subscriptions.mjs';
 
 const FHIR_PREFIX = '/fhir/R4';
 const MAX_BODY_BYTES = 32 * 1024 * 1024;
+// Medplum parses JSON bodies with express's json() at `maxJsonSize`, default '1mb' (1 MiB), and
+// its error handler answers an oversized one 400 "File too large" (not 413). Raw Binary uploads
+// are streamed to its binary storage instead and have no such limit.
+const MAX_JSON_BYTES = 1024 * 1024;
 const FHIR_JSON = 'application/fhir+json; charset=utf-8';
 
 // ---------------------------------------------------------------------------------------------
@@ -371,6 +375,7 @@ const state = {
   contentionDefaults: { rate: 0, attempts: 2, retryMs: 50, transactionMs: 5 },
   serializableCommits: 0, // commits of serializable writes so far (the "clock" overlaps are read on)
   resourceCommits: new Map(), // 'Type/id' -> writes committed to that resource (If-Match's clock)
+  binaryData: new Map(), // Binary id -> bytes uploaded raw (Medplum's binary storage)
 };
 
 function newStats() {
@@ -526,6 +531,10 @@ function loadDefinitions() {
 // HTTP helpers
 
 function readBody(req) {
+  return readBytes(req).then((bytes) => bytes.toString('utf8'));
+}
+
+function readBytes(req) {
   return new Promise((resolve, reject) => {
     const chunks = [];
     let size = 0;
@@ -538,7 +547,7 @@ function readBody(req) {
       }
       chunks.push(chunk);
     });
-    req.on('end', () => resolve(Buffer.concat(chunks).toString('utf8')));
+    req.on('end', () => resolve(Buffer.concat(chunks)));
     req.on('error', reject);
   });
 }
@@ -695,19 +704,35 @@ async function handleFhir(req, res, url) {
 
   let body;
   let bodyText = '';
+  let bytes;
   try {
-    bodyText = await readBody(req);
+    bytes = await readBytes(req);
+  } catch (err) {
+    sendFhir(res, err.status ?? 400, outcomeFor(err.status ?? 400, err.message));
+    return;
+  }
+  const fhirUrl = url.slice(FHIR_PREFIX.length) || '/';
+  if (method === 'POST' && fhirUrl.split('?')[0] === '/Binary' && isRawContentType(req.headers['content-type'])) {
+    await createRawBinary(req, res, bytes);
+    return;
+  }
+  const rawBinary = method === 'GET' ? rawBinaryRead(fhirUrl, req.headers.accept) : undefined;
+  if (rawBinary) {
+    await readRawBinary(res, rawBinary);
+    return;
+  }
+  if (bytes.length > MAX_JSON_BYTES) {
+    sendFhir(res, 400, badRequest('File too large'));
+    return;
+  }
+  try {
+    bodyText = bytes.toString('utf8');
     body = parseJsonBody(bodyText);
   } catch (err) {
-    if (err.status === 413) {
-      sendFhir(res, 413, outcomeFor(413, err.message));
-    } else {
-      sendFhir(res, 400, badRequest(`Invalid JSON body: ${err.message}`));
-    }
+    sendFhir(res, 400, badRequest(`Invalid JSON body: ${err.message}`));
     return;
   }
 
-  const fhirUrl = url.slice(FHIR_PREFIX.length) || '/';
   const fhirRequest = {
     method,
     url: fhirUrl,
@@ -771,6 +796,60 @@ async function handleFhir(req, res, url) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Binary storage: Medplum keeps a Binary's bytes outside the resource. `POST /Binary` with the
+// file's own Content-Type (not JSON) stores the body as is and answers 201 with the Binary
+// resource (no `data`); `GET /Binary/<id>` with anything but JSON in Accept answers the bytes
+// with the stored Content-Type. A Binary created as JSON with base64 `data` is served raw too.
+
+/** True when a Content-Type names a file rather than a FHIR JSON body. */
+function isRawContentType(contentType) {
+  const mime = String(contentType ?? '').split(';')[0].trim().toLowerCase();
+  return mime !== '' && mime !== 'application/fhir+json' && mime !== 'application/json';
+}
+
+/** The Binary id of a `GET /Binary/<id>` that asks for the bytes (Accept not JSON), else undefined. */
+function rawBinaryRead(fhirUrl, accept) {
+  const match = /^\/Binary\/([A-Za-z0-9\-.]{1,64})$/.exec(fhirUrl);
+  const wanted = String(accept ?? '').toLowerCase();
+  if (!match || wanted === '' || wanted.includes('json') || wanted.includes('*/*')) {
+    return undefined;
+  }
+  return match[1];
+}
+
+async function createRawBinary(req, res, bytes) {
+  const contentType = String(req.headers['content-type']).split(';')[0].trim().toLowerCase();
+  const [outcome, resource] = await serialised(() =>
+    state.repo
+      .createResource({ resourceType: 'Binary', contentType })
+      .then((created) => {
+        state.binaryData.set(created.id, bytes);
+        return [{ resourceType: 'OperationOutcome', id: 'created', issue: [{ severity: 'information', code: 'informational' }] }, created];
+      })
+      .catch((err) => [normalizeOperationOutcome(err)])
+  );
+  if (!resource) {
+    sendFhir(res, getStatus(outcome), outcome);
+    return;
+  }
+  sendFhir(res, 201, resource, {
+    ETag: `W/"${resource.meta?.versionId}"`,
+    Location: `${baseUrl(req)}/Binary/${resource.id}`,
+  });
+}
+
+async function readRawBinary(res, id) {
+  const resource = await serialised(() => state.repo.readResource('Binary', id).catch(() => undefined));
+  if (!resource) {
+    sendFhir(res, 404, notFound);
+    return;
+  }
+  const bytes = state.binaryData.get(id) ?? Buffer.from(resource.data ?? '', 'base64');
+  res.writeHead(200, { 'Content-Type': resource.contentType, 'Content-Length': bytes.length });
+  res.end(bytes);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Test-control routes
 
 /** The JSON body of a control request ({} when empty); undefined after answering 400. */
@@ -789,6 +868,7 @@ async function handleControl(req, res, path, bodyText) {
     await serialised(() => {
       state.repo = new SandboxRepository();
       state.resourceCommits = new Map();
+      state.binaryData = new Map();
       state.faults = [];
       state.contention = { ...state.contentionDefaults };
       state.notifier.reset();

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures as cf
+import hashlib
+import json
 import re
 import time
 from pathlib import Path
@@ -85,6 +87,21 @@ def queued(svc: Service) -> int:
     return int(svc.redis.llen("inbound")) + int(svc.redis.hlen("switchboard:inbox:entries"))
 
 
+def scoped(sender: str, message_id: str) -> str:
+    """A Message-ID scoped by its sender, as inbound keys and conversation ids are."""
+    return f"sender:{hashlib.sha256(sender.lower().encode()).hexdigest()[:16]}:{message_id}"
+
+
+def binary_bytes(sandbox: Sandbox, url: str, content_type: str) -> bytes:
+    """The bytes of a Binary (`Binary/<id>`), read as Medplum serves them: its own type in
+    Accept."""
+    resp = httpx.get(f"{sandbox.settings.fhir_base_url.rstrip('/')}/{url}", timeout=30,
+                     headers={"Authorization": f"Bearer {sandbox.token()}",
+                              "Accept": content_type})
+    assert resp.status_code == 200, resp.text[:300]
+    return resp.content
+
+
 BODY_CASES = [
     ("parsed plain", lambda mid: parsed_post(PATIENT, text="Can I come on Friday?",
                                              message_id=mid), "Can I come on Friday?"),
@@ -127,7 +144,7 @@ def test_emails_in_both_modes_and_charsets_land_as_text(services: Services, sand
         header = header_of(sandbox, msg)
         assert header["topic"]["text"] == "Question about my appointment"
         assert header["identifier"][0] == {"system": "urn:switchboard:email-conversation",
-                                           "value": ids[case]}
+                                           "value": scoped(PATIENT, ids[case])}
     assert svc.dead_letters.count() == 0
 
 
@@ -148,11 +165,9 @@ def test_attachment_becomes_a_binary_once_and_the_quoted_original_is_kept(
     pdf, original = (p["contentAttachment"] for p in msg["payload"][1:])
     assert (pdf["contentType"], pdf["title"], pdf["size"]) == ("application/pdf", "results.pdf",
                                                                len(PDF))
-    binary = sandbox.fhir.read("Binary", pdf["url"].split("/")[1]).resource
-    assert base64.b64decode(binary["data"]) == PDF
+    assert binary_bytes(sandbox, pdf["url"], "application/pdf") == PDF
     assert original["title"] == "original-message.txt"
-    full = sandbox.fhir.read("Binary", original["url"].split("/")[1]).resource
-    assert base64.b64decode(full["data"]).decode() == text
+    assert binary_bytes(sandbox, original["url"], "text/plain").decode() == text
     assert header_of(sandbox, msg)["topic"]["text"] == "Lab results"
     eventually(lambda: processed(svc) >= before + 2 or None,
                what="the second delivery processed")
@@ -180,6 +195,126 @@ def test_an_oversized_email_lands_with_its_text_and_a_note(services: Services,
                                  text) else None
 
     eventually(counted, what="the omitted attachment counted")
+
+
+def test_a_2mb_photo_and_a_3mb_text_land_whole(services: Services, sandbox: Sandbox) -> None:
+    """Issue 26 finding 4: both are under EMAIL_MAX_BYTES, and Medplum refuses a JSON body or a
+    base64Binary over 1 MiB: the photo goes up as a raw Binary, the text is cut below the limit
+    with the whole kept as original-message.txt. (Before: a fhir-400 dead letter.)"""
+    svc = services.get(SENDGRID_INBOUND_VERIFICATION_KEY=VERIFICATION_KEY)
+    email_patient(sandbox)
+    photo = bytes((i * 7919) % 256 for i in range(2 * 1024 * 1024))
+    text = "Day 1: the rash spread to my arm, and it itches at night.\n" * 52_000  # 3 MB
+    mid = new_message_id()
+    deliver(svc, raw_post(PATIENT, raw_email(PATIENT, subject="Rash diary", text=text,
+                                             message_id=mid,
+                                             attachments=[("rash.jpg", "image/jpeg", photo)])))
+    msg = eventually(lambda: messages(sandbox, mid) or svc.dead_letters.list() or None,
+                     timeout=90, what="the large email written")
+    assert svc.dead_letters.count() == 0, [(e.reason, e.detail) for e in svc.dead_letters.list()]
+    (msg,) = msg
+    shown = msg["payload"][0]["contentString"]
+    assert text.startswith(shown) and 100_000 < len(shown) < len(text)
+    jpg, original = (p["contentAttachment"] for p in msg["payload"][1:])
+    assert (jpg["title"], jpg["contentType"], jpg["size"]) == ("rash.jpg", "image/jpeg",
+                                                               len(photo))
+    assert binary_bytes(sandbox, jpg["url"], "image/jpeg") == photo
+    assert original["title"] == "original-message.txt"
+    assert binary_bytes(sandbox, original["url"], "text/plain").decode() == text
+    assert "original-message.txt" in msg["note"][0]["text"]
+
+
+def test_a_json_attachment_is_stored_as_its_bytes(services: Services, sandbox: Sandbox) -> None:
+    """A raw upload typed as JSON would be read by the server as a resource of the sender's
+    choosing: it is stored as plain bytes, byte-identical."""
+    svc = services.get(SENDGRID_INBOUND_VERIFICATION_KEY=VERIFICATION_KEY)
+    email_patient(sandbox)
+    forged = json.dumps({"resourceType": "Binary", "contentType": "text/html",
+                         "data": base64.b64encode(b"<script>x</script>").decode()}).encode()
+    mid = new_message_id()
+    deliver(svc, parsed_post(PATIENT, text="My data export", message_id=mid,
+                             attachments=[("export.json", "application/json", forged)]))
+    (item,) = (p["contentAttachment"] for p in landed(sandbox, mid)["payload"][1:])
+    assert item["contentType"] == "application/json"
+    assert binary_bytes(sandbox, item["url"], "application/octet-stream") == forged
+
+
+def test_references_to_another_patients_conversation_open_a_new_thread(
+        services: Services, sandbox: Sandbox) -> None:
+    """Issue 26 finding 5: patient A's authenticated email naming the root of B's conversation
+    (a relative's reply-all) lands in A's own thread, never in B's."""
+    svc = services.get(SENDGRID_INBOUND_VERIFICATION_KEY=VERIFICATION_KEY)
+    b = email_patient(sandbox)
+    a = email_patient(sandbox, "relative@example.net")
+    root = new_message_id()
+    deliver(svc, parsed_post(PATIENT, subject="My results", text="B writes", message_id=root))
+    b_thread = landed(sandbox, root)["partOf"]
+    mid = new_message_id("example.net")
+    deliver(svc, parsed_post("relative@example.net", subject="Re: My results",
+                             text="A writes", message_id=mid, in_reply_to=root,
+                             references=[root]))
+    msg = landed(sandbox, mid)
+    assert msg["sender"]["reference"] == f"Patient/{a['id']}"
+    assert msg["partOf"] != b_thread
+    assert header_of(sandbox, msg)["subject"]["reference"] == f"Patient/{a['id']}"
+    b_header = header_of(sandbox, landed(sandbox, root))
+    assert b_header["subject"]["reference"] == f"Patient/{b['id']}"
+    assert [m["id"] for m in sandbox.all("Communication", **{"part-of": b_thread[0][
+        "reference"]})] == [landed(sandbox, root)["id"]]
+    # B's own answer in that conversation still joins B's thread.
+    again = new_message_id()
+    deliver(svc, parsed_post(PATIENT, text="B again", message_id=again, in_reply_to=root,
+                             references=[root]))
+    assert landed(sandbox, again)["partOf"] == b_thread
+    assert svc.dead_letters.count() == 0
+
+
+def test_the_same_message_id_from_two_senders_is_two_emails(services: Services,
+                                                            sandbox: Sandbox) -> None:
+    """Issue 26 finding 9: a Message-ID reused by another sender's mailer is not a repeat."""
+    svc = services.get(SENDGRID_INBOUND_VERIFICATION_KEY=VERIFICATION_KEY)
+    email_patient(sandbox)
+    email_patient(sandbox, "other.patient@example.net")
+    mid = new_message_id("reused.example")
+    before = processed(svc)
+    deliver(svc, parsed_post(PATIENT, text="first sender", message_id=mid))
+    landed(sandbox, mid)
+    deliver(svc, parsed_post("other.patient@example.net", text="second sender", message_id=mid))
+    eventually(lambda: processed(svc) >= before + 2 or None, what="both emails processed")
+    texts = sorted(m["payload"][0]["contentString"] for m in messages(sandbox, mid))
+    assert texts == ["first sender", "second sender"]
+    deliver(svc, parsed_post("other.patient@example.net", text="second sender",
+                             message_id=mid))  # SendGrid's retry of it is still one
+    eventually(lambda: processed(svc) >= before + 3 or None, what="the retry processed")
+    assert len(messages(sandbox, mid)) == 2
+    assert svc.dead_letters.count() == 0
+
+
+def test_a_line_break_in_a_subject_never_reaches_sendgrid(
+        services: Services, sandbox: Sandbox, providers: ProviderSandbox) -> None:
+    """Issue 26 finding 13: a decoded subject (stored as the topic) or a topic typed in the EHR
+    with CR/LF goes out on one line."""
+    from tests.conftest import outbound_env
+    from tests.integration.test_email_events import reply, send_email
+
+    providers.reset()
+    svc = services.get(**outbound_env(providers,
+                                      SENDGRID_INBOUND_VERIFICATION_KEY=VERIFICATION_KEY))
+    patient = email_patient(sandbox)
+    mid = new_message_id()
+    email = raw_email(PATIENT, text="Hello", message_id=mid).replace(
+        b"Subject: Question about my appointment",
+        b"Subject: =?utf-8?q?Hi=0D=0ABcc=3A_all=40example=2Eorg?=")
+    deliver(svc, raw_post(PATIENT, email))
+    header = header_of(sandbox, landed(sandbox, mid))
+    assert header["topic"]["text"] == "Hi Bcc: all@example.org"
+    send_email(svc, reply(sandbox, header, patient, "Noted"))
+    header["topic"]["text"] = "Results\r\nBcc: all@example.org\r\n\r\nInjected body"
+    sandbox.fhir.update(header)
+    send_email(svc, reply(sandbox, header, patient, "Noted again"))
+    subjects = [m["json"]["subject"] for m in providers.requests("sendgrid")]
+    assert subjects == ["Re: Hi Bcc: all@example.org",
+                        "Re: Results Bcc: all@example.org Injected body"]
 
 
 def test_a_reply_to_an_email_we_sent_joins_that_thread_through_a_long_chain(
@@ -221,7 +356,7 @@ def test_a_reply_to_an_email_we_sent_joins_that_thread_through_a_long_chain(
                              references=[*chain, a]))
     first, second = landed(sandbox, a), landed(sandbox, b)
     assert first["partOf"] == second["partOf"] != reply["partOf"]
-    assert header_of(sandbox, first)["identifier"][0]["value"] == chain[0]
+    assert header_of(sandbox, first)["identifier"][0]["value"] == scoped(PATIENT, chain[0])
 
 
 def test_the_round_trip_by_email(services: Services, sandbox: Sandbox,

@@ -192,6 +192,10 @@ def test_verification_key_is_checked_at_start_up() -> None:
     ("Fw: AW: SV: x", "Re: x"),
     ("Re: ", "Re: Message from your care team"),
     ("Results: ready", "Re: Results: ready"),
+    # A topic with a line break (a decoded subject, a topic typed in the EHR) stays on one line.
+    ("Hi\r\nBcc: all@example.org", "Re: Hi Bcc: all@example.org"),
+    ("Re: Hi\nX-Evil: 1\x00\x85\u2028end", "Re: Hi X-Evil: 1 end"),
+    ("\r\n", "Re: Message from your care team"),
 ])
 def test_reply_subject(topic: str, subject: str) -> None:
     assert reply_subject(topic) == subject

@@ -4,6 +4,8 @@ authentication, threading ids, body cleaning, request signatures."""
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import time
 from typing import Any
 
@@ -19,6 +21,7 @@ from tests.email_payloads import (
     raw_post,
     signed,
 )
+from worker.channels.sendgrid import EMAIL_INBOUND_MESSAGE_ID_SYSTEM
 from worker.channels.sendgrid_inbound import (
     InvalidEmail,
     aligned,
@@ -40,6 +43,7 @@ from worker.channels.sendgrid_signing import (
     load_verification_key,
     verify_signed_request,
 )
+from worker.fhir.resources import MAX_TEXT_BYTES, fit_text
 
 PATIENT = "pat.example@example.org"
 MB = 1024 * 1024
@@ -129,16 +133,73 @@ def test_an_email_over_the_limit_keeps_its_text_and_names_what_it_leaves_out(mod
     assert msg.notes and "scan.pdf" in msg.notes[0] and str(len(big)) in msg.notes[0]
 
 
+def scoped(sender: str, message_id: str) -> str:
+    """An id scoped by its sender, as message_key and conversation_id make it."""
+    return f"sender:{hashlib.sha256(sender.lower().encode()).hexdigest()[:16]}:{message_id}"
+
+
 def test_threading_ids_root_of_references_then_in_reply_to_then_own() -> None:
     chain = [new_message_id() for _ in range(40)]
     long_chain = record_of(parsed_post(PATIENT, in_reply_to=chain[-1], references=chain))
-    assert conversation_id(long_chain) == chain[0]
+    assert conversation_id(long_chain) == scoped(PATIENT, chain[0])
     ids = replied_ids(long_chain)
     assert ids[0] == chain[-1] and ids[-1] == chain[0] and len(ids) == 40
     only_reply = record_of(parsed_post(PATIENT, in_reply_to=chain[3]))
-    assert conversation_id(only_reply) == chain[3]
+    assert conversation_id(only_reply) == scoped(PATIENT, chain[3])
     own = record_of(parsed_post(PATIENT))
-    assert conversation_id(own) == own["message_id"] == message_key(own)
+    assert conversation_id(own) == scoped(PATIENT, own["message_id"]) == message_key(own)
+
+
+def test_another_senders_references_name_another_conversation() -> None:
+    """Issue 26 finding 5: a relative's reply-all names the patient's root Message-ID; it must
+    not be the patient's conversation."""
+    root = new_message_id()
+    patients = record_of(parsed_post(PATIENT, message_id=root))
+    relatives = record_of(parsed_post("relative@example.net", in_reply_to=root,
+                                      references=[root]))
+    again = record_of(parsed_post(PATIENT.upper(), in_reply_to=root, references=[root]))
+    assert conversation_id(relatives) != conversation_id(patients) == conversation_id(again)
+    assert PATIENT not in conversation_id(patients)  # a digest, not the address
+
+
+def test_the_idempotency_key_is_the_sender_and_the_message_id() -> None:
+    """Issue 26 finding 9: a Message-ID reused by another sender is another email."""
+    mid = new_message_id()
+    first = record_of(parsed_post(PATIENT, message_id=mid, text="first"))
+    other = record_of(parsed_post("someone.else@example.net", message_id=mid, text="other"))
+    resent = record_of(parsed_post("Pat.Example@Example.org", message_id=mid, text="first"))
+    assert message_key(first) != message_key(other)
+    assert message_key(first) == message_key(resent) == scoped(PATIENT, mid)
+    # The bare Message-ID is still recorded (a reply by email answers it).
+    msg = to_inbound(first, "2026-11-30T10:00:00Z", ())
+    assert msg.provider_message_id == message_key(first)
+    assert msg.identifiers == ((EMAIL_INBOUND_MESSAGE_ID_SYSTEM, mid),)
+
+
+def test_a_text_too_long_for_one_fhir_string_is_cut_and_kept_whole() -> None:
+    """Issue 26 finding 4: a 3 MB text is cut below Medplum's limits; the whole is attached."""
+    text = "Ünïcödé line of my diary, with a quote \" and a tab\t.\n" * 60_000  # ~3.4 MB
+    body = body_of(record_of(parsed_post(PATIENT, text=text)))
+    assert body.cut and body.original == text and body.original_type == "text/plain"
+    assert len(json.dumps(body.text, ensure_ascii=False).encode()) - 2 <= MAX_TEXT_BYTES
+    assert text.startswith(body.text) and len(body.text) > MAX_TEXT_BYTES // 4
+    msg = to_inbound(record_of(parsed_post(PATIENT, text=text)), "2026-11-30T10:00:00Z", ())
+    assert any("original-message.txt" in n and str(len(body.text)) in n for n in msg.notes)
+    short = body_of(record_of(parsed_post(PATIENT, text="Short and whole.")))
+    assert not short.cut and short.original == ""
+
+
+@pytest.mark.parametrize("text", ["", "a", "日本語" * 10, "\n" * 100, "x\"" * 50, "é" * 33])
+@pytest.mark.parametrize("limit", [1, 7, 64])
+def test_fit_text_keeps_the_longest_prefix_that_fits(text: str, limit: int) -> None:
+    def size(t: str) -> int:
+        return len(json.dumps(t, ensure_ascii=False).encode()) - 2
+
+    fitted, cut = fit_text(text, limit)
+    assert text.startswith(fitted) and size(fitted) <= limit
+    assert cut == (fitted != text)
+    if cut:
+        assert size(text[:len(fitted) + 1]) > limit
 
 
 def test_without_message_id_the_key_is_a_stable_digest() -> None:
@@ -154,9 +215,22 @@ def test_without_message_id_the_key_is_a_stable_digest() -> None:
 @pytest.mark.parametrize(("subject", "expected"), [
     ("Re: Appointment", "Appointment"), ("RE: Fwd: Appointment", "Appointment"),
     ("Fw: AW: Termin", "Termin"), ("Re[2]: Results", "Results"), ("Results", "Results"),
-    ("Regarding: x", "Regarding: x")])
+    ("Regarding: x", "Regarding: x"),
+    # Issue 26 finding 13: the topic is stored and becomes every reply's subject.
+    ("Re: Hi\r\nBcc: all@example.org", "Hi Bcc: all@example.org"),
+    ("Hi\x00\x1b[31m\u2028\tthere", "Hi [31m there"), ("\r\n", ""),
+    ("x" * 600, "x" * 250)])
 def test_topic_drops_reply_and_forward_prefixes(subject: str, expected: str) -> None:
     assert topic(subject) == expected
+
+
+def test_an_encoded_line_break_in_the_subject_does_not_reach_the_topic() -> None:
+    email = raw_email(PATIENT)
+    email = email.replace(b"Subject: Question about my appointment",
+                          b"Subject: =?utf-8?q?Hi=0D=0ABcc=3A_all=40example=2Eorg?=")
+    record = record_of(raw_post(PATIENT, email))
+    assert "\n" in record["subject"]  # the decoded header holds the line break
+    assert to_inbound(record, "2026-11-30T10:00:00Z", ()).topic == "Hi Bcc: all@example.org"
 
 
 SENDER_CASES = [

@@ -40,6 +40,9 @@ class InboundMessage:
     topic: str = ""
     # Things the clinic must know that are not the message itself (attachments left out).
     notes: tuple[str, ...] = ()
+    # More identifiers (system, value) the message is written with, besides its idempotency
+    # key: an email's own Message-ID, which a reply by email answers.
+    identifiers: tuple[tuple[str, str], ...] = ()
 
     def conversation_key(self) -> str:
         """External conversation id: the provider's, else the pair (patient, clinic address)."""

@@ -34,6 +34,26 @@ EMAIL_MESSAGE_ID_SYSTEM = "urn:ietf:rfc:5322"
 # (or an inbound idempotency key collide with an outbound id) by reusing a Message-ID. A reply
 # by email answers the patient's last email by this id.
 EMAIL_INBOUND_MESSAGE_ID_SYSTEM = "urn:switchboard:email-message-id:inbound"
+# Identifier system of an inbound email's idempotency key (sendgrid_inbound.message_key: the
+# sender and the Message-ID), the one its conditional create is keyed on. Not the Message-ID
+# alone: mailers reuse Message-IDs and anyone can copy one, and a second sender's email with
+# the same Message-ID must be written, not skipped as a repeat.
+EMAIL_INBOUND_KEY_SYSTEM = "urn:switchboard:email-inbound-key"
+
+# What a subject says when nothing is left of the topic.
+DEFAULT_SUBJECT = "Message from your care team"
+# Longer subjects are cut (RFC 5322 lines stop at 998 characters; mail clients show far less).
+MAX_SUBJECT_CHARS = 250
+# Control characters (C0, DEL, C1) and Unicode line/paragraph separators.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def clean_subject(text: str) -> str:
+    """`text` as a one-line subject (pure): every control character (CR, LF, tab, NUL, …) and
+    line separator becomes a space, runs of white space one space, the ends trimmed, at most
+    MAX_SUBJECT_CHARS. A topic holding a line break (a decoded `=?utf-8?q?Hi=0D=0ABcc:…?=`
+    subject, a topic typed in the EHR) would otherwise go out as more header lines."""
+    return " ".join(_CONTROL.sub(" ", text).split())[:MAX_SUBJECT_CHARS].strip()
 
 # Event Webhook (docs/design.md, "Broker and provider facts"): ECDSA P-256 / SHA-256 over the
 # timestamp followed by the raw body, base64 DER signature.
@@ -104,7 +124,9 @@ class SendGridEmail:
 
         message_id = message.message_id or (
             f"<{message.communication_id}.{uuid.uuid4().hex[:12]}@{self._domain}>")
-        mail = Mail(from_email=self._from, to_emails=message.to, subject=message.subject,
+        # Every subject is cleaned here, whoever built it: this is where it becomes a header.
+        mail = Mail(from_email=self._from, to_emails=message.to,
+                    subject=clean_subject(message.subject) or DEFAULT_SUBJECT,
                     plain_text_content=email_text(message))
         mail.add_header(Header("Message-ID", message_id))
         if message.in_reply_to:

@@ -27,8 +27,14 @@ from email.utils import getaddresses, parseaddr
 from typing import Any
 
 from worker.channels import Attachment, InboundMessage
-from worker.channels.sendgrid import CHANNEL, MEDIUM_CODE
+from worker.channels.sendgrid import (
+    CHANNEL,
+    EMAIL_INBOUND_MESSAGE_ID_SYSTEM,
+    MEDIUM_CODE,
+    clean_subject,
+)
 from worker.errors import PermanentError
+from worker.fhir.resources import fit_text
 
 # SendGrid refuses emails over 30 MB; the form or raw message is a little larger than that.
 MAX_REQUEST_BYTES = 40 * 1024 * 1024
@@ -39,6 +45,8 @@ _CONTENT_TYPE = re.compile(r"[a-z0-9][\w.+\-]{0,63}/[\w.+\-]{1,127}")
 REPLY_LANGUAGES = ["en", "de", "fr", "es", "it", "nl", "pt", "sv", "ja"]
 # The longest References chain we look through for a message we sent (newest first).
 MAX_REFERENCES = 50
+# File names of the full original kept as an attachment when the text shown is less than it.
+ORIGINAL_TITLE = {"text/plain": "original-message.txt", "text/html": "original-message.html"}
 
 
 class InvalidEmail(ValueError):
@@ -353,21 +361,35 @@ def sender_authentication(record: Mapping[str, Any]) -> str | None:
 
 # -- the message ---------------------------------------------------------------------------------
 
+def _for_sender(record: Mapping[str, Any], value: str) -> str:
+    """`value` scoped by the sender: `sender:<digest of the lower-cased From>:<value>`.
+
+    Message-IDs are chosen by the sender's side: mailers reuse them, and anyone can copy one
+    from a header they have seen (a reply-all, a forward). Scoped this way, another sender's
+    Message-ID can neither make their email a "repeat" of ours nor put it in our thread. The
+    digest keeps the address out of identifiers and Redis keys."""
+    sender = str(record.get("from") or "").strip().lower()
+    return f"sender:{hashlib.sha256(sender.encode('utf-8', 'replace')).hexdigest()[:16]}:{value}"
+
+
 def message_key(record: Mapping[str, Any]) -> str:
-    """The email's idempotency key: its Message-ID, else a digest of (from, date, subject,
-    body) that a resend of the same email reproduces."""
+    """The email's idempotency key: (sender, Message-ID), else a digest of (from, date,
+    subject, body) that a resend of the same email reproduces."""
     if record.get("message_id"):
-        return str(record["message_id"])
+        return _for_sender(record, str(record["message_id"]))
     parts = [str(record.get(k) or "") for k in ("from", "date", "subject", "text", "html")]
     return "sha256:" + hashlib.sha256("\x1f".join(parts).encode("utf-8", "replace")).hexdigest()
 
 
 def conversation_id(record: Mapping[str, Any]) -> str:
-    """The conversation an email belongs to: the root of References, else In-Reply-To, else
-    the email's own key."""
+    """The conversation an email belongs to, for this sender: the root of References, else
+    In-Reply-To, else the email's own key. A thread another sender started is never joined
+    through its Message-ID (a reply-all from a relative opens the relative's own thread);
+    answering an email we sent is matched by ownership instead (threads.by_conversation)."""
     refs = list(record.get("references") or [])
     replies = list(record.get("in_reply_to") or [])
-    return str(refs[0]) if refs else str(replies[0]) if replies else message_key(record)
+    root = str(refs[0]) if refs else str(replies[0]) if replies else ""
+    return _for_sender(record, root) if root else message_key(record)
 
 
 def replied_ids(record: Mapping[str, Any]) -> tuple[str, ...]:
@@ -384,8 +406,9 @@ _SUBJECT_PREFIX = re.compile(r"^\s*((re|fwd?|aw|wg|sv|vs|tr|rv)\s*(\[[0-9]+\])?\
 
 
 def topic(subject: str) -> str:
-    """The subject without its `Re:` / `Fwd:` prefixes (also AW:, WG:, SV:, TR:, RV:)."""
-    return _SUBJECT_PREFIX.sub("", subject).strip()
+    """The subject on one line (no control characters: it becomes the thread's topic, and the
+    subject of every reply) without its `Re:` / `Fwd:` prefixes (also AW:, WG:, SV:, TR:, RV:)."""
+    return _SUBJECT_PREFIX.sub("", clean_subject(subject)).strip()
 
 
 @dataclass(frozen=True)
@@ -395,17 +418,26 @@ class EmailBody:
     text: str
     original: str  # "" when `text` is the whole body
     original_type: str  # text/plain or text/html
+    cut: bool = False  # `text` was cut to MAX_TEXT_BYTES (the original holds all of it)
 
 
 def body_of(record: Mapping[str, Any]) -> EmailBody:
-    """The text part (else the HTML as readable text) with quoted history stripped."""
+    """The text part (else the HTML as readable text) with quoted history stripped, cut to
+    what a FHIR server takes in one string (the full original is then kept)."""
     plain, html = str(record.get("text") or ""), str(record.get("html") or "")
     if plain.strip():
         latest = strip_quoted(plain)
-        return EmailBody(latest, plain if latest != plain.strip() else "", "text/plain")
-    if html.strip():
-        return EmailBody(strip_quoted(html_to_text(html)), html, "text/html")
-    return EmailBody("", "", "text/plain")
+        body = EmailBody(latest, plain if latest != plain.strip() else "", "text/plain")
+        source = plain
+    elif html.strip():
+        body = EmailBody(strip_quoted(html_to_text(html)), html, "text/html")
+        source = html
+    else:
+        return EmailBody("", "", "text/plain")
+    text, cut = fit_text(body.text)
+    if not cut:
+        return body
+    return EmailBody(text, body.original or source, body.original_type, cut=True)
 
 
 def clinic_mailbox(record: Mapping[str, Any]) -> str:
@@ -424,12 +456,19 @@ def to_inbound(record: Mapping[str, Any], received_at: str,
         Address(addr_spec=sender)
     except (ValueError, IndexError, TypeError) as exc:
         raise PermanentError("invalid-sender", "From is not an email address") from exc
+    body = body_of(record)
+    notes = [f"Attachment left out (the email was over the size limit): "
+             f"{a.get('name')} ({a.get('content_type')}, {a.get('size')} bytes)"
+             for a in record.get("omitted") or []]
+    if body.cut:
+        notes.append(f"The text was too long to show in full: the first {len(body.text)} "
+                     f"characters are shown; the whole email is attached as "
+                     f"{ORIGINAL_TITLE[body.original_type]}.")
+    mid = str(record.get("message_id") or "")
     return InboundMessage(
         channel=CHANNEL, medium_code=MEDIUM_CODE, provider_message_id=message_key(record),
-        sender=sender, clinic_address=clinic_mailbox(record), body=body_of(record).text,
+        sender=sender, clinic_address=clinic_mailbox(record), body=body.text,
         received_at=received_at, attachments=attachments,
         provider_conversation_id=conversation_id(record), replies_to=replied_ids(record),
-        topic=topic(str(record.get("subject") or "")),
-        notes=tuple(f"Attachment left out (the email was over the size limit): "
-                    f"{a.get('name')} ({a.get('content_type')}, {a.get('size')} bytes)"
-                    for a in record.get("omitted") or []))
+        topic=topic(str(record.get("subject") or "")), notes=tuple(notes),
+        identifiers=((EMAIL_INBOUND_MESSAGE_ID_SYSTEM, mid),) if mid else ())

@@ -176,6 +176,22 @@ class FhirClient:
             "PUT", f"{_type(resource.get('resourceType'))}?{query_string(params)}", json=resource,
             op="upsert"))
 
+    def create_binary(self, data: bytes, content_type: str) -> str:
+        """POST the bytes as a raw Binary (the body is the file, with its own Content-Type);
+        returns the Binary id.
+
+        Medplum refuses a JSON body over 1 MiB and a base64Binary over 1 MiB, so a file sent as
+        base64 `data` inside a Binary resource caps near 750 KB; a raw upload goes to its binary
+        storage without that limit (ARCHITECTURE.md E, "Medplum's size limits").
+        """
+        if "json" in content_type.split(";", 1)[0].lower():
+            # The server would read a JSON body as a resource (a file could pass itself off as
+            # a Binary of its choosing): a JSON file is stored as plain bytes.
+            content_type = "application/octet-stream"
+        resp = self._write(lambda: self._request(
+            "POST", "Binary", raw=(data, content_type), op="create"))
+        return str(resp.resource.get("id") or "")
+
     def transaction(self, bundle: Mapping[str, Any]) -> dict[str, Any]:
         """POST a transaction Bundle and check every entry's status.
 
@@ -232,14 +248,18 @@ class FhirClient:
             self._on_contention(what)
 
     def _request(self, method: str, url: str, json: Any = None,
-                 headers: Mapping[str, str] | None = None, op: str = "other") -> FhirResponse:
+                 headers: Mapping[str, str] | None = None, op: str = "other",
+                 raw: tuple[bytes, str] | None = None) -> FhirResponse:
         """`url` is relative to the base and built only from checked parts (ref, _type,
-        query_string), so it can neither leave the base nor carry a raw '+'."""
+        query_string), so it can neither leave the base nor carry a raw '+'. `raw` is a body
+        sent as is, with its Content-Type (a Binary upload)."""
         hdrs = {"Accept": FHIR_JSON, **(headers or {})}
         content = None
         if json is not None:
             hdrs["Content-Type"] = FHIR_JSON
             content = _encode(json)
+        elif raw is not None:
+            content, hdrs["Content-Type"] = raw
         for attempt in (1, 2):
             token = self._tokens.get()
             started = time.perf_counter()

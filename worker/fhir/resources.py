@@ -7,6 +7,7 @@ a child `Communication` whose `partOf` points at the header.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -63,12 +64,41 @@ def fhir_string(text: str) -> str | None:
     return cleaned if cleaned.strip() else None
 
 
+# The most a text we write may take inside a resource, as JSON (UTF-8, escapes counted).
+# Medplum refuses a JSON body over 1 MiB ("File too large") and a string over 1 MB, with a 400
+# that would dead-letter the whole message; a quarter of that leaves room for the rest of the
+# resource (and of a transaction Bundle with its thread header). A longer text is cut, and the
+# channel keeps the full text as an attachment (an email's original-message.txt).
+MAX_TEXT_BYTES = 256 * 1024
+
+
+def fit_text(text: str, max_bytes: int = MAX_TEXT_BYTES) -> tuple[str, bool]:
+    """`text` cut to its longest prefix that takes at most `max_bytes` as a JSON string, and
+    whether it was cut (pure)."""
+    if _json_size(text) <= max_bytes:
+        return text, False
+    low, high = 0, min(len(text), max_bytes)  # every character takes at least one byte
+    while low < high:  # the longest prefix that fits (size grows with the prefix)
+        middle = (low + high + 1) // 2
+        if _json_size(text[:middle]) <= max_bytes:
+            low = middle
+        else:
+            high = middle - 1
+    return text[:low], True
+
+
+def _json_size(text: str) -> int:
+    return len(json.dumps(text, ensure_ascii=False).encode("utf-8", "surrogatepass")) - 2
+
+
 def payload(msg: InboundMessage) -> list[Resource]:
-    """Text then attachments; a body with nothing FHIR can hold adds no text."""
+    """Text then attachments; a body with nothing FHIR can hold adds no text. A text over
+    MAX_TEXT_BYTES is cut here as a last guard (the channel should have cut it already, keeping
+    the whole as an attachment): a message is never refused for its length."""
     items: list[Resource] = []
     text = fhir_string(msg.body)
     if text:
-        items.append({"contentString": text})
+        items.append({"contentString": fit_text(text)[0]})
     items += [{"contentAttachment": _attachment(a)} for a in msg.attachments]
     return items
 
@@ -104,7 +134,8 @@ def inbound_message(msg: InboundMessage, header_ref: str, patient_ref: str,
     resource: Resource = {
         "resourceType": "Communication",
         "status": "in-progress",
-        "identifier": [identifier(systems.message, msg.provider_message_id)],
+        "identifier": [identifier(systems.message, msg.provider_message_id),
+                       *(identifier(system, value) for system, value in msg.identifiers)],
         "partOf": [{"reference": header_ref}],
         "subject": {"reference": patient_ref},
         "sender": {"reference": patient_ref},

@@ -8,12 +8,16 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from worker.channels import Attachment, InboundMessage
-from worker.channels.sendgrid_inbound import body_of, message_key, sender_authentication, to_inbound
+from worker.channels.sendgrid_inbound import (
+    ORIGINAL_TITLE,
+    body_of,
+    message_key,
+    sender_authentication,
+    to_inbound,
+)
 from worker.errors import PermanentError
 from worker.inbound.pipeline import InboundOutcome, SeenMessages, deliver_inbound
 from worker.inbound.threads import ThreadContext, sender_search
-
-ORIGINAL_TITLE = {"text/plain": "original-message.txt", "text/html": "original-message.html"}
 
 
 class Binaries(Protocol):
@@ -48,9 +52,9 @@ def deliver_email(record: Mapping[str, Any], received_at: str, ctx: ThreadContex
                 binary_id = binaries.get(item_key)
                 if binary_id is None:
                     held.confirm()  # still ours: no other worker is storing these files
-                    resp = ctx.fhir.create({"resourceType": "Binary", "contentType": content_type,
-                                            "data": base64.b64encode(data).decode()})
-                    binary_id = str(resp.resource.get("id"))
+                    # Raw, not base64 in a resource: Medplum refuses a JSON body or a
+                    # base64Binary over 1 MiB, which would dead-letter the whole email.
+                    binary_id = ctx.fhir.create_binary(data, content_type)
                     binaries.put(item_key, binary_id)
                 stored.append(Attachment(f"Binary/{binary_id}", content_type, title, len(data)))
     msg = to_inbound(record, received_at, tuple(stored))
@@ -72,7 +76,8 @@ def _known_sender(ctx: ThreadContext, msg: InboundMessage) -> None:
 
 
 def _files(record: Mapping[str, Any]) -> list[tuple[str, str, bytes]]:
-    """The attachments kept, then the full original text when the message shows less of it."""
+    """The attachments kept, then the full original text when the message shows less of it
+    (quoted history stripped, or a text too long for one FHIR string cut)."""
     out = []
     for a in record.get("attachments") or []:
         try:

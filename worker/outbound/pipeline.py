@@ -26,7 +26,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from worker.channels import Attachment, Channel, OutboundMessage, SendError, SendResult
-from worker.channels.sendgrid import EMAIL_INBOUND_MESSAGE_ID_SYSTEM, EMAIL_MESSAGE_ID_SYSTEM
+from worker.channels.sendgrid import (
+    DEFAULT_SUBJECT,
+    EMAIL_INBOUND_MESSAGE_ID_SYSTEM,
+    EMAIL_MESSAGE_ID_SYSTEM,
+    clean_subject,
+)
 from worker.errors import Deferred, PermanentError, TransientError
 from worker.fhir.client import FhirClient
 from worker.fhir.outcome import FhirPermanentError
@@ -425,8 +430,9 @@ _MESSAGE_ID = re.compile(r"<[!-=?-~]{1,250}>")
 
 def reply_subject(topic: str) -> str:
     """`Re: <topic>`, without stacking prefixes the topic already has (pure)."""
-    bare = re.sub(r"^\s*((re|fwd?|aw|sv)\s*:\s*)+", "", topic, flags=re.IGNORECASE).strip()
-    return f"Re: {bare or 'Message from your care team'}"
+    bare = re.sub(r"^\s*((re|fwd?|aw|sv)\s*:\s*)+", "", clean_subject(topic),
+                  flags=re.IGNORECASE).strip()
+    return f"Re: {bare or DEFAULT_SUBJECT}"
 
 
 def _message(comm: Mapping[str, Any], comm_id: str, to: str, request_id: str = ""
@@ -436,9 +442,9 @@ def _message(comm: Mapping[str, Any], comm_id: str, to: str, request_id: str = "
                              str(p["contentAttachment"].get("contentType") or ""))
                   for p in comm.get("payload") or []
                   if (p.get("contentAttachment") or {}).get("url"))
-    topic = (comm.get("topic") or {}).get("text") or "Message from your care team"
+    topic = clean_subject(str((comm.get("topic") or {}).get("text") or "")) or DEFAULT_SUBJECT
     return OutboundMessage(communication_id=comm_id, to=to, body="\n\n".join(texts),
-                           attachments=media, subject=str(topic), request_id=request_id)
+                           attachments=media, subject=topic, request_id=request_id)
 
 
 def _record_sent(deps: OutboundDeps, comm_id: str, channel: str, result: SendResult,
