@@ -137,3 +137,23 @@ def test_outbound_refuses_a_number_that_is_not_valid_in_the_region(
     assert "not a valid phone number" in entry.detail
     digits = "".join(c for c in stored if c.isdigit())
     assert digits not in "".join(c for c in entry.detail if c.isdigit())
+
+
+def test_the_optout_command_reads_the_number_in_the_region(
+        services: Services, capsys: pytest.CaptureFixture[str]) -> None:
+    """An operator types the number as the patient's record has it; the opt-out must be the
+    one a send to that patient checks (keyed on E.164)."""
+    from argparse import Namespace
+
+    from worker.ops.cli import cmd_optout
+    from worker.stores.optouts import OptOuts
+
+    gb = services.get(worker=False, PHONE_DEFAULT_REGION="GB")
+    args = Namespace(action="add", address="07700 900123", channel="sms")
+    assert cmd_optout(gb.settings, args) == 0
+    optouts = OptOuts(gb.redis, gb.settings.optout_key())
+    assert optouts.has("sms", "+447700900123")
+    optouts.remove("sms", "+447700900123")
+    us = services.get(worker=False)
+    assert cmd_optout(us.settings, args) == 2  # not a number in the US: refused, not guessed
+    assert "not a phone number" in capsys.readouterr().err
