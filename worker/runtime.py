@@ -81,7 +81,8 @@ def build_runtime(settings: Settings) -> Runtime:
         reply_source=settings.reply_channel_source, fallback=settings.channel_fallback,
         claim_seconds=settings.send_claim_seconds,
         max_countdown=settings.broker_visibility_timeout_seconds / 2, metrics=metrics,
-        device_system=settings.device_token_system, channel_order=settings.channel_list())
+        device_system=settings.device_token_system, channel_order=settings.channel_list(),
+        phone_region=settings.phone_default_region)
     return Runtime(settings, fhir, client, DeadLetterStore(
         client, sealer, retention_seconds=settings.dead_letter_retention_days * 86400),
                    RedisSeenMessages(client, settings.inbound_seen_ttl_seconds),

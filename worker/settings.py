@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from worker.channels.phones import DEFAULT_REGION, valid_region
 from worker.crypto import Sealer, parse_keys, sealer_for
 
 ThreadStrategy = Literal["conversation", "active-thread", "new-thread"]
@@ -34,6 +35,7 @@ _HINTS: dict[str, str] = {
     "SENDGRID_INBOUND_VERIFICATION_KEY": "the base64 public key SendGrid shows for the "
     "Inbound Parse security policy, without PEM armour",
     "SENDGRID_INBOUND_BASIC_AUTH": "user:password, as embedded in the Inbound Parse URL",
+    "PHONE_DEFAULT_REGION": "a two-letter country code such as US, GB or AU",
     "DATA_ENCRYPTION_KEYS": "comma-separated keys, the first seals; make one with "
                             "`switchboard keys generate`",
 }
@@ -74,6 +76,10 @@ class Settings(BaseSettings):
     data_encryption_keys: SecretStr
     sms_thread_strategy: ThreadStrategy = "conversation"
     unknown_sender_policy: UnknownSenderPolicy = "reject"
+    # The region (ISO 3166-1 alpha-2: US, GB, AU…) of phone numbers written without a country
+    # code: patients' stored numbers (`07700 900123` is +447700900123 under GB) and the
+    # national spellings an inbound number is looked up by (worker/channels/phones.py).
+    phone_default_region: str = DEFAULT_REGION
 
     # Outbound (all optional: a channel without credentials refuses sends as misconfigured).
     twilio_from_number: str = ""
@@ -237,6 +243,14 @@ class Settings(BaseSettings):
         # The error names the position of a bad key, never its value (errors reach logs).
         parse_keys(v.get_secret_value())
         return v
+
+    @field_validator("phone_default_region")
+    @classmethod
+    def _phone_region(cls, v: str) -> str:
+        region = v.strip().upper()
+        if not valid_region(region):
+            raise ValueError("not a region of the phone numbering plans (ISO 3166-1 alpha-2)")
+        return region
 
     @field_validator("redis_url")
     @classmethod

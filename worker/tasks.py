@@ -46,10 +46,11 @@ def inbound_sms(self: SwitchboardTask, params: dict[str, str], meta: dict[str, A
                 ) -> dict[str, Any]:
     """Write one Twilio incoming SMS/MMS (the webhook's full param dict) to FHIR."""
     rt = get_runtime()
-    msg = twilio.parse_inbound(params, received_at=str(meta["received_at"]))
+    msg = twilio.parse_inbound(params, received_at=str(meta["received_at"]),
+                               region=rt.settings.phone_default_region)
     ctx = ThreadContext(rt.fhir, rt.systems,
                         clinic_participant(msg, rt.systems, rt.settings.clinic_reference),
-                        rt.locks.hold)
+                        rt.locks.hold, phone_region=rt.settings.phone_default_region)
     outcome = deliver_inbound(msg, ctx, rt.settings.sms_thread_strategy,
                               rt.settings.unknown_sender_policy, rt.seen)
     opted = apply_opt_keyword(msg, rt.outbound.optouts)

@@ -1,4 +1,4 @@
-"""Pure rules: phone numbers, query encoding, error classification, backoff, payload parsing."""
+"""Pure rules: query encoding, error classification, backoff, payload parsing."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from urllib3 import HTTPHeaderDict
 
 from worker.broker.backoff import retry_delay
 from worker.broker.consumer import EVENT_FLUSH_SECONDS, flush_to_ask
-from worker.channels.phones import InvalidPhoneNumber, search_variants, to_e164
 from worker.channels.twilio import TwilioSignature, missing_fields, parse_inbound
 from worker.errors import PermanentError
 from worker.fhir.outcome import (
@@ -23,33 +22,7 @@ from worker.fhir.outcome import (
 )
 from worker.fhir.query import conditional_reference, query_string
 
-
-@pytest.mark.parametrize(("raw", "e164"), [
-    ("+15551234567", "+15551234567"),
-    ("+1 (555) 123-4567", "+15551234567"),
-    ("(555) 123-4567", "+15551234567"),
-    ("555.123.4567", "+15551234567"),
-    ("15551234567", "+15551234567"),
-    ("whatsapp:+447911123456", "+447911123456"),
-    ("00447911123456", "+447911123456"),
-    (" 15551234567", "+15551234567"),  # '+' decoded to ' ' by a careless hop
-])
-def test_to_e164(raw: str, e164: str) -> None:
-    assert to_e164(raw) == e164
-
-
-@pytest.mark.parametrize("raw", ["", "hello", "+0123456789", "+12", "+1234567890123456"])
-def test_to_e164_rejects_non_numbers(raw: str) -> None:
-    with pytest.raises(InvalidPhoneNumber):
-        to_e164(raw)
-
-
-def test_search_variants_cover_common_national_formats() -> None:
-    v = search_variants("+15551234567")
-    assert v[0] == "+15551234567"
-    for fmt in ("15551234567", "5551234567", "(555) 123-4567", "555-123-4567", "555.123.4567"):
-        assert fmt in v
-    assert search_variants("+447911123456") == ["+447911123456", "447911123456"]
+# Phone numbers: tests/unit/test_phones.py.
 
 
 def test_plus_is_always_percent_encoded() -> None:

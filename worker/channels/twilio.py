@@ -16,7 +16,7 @@ from twilio.request_validator import RequestValidator
 
 from worker.broker.backoff import retry_after_seconds
 from worker.channels import Attachment, InboundMessage, OutboundMessage, SendError, SendResult
-from worker.channels.phones import InvalidPhoneNumber, to_e164
+from worker.channels.phones import DEFAULT_REGION, SHAPE, InvalidPhoneNumber, to_e164
 from worker.errors import PermanentError
 from worker.http import DirectHttp, HttpTransportError, Urllib3Http, default_http
 from worker.outbound.status_map import TWILIO_TO_FHIR
@@ -145,11 +145,9 @@ def _digits(value: str, most: int) -> bool:
 
 
 def _phone(value: str) -> bool:
-    try:
-        to_e164(value)
-    except InvalidPhoneNumber:
-        return False
-    return True
+    # The shape only: whether the number counts is the worker's to judge (it knows the
+    # region), and one that does not is dead-lettered with its reason, not refused here.
+    return SHAPE.fullmatch(value) is not None
 
 
 def _text(most: int, pattern: str = r"[A-Za-z .'\-]") -> Callable[[str], bool]:
@@ -216,20 +214,24 @@ def _twilio_media(url: str) -> bool:
         and not parts.username and not parts.password
 
 
-def parse_inbound(params: Mapping[str, str], received_at: str) -> InboundMessage:
+def parse_inbound(params: Mapping[str, str], received_at: str,
+                  region: str = DEFAULT_REGION) -> InboundMessage:
     """Turn a Twilio incoming-message webhook into an InboundMessage.
 
-    Raises PermanentError("invalid-payload") for a payload no retry can fix.
+    Numbers without a country code are read in `region` (PHONE_DEFAULT_REGION). Raises
+    PermanentError("invalid-payload") for a payload no retry can fix, and
+    PermanentError("invalid-sender") when From is not a number we can look up.
     """
     gone = missing_fields(params)
     if gone:
         raise PermanentError("invalid-payload", "missing " + ", ".join(gone))
     try:
-        sender = to_e164(params["From"])
+        sender = to_e164(params["From"], region)
     except InvalidPhoneNumber as exc:
-        raise PermanentError("invalid-sender", "From is not a phone number") from exc
+        # The reason says what is wrong, never the number (dead letters reach logs).
+        raise PermanentError("invalid-sender", f"From: {exc}") from exc
     try:
-        clinic = to_e164(params["To"])
+        clinic = to_e164(params["To"], region)
     except InvalidPhoneNumber:
         clinic = params["To"].strip()  # short codes and alphanumeric ids are kept as they are
     try:

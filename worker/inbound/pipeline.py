@@ -88,7 +88,7 @@ def _ensure_patient(ctx: ThreadContext, msg: InboundMessage) -> None:
     patient = (patient_with_email(msg.sender.strip()) if msg.channel == "email"
                else patient_with_phone(msg.sender))
     try:
-        ctx.fhir.create(patient, if_none_exist=[sender_search(msg)])
+        ctx.fhir.create(patient, if_none_exist=[sender_search(msg, ctx.phone_region)])
     except FhirPermanentError as exc:
         if exc.status == 412:  # If-None-Exist matched several Patients
             raise PermanentError(

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from worker.channels import InboundMessage
-from worker.channels.phones import search_variants
+from worker.channels.phones import DEFAULT_REGION, search_variants
 from worker.channels.sendgrid import EMAIL_MESSAGE_ID_SYSTEM
 from worker.fhir.client import FhirResponse
 from worker.fhir.outcome import FhirPermanentError
@@ -55,6 +55,7 @@ class ThreadContext:
     systems: IdentifierSystems
     clinic: Resource
     lock: LockFactory  # serialises work per key across all workers (Redis lock)
+    phone_region: str = DEFAULT_REGION  # PHONE_DEFAULT_REGION: how stored numbers read
 
 
 @dataclass(frozen=True)
@@ -66,20 +67,21 @@ class Written:
     created: bool  # False when the message was already there (a redelivery)
 
 
-def sender_search(msg: InboundMessage) -> tuple[str, str]:
-    """The Patient search parameter and value that find the sender: `phone` with every common
-    format of the number, or `email` with the address as given and lower-cased."""
+def sender_search(msg: InboundMessage, phone_region: str = DEFAULT_REGION) -> tuple[str, str]:
+    """The Patient search parameter and value that find the sender: `phone` with every
+    spelling of the number that reads as it in `phone_region` (PHONE_DEFAULT_REGION), or
+    `email` with the address as given and lower-cased."""
     if msg.channel == "email":
         given = msg.sender.strip()
         variants = dict.fromkeys([given, given.lower()])
         # A bare comma means OR in a search value (FHIR's escape is `\,`).
         return "email", ",".join(v.replace(",", chr(92) + ",") for v in variants)
-    return "phone", ",".join(search_variants(msg.sender))
+    return "phone", ",".join(search_variants(msg.sender, phone_region))
 
 
-def sender_reference(msg: InboundMessage) -> str:
+def sender_reference(msg: InboundMessage, phone_region: str = DEFAULT_REGION) -> str:
     """Conditional reference to the patient who owns the sender's number or email address."""
-    return conditional_reference("Patient", [sender_search(msg)])
+    return conditional_reference("Patient", [sender_search(msg, phone_region)])
 
 
 def _message_key(ctx: ThreadContext, msg: InboundMessage) -> list[tuple[str, str]]:
@@ -98,7 +100,7 @@ def _header_and_message(ctx: ThreadContext, msg: InboundMessage, header_key: str
                         extra_ids: list[Resource]) -> Written:
     """Header + message in one transaction; the header is keyed on `header_key` so a retry of
     this message finds the header it made (self-healing even without atomic transactions)."""
-    patient_ref = sender_reference(msg)
+    patient_ref = sender_reference(msg, ctx.phone_region)
     header_url = "urn:uuid:" + _uuid_for(header_key)
     header = build_header(msg, patient_ref, [identifier(ctx.systems.thread, header_key),
                                              *extra_ids], ctx.clinic)
@@ -133,7 +135,7 @@ def by_conversation(ctx: ThreadContext, msg: InboundMessage) -> Written:
     nothing, the header is created (conditional create, never overwriting a header a clinician
     may have changed) and the message written again.
     """
-    patient_ref = sender_reference(msg)
+    patient_ref = sender_reference(msg, ctx.phone_region)
     replied = _thread_we_sent_into(ctx, msg)
     if replied:
         return _create_message(ctx, msg, replied, patient_ref)
@@ -200,7 +202,7 @@ def by_active_thread(ctx: ThreadContext, msg: InboundMessage) -> Written:
     Search-then-create is racy across workers (two first messages would make two headers), so
     the whole decision runs under a per-number Redis lock.
     """
-    param, variants = sender_search(msg)
+    param, variants = sender_search(msg, ctx.phone_region)
     with ctx.lock("active-thread:" + _digest(msg.sender)) as held:
         found = ctx.fhir.search("Communication", [
             ("part-of:missing", "true"),

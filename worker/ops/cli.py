@@ -122,7 +122,8 @@ def cmd_dlq_quarantined(settings: Settings, args: argparse.Namespace) -> int:
 def _optouts(settings: Settings, args: argparse.Namespace) -> tuple[OptOuts, str]:
     address = args.address.strip()
     if args.channel == "sms":
-        address = to_e164(address)  # InvalidPhoneNumber is reported by cmd_optout
+        # Read as stored numbers are, so the digest matches what a send to it checks.
+        address = to_e164(address, settings.phone_default_region)  # reported by cmd_optout
     else:
         address = address.lower()
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)

@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from worker.channels import Attachment, Channel, OutboundMessage, SendError, SendResult
+from worker.channels.phones import DEFAULT_REGION
 from worker.channels.sendgrid import (
     DEFAULT_SUBJECT,
     EMAIL_INBOUND_MESSAGE_ID_SYSTEM,
@@ -39,7 +40,13 @@ from worker.fhir.reference import parse_reference, ref
 from worker.fhir.resources import identifier, medium
 from worker.fhir.update import guarded_update
 from worker.ops.metrics import Metrics
-from worker.outbound.routing import CHANNEL_TO_MEDIUM, choose_channel, medium_channel, pick_contact
+from worker.outbound.routing import (
+    CHANNEL_TO_MEDIUM,
+    choose_channel,
+    has_only_invalid_phones,
+    medium_channel,
+    pick_contact,
+)
 from worker.stores.optouts import OptOuts
 from worker.stores.outbound_state import REQUEST_ID, OutboundState
 from worker.stores.send_gate import Opened, SendGate
@@ -49,6 +56,9 @@ log = logging.getLogger("switchboard.outbound")
 SEND_ERROR_SYSTEM = "urn:switchboard:send-error"
 # SMS failures that mean "this number cannot take texts": worth trying email instead.
 FALLBACK_KINDS = frozenset({"invalid-recipient", "unreachable"})
+# The patient's numbers do not read as a valid number (in PHONE_DEFAULT_REGION when written
+# without a country code): nothing is sent to a guess. No number in it: it reaches the API.
+INVALID_PHONE = "the patient's phone number is not a valid phone number"
 
 
 @dataclass(frozen=True)
@@ -108,6 +118,7 @@ class OutboundDeps:
     metrics: Metrics | None = None
     device_system: str = "urn:switchboard:fcm-token"  # push tokens on FHIR Devices
     channel_order: tuple[str, ...] = ("sms", "email")  # CHANNEL_ORDER
+    phone_region: str = DEFAULT_REGION  # PHONE_DEFAULT_REGION: stored numbers without +CC
     # Sent before? opted out? a send slot? the claim? One Redis step over the stores' keys.
     gate: SendGate = field(init=False)
 
@@ -133,7 +144,7 @@ def send_outbound(req: OutboundRequest, deps: OutboundDeps, task_id: str) -> Sen
         telecoms = patient.get("telecom") or []
         channel = req.channel or choose_channel(
             None, _reply_channel(header, patient, deps), telecoms, deps.channel_order,
-            lambda: _has_device(deps, str(patient["id"])))
+            lambda: _has_device(deps, str(patient["id"])), region=deps.phone_region)
     except PermanentError as exc:
         earlier = _sent_before(req, deps, comm, comm_id)
         if earlier is not None:
@@ -145,7 +156,8 @@ def send_outbound(req: OutboundRequest, deps: OutboundDeps, task_id: str) -> Sen
         raise
     try:
         if channel is None:
-            raise SendError("invalid-recipient", "the patient has no phone or email")
+            raise SendError("invalid-recipient", INVALID_PHONE if has_only_invalid_phones(
+                telecoms, deps.phone_region) else "the patient has no phone or email")
         if channel == "push":  # one push per device: worker/outbound/push.py
             from worker.outbound.push import send_push
 
@@ -177,9 +189,11 @@ def _send(req: OutboundRequest, deps: OutboundDeps, comm: Mapping[str, Any], com
     impl = deps.channels.get(channel)
     if impl is None:
         raise SendError("misconfigured", f"channel {channel} is not configured")
-    to = pick_contact(telecoms, channel)
+    to = pick_contact(telecoms, channel, region=deps.phone_region)
     if to is None:
-        raise SendError("invalid-recipient", f"the patient has no usable {channel} contact")
+        raise SendError("invalid-recipient", INVALID_PHONE if channel == "sms" and (
+            has_only_invalid_phones(telecoms, deps.phone_region))
+            else f"the patient has no usable {channel} contact")
     message = _message(comm, comm_id, to, req.request_id)
     if channel == "email":
         # Before the claim: a FHIR failure here is an ordinary retry, not a held claim.

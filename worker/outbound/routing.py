@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from worker.channels import fcm, sendgrid, twilio
-from worker.channels.phones import InvalidPhoneNumber, to_e164
+from worker.channels.phones import DEFAULT_REGION, InvalidPhoneNumber, to_e164
 
 # Each channel module names its v3-ParticipationMode code; the mapping follows from them.
 MEDIUM_TO_CHANNEL = {twilio.MEDIUM_CODE: twilio.CHANNEL, sendgrid.MEDIUM_CODE: sendgrid.CHANNEL,
@@ -39,24 +39,29 @@ def _active(telecom: Mapping[str, Any], now: datetime) -> bool:
     return ended > now
 
 
+def _current(telecom: Mapping[str, Any], channel: str, now: datetime) -> bool:
+    return (telecom.get("system") in _SYSTEMS[channel] and bool(telecom.get("value"))
+            and telecom.get("use") != "old" and _active(telecom, now))
+
+
 def pick_contact(telecoms: Iterable[Mapping[str, Any]], channel: str,
-                 now: datetime | None = None) -> str | None:
+                 now: datetime | None = None, region: str = DEFAULT_REGION) -> str | None:
     """The best address of a patient for `channel`, or None.
 
     Skips entries whose `period` has ended and `use=old`; for SMS prefers `use=mobile`, then
-    the lowest `rank`, then the listed order; phone numbers are normalised to E.164.
+    the lowest `rank`, then the listed order; phone numbers are read in `region`
+    (PHONE_DEFAULT_REGION) when they have no country code and given in E.164, and one that is
+    not a valid number is skipped, never guessed at.
     """
     now = now or datetime.now(UTC)
     candidates = []
     for order, t in enumerate(telecoms):
-        if t.get("system") not in _SYSTEMS[channel] or not t.get("value"):
-            continue
-        if t.get("use") == "old" or not _active(t, now):
+        if not _current(t, channel, now):
             continue
         value = str(t["value"]).strip()
         if channel == "sms":
             try:
-                value = to_e164(value)
+                value = to_e164(value, region)
             except InvalidPhoneNumber:
                 continue
         mobile_first = 0 if (channel != "sms" or t.get("use") == "mobile") else 1
@@ -67,16 +72,18 @@ def pick_contact(telecoms: Iterable[Mapping[str, Any]], channel: str,
 def choose_channel(forced: str | None, reply_channel: str | None,
                    telecoms: list[Mapping[str, Any]],
                    order: Iterable[str] = ("sms", "email"),
-                   push_ready: Callable[[], bool] | None = None) -> str | None:
+                   push_ready: Callable[[], bool] | None = None,
+                   region: str = DEFAULT_REGION) -> str | None:
     """The channel to send on: the forced one; else the thread's (a reply goes back the way the
     patient wrote) when the patient can be reached on it; else the first of `order`
     (CHANNEL_ORDER; the seed's phone then email) that reaches the patient. None when the patient
     cannot be reached at all. Push reaches a patient when `push_ready()` (an active Device) says
-    so; it is asked only when push is the channel being considered."""
+    so; it is asked only when push is the channel being considered. Phone numbers are read in
+    `region` (see pick_contact)."""
     def reachable(channel: str) -> bool:
         if channel == fcm.CHANNEL:
             return bool(push_ready and push_ready())
-        return pick_contact(telecoms, channel) is not None
+        return pick_contact(telecoms, channel, region=region) is not None
 
     if forced:
         return forced
@@ -86,3 +93,12 @@ def choose_channel(forced: str | None, reply_channel: str | None,
         if reachable(channel):
             return channel
     return None
+
+
+def has_only_invalid_phones(telecoms: Iterable[Mapping[str, Any]], region: str = DEFAULT_REGION,
+                            now: datetime | None = None) -> bool:
+    """True when the patient has current phone numbers and none of them is a valid number in
+    `region`: the reason a text cannot go out, said as such instead of "no phone"."""
+    now = now or datetime.now(UTC)
+    current = [t for t in telecoms if _current(t, "sms", now)]
+    return bool(current) and pick_contact(current, "sms", now, region) is None
