@@ -13,14 +13,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY, generate_latest
 
 from tests.conftest import API_TOKEN, Service, Services, outbound_env
 from tests.integration.test_outbound import message_in_thread, patient, recorded
-from tests.support import ProviderSandbox, Sandbox, eventually, our_logs, post_signed, sms_params
+from tests.support import (
+    ProviderSandbox,
+    Sandbox,
+    eventually,
+    metric,
+    our_logs,
+    post_signed,
+    sms_params,
+    worker_metrics,
+)
 from worker.fhir import subscription as sub
 from worker.ops import devstack
-from worker.ops.metrics import KEY as METRICS_KEY
-from worker.ops.metrics import SEP
 
 SECRET = "test-subscription-secret"
 PATH = "/webhooks/fhir/subscription"
@@ -62,18 +70,20 @@ def queued(svc: Service) -> list[dict[str, Any]]:
     return out
 
 
-def counter(svc: Service, name: str, *labels: str) -> float:
-    """A counter as the metrics module stored it in Redis (summed over processes)."""
-    value = svc.redis.hget(METRICS_KEY + name, SEP.join(labels))
-    return float(value or 0)
+def counter(svc: Service, name: str, **labels: str) -> float:
+    """A counter summed over the processes counting it: this one (the receiver runs in the
+    test's process) and the service's workers."""
+    pages = generate_latest(REGISTRY).decode() + worker_metrics(
+        *(w.metrics_port for w in svc.all_workers))
+    return metric(pages, f"{name}_total", **labels)
 
 
 def ignored(svc: Service, reason: str) -> float:
-    return counter(svc, "switchboard_subscription_ignored", reason)
+    return counter(svc, "switchboard_subscription_ignored", reason=reason)
 
 
 def finished(svc: Service) -> float:
-    return counter(svc, "switchboard_tasks", TASK, "succeeded")
+    return counter(svc, "switchboard_tasks", task=TASK, outcome="succeeded")
 
 
 def wait_finished(svc: Service, target: float) -> None:

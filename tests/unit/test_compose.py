@@ -419,7 +419,8 @@ def test_procfile_commands_equal_compose_commands() -> None:
 
 
 def test_procfile_web_command() -> None:
-    assert _procfile()["web"] == ("exec gunicorn --timeout 45 -k gevent --worker-connections 1000"
+    assert _procfile()["web"] == ("exec gunicorn -c python:web.gunicorn_conf --timeout 45 -k gevent"
+                                  " --worker-connections 1000"
                                   " -w ${WEB_CONCURRENCY:-2} -b 0.0.0.0:${PORT:-8000} "
                                   "'web.app:create_app()'")
 

@@ -558,7 +558,10 @@ def cmd_run(_: Settings | None, args: argparse.Namespace) -> int:
             thread = _demo_thread(fhir, settings, demo_id)
             fhir.close()
         child_env = settings.as_env()
-        stack.children.append(devstack.start_worker(child_env, log_dir))
+        # Without a port of its own, the worker gets a free one on 127.0.0.1 (start_worker).
+        worker = devstack.start_worker({k: v for k, v in child_env.items()
+                                        if not k.startswith("WORKER_METRICS_")}, log_dir)
+        stack.children.append(worker)
         # Beat runs the inbox sweep and the reconciliation of stuck sends, as in production.
         stack.children.append(devstack.start_beat(child_env, log_dir))
         stack.children.append(devstack.start_web(child_env, log_dir, args.port))
@@ -569,7 +572,8 @@ def cmd_run(_: Settings | None, args: argparse.Namespace) -> int:
 Switchboard is running (logs in {log_dir}).
   webhook URL   {settings.public_base_url}/webhooks/twilio/sms
   health        {settings.public_base_url}/healthz  and  /readyz
-  metrics       {settings.public_base_url}/metrics
+  metrics       {settings.public_base_url}/metrics  (receiver, queues, dead letters) and
+                http://127.0.0.1:{worker.metrics_port}/metrics  (the worker's tasks and sends)
   Flower        http://127.0.0.1:{args.flower_port}  (user:password {flower_auth}; its
                 Prometheus metrics at /metrics)
   FHIR          {settings.fhir_base_url}  (token: POST {settings.fhir_token_url})
