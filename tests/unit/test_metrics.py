@@ -122,3 +122,11 @@ def test_a_worker_serves_its_metrics_and_a_taken_port_leaves_it_running(
         taken.listen()
         assert start_worker_server(taken.getsockname()[1], "127.0.0.1") is None
     assert "WORKER_METRICS_PORT" in caplog.text
+
+
+def test_the_operations_page_lists_every_metric_family() -> None:
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "operations-metrics.md").read_text()
+    for name, (kind, _, _) in DEFINITIONS.items():
+        assert f"`{name}_total`" in page if kind == "counter" else f"`{name}`" in page, name
