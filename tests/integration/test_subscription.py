@@ -29,6 +29,7 @@ from tests.support import (
 )
 from worker.fhir import subscription as sub
 from worker.ops import devstack
+from worker.ops.metrics import DEFINITIONS
 
 SECRET = "test-subscription-secret"
 PATH = "/webhooks/fhir/subscription"
@@ -70,20 +71,21 @@ def queued(svc: Service) -> list[dict[str, Any]]:
     return out
 
 
-def counter(svc: Service, name: str, **labels: str) -> float:
-    """A counter summed over the processes counting it: this one (the receiver runs in the
-    test's process) and the service's workers."""
+def counter(svc: Service, name: str, *labels: str) -> float:
+    """A counter (its label values in declared order) summed over the processes counting it:
+    this one (the receiver runs in the test's process) and the service's workers."""
     pages = generate_latest(REGISTRY).decode() + worker_metrics(
         *(w.metrics_port for w in svc.all_workers))
-    return metric(pages, f"{name}_total", **labels)
+    names = DEFINITIONS[name][2]
+    return metric(pages, f"{name}_total", **dict(zip(names, labels, strict=True)))
 
 
 def ignored(svc: Service, reason: str) -> float:
-    return counter(svc, "switchboard_subscription_ignored", reason=reason)
+    return counter(svc, "switchboard_subscription_ignored", reason)
 
 
 def finished(svc: Service) -> float:
-    return counter(svc, "switchboard_tasks", task=TASK, outcome="succeeded")
+    return counter(svc, "switchboard_tasks", TASK, "succeeded")
 
 
 def wait_finished(svc: Service, target: float) -> None:
