@@ -116,6 +116,12 @@ def test_readiness_names_the_failed_dependency(services: Services, sandbox: Sand
                                                         f"{devstack.free_port()}/0"})
     resp = create_app(dead_redis).test_client().get("/readyz")
     assert resp.status_code == 503 and list(resp.get_json()["failed"]) == ["redis"]
+    # Its /metrics still answers, with this process's counters (rejections pile up exactly
+    # while Redis is down) and without the gauges it could not read.
+    page = create_app(dead_redis).test_client().get("/metrics")
+    assert page.status_code == 200
+    assert b"switchboard_redis_up 0.0" in page.data
+    assert b"# TYPE switchboard_webhooks_rejected_total counter" in page.data
     bad_secret = load_settings({**svc.env, "FHIR_CLIENT_SECRET": "wrong"})
     resp = create_app(bad_secret).test_client().get("/readyz")
     assert resp.status_code == 503 and list(resp.get_json()["failed"]) == ["fhir"]
