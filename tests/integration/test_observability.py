@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 
 from tests.conftest import Services, make_env, outbound_env
+from tests.integration.test_inbound_sms import deliver
 from tests.integration.test_outbound import message_in_thread, patient, recorded, send, state
 from tests.support import (
     ProviderSandbox,
@@ -104,6 +105,30 @@ def test_gunicorn_workers_add_up_on_every_scrape(services: Services, log_dir: Pa
         assert list(directory.glob("counter_*.db"))
     finally:
         web.stop()
+
+
+def test_a_prefork_worker_in_multiprocess_mode_serves_its_pool_s_counts(
+        services: Services, sandbox: Sandbox, log_dir: Path, tmp_path: Path) -> None:
+    # Not the shipped pool (threads: one process), but the documented way to run prefork:
+    # the children count into PROMETHEUS_MULTIPROC_DIR and the main process's port adds up.
+    svc = services.get(worker=False)
+    sandbox.patient("+15551234567")
+    worker = devstack.start_worker({**svc.env, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
+                                   log_dir, name="worker-prefork-metrics", pool="prefork",
+                                   concurrency=2)
+    try:
+        for n in range(4):
+            deliver(svc, sms_params("+15551234567", f"prefork {n}"))
+
+        def counted() -> str | None:
+            page = worker_metrics(worker.metrics_port)
+            done = metric(page, "switchboard_tasks_total", task="switchboard.inbound.sms",
+                          outcome="succeeded")
+            return page if done == 4 else None
+
+        eventually(counted, timeout=60, what="the pool's four tasks counted")
+    finally:
+        worker.stop()
 
 
 def test_readiness_names_the_failed_dependency(services: Services, sandbox: Sandbox) -> None:
