@@ -235,8 +235,15 @@ class Stack:
         return counts
 
     def worker_metrics(self) -> str:
-        """The running workers' Prometheus pages (a restarted worker counts from zero)."""
-        return worker_metrics(*(w.metrics_port for w in self.workers))
+        """The running workers' Prometheus pages (a restarted worker counts from zero; one
+        still starting after a kill is left out: the figures are notes, not guarantees)."""
+        pages = []
+        for w in list(self.workers):
+            try:
+                pages.append(worker_metrics(w.metrics_port))
+            except httpx.HTTPError:
+                continue
+        return "\n".join(pages)
 
     def contention_events(self) -> Counter[str]:
         """The workers' contention counters so far (conflict, retried, gave-up, throttled) and
