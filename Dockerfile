@@ -35,6 +35,7 @@ RUN useradd --system --uid 10001 --home-dir /app --no-create-home --shell /usr/s
         switchboard \
     && chown switchboard /app
 USER switchboard
-EXPOSE 8000 5555
+# 8000 the receiver (and its /metrics), 5555 Flower, 9540 a worker's /metrics.
+EXPOSE 8000 5555 9540
 # docker-compose.yml and the Procfile give each process its command; this default is the receiver.
-CMD ["sh", "-c", "exec gunicorn --timeout 45 -k gevent --worker-connections 1000 -w ${WEB_CONCURRENCY:-2} -b 0.0.0.0:${PORT:-8000} 'web.app:create_app()'"]
+CMD ["sh", "-c", "exec gunicorn -c python:web.gunicorn_conf --timeout 45 -k gevent --worker-connections 1000 -w ${WEB_CONCURRENCY:-2} -b 0.0.0.0:${PORT:-8000} 'web.app:create_app()'"]

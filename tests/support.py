@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -216,3 +217,23 @@ class ProviderSandbox:
     def close(self) -> None:
         """Close the HTTP client."""
         self._http.close()
+
+
+def worker_metrics(*ports: int) -> str:
+    """The Prometheus pages of Celery workers (their WORKER_METRICS_PORT), one after another."""
+    return "\n".join(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+                     for port in ports)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples named `name` whose labels include `labels`, over every page in
+    `text` (as Prometheus's `sum` adds up processes); 0 when there is none."""
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(r"^(\w+)(?:\{(.*)\})? (\S+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        if all(got.get(k) == v for k, v in labels.items()):
+            total += float(m.group(3))
+    return total

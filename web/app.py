@@ -12,7 +12,7 @@ from typing import Any
 import redis
 from flask import Flask, Response, jsonify, request
 from flask.logging import default_handler
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from web.api import MAX_WAIT_SECONDS, api_blueprint
 from web.enqueue import Enqueuer
@@ -23,7 +23,7 @@ from web.webhooks.twilio import twilio_blueprint
 from worker.channels.sendgrid_inbound import MAX_REQUEST_BYTES
 from worker.ops import logs
 from worker.ops.health import Check, readiness
-from worker.ops.metrics import RedisCollector, for_redis
+from worker.ops.metrics import process_metrics, web_registry
 from worker.settings import Settings, load_settings
 
 log = logging.getLogger("switchboard.web")
@@ -83,7 +83,7 @@ def create_app(settings: Settings | None = None, enqueuer: Enqueuer | None = Non
     app.config["MAX_CONTENT_LENGTH"] = 256 * 1024
     app.extensions["switchboard.settings"] = settings
     app.extensions["switchboard.enqueuer"] = enqueuer or Enqueuer.from_settings(settings)
-    app.extensions["switchboard.metrics"] = for_redis(settings.redis_url)
+    app.extensions["switchboard.metrics"] = process_metrics()
     metrics_redis = redis.Redis.from_url(settings.redis_url, socket_timeout=5,
                                          socket_connect_timeout=3)
     app.register_blueprint(twilio_blueprint(settings))
@@ -141,8 +141,8 @@ def create_app(settings: Settings | None = None, enqueuer: Enqueuer | None = Non
             return jsonify(status="unavailable", failed=failed), 503
         return jsonify(status="ready"), 200
 
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(RedisCollector(metrics_redis))
+    # This host's web processes' counters plus the gauges read from Redis at scrape time.
+    registry = web_registry(metrics_redis)
 
     @app.get("/metrics")
     def metrics_text() -> Response:

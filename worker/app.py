@@ -18,6 +18,7 @@ from celery.signals import (
 from worker.broker.celery_app import QUEUES, create_celery
 from worker.broker.liveness import Liveness
 from worker.ops import logs
+from worker.ops.metrics import start_worker_server
 from worker.runtime import get_runtime
 from worker.settings import ConfigError
 
@@ -40,6 +41,18 @@ def _redact_worker_logs(logger: logging.Logger, **_: Any) -> None:
 
 
 _liveness: Liveness | None = None
+_metrics_server: Any = None
+
+
+@worker_ready.connect
+def _serve_metrics(**_: Any) -> None:
+    # In the worker's main process: with the threads pool every task runs in this process, so
+    # its registry holds every count of this worker (worker/ops/metrics.py).
+    global _metrics_server
+    settings = get_runtime().settings
+    if settings.worker_metrics_port:
+        _metrics_server = start_worker_server(settings.worker_metrics_port,
+                                              settings.worker_metrics_host)
 
 
 @worker_ready.connect
@@ -76,3 +89,5 @@ def _stop_liveness(**_: Any) -> None:
     # A warm shutdown gives this worker's unacked messages back by itself (kombu).
     if _liveness is not None:
         _liveness.stop()
+    if _metrics_server is not None:
+        _metrics_server.shutdown()

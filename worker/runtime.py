@@ -12,7 +12,7 @@ from worker.channels.registry import build_channels
 from worker.fhir.client import FhirClient
 from worker.fhir.contention import WriteLimit
 from worker.fhir.resources import IdentifierSystems
-from worker.ops.metrics import Metrics, for_redis
+from worker.ops.metrics import Metrics, process_metrics
 from worker.outbound.pipeline import OutboundDeps
 from worker.settings import Settings, load_settings
 from worker.stores.binaries import StoredBinaries
@@ -55,7 +55,7 @@ def build_runtime(settings: Settings) -> Runtime:
     """Build the process's dependencies from settings."""
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5,
                                   socket_connect_timeout=5, health_check_interval=30)
-    metrics = for_redis(settings.redis_url)
+    metrics = process_metrics()
     sealer = settings.sealer()
     fhir = FhirClient(settings.fhir_base_url, settings.fhir_token_url, settings.fhir_client_id,
                       settings.fhir_client_secret.get_secret_value(),

@@ -169,6 +169,13 @@ class Settings(BaseSettings):
     receiver_body_timeout_seconds: float = Field(default=10.0, gt=0, le=14)
     # Log lines: JSON (one object per line, for log shippers) or console text.
     log_format: Literal["json", "console"] = "json"
+    # Each Celery worker process serves its Prometheus metrics at http://HOST:PORT/metrics
+    # (prometheus_client's own server); 0 serves none. Two workers on one host need two ports.
+    # The web app serves its own at /metrics (docs/operations-metrics.md).
+    worker_metrics_port: int = Field(default=9540, ge=0, le=65535)
+    # All interfaces: Prometheus scrapes from another container or host. The page holds counts
+    # and labels only, never PHI.
+    worker_metrics_host: str = "0.0.0.0"  # noqa: S104
 
     # Identifier systems (docs/configuration.md). Changing one after go-live orphans the
     # idempotency keys already written, so they are settings rather than code constants.

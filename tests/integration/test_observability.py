@@ -3,28 +3,26 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
 
 from tests.conftest import Services, make_env, outbound_env
+from tests.integration.test_inbound_sms import deliver
 from tests.integration.test_outbound import message_in_thread, patient, recorded, send, state
-from tests.support import ProviderSandbox, Sandbox, eventually, post_signed, sms_params
+from tests.support import (
+    ProviderSandbox,
+    Sandbox,
+    eventually,
+    metric,
+    post_signed,
+    sms_params,
+    worker_metrics,
+)
 from worker.ops import devstack
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in Prometheus text (0 when absent)."""
-    for line in text.splitlines():
-        if not line.startswith(name):
-            continue
-        m = re.match(r"^(\w+)(?:\{(.*)\})? (\S+)$", line)
-        if not m or m.group(1) != name:
-            continue
-        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
-        if all(got.get(k) == v for k, v in labels.items()):
-            return float(m.group(3))
-    return 0.0
 
 
 def test_metrics_move_after_an_inbound_and_an_outbound_flow(
@@ -34,9 +32,11 @@ def test_metrics_move_after_an_inbound_and_an_outbound_flow(
     client = svc.app().test_client()
 
     def scrape() -> str:
+        # The receiver's page (its counters and the shared gauges) and the worker's own.
         resp = client.get("/metrics")
         assert resp.status_code == 200
-        return resp.get_data(as_text=True)
+        assert svc.worker is not None
+        return resp.get_data(as_text=True) + worker_metrics(svc.worker.metrics_port)
 
     before = scrape()
     sandbox.patient("+15551234567")
@@ -73,6 +73,64 @@ def test_metrics_move_after_an_inbound_and_an_outbound_flow(
     assert "switchboard_messages_in_flight" in text
 
 
+def test_gunicorn_workers_add_up_on_every_scrape(services: Services, log_dir: Path,
+                                                tmp_path: Path) -> None:
+    # A scrape reaches one of gunicorn's workers; in prometheus_client's multiprocess mode
+    # (web/gunicorn_conf.py) each answers with the sum over all of them.
+    svc = services.get(worker=False)
+    directory = tmp_path / "prometheus"
+    directory.mkdir()
+    (directory / "counter_999999.db").write_bytes(b"stale")  # a previous run's: wiped
+    port = devstack.free_port()
+    web = devstack.start_web({**svc.env, "PROMETHEUS_MULTIPROC_DIR": str(directory)}, log_dir,
+                             port, workers=2, name="web-metrics")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        forged = sms_params("+15551234567", "not signed")
+
+        def post(_: int) -> int:
+            # A connection each, so that either worker may take it.
+            return httpx.post(f"{url}/webhooks/twilio/sms", data=forged, timeout=30).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            assert set(pool.map(post, range(40))) == {403}
+        for _ in range(6):
+            page = httpx.get(f"{url}/metrics", timeout=30).text
+            assert metric(page, "switchboard_webhooks_received_total",
+                          endpoint="twilio-sms") == 40
+            assert metric(page, "switchboard_webhooks_rejected_total", endpoint="twilio-sms",
+                          reason="bad-signature") == 40
+            assert "switchboard_queue_depth" in page and "switchboard_redis_up 1.0" in page
+        assert not (directory / "counter_999999.db").exists()
+        assert list(directory.glob("counter_*.db"))
+    finally:
+        web.stop()
+
+
+def test_a_prefork_worker_in_multiprocess_mode_serves_its_pool_s_counts(
+        services: Services, sandbox: Sandbox, log_dir: Path, tmp_path: Path) -> None:
+    # Not the shipped pool (threads: one process), but the documented way to run prefork:
+    # the children count into PROMETHEUS_MULTIPROC_DIR and the main process's port adds up.
+    svc = services.get(worker=False)
+    sandbox.patient("+15551234567")
+    worker = devstack.start_worker({**svc.env, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
+                                   log_dir, name="worker-prefork-metrics", pool="prefork",
+                                   concurrency=2)
+    try:
+        for n in range(4):
+            deliver(svc, sms_params("+15551234567", f"prefork {n}"))
+
+        def counted() -> str | None:
+            page = worker_metrics(worker.metrics_port)
+            done = metric(page, "switchboard_tasks_total", task="switchboard.inbound.sms",
+                          outcome="succeeded")
+            return page if done == 4 else None
+
+        eventually(counted, timeout=60, what="the pool's four tasks counted")
+    finally:
+        worker.stop()
+
+
 def test_readiness_names_the_failed_dependency(services: Services, sandbox: Sandbox) -> None:
     svc = services.get(worker=False)
     assert svc.app().test_client().get("/readyz").get_json() == {"status": "ready"}
@@ -83,6 +141,12 @@ def test_readiness_names_the_failed_dependency(services: Services, sandbox: Sand
                                                         f"{devstack.free_port()}/0"})
     resp = create_app(dead_redis).test_client().get("/readyz")
     assert resp.status_code == 503 and list(resp.get_json()["failed"]) == ["redis"]
+    # Its /metrics still answers, with this process's counters (rejections pile up exactly
+    # while Redis is down) and without the gauges it could not read.
+    page = create_app(dead_redis).test_client().get("/metrics")
+    assert page.status_code == 200
+    assert b"switchboard_redis_up 0.0" in page.data
+    assert b"# TYPE switchboard_webhooks_rejected_total counter" in page.data
     bad_secret = load_settings({**svc.env, "FHIR_CLIENT_SECRET": "wrong"})
     resp = create_app(bad_secret).test_client().get("/readyz")
     assert resp.status_code == 503 and list(resp.get_json()["failed"]) == ["fhir"]
@@ -134,7 +198,8 @@ def test_stuck_sends_are_reconciled_with_the_provider(
                what="stuck sends reconciled")
     assert status_of(comms[2]) == "in-progress"  # still only "queued" at the provider
     def counted() -> str | None:
-        text = svc.app().test_client().get("/metrics").get_data(as_text=True)
+        assert svc.worker is not None
+        text = worker_metrics(svc.worker.metrics_port)  # the worker that reconciled
         done = metric(text, "switchboard_reconciled_total", outcome="completed") >= 1
         return text if done else None
 

@@ -17,7 +17,15 @@ from tests.conftest import Services, make_env, outbound_env
 from tests.integration.test_inbound_sms import PATIENT, landed
 from tests.integration.test_operations import cli
 from tests.integration.test_outbound import message_in_thread, patient, send, state
-from tests.support import DATA_KEY, ProviderSandbox, Sandbox, eventually, post_signed, sms_params
+from tests.support import (
+    DATA_KEY,
+    ProviderSandbox,
+    Sandbox,
+    eventually,
+    post_signed,
+    sms_params,
+    worker_metrics,
+)
 from tests.unit.test_sealing import ARGS, BODY, EMBED, NEW, OLD, PHONE
 from web.app import create_app
 from worker.broker.celery_app import undecryptable
@@ -211,6 +219,9 @@ def test_no_phi_in_redis_files_keys_flower_or_metrics(
         seen = at_rest.persisted(r, redis_server.data_dir)
         seen["Flower"] = at_rest.flower(origin, auth)
         seen["/metrics"] = web.get("/metrics").data
+        seen["workers' /metrics"] = worker_metrics(
+            *(w.metrics_port for w in svc.all_workers)).encode()
+        assert b"switchboard_sends_total" in seen["workers' /metrics"]
         assert b"switchboard.outbound.send" in seen["Flower"]
         assert b"(redacted)" in seen["Flower"]
         # Flower reads the broker through the URI Celery gives it (our transport keeps it

@@ -13,14 +13,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY, generate_latest
 
 from tests.conftest import API_TOKEN, Service, Services, outbound_env
 from tests.integration.test_outbound import message_in_thread, patient, recorded
-from tests.support import ProviderSandbox, Sandbox, eventually, our_logs, post_signed, sms_params
+from tests.support import (
+    ProviderSandbox,
+    Sandbox,
+    eventually,
+    metric,
+    our_logs,
+    post_signed,
+    sms_params,
+    worker_metrics,
+)
 from worker.fhir import subscription as sub
 from worker.ops import devstack
-from worker.ops.metrics import KEY as METRICS_KEY
-from worker.ops.metrics import SEP
+from worker.ops.metrics import DEFINITIONS
 
 SECRET = "test-subscription-secret"
 PATH = "/webhooks/fhir/subscription"
@@ -63,9 +72,12 @@ def queued(svc: Service) -> list[dict[str, Any]]:
 
 
 def counter(svc: Service, name: str, *labels: str) -> float:
-    """A counter as the metrics module stored it in Redis (summed over processes)."""
-    value = svc.redis.hget(METRICS_KEY + name, SEP.join(labels))
-    return float(value or 0)
+    """A counter (its label values in declared order) summed over the processes counting it:
+    this one (the receiver runs in the test's process) and the service's workers."""
+    pages = generate_latest(REGISTRY).decode() + worker_metrics(
+        *(w.metrics_port for w in svc.all_workers))
+    names = DEFINITIONS[name][2]
+    return metric(pages, f"{name}_total", **dict(zip(names, labels, strict=True)))
 
 
 def ignored(svc: Service, reason: str) -> float:

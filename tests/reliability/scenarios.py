@@ -366,8 +366,9 @@ def privacy(stack: Stack, numbers: list[str], bodies: list[str]) -> Counts:
 
 def at_rest(stack: Stack, numbers: list[str], bodies: list[str]) -> Counts:
     """11. After every other scenario: Redis's AOF (all writes since it started), a SAVE and
-    an AOF rewrite (RDB and AOF files), a DUMP of every key, Flower's task pages and /metrics,
-    searched for every phone number and body used. Sealing (worker/crypto.py) keeps them out."""
+    an AOF rewrite (RDB and AOF files), a DUMP of every key, Flower's task pages, the web's
+    and the workers' /metrics, searched for every phone number and body used. Sealing
+    (worker/crypto.py) keeps them out."""
     from tests import at_rest as collect
 
     counts = Counts("11 PHI at rest (Redis, Flower)")
@@ -375,6 +376,7 @@ def at_rest(stack: Stack, numbers: list[str], bodies: list[str]) -> Counts:
     seen = collect.persisted(stack._r, stack.redis.data_dir)
     seen["Flower"] = collect.flower(stack.flower_origin, stack.flower_auth)
     seen["/metrics"] = stack.http.get("/metrics").content
+    seen["workers' /metrics"] = stack.worker_metrics().encode()
     needles = sorted({*numbers, *(n[1:] for n in numbers), *bodies})
     found = {name: collect.hits(blob, needles) for name, blob in seen.items()}
     counts.sent = sum(len(b) for b in seen.values())
@@ -408,7 +410,6 @@ def contention(stack: Stack, n: int, patients: int = 50) -> Counts:
     accepted = {m["MessageSid"] for m, c in zip(messages, codes, strict=True) if 200 <= c < 300}
     _inbound_tally(stack, counts, accepted, timeout=60 + n / 5)
     rate = counts.written / max(0.001, time.monotonic() - burst_started)
-    time.sleep(1.5)  # the workers' metrics reach Redis once a second
     events = stack.contention_events() - before
     stats = stack.sandbox.stats()
     counts.conflicts = int(stats["conflicts"])

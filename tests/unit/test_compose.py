@@ -419,7 +419,8 @@ def test_procfile_commands_equal_compose_commands() -> None:
 
 
 def test_procfile_web_command() -> None:
-    assert _procfile()["web"] == ("exec gunicorn --timeout 45 -k gevent --worker-connections 1000"
+    assert _procfile()["web"] == ("exec gunicorn -c python:web.gunicorn_conf --timeout 45 -k gevent"
+                                  " --worker-connections 1000"
                                   " -w ${WEB_CONCURRENCY:-2} -b 0.0.0.0:${PORT:-8000} "
                                   "'web.app:create_app()'")
 
@@ -447,3 +448,8 @@ def test_env_example_covers_process_variables() -> None:
         used |= set(re.findall(r"\$\{?([A-Z][A-Z0-9_]*)", command))
     mentioned, _ = _env_example()
     assert used - {"PORT"} <= mentioned, sorted(used - mentioned)
+
+
+def test_dockerfile_default_command_is_the_procfile_web_command() -> None:
+    cmd = re.findall(r"(?m)^CMD\s+(\[.*\])\s*$", DOCKERFILE.read_text())[-1]
+    assert json.loads(cmd) == ["sh", "-c", _procfile()["web"]]

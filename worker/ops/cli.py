@@ -516,7 +516,10 @@ def cmd_run(_: Settings | None, args: argparse.Namespace) -> int:
             thread = _demo_thread(fhir, settings, demo_id)
             fhir.close()
         child_env = settings.as_env()
-        stack.children.append(devstack.start_worker(child_env, log_dir))
+        # Without a port of its own, the worker gets a free one on 127.0.0.1 (start_worker).
+        worker = devstack.start_worker({k: v for k, v in child_env.items()
+                                        if not k.startswith("WORKER_METRICS_")}, log_dir)
+        stack.children.append(worker)
         # Beat runs the inbox sweep and the reconciliation of stuck sends, as in production.
         stack.children.append(devstack.start_beat(child_env, log_dir))
         stack.children.append(devstack.start_web(child_env, log_dir, args.port))
@@ -535,6 +538,7 @@ def cmd_run(_: Settings | None, args: argparse.Namespace) -> int:
         print(f"""
 Switchboard is running (logs in {log_dir}; Ctrl-C stops everything).
   receiver  {settings.public_base_url}  (/healthz, /readyz, /metrics, /v1/messages)
+  worker    http://127.0.0.1:{worker.metrics_port}/metrics  (its tasks and sends)
   FHIR      {settings.fhir_base_url}
   Flower    http://127.0.0.1:{args.flower_port}  (user:password {flower_auth})
   Redis     {settings.redis_url}""" + (f"""

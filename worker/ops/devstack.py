@@ -59,6 +59,7 @@ class Child:
     proc: subprocess.Popen[bytes]
     log_path: Path
     log_offset: int = 0  # the log is appended across runs; this child's output starts here
+    metrics_port: int = 0  # a Celery worker's Prometheus port on 127.0.0.1 (0: none)
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL if it lingers."""
@@ -291,7 +292,12 @@ def start_worker(env: Mapping[str, str], log_dir: Path, name: str = "worker",
     cmd = [_venv_bin("celery"), "-A", app, "worker", "-Q", queues, "-P", pool,
            "-c", str(concurrency), "-n", f"{name}@%h", "--loglevel", "INFO",
            "--without-gossip", "--without-mingle"]
+    env = dict(env)
+    if "WORKER_METRICS_PORT" not in env:
+        # Each worker serves its metrics on a port of its own, and this host may run several.
+        env.update(WORKER_METRICS_PORT=str(free_port()), WORKER_METRICS_HOST="127.0.0.1")
     child = _spawn(name, cmd, log_dir, env={**os.environ, **env}, cwd=ROOT)
+    child.metrics_port = int(env["WORKER_METRICS_PORT"])
     _wait_for(child, " ready.", timeout=60)
     return child
 
@@ -321,7 +327,9 @@ def start_web(env: Mapping[str, str], log_dir: Path, port: int, workers: int = 2
     """The receiver under gunicorn (gevent workers, as in the Procfile)."""
     # --timeout above the API's longest `Prefer: wait` (30 s). gevent: a slow or stalled client
     # holds one cheap greenlet, not a whole worker (a sync worker is held until it finishes).
-    cmd = [_venv_bin("gunicorn"), "--timeout", "45", "-k", worker_class, "-w", str(workers),
+    # The Procfile's config: the workers' metrics added up (web/gunicorn_conf.py).
+    cmd = [_venv_bin("gunicorn"), "-c", "python:web.gunicorn_conf", "--timeout", "45",
+           "-k", worker_class, "-w", str(workers),
            *(["--worker-connections", "1000"] if worker_class == "gevent" else []),
            "-b", f"127.0.0.1:{port}",
            "--access-logfile", "-", "--access-logformat", '%(m)s %(U)s %(s)s %(L)ss', app]

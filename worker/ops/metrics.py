@@ -1,40 +1,49 @@
-"""Metrics shared by every process on every machine, exposed as Prometheus text by the web app.
+"""Metrics the prometheus_client way: families declared once, each process exposing its own.
 
-Web and worker processes count in memory (no I/O on the hot path) and a background thread
-adds the counts to Redis hashes every second; `GET /metrics` on the web app renders those,
-plus gauges read at scrape time (queue depth per queue, in-flight messages, dead-letter size).
-One mechanism for gunicorn's processes and Celery workers on other machines alike.
+- Every metric family is declared here (DEFINITIONS), as prometheus_client Counters and
+  Histograms on the process's registry. Call sites go through the `Metrics` facade
+  (`metrics.inc(name, n, **labels)`, `metrics.observe(name, seconds, **labels)`), which checks
+  the name and the label names against the declaration.
+- Each process exposes its own series and Prometheus adds them up (docs/operations-metrics.md):
+  - the web app at its `/metrics`, its gunicorn workers aggregated by prometheus_client's
+    multiprocess mode (web/gunicorn_conf.py sets PROMETHEUS_MULTIPROC_DIR);
+  - each Celery worker on its own port (WORKER_METRICS_PORT, `start_worker_server`). The
+    threads pool runs every task in the one worker process, so that process's registry holds
+    every count; a prefork pool would need the multiprocess mode as well, which the same code
+    follows when PROMETHEUS_MULTIPROC_DIR is set.
+- Gauges of state shared by all processes (queue depth, in-flight, dead letters, inbox) are read
+  from Redis at scrape time by a custom collector (`SharedGauges`) on the web app's `/metrics`.
 """
 
 from __future__ import annotations
 
-import atexit
-import bisect
+import logging
 import os
 import threading
-from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import redis
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    multiprocess,
+    start_http_server,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from worker.broker.celery_app import QUEUES
 from worker.stores.dead_letters import ENTRIES_KEY
 from worker.stores.inbox import INDEX as INBOX_INDEX
 
-KEY = "switchboard:metrics:"
-SEP = "\x1f"  # between label values in a Redis field; never inside a label value we use
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-# Histogram series whose fields are kept formatted (label values come from our code: a few).
-MAX_CACHED_SERIES = 256
+log = logging.getLogger("switchboard.metrics")
 
-# name → (type, help, label names). The only metrics there are; inc()/observe() check this.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+# name → (type, help, label names): every metric family there is. A counter is exposed with
+# `_total` appended (prometheus_client's naming).
 DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "switchboard_webhooks_received": ("counter", "Webhook and API requests received",
                                       ("endpoint",)),
@@ -78,125 +87,92 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
 
 
 class Metrics:
-    """In-process counters and histograms, flushed to Redis by a daemon thread."""
+    """The families of DEFINITIONS on one registry, counted by name (the call sites' API)."""
 
-    def __init__(self, client: redis.Redis, interval: float = 1.0) -> None:
-        self._r: Any = client
-        self._interval = interval
-        self._lock = threading.Lock()
-        self._counts: dict[tuple[str, str], float] = defaultdict(float)
-        self._pid = 0
-        self._stop = threading.Event()
-        self._series: dict[tuple[Any, ...], tuple[tuple[str, str], ...]] = {}
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self._families: dict[str, Counter | Histogram] = {}
+        for name, (kind, doc, labels) in DEFINITIONS.items():
+            self._families[name] = (
+                Counter(name, doc, labels, registry=registry) if kind == "counter"
+                else Histogram(name, doc, labels, registry=registry, buckets=LATENCY_BUCKETS))
 
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
-        """Add to a counter."""
-        self._add(name, _field(name, labels), amount)
+        """Add to a counter (KeyError for an undeclared name, ValueError for wrong labels)."""
+        counter = self._series(name, labels)
+        if not isinstance(counter, Counter):
+            raise TypeError(f"{name} is not a counter")
+        counter.inc(amount)
 
     def observe(self, name: str, value: float, **labels: str) -> None:
         """Record one observation in a histogram."""
-        fields = self._histogram_fields(name, labels)
-        # The buckets are cumulative: the observation counts in every bucket from the first
-        # whose bound it does not exceed, through +Inf (the one before the sum).
-        first = bisect.bisect_left(LATENCY_BUCKETS, value)
-        with self._lock:
-            self._ensure_thread()
-            counts = self._counts
-            for key in fields[first:-1]:
-                counts[key] += 1
-            counts[fields[-1]] += value
+        histogram = self._series(name, labels)
+        if not isinstance(histogram, Histogram):
+            raise TypeError(f"{name} is not a histogram")
+        histogram.observe(value)
 
-    def _histogram_fields(self, name: str, labels: dict[str, str]
-                          ) -> tuple[tuple[str, str], ...]:
-        """The count keys of one histogram series: a bucket per bound, +Inf, then the sum.
-        Built once per series (a FHIR request observes one, and formatting a dozen fields
-        cost more than the rest of the observation)."""
-        cache_key = (name, *labels.items())
-        fields = self._series.get(cache_key)
-        if fields is None:
-            base = _field(name, labels)
-            fields = (*((name, f"{base}{SEP}le={le}") for le in LATENCY_BUCKETS),
-                      (name, f"{base}{SEP}le=+Inf"), (name, f"{base}{SEP}sum"))
-            if len(self._series) < MAX_CACHED_SERIES:
-                self._series[cache_key] = fields
-        return fields
-
-    def _add(self, name: str, field: str, amount: float) -> None:
-        with self._lock:
-            self._ensure_thread()
-            self._counts[(name, field)] += amount
-
-    def _ensure_thread(self) -> None:
-        if self._pid != os.getpid():  # first use, or we were forked
-            self._pid = os.getpid()
-            self._counts.clear()
-            threading.Thread(target=self._run, name="metrics-flush", daemon=True).start()
-            atexit.register(self._flush_quietly)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            try:
-                self.flush()
-            except redis.exceptions.RedisError:
-                pass  # counts stay in memory and go with the next flush
-
-    def _flush_quietly(self) -> None:
-        try:
-            self.flush()
-        except redis.exceptions.RedisError:
-            pass  # at exit with Redis gone, there is nobody left to tell
-
-    def flush(self) -> None:
-        """Add the counts so far to Redis (and forget them here once Redis has them)."""
-        with self._lock:
-            pending, self._counts = self._counts, defaultdict(float)
-        if not pending:
-            return
-        try:
-            pipe = self._r.pipeline(transaction=False)
-            for (name, field), amount in pending.items():
-                pipe.hincrbyfloat(KEY + name, field, amount)
-            pipe.execute()
-        except redis.exceptions.RedisError:
-            with self._lock:  # put them back: a Redis blip must not lose counts
-                for key, amount in pending.items():
-                    self._counts[key] += amount
-            raise
+    def _series(self, name: str, labels: dict[str, str]) -> Counter | Histogram:
+        family = self._families[name]
+        # prometheus_client refuses missing or unknown label names (ValueError) either way.
+        return family.labels(**labels) if labels else family
 
 
-def _field(name: str, labels: dict[str, str]) -> str:
-    _kind, _, names = DEFINITIONS[name]
-    if set(labels) != set(names):
-        raise ValueError(f"{name} takes labels {names}, got {sorted(labels)}")
-    return SEP.join(str(labels[n]).replace(SEP, " ") for n in names)
+_process: Metrics | None = None
+_process_lock = threading.Lock()
 
 
-class RedisCollector:
-    """A prometheus_client collector reading the shared counts and the live gauges."""
+def process_metrics() -> Metrics:
+    """This process's Metrics, on prometheus_client's default registry (declared once)."""
+    global _process
+    with _process_lock:
+        if _process is None:
+            _process = Metrics()
+        return _process
+
+
+def multiprocess_mode() -> bool:
+    """Whether prometheus_client keeps values in files shared by this host's processes.
+
+    prometheus_client decides this itself, from this variable, when it is imported; the
+    exposition follows the same switch so the two never disagree."""
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+def process_registry() -> CollectorRegistry:
+    """What this process exposes: its own registry, or in multiprocess mode the sum over every
+    process of the host (gunicorn's workers, or a prefork pool's children)."""
+    if not multiprocess_mode():
+        return REGISTRY
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # untyped upstream
+    return registry
+
+
+class SharedGauges:
+    """A collector reading the state every process shares from Redis, at scrape time."""
 
     def __init__(self, client: redis.Redis) -> None:
         self._r: Any = client
 
     def collect(self) -> Iterator[Metric]:
-        """Every defined metric, plus queue depth, in-flight and dead-letter gauges."""
-        pipe = self._r.pipeline(transaction=False)
-        for name in DEFINITIONS:
-            pipe.hgetall(KEY + name)
-        for queue in QUEUES:
-            pipe.llen(queue)
-        pipe.hlen("unacked")
-        pipe.hlen(ENTRIES_KEY)
-        pipe.zcard(INBOX_INDEX)
-        results = pipe.execute()
-        stored = dict(zip(DEFINITIONS, results[: len(DEFINITIONS)], strict=True))
-        depths = results[len(DEFINITIONS): len(DEFINITIONS) + len(QUEUES)]
-        unacked, dead, pending = results[-3], results[-2], results[-1]
-        for name, (kind, doc, labels) in DEFINITIONS.items():
-            raw = {k.decode(): float(v) for k, v in (stored[name] or {}).items()}
-            if kind == "counter":
-                yield _counter(name, doc, labels, raw)
-            else:
-                yield _histogram(name, doc, labels, raw)
+        """Queue depth per queue, in-flight, dead-letter and inbox sizes; Redis reachability."""
+        try:
+            pipe = self._r.pipeline(transaction=False)
+            for queue in QUEUES:
+                pipe.llen(queue)
+            pipe.hlen("unacked")  # kombu's Redis transport: messages taken, not yet acked
+            pipe.hlen(ENTRIES_KEY)
+            pipe.zcard(INBOX_INDEX)
+            *depths, unacked, dead, pending = pipe.execute()
+        except redis.exceptions.RedisError as exc:
+            # The scrape still answers with this process's counters (rejections pile up
+            # exactly when Redis is down); the gauges are left out rather than made up.
+            log.warning("metrics: Redis unreachable for the shared gauges: %s",
+                        type(exc).__name__)
+            yield GaugeMetricFamily("switchboard_redis_up", "Whether Redis answered this "
+                                    "scrape (the shared gauges are absent when not)", value=0.0)
+            return
+        yield GaugeMetricFamily("switchboard_redis_up", "Whether Redis answered this scrape "
+                                "(the shared gauges are absent when not)", value=1.0)
         depth = GaugeMetricFamily("switchboard_queue_depth", "Messages waiting per queue",
                                   labels=["queue"])
         for queue, n in zip(QUEUES, depths, strict=True):
@@ -212,37 +188,24 @@ class RedisCollector:
                                 value=float(pending))
 
 
-def _counter(name: str, doc: str, labels: Iterable[str], raw: dict[str, float]
-             ) -> CounterMetricFamily:
-    names = list(labels)
-    family = CounterMetricFamily(name, doc, labels=names)
-    for field, value in sorted(raw.items()):
-        family.add_metric(field.split(SEP) if names else [], value)
-    return family
+def web_registry(client: redis.Redis) -> CollectorRegistry:
+    """What the web app's /metrics serves: this host's web processes and the shared gauges."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(process_registry())  # a registry is itself a collector
+    registry.register(SharedGauges(client))
+    return registry
 
 
-def _histogram(name: str, doc: str, labels: Iterable[str], raw: dict[str, float]
-               ) -> HistogramMetricFamily:
-    family = HistogramMetricFamily(name, doc, labels=list(labels))
-    series: dict[str, dict[str, float]] = defaultdict(dict)
-    for field, value in raw.items():
-        base, _, part = field.rpartition(SEP)
-        series[base][part] = value
-    for base, parts in sorted(series.items()):
-        buckets = [(str(le), parts.get(f"le={le}", 0.0)) for le in LATENCY_BUCKETS]
-        buckets.append(("+Inf", parts.get("le=+Inf", 0.0)))
-        family.add_metric(base.split(SEP), buckets, parts.get("sum", 0.0))
-    return family
+def start_worker_server(port: int, host: str) -> Any | None:
+    """Serve this worker's metrics on host:port (prometheus_client's own HTTP server).
 
-
-_shared: dict[str, Metrics] = {}
-_shared_lock = threading.Lock()
-
-
-def for_redis(url: str) -> Metrics:
-    """The process-wide Metrics for this Redis URL."""
-    with _shared_lock:
-        if url not in _shared:
-            _shared[url] = Metrics(redis.Redis.from_url(url, socket_timeout=5,
-                                                        socket_connect_timeout=3))
-        return _shared[url]
+    A port already taken leaves the worker running without metrics, logged as an error:
+    messages keep flowing, which matters more than counting them."""
+    try:
+        server, _thread = start_http_server(port, host, registry=process_registry())
+    except OSError as exc:
+        log.error("metrics: cannot serve on %s:%d (%s); set WORKER_METRICS_PORT to a free "
+                  "port, or 0 for none", host, port, exc.strerror or type(exc).__name__)
+        return None
+    log.info("metrics: serving on %s:%d/metrics", host, port)
+    return server
