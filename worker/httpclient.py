@@ -98,14 +98,14 @@ def fetch(client: httpx.Client, method: str, url: str, *, timeout: float, max_by
 
 
 def _read_body(response: httpx.Response, max_bytes: int) -> bytes:
-    declared = response.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise AnswerTooLarge("answer larger than the limit")  # refused before reading it
     encoding = response.headers.get("content-encoding", "").strip().lower()
     if encoding in ("gzip", "x-gzip"):
         inflate: Any = zlib.decompressobj(16 + zlib.MAX_WBITS)
     elif encoding in ("", "identity"):
         inflate = None
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_bytes:
+            raise AnswerTooLarge("answer larger than the limit")  # refused before reading it
     else:
         raise httpx.DecodingError("unrequested Content-Encoding")
     body = bytearray()

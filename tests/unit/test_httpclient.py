@@ -263,6 +263,7 @@ class RawServer:
         self.connections = 0
         self.requests: list[bytes] = []
         self.sent_whole = 0  # replies sent to their last byte
+        self.current: socket.socket
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen()
@@ -276,6 +277,7 @@ class RawServer:
             except OSError:
                 return
             self.connections += 1
+            self.current = conn
             with conn:
                 try:
                     self._answer(conn)
@@ -302,6 +304,10 @@ class RawServer:
             if not keep:
                 return
 
+    def unasked(self, data: bytes) -> None:
+        """Send `data` on the open connection, though nothing asked for it."""
+        self.current.sendall(data)
+
     def close(self) -> None:
         self.listener.close()
 
@@ -318,14 +324,32 @@ def get(client: httpx.Client, raw: RawServer, timeout: float = 5.0,
     return fetch(client, "GET", raw.origin + "/", timeout=timeout, max_bytes=max_bytes).body
 
 
-def test_a_stale_second_response_is_never_the_next_answer(client: httpx.Client) -> None:
+@pytest.mark.parametrize("first", [OK, b"HTTP/1.1 204 No Content\r\n\r\n"])
+def test_a_stale_second_response_is_never_the_next_answer(client: httpx.Client,
+                                                          first: bytes) -> None:
     # The server answers the first request twice in one write; the second answer must not be
     # taken as the answer to the next request (a connection with unasked bytes is not reused).
     stale = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale"
     fresh = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh"
-    raw = RawServer([(OK + stale, True), (fresh, True)])
+    raw = RawServer([(first + stale, True), (fresh, True)])
+    try:
+        assert get(client, raw) == first[first.index(b"\r\n\r\n") + 4:]
+        assert get(client, raw) == b"fresh"
+    finally:
+        raw.close()
+    assert raw.connections == 2
+
+
+def test_an_unasked_answer_arriving_while_idle_is_never_the_next_answer(
+        client: httpx.Client) -> None:
+    stale = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale"
+    fresh = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh"
+    raw = RawServer([(OK, True), (fresh, True)])
     try:
         assert get(client, raw) == b"ok"
+        eventually(lambda: raw.sent_whole == 1, timeout=5, interval=0.01, what="the answer")
+        raw.unasked(stale)
+        time.sleep(0.2)  # it reaches us while the connection is idle
         assert get(client, raw) == b"fresh"
     finally:
         raw.close()
@@ -519,3 +543,22 @@ def test_an_untrusted_certificate_sends_nothing(tls_server: str,
               max_bytes=1000)
     client.close()
     assert never_sent(caught.value)
+
+
+@pytest.mark.parametrize(("exc", "sent"), [
+    (httpx.ConnectError("refused"), False),
+    (httpx.ConnectTimeout("no SYN-ACK"), False),
+    (httpx.PoolTimeout("no free connection"), False),
+    (httpx.LocalProtocolError("bad header"), False),
+    (httpx.UnsupportedProtocol("ftp"), False),
+    (httpx.ReadTimeout("no answer"), True),
+    (httpx.WriteTimeout("stalled mid-request"), True),
+    (httpx.RemoteProtocolError("Server disconnected without sending a response"), True),
+    (httpx.ReadError("reset"), True),
+    (httpx.WriteError("broken pipe"), True),
+    (AnswerTooLarge("too large"), True),
+    (httpx.DecodingError("bad gzip"), True),
+])
+def test_what_may_have_reached_the_server(exc: httpx.HTTPError, sent: bool) -> None:
+    # A send that never left is safe to retry; anything else may have been acted on.
+    assert never_sent(exc) is not sent
