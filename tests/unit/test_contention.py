@@ -6,6 +6,7 @@ import threading
 import time
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.unit.test_fhir_client import BASE, TOKEN_URL, FakeFhir, Request, answer
@@ -18,7 +19,6 @@ from worker.fhir.outcome import (
     classify,
     is_contention,
 )
-from worker.http import HttpAnswer
 
 # Exactly what Medplum answers when PostgreSQL aborts a serializable transaction: @medplum/core's
 # conflict(text, '40001'), as seen on a 5.0.10 server under load.
@@ -79,7 +79,7 @@ class Conflicts:
     def __init__(self, n: int) -> None:
         self.left = n
 
-    def __call__(self, request: Request) -> HttpAnswer:
+    def __call__(self, request: Request) -> httpx.Response:
         if self.left > 0:
             self.left -= 1
             return answer(409, MEDPLUM_40001)
@@ -89,7 +89,7 @@ class Conflicts:
 def client(fake: FakeFhir, retries: int = 8) -> tuple[FhirClient, list[str], list[float]]:
     events: list[str] = []
     sleeps: list[float] = []
-    c = FhirClient(BASE, TOKEN_URL, "cid", "secret", http=fake,
+    c = FhirClient(BASE, TOKEN_URL, "cid", "secret", transport=fake.transport(),
                    conflict_retries=retries, conflict_backoff=(0.02, 1.0),
                    on_contention=events.append, sleep=sleeps.append)
     return c, events, sleeps

@@ -1,4 +1,4 @@
-"""The FHIR client against a recording fake at its HTTP boundary (worker.http.Http)."""
+"""The FHIR client against a recording fake at its HTTP boundary (an httpx.MockTransport)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import pytest
 
 from worker.fhir.client import FhirClient
 from worker.fhir.outcome import FhirPermanentError, FhirTransientError
-from worker.http import HttpAnswer, HttpTimeout, HttpTransportError
 
 BASE = "https://fhir.test/fhir/R4/"
 TOKEN_URL = "https://fhir.test/oauth2/token"
@@ -29,28 +29,38 @@ class Request:
 
 
 def answer(status: int, json_body: Any = None, headers: Mapping[str, str] | None = None
-           ) -> HttpAnswer:
+           ) -> httpx.Response:
     """An answer with a JSON body (none when `json_body` is None)."""
     body = b"" if json_body is None else json.dumps(json_body).encode()
-    return HttpAnswer(status, dict(headers or {}), body)
+    # A stream, as from the network (content= would hand the client an answer already read).
+    return httpx.Response(status, headers=dict(headers or {}), stream=httpx.ByteStream(body))
+
+
+# The request headers httpx adds itself (the recorded headers are the FHIR client's own).
+HTTPX_HEADERS = {"host", "accept-encoding", "connection", "user-agent", "content-length"}
 
 
 class FakeFhir:
-    """Answers token requests with numbered tokens; FHIR requests from a handler; records all."""
+    """Answers token requests with numbered tokens; FHIR requests from a handler; records all.
+    `transport()` is the httpx.MockTransport that puts it at the client's HTTP boundary."""
 
-    def __init__(self, handler: Callable[[Request], HttpAnswer], expires_in: int = 3600) -> None:
+    def __init__(self, handler: Callable[[Request], httpx.Response],
+                 expires_in: int = 3600) -> None:
         self.handler = handler
         self.expires_in = expires_in
         self.tokens_issued = 0
         self.requests: list[Request] = []
 
-    def __call__(self, method: str, url: str, headers: Mapping[str, str], body: bytes | None,
-                 timeout: float) -> HttpAnswer:
-        request = Request(method, url, dict(headers), body, timeout)
+    def __call__(self, sent: httpx.Request) -> httpx.Response:
+        headers = {name.title(): value for name, value in sent.headers.items()
+                   if name not in HTTPX_HEADERS}
+        body = sent.read() or None
+        url = str(sent.url)
+        request = Request(sent.method, url, headers, body, sent.extensions["timeout"]["read"])
         self.requests.append(request)
         if url == TOKEN_URL:
             self.tokens_issued += 1
-            assert method == "POST"
+            assert sent.method == "POST"
             assert headers["Content-Type"] == "application/x-www-form-urlencoded"
             form = dict(x.split("=") for x in (body or b"").decode().split("&"))
             assert form["grant_type"] == "client_credentials"
@@ -59,14 +69,18 @@ class FakeFhir:
                                 "token_type": "Bearer", "expires_in": self.expires_in})
         return self.handler(request)
 
+    def transport(self) -> httpx.MockTransport:
+        return httpx.MockTransport(self)
+
     def client(self, **options: Any) -> FhirClient:
-        return FhirClient(BASE, TOKEN_URL, "cid", "secret", http=self, **options)
+        return FhirClient(BASE, TOKEN_URL, "cid", "secret", transport=self.transport(),
+                          **options)
 
     def fhir_requests(self) -> list[Request]:
         return [r for r in self.requests if r.url != TOKEN_URL]
 
 
-def ok(request: Request) -> HttpAnswer:
+def ok(request: Request) -> httpx.Response:
     return answer(201, {"resourceType": "Patient", "id": "p1"})
 
 
@@ -95,15 +109,16 @@ def test_requests_ask_for_fhir_json_and_send_it_with_the_timeout() -> None:
 
 def test_a_base_without_its_trailing_slash_keeps_its_path() -> None:
     fake = FakeFhir(ok)
-    FhirClient(BASE.rstrip("/"), TOKEN_URL, "cid", "secret", http=fake).read("Patient", "p1")
+    FhirClient(BASE.rstrip("/"), TOKEN_URL, "cid", "secret",
+               transport=fake.transport()).read("Patient", "p1")
     assert [r.url for r in fake.fhir_requests()] == [BASE + "Patient/p1"]
 
 
 def test_every_request_is_observed_with_its_operation() -> None:
     seen: list[str] = []
 
-    def refuse(request: Request) -> HttpAnswer:
-        raise HttpTransportError("ProtocolError")
+    def refuse(request: Request) -> httpx.Response:
+        raise httpx.RemoteProtocolError("Server disconnected without sending a response")
 
     c = FakeFhir(ok).client(observe=lambda op, seconds: seen.append(op))
     c.read("Patient", "p1")
@@ -123,7 +138,7 @@ def test_token_is_refreshed_before_expiry() -> None:
 
 
 def test_a_401_refreshes_the_token_once_then_gives_up() -> None:
-    def handler(request: Request) -> HttpAnswer:
+    def handler(request: Request) -> httpx.Response:
         if request.headers["Authorization"] == "Bearer t1":
             return answer(401, {"resourceType": "OperationOutcome", "issue": []})
         return ok(request)
@@ -174,13 +189,13 @@ def test_429_without_retry_after_uses_ratelimit_t() -> None:
 
 
 def test_connection_errors_and_timeouts_are_transient() -> None:
-    def refuse(request: Request) -> HttpAnswer:
-        raise HttpTransportError("NewConnectionError")
+    def refuse(request: Request) -> httpx.Response:
+        raise httpx.ConnectError("[Errno 111] Connection refused")
 
-    def slow(request: Request) -> HttpAnswer:
-        raise HttpTimeout("ReadTimeoutError")
+    def slow(request: Request) -> httpx.Response:
+        raise httpx.ReadTimeout("timed out")
 
-    for handler, text in ((refuse, "NewConnectionError on GET Patient"),
+    for handler, text in ((refuse, "ConnectError on GET Patient"),
                           (slow, "timeout on GET Patient")):
         with pytest.raises(FhirTransientError) as exc:
             FakeFhir(handler).client().search("Patient", [("phone", "+15551234567")])
@@ -221,3 +236,19 @@ def test_a_short_transaction_answer_is_not_success() -> None:
     fake = FakeFhir(lambda r: answer(200, body))
     with pytest.raises(FhirTransientError):
         fake.client().transaction({"resourceType": "Bundle", "entry": [{}, {}]})
+
+
+def test_create_binary_posts_the_raw_bytes_with_their_type() -> None:
+    fake = FakeFhir(lambda r: answer(201, {"resourceType": "Binary", "id": "b7",
+                                           "contentType": "image/jpeg"}))
+    assert fake.client().create_binary(b"\xff\xd8\xff\xe0", "image/jpeg") == "b7"
+    (req,) = fake.fhir_requests()
+    assert (req.method, req.url, req.content) == ("POST", BASE + "Binary", b"\xff\xd8\xff\xe0")
+    assert req.headers["Content-Type"] == "image/jpeg"
+    assert req.headers["Accept"] == "application/fhir+json"
+
+
+def test_a_binary_answered_without_an_id_is_not_success() -> None:
+    fake = FakeFhir(lambda r: answer(201, {"resourceType": "Binary"}))
+    with pytest.raises(FhirTransientError):
+        fake.client().create_binary(b"x", "text/plain")

@@ -1,12 +1,15 @@
-"""The Twilio channel's HTTP: the real SDK through our HTTP boundary (worker.http), against a
-real HTTP server on loopback. What goes on the wire, and which failures may have sent a text."""
+"""The Twilio channel's HTTP: the real SDK through its HttpClient on httpx (worker.httpclient),
+against real servers on loopback. What goes on the wire, and which failures may have sent a
+text."""
 
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -14,7 +17,7 @@ from urllib.parse import parse_qs
 
 import pytest
 
-from tests.unit.test_http import closed_port
+from tests.unit.test_httpclient import RawServer, closed_port
 from worker.channels import Attachment, OutboundMessage, SendError
 from worker.channels.twilio import TwilioSms
 
@@ -121,3 +124,64 @@ def test_no_answer_after_sending_is_an_unknown_outcome() -> None:
         with pytest.raises(SendError) as caught:
             channel(f"http://127.0.0.1:{port}", timeout=0.3).send(message())
     assert caught.value.kind == "outcome-unknown"
+
+
+CREATED = json.dumps({"sid": "SM" + "f" * 32, "status": "queued"}).encode()
+CREATED_REPLY = (b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: "
+                 + str(len(CREATED)).encode() + b"\r\n\r\n" + CREATED)
+
+
+def test_a_connection_twilio_closed_while_idle_never_fails_a_send() -> None:
+    # Twilio closed the kept-alive connection after the first send: the second goes on a new
+    # connection, and is neither reported failed nor an unknown outcome.
+    raw = RawServer([(CREATED_REPLY, False), (CREATED_REPLY, False)])
+    sms = channel(raw.origin)
+    try:
+        sms.send(message())
+        time.sleep(0.2)  # Twilio's close reaches us
+        assert sms.send(message()).provider_id == "SM" + "f" * 32
+    finally:
+        raw.close()
+    assert raw.connections == 2
+
+
+@pytest.mark.parametrize("reply", [
+    # Answered, then refused: Twilio may have created the message.
+    b"HTTP/1.1 201 Created\r\nContent-Encoding: gzip\r\nContent-Length: "
+    + str(len(BOMB := gzip.compress(b"\0" * 50_000_000))).encode() + b"\r\n\r\n" + BOMB,
+    b"HTTP/1.1 201 Created\r\nContent-Length: 1_0\r\n\r\n" + CREATED[:10],
+    b"HTTP/1.1 201 Created\r\nContent-Length: " + str(len(CREATED)).encode() + b"\r\n\r\n",
+])
+def test_an_answer_refused_after_sending_is_an_unknown_outcome(reply: bytes) -> None:
+    raw = RawServer([(reply, False)])
+    try:
+        with pytest.raises(SendError) as caught:
+            channel(raw.origin, timeout=1.0).send(message())
+    finally:
+        raw.close()
+    assert caught.value.kind == "outcome-unknown"
+
+
+def test_a_dripping_twilio_is_held_to_the_timeout() -> None:
+    raw = RawServer([(CREATED_REPLY, False)], drip=0.05)  # about 6 s in all
+    try:
+        with pytest.raises(SendError) as caught:
+            channel(raw.origin, timeout=0.5).send(message())
+        assert raw.sent_whole == 0  # given up while Twilio was still dripping
+    finally:
+        raw.close()
+    assert caught.value.kind == "outcome-unknown"
+
+
+def test_the_send_before_a_stale_answer_is_not_answered_by_it() -> None:
+    other = b'{"sid": "SM' + b"0" * 32 + b'", "status": "queued"}'
+    stale = (b"HTTP/1.1 201 Created\r\nContent-Length: " + str(len(other)).encode()
+             + b"\r\n\r\n" + other)
+    raw = RawServer([(CREATED_REPLY + stale, True), (CREATED_REPLY, True)])
+    sms = channel(raw.origin)
+    try:
+        first, second = sms.send(message()), sms.send(message())
+    finally:
+        raw.close()
+    assert first.provider_id == second.provider_id == "SM" + "f" * 32
+    assert len(raw.requests) == 2

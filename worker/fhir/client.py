@@ -10,25 +10,24 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlencode
 
+import httpx
+
 from worker.broker.backoff import retry_delay
 from worker.fhir.contention import CONGESTED, WriteLimit
 from worker.fhir.outcome import FhirConflictError, FhirTransientError, classify
 from worker.fhir.query import Params, query_string
 from worker.fhir.reference import InvalidReference, ref, valid_type
-from worker.http import (
-    DirectHttp,
-    Http,
-    HttpAnswer,
-    HttpTimeout,
-    HttpTransportError,
-    Urllib3Http,
-    default_http,
-)
+from worker.httpclient import Answer, fetch, new_client
 
 T = TypeVar("T")
 FHIR_JSON = "application/fhir+json"
 # Connections per client (the worker's threads share one client).
 POOL_SIZE = 64
+# The largest answer read, decoded. Medplum refuses a JSON string over 1 MB, and the searches
+# Switchboard makes ask for a few entries, so a real answer is far smaller: this only stops a
+# broken or hostile server from filling the worker's memory. Not a setting: nothing a clinic
+# does makes a legitimate answer approach it.
+MAX_ANSWER_BYTES = 16 * 1024 * 1024
 # Refresh this long before the token's stated expiry, so a request never races the deadline.
 TOKEN_REFRESH_MARGIN_SECONDS = 60.0
 
@@ -49,7 +48,7 @@ class FhirResponse:
 class TokenSource:
     """OAuth2 client-credentials token, cached and refreshed before expiry (thread-safe)."""
 
-    def __init__(self, http: Http, token_url: str, client_id: str, secret: str,
+    def __init__(self, http: httpx.Client, token_url: str, client_id: str, secret: str,
                  timeout: float = 10.0) -> None:
         self._http = http
         self._token_url = token_url
@@ -81,12 +80,13 @@ class TokenSource:
             "client_secret": self._secret,
         }).encode()
         try:
-            resp = self._http("POST", self._token_url, {
+            resp = fetch(self._http, "POST", self._token_url, headers={
                 "Accept": "application/json",
                 "Content-Type": "application/x-www-form-urlencoded",
-            }, form, self._timeout)
-        except HttpTransportError as exc:  # HttpTimeout too
-            raise FhirTransientError(f"token endpoint unreachable: {exc}") from exc
+            }, content=form, timeout=self._timeout, max_bytes=MAX_ANSWER_BYTES)
+        except httpx.HTTPError as exc:  # the class name only: never a URL or a secret
+            raise FhirTransientError(
+                f"token endpoint unreachable: {type(exc).__name__}") from exc
         if resp.status >= 500 or resp.status == 429:
             raise FhirTransientError(f"token endpoint answered {resp.status}", resp.status)
         if resp.status != 200:
@@ -110,7 +110,7 @@ class FhirClient:
         client_id: str,
         client_secret: str,
         timeout: float = 10.0,
-        http: Http | None = None,
+        transport: httpx.BaseTransport | None = None,
         observe: Callable[[str, float], None] | None = None,
         write_limit: WriteLimit | None = None,
         conflict_retries: int = 8,
@@ -130,18 +130,15 @@ class FhirClient:
         # Relative URLs (`Type/id`, `Type?query`, "" for the base) are appended to the base.
         self._base = base_url if base_url.endswith("/") else base_url + "/"
         self._timeout = timeout
-        # `http` is the HTTP boundary (worker.http); by default our own kept-alive connections,
-        # or urllib3 through the proxy the environment names for the FHIR server, if any.
-        self._pools: DirectHttp | Urllib3Http | None = None
-        if http is None:
-            http = self._pools = default_http(self._base, POOL_SIZE)
-        self._http = http
+        # One httpx client (and pool) per FhirClient, so per process; `transport` replaces
+        # the network in tests (httpx.MockTransport).
+        self._http = (new_client(self._base, POOL_SIZE, timeout) if transport is None
+                      else httpx.Client(transport=transport))
         self._tokens = TokenSource(self._http, token_url, client_id, client_secret, timeout)
 
     def close(self) -> None:
         """Close the connection pool."""
-        if self._pools is not None:
-            self._pools.close()
+        self._http.close()
 
     # -- operations ---------------------------------------------------------------------------
 
@@ -182,15 +179,18 @@ class FhirClient:
 
         Medplum refuses a JSON body over 1 MiB and a base64Binary over 1 MiB, so a file sent as
         base64 `data` inside a Binary resource caps near 750 KB; a raw upload goes to its binary
-        storage without that limit (ARCHITECTURE.md E, "Medplum's size limits").
+        storage without that limit (docs/design.md, "Medplum's size limits").
         """
         if "json" in content_type.split(";", 1)[0].lower():
             # The server would read a JSON body as a resource (a file could pass itself off as
             # a Binary of its choosing): a JSON file is stored as plain bytes.
             content_type = "application/octet-stream"
         resp = self._write(lambda: self._request(
-            "POST", "Binary", raw=(data, content_type), op="create"))
-        return str(resp.resource.get("id") or "")
+            "POST", "Binary", content=data, content_type=content_type, op="create-binary"))
+        binary_id = resp.resource.get("id")
+        if not isinstance(binary_id, str) or not binary_id:
+            raise FhirTransientError("Binary created without an id")
+        return binary_id
 
     def transaction(self, bundle: Mapping[str, Any]) -> dict[str, Any]:
         """POST a transaction Bundle and check every entry's status.
@@ -249,28 +249,29 @@ class FhirClient:
 
     def _request(self, method: str, url: str, json: Any = None,
                  headers: Mapping[str, str] | None = None, op: str = "other",
-                 raw: tuple[bytes, str] | None = None) -> FhirResponse:
+                 content: bytes | None = None, content_type: str = "") -> FhirResponse:
         """`url` is relative to the base and built only from checked parts (ref, _type,
-        query_string), so it can neither leave the base nor carry a raw '+'. `raw` is a body
-        sent as is, with its Content-Type (a Binary upload)."""
+        query_string), so it can neither leave the base nor carry a raw '+'. The body is
+        `json` encoded as FHIR JSON, or raw `content` of `content_type`."""
         hdrs = {"Accept": FHIR_JSON, **(headers or {})}
-        content = None
         if json is not None:
             hdrs["Content-Type"] = FHIR_JSON
             content = _encode(json)
-        elif raw is not None:
-            content, hdrs["Content-Type"] = raw
+        elif content is not None:
+            hdrs["Content-Type"] = content_type
         for attempt in (1, 2):
             token = self._tokens.get()
             started = time.perf_counter()
             try:
-                resp = self._http(method, self._base + url,
-                                  {**hdrs, "Authorization": f"Bearer {token}"}, content,
-                                  self._timeout)
-            except HttpTimeout as exc:
+                resp = fetch(self._http, method, self._base + url,
+                             headers={**hdrs, "Authorization": f"Bearer {token}"},
+                             content=content, timeout=self._timeout,
+                             max_bytes=MAX_ANSWER_BYTES)
+            except httpx.TimeoutException as exc:
                 raise FhirTransientError(f"timeout on {method} {_path(url)}") from exc
-            except HttpTransportError as exc:
-                raise FhirTransientError(f"{exc} on {method} {_path(url)}") from exc
+            except httpx.HTTPError as exc:  # the class name only: a URL may carry a phone
+                raise FhirTransientError(
+                    f"{type(exc).__name__} on {method} {_path(url)}") from exc
             finally:
                 if self._observe is not None:
                     self._observe(op, time.perf_counter() - started)
@@ -303,7 +304,7 @@ def _encode(resource: Any) -> bytes:
                       allow_nan=False).encode()
 
 
-def _json_or_none(resp: HttpAnswer) -> Any:
+def _json_or_none(resp: Answer) -> Any:
     try:
         return json.loads(resp.body)
     except ValueError:  # not JSON (or not UTF-8): classified by its status alone

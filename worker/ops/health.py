@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import redis
 
 from worker.fhir.client import TokenSource
-from worker.http import default_http
+from worker.httpclient import new_client
 from worker.settings import Settings
 
 
@@ -36,7 +36,7 @@ def check_redis(settings: Settings) -> Check:
 
 def check_fhir_token(settings: Settings) -> Check:
     """A FHIR access token can be obtained with the configured client credentials."""
-    http = default_http(settings.fhir_token_url, 1)
+    http = new_client(settings.fhir_token_url, 1, settings.fhir_timeout_seconds)
     tokens = TokenSource(http, settings.fhir_token_url, settings.fhir_client_id,
                          settings.fhir_client_secret.get_secret_value(),
                          settings.fhir_timeout_seconds)
