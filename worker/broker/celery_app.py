@@ -10,7 +10,6 @@ from kombu.entity import Queue
 from kombu.serialization import register
 from kombu.utils import json as kombu_json
 
-from worker.broker import transport
 from worker.crypto import Sealer, UnknownKey, Unsealable, bytes_to_text
 from worker.settings import Settings
 
@@ -92,9 +91,6 @@ def register_sealed(sealer: Sealer) -> str:
 def create_celery(settings: Settings) -> Celery:
     """A Celery app for `settings` (the web uses it only to publish; the worker runs tasks)."""
     serializer = register_sealed(settings.sealer())
-    # kombu's Redis transport, minus a client object built per publish and ack, and minus a 2 s
-    # pause under the gevent pool (worker/broker/transport.py); URLs stay `redis://`.
-    transport.install()
     app = Celery("switchboard", set_as_current=False)
     app.conf.update(
         broker_url=settings.redis_url,
