@@ -146,8 +146,6 @@ def create_celery(settings: Settings) -> Celery:
         broker_connection_max_retries=None,
         worker_send_task_events=True,
         task_send_sent_event=False,
-        # Those events in batches a few milliseconds apart (worker/broker/consumer.py).
-        worker_consumer="worker.broker.consumer:Consumer",
         worker_hijack_root_logger=True,
         worker_redirect_stdouts=False,
     )
