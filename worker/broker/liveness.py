@@ -73,6 +73,13 @@ return gone
 """
 
 
+def restored_within(heartbeat: float, dead_after: float) -> float:
+    """The longest a dead worker's messages wait before a live janitor puts them back: its
+    heartbeat key, set at most `heartbeat` before it died, expires `dead_after` after being
+    set, and every live worker's janitor (a replacement's too) looks every `heartbeat`."""
+    return dead_after + heartbeat
+
+
 def new_worker_id() -> str:
     """A process-unique id: host, pid and a nonce (a pid can be reused after a restart)."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -82,8 +89,7 @@ class Liveness:
     """Heartbeat, held-message record and janitor of one worker process."""
 
     def __init__(self, client: redis.Redis, channel: Any, queues: Iterable[str],
-                 interval: float = 3.0,
-                 dead_after: float = 15.0, worker_id: str | None = None,
+                 interval: float = 2.0, dead_after: float = 8.0, worker_id: str | None = None,
                  on_recovered: Callable[[int], None] | None = None) -> None:
         """`channel`: a kombu Redis channel of the broker (its key names, and its QoS restores);
         used from the liveness thread only."""
