@@ -131,10 +131,11 @@ def create_celery(settings: Settings) -> Celery:
             # kombu's Redis transport re-delivers an unacked message after this long; it must
             # exceed every retry countdown, or a message waiting for its ETA runs twice.
             "visibility_timeout": settings.broker_visibility_timeout_seconds,
-            # A message held by a worker that died (SIGKILL, lost machine) sits in kombu's
-            # `unacked` hash until a live worker sweeps it back. Sweep on every idle poll rather
-            # than every 10th: one cheap ZRANGEBYSCORE, and recovery no longer waits ~100 s
-            # beyond the visibility timeout.
+            # kombu's own sweep gives back what has been unacknowledged for the visibility
+            # timeout (whatever liveness did not: worker/broker/liveness.py restores a dead
+            # worker's messages long before). Scan on every sweep, not every 10th, and sweep
+            # every few seconds, so that is not ~100 s later still. kombu >= 5.7.0: older
+            # releases ignore both options silently (pyproject.toml).
             "unacked_restore_throttle": 1,
             "unacked_restore_interval": max(1, min(10, settings.broker_visibility_timeout_seconds
                                                    // 3)),
