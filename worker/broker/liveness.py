@@ -22,8 +22,9 @@ So every worker process (a Celery worker's main process, where kombu's consumer 
 - and gives back any unacknowledged message that no live worker holds and that has been so for
   a while: one taken by a worker that died between kombu's record of it and ours;
 - and gives back its own unacknowledged messages that it no longer holds in memory: when the
-  broker connection drops (Redis restarted), kombu forgets the messages of the old channel and
-  their acks are lost, so without this they would wait for the visibility timeout.
+  broker connection drops (Redis restarted), Celery drops the messages of the old channel and
+  their acks are lost; kombu tries to restore them as the channel closes, but Redis is down
+  then, so without this they would wait for the visibility timeout.
 
 A worker that was only paused longer than the expiry gets its messages redelivered elsewhere too;
 every write downstream is idempotent and every send is claimed, so that costs a repeat, not a
