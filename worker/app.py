@@ -41,6 +41,7 @@ def _redact_worker_logs(logger: logging.Logger, **_: Any) -> None:
 
 
 _liveness: Liveness | None = None
+_liveness_connection: Any = None  # the kombu connection whose channel the janitor restores with
 _metrics_server: Any = None
 
 
@@ -59,9 +60,13 @@ def _serve_metrics(**_: Any) -> None:
 def _start_liveness(**_: Any) -> None:
     # In the worker's main process, where kombu's consumer takes messages: heartbeat, record of
     # held messages, and the janitor giving back the messages of workers that died.
-    global _liveness
+    global _liveness, _liveness_connection
     rt = get_runtime()
-    _liveness = Liveness(rt.redis, QUEUES, interval=rt.settings.worker_heartbeat_seconds,
+    # A connection of its own (same broker URL and transport options as the consumer's): kombu
+    # channels are not shared between threads, and the janitor runs on a thread of its own.
+    _liveness_connection = app.connection_for_write()
+    _liveness = Liveness(rt.redis, _liveness_connection.default_channel, QUEUES,
+                         interval=rt.settings.worker_heartbeat_seconds,
                          dead_after=rt.settings.worker_dead_after_seconds,
                          on_recovered=lambda n: rt.metrics.inc(
                              "switchboard_messages_recovered", n))
@@ -91,3 +96,5 @@ def _stop_liveness(**_: Any) -> None:
         _liveness.stop()
     if _metrics_server is not None:
         _metrics_server.shutdown()
+    if _liveness_connection is not None:
+        _liveness_connection.close()

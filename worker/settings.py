@@ -200,9 +200,12 @@ class Settings(BaseSettings):
     dead_letter_retention_days: int = Field(default=30, ge=1)
     # Every worker process refreshes a heartbeat this often; one silent for WORKER_DEAD_AFTER
     # is taken for dead and the messages it held go back to their queues at once
-    # (worker/broker/liveness.py), instead of after the visibility timeout.
-    worker_heartbeat_seconds: float = Field(default=3.0, gt=0)
-    worker_dead_after_seconds: float = Field(default=15.0, gt=0)
+    # (worker/broker/liveness.py), instead of after the visibility timeout. The defaults put
+    # a dead worker's messages back within 10 s of its death (liveness.restored_within),
+    # leaving 5 s of the recovery goal (every message written within 15 s of a SIGKILL) to
+    # run them; a worker silent for 8 s (4 heartbeats missed) is taken for dead.
+    worker_heartbeat_seconds: float = Field(default=2.0, gt=0)
+    worker_dead_after_seconds: float = Field(default=8.0, gt=0)
     # Must exceed the longest countdown, or Redis redelivers a message still waiting (kombu).
     broker_visibility_timeout_seconds: int = Field(default=3600, ge=1)
     # How long a processed MessageSid is remembered to skip FHIR for provider retries.

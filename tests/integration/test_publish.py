@@ -20,6 +20,10 @@ from worker.settings import load_settings
 from worker.stores.inbox import ENTRIES, INDEX, Inbox, InboxEntry
 
 VARIABLE = {"id", "root_id", "correlation_id", "delivery_tag", "origin"}
+# The one-step publish copies Celery's protocol-2 message as kombu's Redis transport stores it:
+# an internal, so celery and kombu are pinned to a minor release (pyproject.toml).
+PINNED = ("Celery or kombu changed the task message on Redis: re-check worker/broker/publish.py "
+          "before widening their range in pyproject.toml")
 
 
 @pytest.fixture()
@@ -56,7 +60,9 @@ def test_the_same_message_as_send_task_in_one_step(r: redis.Redis,
     assert ours["headers"]["id"] == ours["properties"]["correlation_id"] == task_id
     assert ours["properties"]["delivery_tag"] != stock["properties"]["delivery_tag"]
     assert ours["content-type"] == "application/x-switchboard-sealed"
-    assert _strip(ours, sealer) == _strip(stock, sealer)  # same args, same encoding
+    assert set(stock["headers"]) == set(ours["headers"]), PINNED
+    assert set(stock["properties"]) == set(ours["properties"]), PINNED
+    assert _strip(ours, sealer) == _strip(stock, sealer), PINNED  # same args, same encoding
     assert "hé" not in json.dumps(ours) and b"SM1" not in base64.b64decode(ours["body"])
     # ... and the inbox entry was written in the same step, holding the same sealed body.
     entry = json.loads(r.hget(ENTRIES, "sms:SM1"))

@@ -1,9 +1,11 @@
-"""A SIGKILLed worker's messages land within a minute at default settings (no shrunk timeouts):
-its heartbeat stops, and a live worker puts what it held back in the queue."""
+"""A SIGKILLed worker's messages are written at default settings (no shrunk timeouts), brought
+back by the liveness janitor when its heartbeat expires, not by kombu's visibility timeout. How
+soon is a rule (tests/unit/test_recovery_rules.py) and a measurement (tests/bench/recovery.py),
+not a timed assertion here."""
 
 from __future__ import annotations
 
-import time
+import re
 from pathlib import Path
 
 from tests.conftest import Services
@@ -12,7 +14,8 @@ from tests.support import Sandbox, eventually, sms_params
 from worker.ops import devstack
 from worker.settings import Settings
 
-RECOVERY_BOUND_SECONDS = 60.0  # docs/reliability.md, "Guarantees"
+# A failure deadline, far above the goal: a machine shared by parallel runs can be slow.
+GIVE_UP_SECONDS = 120.0
 
 
 def test_defaults_are_what_production_runs() -> None:
@@ -21,10 +24,12 @@ def test_defaults_are_what_production_runs() -> None:
     assert defaults["inbox_stale_seconds"].default == 1800
 
 
-def test_a_killed_workers_messages_land_within_a_minute(services: Services, sandbox: Sandbox,
-                                                        log_dir: Path) -> None:
+def test_a_killed_workers_messages_come_back_when_its_heartbeat_expires(
+        services: Services, sandbox: Sandbox, log_dir: Path) -> None:
     svc = services.get(worker=False, SMS_THREAD_STRATEGY="new-thread")
-    assert "BROKER_VISIBILITY_TIMEOUT_SECONDS" not in svc.env  # the default: an hour
+    for name in ("BROKER_VISIBILITY_TIMEOUT_SECONDS", "WORKER_HEARTBEAT_SECONDS",
+                 "WORKER_DEAD_AFTER_SECONDS", "INBOX_STALE_SECONDS"):
+        assert name not in svc.env  # the defaults: kombu would give them back after an hour
     sandbox.patient(PATIENT)
     # Slow writes, so the worker holds messages (running and prefetched) when it is killed.
     sandbox.fault(delay_ms=5000, count=4, method="POST")
@@ -34,20 +39,20 @@ def test_a_killed_workers_messages_land_within_a_minute(services: Services, sand
     for m in messages:
         deliver(svc, m)
     eventually(lambda: svc.redis.hlen("unacked") >= 4, what="messages held by the worker")
-    held = svc.redis.hlen("unacked")
     doomed.kill()
-    killed_at = time.monotonic()
     replacement = devstack.start_worker(svc.env, log_dir, name="worker-recovery-replacement",
                                         concurrency=4)
     try:
         eventually(lambda: all(sandbox.messages(m["MessageSid"]) for m in messages),
-                   timeout=RECOVERY_BOUND_SECONDS + 30, what="every message written")
-        took = time.monotonic() - killed_at
-        assert took < RECOVERY_BOUND_SECONDS, f"{took:.0f}s for {held} held messages"
+                   timeout=GIVE_UP_SECONDS, what="every message written")
         assert all(len(sandbox.messages(m["MessageSid"])) == 1 for m in messages)
         assert svc.dead_letters.count() == 0
         eventually(lambda: svc.redis.hlen("unacked") == 0, what="everything acknowledged")
-        assert "put back in their queues" in replacement.output()
+        # The janitor saw the heartbeat expire and gave back what the dead worker held (those
+        # it had not finished; kombu's own restore would have waited the visibility timeout).
+        restored = re.findall(r"stopped beating; (\d+) of its messages put back",
+                              replacement.output())
+        assert restored and int(restored[0]) >= 1, replacement.output()[-2000:]
     finally:
         replacement.stop()
 

@@ -1,7 +1,6 @@
-"""The task events Flower shows, from a real worker (worker/broker/consumer.py): every task's
-received, started and succeeded events reach a Celery event receiver (what Flower runs), in
-batches rather than a message each, and a task that finishes during a warm shutdown still has
-its succeeded event sent."""
+"""The task events Flower shows, from a real worker on Celery's stock consumer: every task's
+received, started and succeeded events reach a Celery event receiver (what Flower runs), and a
+task that finishes during a warm shutdown still has its succeeded event sent."""
 
 from __future__ import annotations
 
@@ -97,7 +96,7 @@ def _settled(events: Events, tasks: int) -> bool:
     return len(done) >= tasks
 
 
-def test_every_task_event_reaches_the_receiver_in_fewer_messages(
+def test_every_task_event_reaches_the_receiver(
         services: Services, sandbox: Sandbox, events_of: Any, log_dir: Path) -> None:
     svc = services.get(worker=False, SMS_THREAD_STRATEGY="new-thread")
     sandbox.patient(PATIENT)
@@ -114,14 +113,13 @@ def test_every_task_event_reaches_the_receiver_in_fewer_messages(
     assert len(seen) == 12
     for kinds in seen.values():
         assert sorted(kinds) == ["task-received", "task-started", "task-succeeded"], kinds
-    # Celery's own consumer sent 28 messages for these 36 events; batched, 4 or 5.
-    assert 0 < events.messages <= 18, events.messages
+    assert events.messages > 0  # carried by the broker, as Flower receives them
 
 
 def test_a_task_finishing_in_a_warm_shutdown_still_reports_success(
         services: Services, sandbox: Sandbox, events_of: Any, log_dir: Path) -> None:
-    # Its events are buffered after the loop stopped, where the flush timer never fires: without
-    # the flush at shutdown the task would show in Flower as started forever.
+    # Its events are sent after the consumer's loop stopped: were they lost, the task would show
+    # in Flower as started forever.
     svc = services.get(worker=False, SMS_THREAD_STRATEGY="new-thread")
     sandbox.patient(PATIENT)
     sandbox.fault(delay_ms=3000, count=1, method="POST")  # the task's FHIR write is slow

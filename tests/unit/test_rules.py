@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 from urllib3 import HTTPHeaderDict
 
 from worker.broker.backoff import retry_delay
-from worker.broker.consumer import EVENT_FLUSH_SECONDS, flush_to_ask
 from worker.channels.twilio import TwilioSignature, missing_fields, parse_inbound
 from worker.errors import PermanentError
 from worker.fhir.outcome import (
@@ -91,14 +90,6 @@ def test_backoff_is_bounded_and_honours_server_hint(attempt: int, hint: float) -
     d = retry_delay(attempt, 2.0, 300.0, None, rng)
     assert 0 < d <= 300
     assert retry_delay(attempt, 2.0, 300.0, hint, rng) >= min(hint, 300)
-
-
-def test_a_task_event_asks_for_a_flush_unless_one_is_coming() -> None:
-    period = EVENT_FLUSH_SECONDS
-    assert flush_to_ask(None, 100.0)  # none asked for
-    assert not flush_to_ask(100.0, 100.0 - period / 2)  # one is coming
-    assert not flush_to_ask(100.0, 100.0 + period / 2)  # late, as a busy loop may be
-    assert flush_to_ask(100.0, 100.0 + period * 1.5)  # a period overdue: it was lost
 
 
 def test_backoff_grows_exponentially() -> None:

@@ -10,7 +10,6 @@ from kombu.entity import Queue
 from kombu.serialization import register
 from kombu.utils import json as kombu_json
 
-from worker.broker import transport
 from worker.crypto import Sealer, UnknownKey, Unsealable, bytes_to_text
 from worker.settings import Settings
 
@@ -92,9 +91,6 @@ def register_sealed(sealer: Sealer) -> str:
 def create_celery(settings: Settings) -> Celery:
     """A Celery app for `settings` (the web uses it only to publish; the worker runs tasks)."""
     serializer = register_sealed(settings.sealer())
-    # kombu's Redis transport, minus a client object built per publish and ack, and minus a 2 s
-    # pause under the gevent pool (worker/broker/transport.py); URLs stay `redis://`.
-    transport.install()
     app = Celery("switchboard", set_as_current=False)
     app.conf.update(
         broker_url=settings.redis_url,
@@ -135,10 +131,11 @@ def create_celery(settings: Settings) -> Celery:
             # kombu's Redis transport re-delivers an unacked message after this long; it must
             # exceed every retry countdown, or a message waiting for its ETA runs twice.
             "visibility_timeout": settings.broker_visibility_timeout_seconds,
-            # A message held by a worker that died (SIGKILL, lost machine) sits in kombu's
-            # `unacked` hash until a live worker sweeps it back. Sweep on every idle poll rather
-            # than every 10th: one cheap ZRANGEBYSCORE, and recovery no longer waits ~100 s
-            # beyond the visibility timeout.
+            # kombu's own sweep gives back what has been unacknowledged for the visibility
+            # timeout (whatever liveness did not: worker/broker/liveness.py restores a dead
+            # worker's messages long before). Scan on every sweep, not every 10th, and sweep
+            # every few seconds, so that is not ~100 s later still. kombu >= 5.7.0: older
+            # releases ignore both options silently (pyproject.toml).
             "unacked_restore_throttle": 1,
             "unacked_restore_interval": max(1, min(10, settings.broker_visibility_timeout_seconds
                                                    // 3)),
@@ -150,8 +147,6 @@ def create_celery(settings: Settings) -> Celery:
         broker_connection_max_retries=None,
         worker_send_task_events=True,
         task_send_sent_event=False,
-        # Those events in batches a few milliseconds apart (worker/broker/consumer.py).
-        worker_consumer="worker.broker.consumer:Consumer",
         worker_hijack_root_logger=True,
         worker_redirect_stdouts=False,
     )

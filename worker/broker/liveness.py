@@ -1,9 +1,14 @@
 """Dead workers' messages back in their queue within seconds, not after the visibility timeout.
 
-kombu's Redis transport keeps every message a worker has taken in the `unacked` hash until it is
-acknowledged, and only gives it back after `visibility_timeout` (which must exceed every retry
-countdown, so it is long: an hour by default). A SIGKILLed or OOM-killed worker, or a host that
-died, therefore used to delay its patients' messages by up to an hour.
+kombu's Redis transport keeps every message a worker has taken in its `unacked` hash until it is
+acknowledged. kombu itself gives such a message back in two cases only: the channel closes
+(a warm shutdown), or the message has been unacknowledged for `visibility_timeout`, which every
+consuming worker sweeps for (every `unacked_restore_interval` seconds, worker/broker/
+celery_app.py). That timeout must exceed every retry countdown (kombu would otherwise run a
+message waiting for its ETA twice), so it is long: an hour by default. A SIGKILLed or OOM-killed
+worker, or a host that died, would therefore delay its patients' messages by up to an hour.
+kombu cannot tell a dead worker's message from a live worker's ETA message: what follows is
+what it cannot do, and the move itself is kombu's (`QoS.restore_by_tag`).
 
 So every worker process (a Celery worker's main process, where kombu's consumer runs):
 - announces itself in `switchboard:workers` and refreshes a heartbeat key with a short expiry;
@@ -11,18 +16,24 @@ So every worker process (a Celery worker's main process, where kombu's consumer 
   thread of its own, batched, so kombu's consumer loop, which feeds every task of the process,
   never waits on Redis for it: up to RECORD_GATHER_SECONDS later, and a worker that dies
   inside that window leaves messages nobody holds, which the orphan sweep below gives back);
-- every few seconds, looks for workers whose heartbeat has expired and puts the messages they
-  held, and that are still unacknowledged, back at the head of their queue (the same move kombu
-  makes at the visibility timeout, marked redelivered), then forgets that worker;
+- every few seconds, looks for workers whose heartbeat has expired and gives the messages they
+  held, and that are still unacknowledged, back to their queue (kombu's restore: at the head,
+  marked redelivered), then forgets that worker;
 - and gives back any unacknowledged message that no live worker holds and that has been so for
   a while: one taken by a worker that died between kombu's record of it and ours;
 - and gives back its own unacknowledged messages that it no longer holds in memory: when the
-  broker connection drops (Redis restarted), kombu forgets the messages of the old channel and
-  their acks are lost, so without this they would wait for the visibility timeout.
+  broker connection drops (Redis restarted), Celery drops the messages of the old channel and
+  their acks are lost; kombu tries to restore them as the channel closes, but Redis is down
+  then, so without this they would wait for the visibility timeout.
 
 A worker that was only paused longer than the expiry gets its messages redelivered elsewhere too;
 every write downstream is idempotent and every send is claimed, so that costs a repeat, not a
 duplicate. Acked tags are pruned from the held sets as the heartbeat goes.
+
+kombu internals relied on (kombu is pinned to the minor release this was written against, and
+tests/integration/test_liveness.py fails when they change): the `unacked` hash keyed by delivery
+tag, the `unacked_index` sorted set scored by `time.time()` at delivery, and
+`kombu.transport.redis.QoS.restore_by_tag`.
 """
 
 from __future__ import annotations
@@ -49,9 +60,6 @@ HELD = "switchboard:worker:held:"  # + id: delivery tags it received (acked ones
 RECOVERING = "switchboard:worker:recovering:"  # + id: one janitor at a time per dead worker
 ORPHAN_SWEEP = "switchboard:worker:orphan-sweep"  # one orphan sweep at a time
 RECORD_GATHER_SECONDS = 0.05  # how long a received message may wait to be recorded as held
-# kombu's Redis transport keys (kombu.transport.redis.Channel defaults).
-UNACKED = "unacked"
-UNACKED_INDEX = "unacked_index"
 
 # Drop the tags of acknowledged messages from a held set (in one step, on Redis).
 _PRUNE = """
@@ -66,47 +74,31 @@ return gone
 """
 
 
+def restored_within(heartbeat: float, dead_after: float) -> float:
+    """The longest a dead worker's messages wait before a live janitor puts them back: its
+    heartbeat key, set at most `heartbeat` before it died, expires `dead_after` after being
+    set, and every live worker's janitor (a replacement's too) looks every `heartbeat`."""
+    return dead_after + heartbeat
+
+
 def new_worker_id() -> str:
     """A process-unique id: host, pid and a nonce (a pid can be reused after a restart)."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def restore(client: redis.Redis, tag: str, queues: Iterable[str]) -> bool:
-    """Put one unacknowledged message back at the head of its queue (marked redelivered), as
-    kombu does at the visibility timeout; False if it was acked or restored meanwhile."""
-    allowed = set(queues)
-
-    def move(pipe: Any) -> bool:
-        raw = pipe.hget(UNACKED, tag)
-        if raw is None:
-            return False  # acknowledged, or restored by someone else meanwhile
-        payload, _exchange, routing_key = json.loads(raw)
-        if routing_key not in allowed:
-            # Not one of our queues (direct exchange, queue = routing key): leave it to kombu.
-            log.error("held message on an unknown routing key; left for the visibility timeout")
-            return False
-        payload.setdefault("headers", {})["redelivered"] = True
-        payload.setdefault("properties", {}).setdefault("delivery_info", {})["redelivered"] = True
-        pipe.multi()
-        pipe.hdel(UNACKED, tag)
-        pipe.zrem(UNACKED_INDEX, tag)
-        # RPUSH: kombu consumes with BRPOP, so this is the head of the queue (as kombu restores).
-        pipe.rpush(routing_key, json.dumps(payload))
-        return True
-
-    r: Any = client  # redis-py types transaction() callbacks as returning None
-    moved: bool = r.transaction(move, UNACKED, value_from_callable=True)
-    return moved
-
-
 class Liveness:
     """Heartbeat, held-message record and janitor of one worker process."""
 
-    def __init__(self, client: redis.Redis, queues: Iterable[str], interval: float = 3.0,
-                 dead_after: float = 15.0, worker_id: str | None = None,
+    def __init__(self, client: redis.Redis, channel: Any, queues: Iterable[str],
+                 interval: float = 2.0, dead_after: float = 8.0, worker_id: str | None = None,
                  on_recovered: Callable[[int], None] | None = None) -> None:
+        """`channel`: a kombu Redis channel of the broker (its key names, and its QoS restores);
+        used from the liveness thread only."""
         self._r: Any = client
-        self.queues = tuple(queues)
+        self._qos = channel.qos
+        self.queues = frozenset(queues)
+        self._unacked: str = channel.unacked_key
+        self._unacked_index: str = channel.unacked_index_key
         self.interval = interval
         self.dead_after = dead_after
         self.worker_id = worker_id or new_worker_id()
@@ -182,14 +174,34 @@ class Liveness:
         candidates = [t for t in tags if t not in holding]
         pipe = self._r.pipeline()
         for tag in candidates:
-            pipe.hexists(UNACKED, tag)
+            pipe.hexists(self._unacked, tag)
         stale = {t for t, unacked in zip(candidates, pipe.execute(), strict=True) if unacked}
-        restored = sum(1 for tag in stale & self._suspects if restore(self._r, tag, self.queues))
+        restored = sum(1 for tag in stale & self._suspects if self._restore(tag))
         self._suspects = stale - self._suspects
         if restored:
             log.warning("%d of this worker's messages lost their broker channel (acks lost); "
                         "put back in their queues", restored)
         return restored
+
+    def _restore(self, tag: str) -> bool:
+        """Give one unacknowledged message back to its queue as kombu does at the visibility
+        timeout (kombu's own move: at the head, marked redelivered, priorities kept); False if
+        it was acked or restored meanwhile."""
+        raw = self._r.hget(self._unacked, tag)
+        if raw is None:
+            return False  # acknowledged, or restored by someone else meanwhile
+        _payload, exchange, routing_key = json.loads(raw)
+        if exchange or routing_key not in self.queues:
+            # Another app's message on a Redis database we share: its workers have no heartbeat
+            # here, so only kombu's visibility timeout may decide it was abandoned. (Ours are
+            # routed by the anonymous exchange to the queue named by the routing key, which
+            # kombu's restore resolves without the exchange bindings this channel never saw.)
+            log.error("unacked message on an unknown route; left for the visibility timeout")
+            return False
+        # Atomic in kombu (a WATCHed transaction): a message acked or restored by another
+        # janitor between the check above and here is not pushed twice.
+        self._qos.restore_by_tag(tag)
+        return True
 
     def beat(self) -> None:
         """Refresh the heartbeat (and the registry entry, in case a janitor dropped us)."""
@@ -214,7 +226,7 @@ class Liveness:
                 continue  # another janitor is on it
             tags = [t.decode() if isinstance(t, bytes) else str(t)
                     for t in self._r.smembers(HELD + other)]
-            count = sum(1 for tag in tags if restore(self._r, tag, self.queues))
+            count = sum(1 for tag in tags if self._restore(tag))
             pipe = self._r.pipeline()
             pipe.srem(WORKERS, other)
             pipe.delete(HELD + other)
@@ -233,12 +245,12 @@ class Liveness:
         if not self._r.set(ORPHAN_SWEEP, self.worker_id, nx=True, px=int(self.interval * 1000)):
             return 0
         cutoff = time.time() - 2 * self.dead_after  # kombu scores unacked_index by time()
-        old = self._r.zrangebyscore(UNACKED_INDEX, "-inf", cutoff, start=0, num=500)
+        old = self._r.zrangebyscore(self._unacked_index, "-inf", cutoff, start=0, num=500)
         if not old:
             return 0
         held = self._r.sunion([HELD + w for w in live])
         orphans = [t.decode() if isinstance(t, bytes) else str(t) for t in old if t not in held]
-        count = sum(1 for tag in orphans if restore(self._r, tag, self.queues))
+        count = sum(1 for tag in orphans if self._restore(tag))
         if count:
             log.warning("%d unacknowledged messages held by no live worker put back in their "
                         "queues", count)
@@ -248,7 +260,7 @@ class Liveness:
         while not self._stop.wait(self.interval):
             try:
                 self.beat()
-                self._prune(keys=[HELD + self.worker_id, UNACKED])
+                self._prune(keys=[HELD + self.worker_id, self._unacked])
                 recovered = self.own_stale()
                 if recovered and self._on_recovered is not None:
                     self._on_recovered(recovered)

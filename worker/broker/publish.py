@@ -5,7 +5,10 @@ A stock `send_task` costs the receiver three round trips per webhook on the Redi
 message is the exact one kombu would have pushed (Celery protocol 2, sealed body, base64),
 built from a template that Celery's own `send_task` produced once on kombu's in-memory
 transport, and one Lua script writes the inbox entry and pushes the message atomically: both or
-neither. A stock `celery worker` consumes it like any other, and Flower shows it.
+neither. A stock `celery worker` consumes it like any other, and Flower shows it. The message
+layout on Redis is an internal of Celery and kombu, so both are pinned to the minor release this
+was written against (pyproject.toml), and tests/integration/test_publish.py fails when an upgrade
+changes it.
 
 The body is sealed once (worker/crypto.py, the app's sealed serializer): the task message carries
 it (base64, as kombu encodes binary bodies) and the inbox entry the same sealed value as text.

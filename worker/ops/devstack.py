@@ -288,7 +288,8 @@ def start_worker(env: Mapping[str, str], log_dir: Path, name: str = "worker",
                  queues: str = "inbound,outbound,status", concurrency: int = 8,
                  pool: str = "threads", app: str = "worker.app") -> Child:
     """A real Celery worker process (threads pool by default: the tasks wait on HTTP, not the
-    CPU; the benchmarks also run prefork and gevent, and a bare baseline `app`)."""
+    CPU; the benchmarks also run prefork, and a bare baseline `app`). Not gevent: see
+    tests/bench/outbound.py POOLS."""
     cmd = [_venv_bin("celery"), "-A", app, "worker", "-Q", queues, "-P", pool,
            "-c", str(concurrency), "-n", f"{name}@%h", "--loglevel", "INFO",
            "--without-gossip", "--without-mingle"]
