@@ -52,152 +52,253 @@ class ConfigError(Exception):
 class Settings(BaseSettings):
     """Everything Switchboard reads from its environment, validated at start-up."""
 
-    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True,
+                                      use_attribute_docstrings=True)
 
     redis_url: str
+    """Broker and dead-letter store, `redis://host:6379/0`"""
     fhir_base_url: str
+    """e.g. `https://api.medplum.com/fhir/R4/`"""
     fhir_client_id: str = Field(min_length=1)
+    """Medplum ClientApplication id (OAuth2 client credentials)"""
     fhir_client_secret: SecretStr
+    """Medplum ClientApplication secret"""
     fhir_token_url: str = ""
+    """OAuth2 token endpoint. Default when empty: base origin + `/oauth2/token`."""
     fhir_timeout_seconds: float = Field(default=10.0, gt=0)
+    """the deadline of each whole FHIR request (connect, send, answer)"""
     # Under contention Medplum aborts overlapping conditional writes (409, SQLSTATE 40001) and
     # gets slower the more are in flight. Each worker process keeps at most this many FHIR writes
     # in flight, fewer while the server answers conflicts or 429s (AIMD, worker/fhir/contention.py),
     # and retries a conflict this many times, milliseconds apart, before the task's own retry.
     fhir_max_writes_in_flight: int = Field(default=4, ge=1, le=1024)
+    """most FHIR writes one worker process keeps in flight; fewer while Medplum answers
+    serialization conflicts or 429s (docs/reliability.md, "FHIR under contention")"""
     fhir_conflict_retries: int = Field(default=8, ge=0, le=100)
+    """retries of a serialization conflict inside one task run, before it becomes a task retry"""
     fhir_conflict_backoff_base_seconds: float = Field(default=0.02, gt=0)
+    """first jittered wait between retries of a serialization conflict"""
     fhir_conflict_backoff_max_seconds: float = Field(default=1.0, gt=0)
+    """longest jittered wait between retries of a serialization conflict"""
     twilio_account_sid: str = Field(min_length=1)
+    """your Twilio Account SID (starts with AC)"""
     twilio_auth_token: SecretStr
+    """your Twilio auth token: verifies webhook signatures and authenticates sends"""
     public_base_url: str
+    """the public URL Twilio calls, e.g. `https://sb.example.org` (behind a proxy, Flask's idea
+    of scheme/host is not what Twilio signed)"""
     # Keys that seal PHI at rest in Redis (worker/crypto.py): the first seals, all open.
     # Required: without one Switchboard refuses to start (make run and the test bed make one).
     data_encryption_keys: SecretStr
+    """keys that seal PHI at rest in Redis, comma-separated: the first seals, all open
+    (`switchboard keys generate` makes one; see "PHI at rest")"""
     sms_thread_strategy: ThreadStrategy = "conversation"
+    """how SMS find their thread: `conversation`, `active-thread` or `new-thread`
+    (docs/architecture.md, "Thread strategies")"""
     unknown_sender_policy: UnknownSenderPolicy = "reject"
+    """a message from no known Patient: `reject` (dead letter) or `create-patient`
+    (docs/architecture.md, "Senders")"""
     # The region (ISO 3166-1 alpha-2: US, GB, AU…) of phone numbers written without a country
     # code: patients' stored numbers (`07700 900123` is +447700900123 under GB) and the
     # national spellings an inbound number is looked up by (worker/channels/phones.py).
     phone_default_region: str = DEFAULT_REGION
+    """the region (ISO 3166-1 alpha-2, e.g. `GB`, `AU`) of phone numbers stored without a
+    country code (docs/phone-numbers.md)"""
 
     # Outbound (all optional: a channel without credentials refuses sends as misconfigured).
     twilio_from_number: str = ""
+    """the SMS sender number; without it or TWILIO_MESSAGING_SERVICE_SID, SMS sends fail as
+    `misconfigured`"""
     twilio_messaging_service_sid: str = ""
+    """a Twilio Messaging Service as the SMS sender (instead of TWILIO_FROM_NUMBER)"""
     twilio_api_base_url: str = "https://api.twilio.com"
+    """where the Twilio SDK sends (the provider sandbox in tests / `make run`)"""
     sendgrid_api_key: SecretStr = SecretStr("")
+    """SendGrid API key; without it and SENDGRID_FROM_EMAIL, email sends fail as `misconfigured`"""
     sendgrid_from_email: str = ""
+    """the clinic address emails are sent from"""
     sendgrid_api_base_url: str = "https://api.sendgrid.com"
+    """where the SendGrid SDK sends"""
     # The Event Webhook's verification key (the base64 public key SendGrid shows, without PEM
     # armour). Unset: POST /webhooks/sendgrid/events refuses every request (fail closed).
     sendgrid_event_verification_key: str = ""
+    """the signed Event Webhook's verification key (the base64 public key SendGrid shows,
+    without PEM armour; checked at start-up). Empty: `POST /webhooks/sendgrid/events` refuses
+    everything with 403 and `switchboard check` warns"""
     # Bearer tokens accepted by POST /v1/messages, comma-separated.
     api_tokens: SecretStr = SecretStr("")
+    """comma-separated bearer tokens accepted by `/v1/messages` (none → the API answers 401)"""
     # Key of the HMAC-SHA256 that FHIR Subscription rest-hooks are signed with (X-Signature);
     # `switchboard subscription install` writes it into Medplum's subscription-secret
     # extension. Empty: POST /webhooks/fhir/subscription refuses every delivery (403).
     fhir_subscription_secret: SecretStr = SecretStr("")
+    """key of the HMAC-SHA256 (`X-Signature`) that FHIR Subscription notifications are signed
+    with; `switchboard subscription install` puts it on the Subscription. Empty: `POST
+    /webhooks/fhir/subscription` answers 403 (automatic outbound off)"""
     # Which medium a reply follows: the thread header's, or the patient's last inbound message's.
     reply_channel_source: Literal["header", "last-inbound"] = "header"
+    """a reply follows the thread header's `medium` (`header`) or the medium of the patient's
+    last message in the thread (`last-inbound`)"""
     # Send pacing shared by every worker: messages per second per channel and sending address
     # (a Twilio long code takes about 1/s).
     sms_rate_per_second: float = Field(default=1.0, gt=0)
+    """SMS send pace per sending number, shared by all workers (Redis token bucket)"""
     email_rate_per_second: float = Field(default=10.0, gt=0)
+    """email send pace per sending address, shared by all workers"""
     # When an SMS fails because the number cannot take texts, send the same message by email.
     channel_fallback: bool = False
+    """when an SMS fails because the number is invalid or cannot take texts (21211, 21612,
+    21614, 21635, 30003-30006), send the same message by email"""
     email_message_id_system: str = "https://docs.sendgrid.com/x-message-id"
+    """identifier system of SendGrid `X-Message-Id`s (Twilio SIDs use `MESSAGE_ID_SYSTEM`). Not
+    to be confused with the fixed systems of RFC 5322 Message-IDs (`urn:ietf:rfc:5322` for
+    ours, `urn:switchboard:email-message-id:inbound` for a patient's; docs/channels.md,
+    "Email threads")"""
 
     # Inbound email (SendGrid Inbound Parse, POST /webhooks/sendgrid/inbound). Requests are
     # accepted only when signed with this key (the base64 ECDSA public key SendGrid shows, no
     # PEM armour) or when they carry these Basic credentials ("user:password" embedded in the
     # configured URL). With neither set the route refuses everything.
     sendgrid_inbound_verification_key: str = ""
+    """the base64 ECDSA public key SendGrid shows for the Inbound Parse security policy (no PEM
+    armour); checked at start-up"""
     sendgrid_inbound_basic_auth: SecretStr = SecretStr("")
+    """`user:password`, when the Inbound Parse URL carries Basic credentials instead of a
+    signature (compared in constant time). With neither set, `/webhooks/sendgrid/inbound`
+    refuses everything and `switchboard check` says so"""
     # Attribute an email to a Patient only when its From domain is authenticated (DKIM aligned
     # with it, or SPF with the envelope sender in it); otherwise dead letter
     # `unauthenticated-sender`.
     email_require_sender_auth: bool = True
+    """attribute an email to a Patient only when its From domain is authenticated
+    (docs/channels.md); otherwise dead letter `unauthenticated-sender`"""
     email_thread_strategy: ThreadStrategy = "conversation"
+    """`conversation`, `active-thread` or `new-thread` for email (docs/channels.md)"""
     # Size of a whole email above which its attachments are left out (its text still lands).
     email_max_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    """an email bigger than this (10 MB) lands with its text and a note naming each attachment
+    left out"""
     # Conversation ids on email thread headers (the root of References, scoped by the sender).
     # An inbound email is keyed on (sender, Message-ID) under worker.channels.sendgrid's
     # EMAIL_INBOUND_KEY_SYSTEM, and carries its bare Message-ID under
     # EMAIL_INBOUND_MESSAGE_ID_SYSTEM, which the outbound side reads to answer it.
     email_conversation_id_system: str = "urn:switchboard:email-conversation"
+    """identifier system of email conversation ids (root of `References`) on headers"""
     outbound_request_system: str = "urn:switchboard:outbound-request"
+    """identifier linking a Communication to the API request that sent it"""
     # Key of the HMAC that stores opt-outs (phone numbers, emails) as digests nobody can
     # recompute without it. Unset: derived from TWILIO_AUTH_TOKEN (set it, so that rotating the
     # Twilio token does not make Switchboard forget who opted out).
     optout_hash_key: SecretStr = SecretStr("")
+    """key of the HMAC under which opt-outs are stored; set it (a long random secret) so that
+    rotating the Twilio token does not lose them (`switchboard check` warns while unset).
+    Default when empty: derived from `TWILIO_AUTH_TOKEN`."""
     # How long a send claim blocks another attempt at the same Communication.
     send_claim_seconds: int = Field(default=600, ge=10)
+    """a send claim younger than this is "in progress"; older without a result is `outcome-
+    unknown`"""
 
     # Push (FCM HTTP v1). The service account comes from FCM_CREDENTIALS_FILE, else
     # GOOGLE_APPLICATION_CREDENTIALS; no file: push refuses sends as misconfigured.
     fcm_credentials_file: str = ""
+    """Google service-account JSON for push; without one (nor GOOGLE_APPLICATION_CREDENTIALS),
+    push sends fail as `misconfigured`"""
     google_application_credentials: str = ""
+    """Google's standard variable, used for push when FCM_CREDENTIALS_FILE is empty"""
     # Unset: the `project_id` of the service account.
     fcm_project_id: str = ""
+    """the Firebase project pushed through. Default when empty: the file's `project_id`."""
     fcm_api_base_url: str = "https://fcm.googleapis.com"
+    """where pushes go (the provider sandbox in tests / `make run`)"""
     # What a push says. No PHI: the app fetches the message itself over FHIR (data carries the
     # Communication id); PUSH_INCLUDE_BODY puts the text in the push, for deployments that
     # choose to.
     push_notification_title: str = "You have a new message"
+    """the title of every push (no PHI)"""
     push_notification_body: str = ""
+    """the body of every push (no PHI); see PUSH_INCLUDE_BODY"""
     push_include_body: bool = False
+    """put the message's text (first 1000 characters) in the push body; only for deployments
+    that choose to send it through Google"""
     push_rate_per_second: float = Field(default=20.0, gt=0)
+    """push pace per FCM project, shared by all workers"""
     # Where a device token is kept on its FHIR Device (identifier system), and the provider
     # id system of the pushes recorded on a Communication.
     device_token_system: str = "urn:switchboard:fcm-token"  # noqa: S105 (a URI, no secret)
+    """identifier system of the push token on a `Device`"""
     push_message_id_system: str = "https://fcm.googleapis.com/v1/message-name"
+    """identifier system of FCM message names recorded on a Communication"""
     # Channels tried in this order when neither the caller nor the thread names one.
     channel_order: str = "sms,email"
+    """channels tried in this order when neither the caller nor the thread names one; may list
+    `push` (e.g. `push,sms,email`)"""
 
     # Reconciliation of sends whose final status never arrived (Celery beat).
     reconcile_interval_seconds: float = Field(default=300.0, gt=0)
+    """how often beat looks for sends without a final status"""
     stuck_after_seconds: float = Field(default=900.0, ge=0)
+    """how old a send without a final status must be before the provider is asked"""
 
     # Accepted messages that no worker has touched for this long are published again (they
     # fell between kombu's BRPOP and its unacked record when Redis died; see
     # worker/stores/inbox.py).
     inbox_stale_seconds: float = Field(default=1800.0, gt=0)
+    """accepted messages untouched this long are published again"""
     inbox_sweep_interval_seconds: float = Field(default=60.0, gt=0)
+    """how often beat looks for stale accepted messages"""
 
     # A request body that has not fully arrived after this long gets 408 and its connection is
     # closed (slow clients must not hold the receiver's connection slots; Twilio waits 15 s).
     receiver_body_timeout_seconds: float = Field(default=10.0, gt=0, le=14)
+    """a request body not fully arrived by then gets 408 and its connection is closed"""
     # Log lines: JSON (one object per line, for log shippers) or console text.
     log_format: Literal["json", "console"] = "json"
+    """`json` (one object per line) or `console`"""
     # Each Celery worker process serves its Prometheus metrics at http://HOST:PORT/metrics
     # (prometheus_client's own server); 0 serves none. Two workers on one host need two ports.
     # The web app serves its own at /metrics (docs/operations-metrics.md).
     worker_metrics_port: int = Field(default=9540, ge=0, le=65535)
+    """the port each worker serves its Prometheus metrics on (0: off; docs/operations-
+    metrics.md)"""
     # All interfaces: Prometheus scrapes from another container or host. The page holds counts
     # and labels only, never PHI.
     worker_metrics_host: str = "0.0.0.0"  # noqa: S104
+    """the address the worker metrics port binds to"""
 
     # Identifier systems (docs/configuration.md). Changing one after go-live orphans the
     # idempotency keys already written, so they are settings rather than code constants.
     message_id_system: str = "https://www.twilio.com/docs/api/messaging/message#sid"
+    """identifier system of Twilio MessageSids on child Communications"""
     conversation_id_system: str = "urn:switchboard:sms-conversation"
+    """identifier system of external conversation ids on headers"""
     thread_id_system: str = "urn:switchboard:thread"
+    """identifier system of the headers Switchboard creates itself"""
     clinic_number_system: str = "urn:switchboard:clinic-number"
+    """system of the clinic's number when the clinic is a logical reference"""
     # Optional reference (e.g. "Organization/123") for the clinic side of a thread; when empty
     # the clinic is a logical reference by its Twilio number.
     clinic_reference: str = ""
+    """e.g. `Organization/123`: the clinic side of threads; empty → a logical reference by the
+    Twilio number"""
 
     # Retries of transient failures: exponential backoff with full jitter, capped.
     # Defaults keep retrying for about 3 hours (cap 600 s), long enough to ride out a FHIR
     # maintenance window; then the message waits in the dead-letter store for a replay.
     retry_max_attempts: int = Field(default=25, ge=1, le=1000)
+    """attempts before a transiently failing message is dead-lettered"""
     retry_backoff_base_seconds: float = Field(default=2.0, gt=0)
+    """first retry delay of the exponential backoff with jitter (≈ 3 h of retrying with the
+    defaults)"""
     retry_backoff_max_seconds: float = Field(default=600.0, gt=0)
+    """longest retry delay of the exponential backoff"""
     # A message the broker redelivers this often without the task ever finishing (the worker
     # died each time) is dead-lettered as `delivery-loop` instead of killing workers forever.
     max_deliveries: int = Field(default=5, ge=1)
+    """a message the broker redelivers this often without finishing (it kills workers) is dead-
+    lettered as `delivery-loop`"""
     # Dead letters whose last failure is older than this many days are pruned.
     dead_letter_retention_days: int = Field(default=30, ge=1)
+    """dead letters older than this are pruned"""
     # Every worker process refreshes a heartbeat this often; one silent for WORKER_DEAD_AFTER
     # is taken for dead and the messages it held go back to their queues at once
     # (worker/broker/liveness.py), instead of after the visibility timeout. The defaults put
@@ -205,12 +306,19 @@ class Settings(BaseSettings):
     # leaving 5 s of the recovery goal (every message written within 15 s of a SIGKILL) to
     # run them; a worker silent for 8 s (4 heartbeats missed) is taken for dead.
     worker_heartbeat_seconds: float = Field(default=2.0, gt=0)
+    """how often a worker refreshes its heartbeat (docs/architecture.md, "The broker path")"""
     worker_dead_after_seconds: float = Field(default=8.0, gt=0)
+    """the silence after which a worker is taken for dead and its messages go back to their
+    queues; at least 3 x WORKER_HEARTBEAT_SECONDS (checked)"""
     # Must exceed the longest countdown, or Redis redelivers a message still waiting (kombu).
     broker_visibility_timeout_seconds: int = Field(default=3600, ge=1)
+    """kombu redelivers an unacknowledged message after this; must exceed
+    `RETRY_BACKOFF_MAX_SECONDS + FHIR_TIMEOUT_SECONDS` (checked)"""
     # How long a processed MessageSid is remembered to skip FHIR for provider retries.
     inbound_seen_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
+    """how long a written MessageSid is remembered to skip FHIR for provider retries"""
     thread_lock_timeout_seconds: float = Field(default=60.0, gt=0)
+    """per-patient lock of `active-thread`; at least 4 x `FHIR_TIMEOUT_SECONDS` (checked)"""
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, *args, **kwargs):  # type: ignore[no-untyped-def]
