@@ -28,7 +28,7 @@ from worker.channels.twilio import TwilioSms
 from worker.fhir.devices import apply_device_change
 from worker.fhir.reference import ref
 from worker.fhir.resources import clinic_participant
-from worker.inbound.email import deliver_email
+from worker.inbound.email import deliver_email, read_email
 from worker.inbound.pipeline import apply_opt_keyword, deliver_inbound
 from worker.inbound.threads import ThreadContext
 from worker.outbound.automatic import on_notification
@@ -64,9 +64,15 @@ def inbound_sms(self: SwitchboardTask, params: dict[str, str], meta: dict[str, A
 @shared_task(bind=True, base=SwitchboardTask, name=TASK_INBOUND_EMAIL)
 def inbound_email(self: SwitchboardTask, record: dict[str, Any], meta: dict[str, Any]
                   ) -> dict[str, Any]:
-    """Write one inbound email (the receiver's email record) to FHIR."""
+    """Write one inbound email (the receiver's post, or an email record from before the parse
+    moved here) to FHIR."""
     rt = get_runtime()
     s = rt.settings
+    if "post" in record:
+        record = read_email(record, s.email_max_bytes)
+        if record["omitted"]:
+            rt.metrics.inc("switchboard_emails_oversized")
+            rt.metrics.inc("switchboard_email_attachments_omitted", len(record["omitted"]))
     systems = replace(rt.systems, message=EMAIL_INBOUND_MESSAGE_ID_SYSTEM,
                       conversation=s.email_conversation_id_system)
     clinic = ({"reference": s.clinic_reference} if s.clinic_reference else

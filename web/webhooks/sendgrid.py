@@ -1,7 +1,9 @@
-"""SendGrid Inbound Parse webhook: authenticate the request, read the email, enqueue it."""
+"""SendGrid Inbound Parse webhook: authenticate the request, check its framing, enqueue its
+bytes (the worker reads the email)."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import time
@@ -12,12 +14,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from web.enqueue import EnqueueFailed, Enqueuer
 from web.webhooks import rejected
 from worker.broker.celery_app import QUEUE_INBOUND, TASK_INBOUND_EMAIL
-from worker.channels.sendgrid_inbound import (
-    InvalidEmail,
-    message_key,
-    parse_form_body,
-    parse_request,
-)
+from worker.channels.sendgrid_inbound import InvalidEmail, form_parts, require_email_fields
 from worker.channels.sendgrid_signing import (
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
@@ -86,21 +83,24 @@ def sendgrid_blueprint(settings: Settings) -> Blueprint:
             }.get(reason, "missing or wrong credentials"))
         if request.mimetype != "multipart/form-data":
             return reject(415, "unsupported-media-type", "expected multipart/form-data")
+        content_type = request.content_type or ""
         try:
-            fields, files = parse_form_body(request.content_type or "", body)
-            record = parse_request(fields, files, settings.email_max_bytes)
+            # Only the framing and the field names: the email itself is parsed in the worker
+            # (a hostile one costs the receiver seconds of CPU per MB of parts).
+            require_email_fields(form_parts(content_type, body))
         except InvalidEmail as exc:
             return reject(400, "invalid-email", str(exc))
-        key = message_key(record)
-        record["email_ref"] = "email-" + hashlib.sha256(key.encode()).hexdigest()[:16]
-        if record["omitted"]:
-            metrics.inc("switchboard_emails_oversized")
-            metrics.inc("switchboard_email_attachments_omitted", len(record["omitted"]))
+        # The bytes travel whole, sealed in the task message and its inbox entry; their digest
+        # names the inbox entry (a SendGrid retry of the same post finds it), and FHIR's
+        # If-None-Exist on the Message-ID still makes one message of two different posts.
+        ref = "email-" + hashlib.sha256(body).hexdigest()[:16]
+        record = {"email_ref": ref, "content_type": content_type,
+                  "post": base64.b64encode(body).decode("ascii")}
         enqueuer: Enqueuer = current_app.extensions["switchboard.enqueuer"]
         meta = {"received_at": datetime.now(UTC).isoformat(timespec="milliseconds")}
         try:
             enqueuer.send(TASK_INBOUND_EMAIL, QUEUE_INBOUND, [record, meta],
-                          inbox_key="email:" + record["email_ref"])
+                          inbox_key="email:" + ref)
         except EnqueueFailed:
             # SendGrid retries a 5xx for up to 72 hours: not accepted, and said so.
             return reject(503, "queue-unavailable", "queue unavailable, retry later")
