@@ -31,15 +31,11 @@ class Binaries(Protocol):
     def put(self, key: str, binary_id: str) -> None: ...
 
 
-def read_email(task_record: Mapping[str, Any], max_bytes: int) -> dict[str, Any]:
-    """The email record of the post the receiver enqueued ({"content_type", "post": base64 of
-    the exact body}); a post that cannot be read is a PermanentError with the reason."""
+def read_email(content_type: str, post: bytes, max_bytes: int) -> dict[str, Any]:
+    """The email record of the post the receiver stored; a post that cannot be read is a
+    PermanentError with the reason."""
     try:
-        body = base64.b64decode(str(task_record.get("post") or ""), validate=True)
-    except ValueError as exc:
-        raise PermanentError("invalid-payload", "the post is not base64") from exc
-    try:
-        return read_post(str(task_record.get("content_type") or ""), body, max_bytes)
+        return read_post(content_type, post, max_bytes)
     except InvalidEmail as exc:
         raise PermanentError(exc.reason, str(exc)) from None
 
