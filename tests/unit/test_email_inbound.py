@@ -419,3 +419,15 @@ def test_part_headers_cost_little_and_never_recurse() -> None:
                                 'filename="Röntgen.pdf"\r\n\r\n%PDF'.encode()])
     _, files = parse_form_body("multipart/form-data; boundary=b", named)
     assert files[0].filename == "Röntgen.pdf"  # raw UTF-8 in the header, as browsers send it
+
+
+def test_headers_the_parser_would_take_minutes_on_are_refused() -> None:
+    head = raw_email(PATIENT, text="hi").split(b"\n", 1)
+    hostile = [  # read through policy.default, in time growing with the square of their size
+        head[0] + b"\nContent-Disposition: inline" + b"; a=b" * 100 + b"\n" + head[1],
+        head[0] + b"\nCc: " + b"a@b.example, " * 40_000 + b"\n" + head[1],  # 89 s
+    ]
+    for raw in hostile:
+        with pytest.raises(InvalidEmail) as caught:
+            record_of(raw_post(PATIENT, raw))
+        assert caught.value.reason == "email-too-complex"
