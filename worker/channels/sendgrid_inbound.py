@@ -381,6 +381,7 @@ def parse_request(fields: Mapping[str, bytes], files: list[FilePart], max_bytes:
     if "from" not in fields and "headers" not in fields:
         raise InvalidEmail("neither an `email` field (raw mode) nor `from`/`headers` (parsed)")
     headers = _headers(fields.get("headers", b""))
+    check_headers(headers)
     info = _json_object(fields.get("attachment-info", b""))
     attachments: list[tuple[str, str, bytes]] = []
     for f in files:
@@ -430,12 +431,17 @@ def parse_mime(raw: bytes, deadline: float | None = None) -> EmailMessage:
         if time.monotonic() > deadline:
             raise InvalidEmail(f"parsing took over {MAX_PARSE_SECONDS:.0f} s",
                                "email-parse-timeout")
-        for name, value in part.raw_items():
-            params = MAX_MIME_HEADER_PARAMS if name.lower() in _MIME_HEADERS else \
-                MAX_HEADER_PARAMS
-            if len(value) > MAX_HEADER_CHARS or value.count(";") > params:
-                raise InvalidEmail("a header is too long", "email-too-complex")
+        check_headers(part)
     return message
+
+
+def check_headers(message: EmailMessage) -> None:
+    """Raises InvalidEmail (`email-too-complex`) when a header of `message` (not its parts) is
+    past MAX_HEADER_CHARS or its parameter bound; reads raw values only."""
+    for name, value in message.raw_items():
+        params = MAX_MIME_HEADER_PARAMS if name.lower() in _MIME_HEADERS else MAX_HEADER_PARAMS
+        if len(value) > MAX_HEADER_CHARS or value.count(";") > params:
+            raise InvalidEmail("a header is too long", "email-too-complex")
 
 
 def _from_raw(raw: bytes, max_bytes: int) -> dict[str, Any]:
