@@ -36,6 +36,7 @@ from tests.integration.test_inbound_email import (
 from tests.support import Sandbox, eventually, our_logs, post_signed, sms_params
 from web.enqueue import Enqueuer
 from worker.broker.celery_app import QUEUE_INBOUND, TASK_INBOUND_EMAIL
+from worker.crypto import Sealer, generate_key
 from worker.ops import devstack
 from worker.stores.email_posts import DONE, PREFIX, EmailPosts, post_ref
 from worker.stores.inbox import Inbox
@@ -177,3 +178,19 @@ def test_a_quote_stripper_bomb_stalls_neither_the_worker_nor_an_sms(
     dead = eventually(lambda: svc.dead_letters.list(), what="the stranger's dead letter")
     assert [e.reason for e in dead] == ["unknown-sender"]
     assert len(messages(sandbox, bombs[0])) == 1
+
+
+def test_keys_rotate_reseals_stored_posts(services: Services) -> None:
+    svc = services.get(worker=False, **KEY)
+    old_key, new_key = generate_key(), generate_key()
+    body = b"--b\r\n" + PATIENT.encode() + b"\r\n--b--\r\n"
+    EmailPosts(svc.redis, Sealer.from_text(old_key), 3600, 60).put("email-rotate", body)
+    EmailPosts(svc.redis, Sealer.from_text(old_key), 3600, 60).put("email-done", body)
+    EmailPosts(svc.redis, Sealer.from_text(old_key), 3600, 60).done("email-done")
+    both = EmailPosts(svc.redis, Sealer.from_text(f"{new_key},{old_key}"), 3600, 60)
+    done = both.reseal()
+    assert (done.resealed, done.unopenable) == (1, 0)
+    assert both.reseal().resealed == 0
+    new_only = EmailPosts(svc.redis, Sealer.from_text(new_key), 3600, 60)
+    assert new_only.get("email-rotate") == body and new_only.get("email-done") == DONE
+    assert 0 < svc.redis.ttl(PREFIX + "email-rotate") <= 3600

@@ -22,6 +22,7 @@ import redis
 
 from worker.crypto import Sealer
 from worker.settings import Settings
+from worker.stores import Resealed, reseal_strings
 
 PREFIX = "switchboard:email-post:"
 DONE = b"done"  # never a sealed value: those start with the version byte 0x01
@@ -63,3 +64,11 @@ class EmailPosts:
     def done(self, ref: str) -> None:
         """The email was written: drop its bytes, keep a marker for redeliveries."""
         self._r.set(PREFIX + ref, DONE, ex=self._done_ttl)
+
+    def reseal(self) -> Resealed:
+        """Seal every stored post with the first key (`switchboard keys rotate`)."""
+        def convert(raw: bytes) -> bytes | None:
+            if raw == DONE or self._sealer.sealed_with(raw) == self._sealer.current_id:
+                return None
+            return self._sealer.seal_bytes(self._sealer.open_bytes(raw))
+        return reseal_strings(self._r, PREFIX + "*", convert)
