@@ -182,6 +182,7 @@ def test_a_quote_stripper_bomb_stalls_neither_the_worker_nor_an_sms(
 
 def test_keys_rotate_reseals_stored_posts(services: Services) -> None:
     svc = services.get(worker=False, **KEY)
+    svc.redis.flushdb()  # posts other tests stored are sealed with other keys
     old_key, new_key = generate_key(), generate_key()
     body = b"--b\r\n" + PATIENT.encode() + b"\r\n--b--\r\n"
     EmailPosts(svc.redis, Sealer.from_text(old_key), 3600, 60).put("email-rotate", body)

@@ -317,6 +317,9 @@ FRAMING_CASES = [
     ("repeated field, other spelling", _framed(
         [FROM_PART, TEXT_PART, b"Content-Disposition: form-data; name=from\r\n\r\nx@y.org"])),
     ("boundary inside a part", _framed([FROM_PART, TEXT_PART + b"\r\n--bX"])),
+    ("raw mode's email field in a parsed post", _framed(
+        [FROM_PART, TEXT_PART, b'Content-Disposition: form-data; name="email"\r\n\r\n'
+         b"From: someone.else@example.org\r\n\r\nforged"])),
     ("too many parts", _framed([FROM_PART] + [b"Content-Disposition: form-data; "
                                               b'name="f%d"\r\n\r\nx' % n for n in range(1100)])),
 ]

@@ -292,6 +292,7 @@ def require_email_fields(parts: list[FormPart]) -> None:
     address: the `from` field (parsed mode) or the From header of the `email` field's header
     block (raw mode). Cheap: a few KB read, never the email's body."""
     fields = {p.name: p.data for p in parts if p.name is not None and p.filename is None}
+    _one_mode(set(fields), any(p.filename is not None for p in parts))
     if "email" in fields:
         raw = fields["email"]
         end = _header_block_end(raw)
@@ -316,6 +317,18 @@ def require_email_fields(parts: list[FormPart]) -> None:
         raise InvalidEmail("neither an `email` field (raw mode) nor `from`/`headers` (parsed)")
     if "@" not in parseaddr(from_field)[1]:
         raise InvalidEmail("From holds no address")
+
+
+# Fields only parsed mode posts. SendGrid's boundary (`xYzZY`) is well known: if an email's own
+# text ever carried it, the form would split there, and parts the sender wrote would follow.
+# A repeated field is refused anyway; this refuses an `email` field (raw mode, which wins)
+# slipped into a parsed post, and parsed fields into a raw one.
+_PARSED_ONLY = frozenset({"headers", "text", "html", "attachment-info"})
+
+
+def _one_mode(names: set[str], has_files: bool) -> None:
+    if "email" in names and (has_files or names & _PARSED_ONLY):
+        raise InvalidEmail("fields of both Inbound Parse modes")
 
 
 def _header_block_end(raw: bytes) -> int:
@@ -376,6 +389,7 @@ def parse_request(fields: Mapping[str, bytes], files: list[FilePart], max_bytes:
         "envelope_from": str(envelope.get("from") or "").strip(),
         "envelope_to": [a for a in _list(envelope.get("to")) if isinstance(a, str)],
     }
+    _one_mode(set(fields), bool(files))
     if "email" in fields:
         return {**common, **_from_raw(fields["email"], max_bytes)}
     if "from" not in fields and "headers" not in fields:
