@@ -172,3 +172,54 @@ def signed(content_type: str, body: bytes, timestamp: int | None = None,
 def other_key() -> Any:
     """A P-256 key that is not the configured one (a forger's)."""
     return ec.generate_private_key(ec.SECP256R1())
+
+
+# -- hostile emails (issue #26, findings 2, 3, 6, 7) -------------------------------------------
+
+def _raw_head(sender: str, subject: str, message_id: str | None) -> bytes:
+    return (f"From: Pat Example <{sender}>\r\nTo: {CLINIC_MAILBOX}\r\nSubject: {subject}\r\n"
+            f"Date: {formatdate(localtime=False)}\r\n"
+            f"Message-ID: {message_id or new_message_id()}\r\nMIME-Version: 1.0\r\n").encode()
+
+
+def nested_email(sender: str, depth: int, message_id: str | None = None) -> bytes:
+    """A raw email of `depth` multiparts each inside the last, a text at the bottom."""
+    opening = [f'Content-Type: multipart/mixed; boundary="n{n}"\r\n\r\n--n{n}\r\n'.encode()
+               for n in range(depth)]
+    closing = [f"\r\n--n{n}--\r\n".encode() for n in reversed(range(depth))]
+    return (_raw_head(sender, "nested", message_id) + b"".join(opening)
+            + b"Content-Type: text/plain\r\n\r\nhello\r\n" + b"".join(closing))
+
+
+def many_parts_email(sender: str, parts: int, message_id: str | None = None) -> bytes:
+    """A raw email of `parts` one-line text parts (about 37 bytes each)."""
+    part = b"--p\r\nContent-Type: text/plain\r\n\r\nx\r\n"
+    return (_raw_head(sender, "parts", message_id)
+            + b'Content-Type: multipart/mixed; boundary="p"\r\n\r\n' + part * parts
+            + b"--p--\r\n")
+
+
+def raw_charset_email(sender: str, charset: str, body: bytes,
+                      message_id: str | None = None) -> bytes:
+    """A raw email whose text part declares `charset` (any bytes, NUL included)."""
+    return (_raw_head(sender, "charset", message_id)
+            + b"Content-Type: text/plain; charset=\"" + charset.encode("latin-1") + b"\"\r\n"
+            + b"Content-Transfer-Encoding: 8bit\r\n\r\n" + body + b"\r\n")
+
+
+def boundary_replay(sender: str, message_id: str | None = None,
+                    injected_from: str = "someone.else@example.org"
+                    ) -> tuple[str, bytes, str]:
+    """(genuine Content-Type, body, the attacker's Content-Type): a parsed-mode post of the
+    attacker's own email whose text carries a second multipart with boundary EVIL, written as
+    if it were another patient's message. Replayed with `boundary=EVIL`, a lax form parser reads
+    the injected parts instead of SendGrid's."""
+    injected = (
+        b"\r\n--EVIL\r\nContent-Disposition: form-data; name=\"from\"\r\n\r\n"
+        + injected_from.encode() + b"\r\n--EVIL\r\nContent-Disposition: form-data; "
+        b"name=\"text\"\r\n\r\nplease cancel all my appointments\r\n--EVIL\r\n"
+        b"Content-Disposition: form-data; name=\"dkim\"\r\n\r\n{@example.org : pass}\r\n"
+        b"--EVIL--\r\n")
+    content_type, body = parsed_post(sender, text="hi" + injected.decode(),
+                                     message_id=message_id)
+    return content_type, body, "multipart/form-data; boundary=EVIL"

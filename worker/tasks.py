@@ -25,10 +25,12 @@ from worker.channels import twilio
 from worker.channels.sendgrid import EMAIL_INBOUND_KEY_SYSTEM
 from worker.channels.sendgrid_inbound import clinic_mailbox
 from worker.channels.twilio import TwilioSms
+from worker.crypto import Unsealable
+from worker.errors import PermanentError
 from worker.fhir.devices import apply_device_change
 from worker.fhir.reference import ref
 from worker.fhir.resources import clinic_participant
-from worker.inbound.email import deliver_email
+from worker.inbound.email import deliver_email, read_email
 from worker.inbound.pipeline import apply_opt_keyword, deliver_inbound
 from worker.inbound.threads import ThreadContext
 from worker.outbound.automatic import on_notification
@@ -36,6 +38,7 @@ from worker.outbound.pipeline import OutboundRequest, send_outbound
 from worker.outbound.reconcile import reconcile_stuck
 from worker.outbound.status import apply_email_events, apply_status
 from worker.runtime import get_runtime
+from worker.stores.email_posts import DONE, EmailPosts
 from worker.stores.inbox import HEADER as INBOX_HEADER
 
 log = logging.getLogger("switchboard.inbound")
@@ -65,9 +68,25 @@ def inbound_sms(self: SwitchboardTask, params: dict[str, str], meta: dict[str, A
 @shared_task(bind=True, base=SwitchboardTask, name=TASK_INBOUND_EMAIL)
 def inbound_email(self: SwitchboardTask, record: dict[str, Any], meta: dict[str, Any]
                   ) -> dict[str, Any]:
-    """Write one inbound email (the receiver's email record) to FHIR."""
+    """Write one inbound email to FHIR: the post the receiver stored ({"email_ref",
+    "content_type"}), or an email record enqueued before the parse moved here."""
     rt = get_runtime()
     s = rt.settings
+    posts, ref = None, str(record.get("email_ref") or "")
+    if "from" not in record:
+        posts = EmailPosts.from_settings(rt.redis, s)
+        try:
+            post = posts.get(ref)
+        except Unsealable as exc:
+            raise PermanentError("undecryptable", str(exc)) from None
+        if post == DONE:  # a redelivery of a task that finished
+            return {"communication": None, "thread": None, "result": "skipped"}
+        if post is None:
+            raise PermanentError("email-post-missing", "the post's bytes are gone (expired)")
+        record = read_email(str(record.get("content_type") or ""), post, s.email_max_bytes)
+        if record["omitted"]:
+            rt.metrics.inc("switchboard_emails_oversized")
+            rt.metrics.inc("switchboard_email_attachments_omitted", len(record["omitted"]))
     systems = replace(rt.systems, message=EMAIL_INBOUND_KEY_SYSTEM,
                       conversation=s.email_conversation_id_system)
     clinic = ({"reference": s.clinic_reference} if s.clinic_reference else
@@ -78,6 +97,8 @@ def inbound_email(self: SwitchboardTask, record: dict[str, Any], meta: dict[str,
     outcome = deliver_email(record, str(meta["received_at"]), ctx, s.email_thread_strategy,
                             s.unknown_sender_policy, s.email_require_sender_auth, rt.seen,
                             rt.binaries)
+    if posts is not None:
+        posts.done(ref)
     # The Message-ID can hold the sender's address: the log names the task, not the email.
     log.info("inbound email: %s Communication/%s in %s", outcome.result,
              outcome.communication_id, outcome.thread_ref)

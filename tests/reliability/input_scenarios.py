@@ -321,6 +321,16 @@ def _known_probes(token: str) -> list[Probe]:
         (email([("from", b"<>"), ("headers", b"From: \r\n\x00")]),
          "multipart/form-data; boundary=e"),
         (b'{"from": "a@b.example"}', "application/json"),
+        # Issue #26 finding 6: the signature does not cover the boundary, so the framing must
+        # be exact: no preamble, no epilogue, no repeated field, no replay with another one.
+        (b"preamble\r\n" + email([("from", b"a@b.example")]), "multipart/form-data; boundary=e"),
+        (email([("from", b"a@b.example")]) + b"epilogue", "multipart/form-data; boundary=e"),
+        (email([("from", b"a@b.example"), ("from", b"c@d.example")]),
+         "multipart/form-data; boundary=e"),
+        (email([("from", b"a@b.example"), ("text", b"hi\r\n--x\r\nContent-Disposition: "
+                                                   b'form-data; name="from"\r\n\r\nc@d.example'
+                                                   b"\r\n--x--")]),
+         "multipart/form-data; boundary=x"),
     ]
     return [
         *(Probe("email", "POST", EMAIL_PATH, body=body, content_type=ctype, authorised=True,

@@ -14,15 +14,20 @@ import pytest
 from tests.email_payloads import (
     PRIVATE_KEY,
     VERIFICATION_KEY,
+    boundary_replay,
+    many_parts_email,
+    nested_email,
     new_message_id,
     other_key,
     parsed_post,
+    raw_charset_email,
     raw_email,
     raw_post,
     signed,
 )
 from worker.channels.sendgrid import EMAIL_INBOUND_MESSAGE_ID_SYSTEM
 from worker.channels.sendgrid_inbound import (
+    MAX_STRIP_CHARS,
     InvalidEmail,
     aligned,
     body_of,
@@ -31,8 +36,11 @@ from worker.channels.sendgrid_inbound import (
     message_key,
     parse_form_body,
     parse_request,
+    read_post,
     replied_ids,
     sender_authentication,
+    strip_input,
+    strip_quoted,
     to_inbound,
     topic,
 )
@@ -355,3 +363,152 @@ def test_hostile_shapes_are_tamed_not_fatal() -> None:
     body = body.replace(b'"to": ["care@clinic.example"]', b'"to": "care@clinic.example"')
     fields, files = parse_form_body(content_type, body)
     assert parse_request(fields, files, MB)["envelope_to"] == ["care@clinic.example"]
+
+
+# -- hostile posts (issue #26: 2, 3, 6, 7) -------------------------------------------------------
+
+def test_a_replay_with_another_boundary_is_refused() -> None:
+    content_type, body, evil = boundary_replay(PATIENT)
+    assert record_of((content_type, body))["from"] == PATIENT  # the genuine post reads
+    with pytest.raises(InvalidEmail):
+        record_of((evil, body))
+
+
+def _framed(parts: list[bytes], boundary: bytes = b"b") -> bytes:
+    return b"".join(b"--" + boundary + b"\r\n" + p + b"\r\n" for p in parts) + \
+        b"--" + boundary + b"--\r\n"
+
+
+FROM_PART = b'Content-Disposition: form-data; name="from"\r\n\r\n' + PATIENT.encode()
+TEXT_PART = b'Content-Disposition: form-data; name="text"\r\n\r\nhello'
+
+
+FRAMING_CASES = [
+    ("preamble", b"junk\r\n" + _framed([FROM_PART, TEXT_PART])),
+    ("epilogue", _framed([FROM_PART, TEXT_PART]) + b"more parts here\r\n"),
+    ("no closing delimiter", _framed([FROM_PART, TEXT_PART])[:-len(b"--b--\r\n")]),
+    ("repeated field", _framed([FROM_PART, TEXT_PART, FROM_PART])),
+    ("repeated field, other spelling", _framed(
+        [FROM_PART, TEXT_PART, b"Content-Disposition: form-data; name=from\r\n\r\nx@y.org"])),
+    ("boundary inside a part", _framed([FROM_PART, TEXT_PART + b"\r\n--bX"])),
+    ("raw mode's email field in a parsed post", _framed(
+        [FROM_PART, TEXT_PART, b'Content-Disposition: form-data; name="email"\r\n\r\n'
+         b"From: someone.else@example.org\r\n\r\nforged"])),
+    ("too many parts", _framed([FROM_PART] + [b"Content-Disposition: form-data; "
+                                              b'name="f%d"\r\n\r\nx' % n for n in range(1100)])),
+]
+
+
+@pytest.mark.parametrize(("case", "body"), FRAMING_CASES, ids=[c[0] for c in FRAMING_CASES])
+def test_only_exactly_framed_forms_are_read(case: str, body: bytes) -> None:
+    assert record_of(("multipart/form-data; boundary=b", _framed([FROM_PART, TEXT_PART])))[
+        "text"] == "hello"
+    with pytest.raises(InvalidEmail):
+        record_of(("multipart/form-data; boundary=b", body))
+
+
+CHARSET_CASES = [
+    # (case, charset, bytes, the text read)
+    ("undefined", "undefined", b"see you soon", "see you soon"),
+    ("punycode", "punycode", b"caf\\N{x", None),
+    ("unicode_escape", "unicode_escape", b"x\\N{x", None),
+    ("NUL in the name", "utf\x00-8", b"see you soon", "see you soon"),
+]
+
+
+@pytest.mark.parametrize(("case", "charset", "data", "expected"), CHARSET_CASES,
+                         ids=[c[0] for c in CHARSET_CASES])
+def test_broken_charsets_decode_with_replacement_in_both_modes(
+        case: str, charset: str, data: bytes, expected: str | None) -> None:
+    for post in (parsed_post(PATIENT, text=data.decode("latin-1"), charset=charset,
+                             encoded_with="latin-1"),
+                 raw_post(PATIENT, raw_charset_email(PATIENT, charset, data))):
+        text = body_of(record_of(post)).text
+        assert isinstance(text, str) and text
+        if expected is not None:
+            assert text == expected
+
+
+def test_deep_nesting_and_many_parts_are_refused_unparsed() -> None:
+    for raw in (nested_email(PATIENT, 1200), many_parts_email(PATIENT, 200_000)):
+        with pytest.raises(InvalidEmail) as caught:
+            record_of(raw_post(PATIENT, raw))
+        assert caught.value.reason == "email-too-complex"
+    # Ordinary structures still read: a few levels, a few hundred parts.
+    assert body_of(record_of(raw_post(PATIENT, nested_email(PATIENT, 10)))).text == "hello"
+    assert record_of(raw_post(PATIENT, many_parts_email(PATIENT, 300)))["from"] == PATIENT
+
+
+def test_read_post_turns_any_failure_into_a_reason_without_the_text(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    content_type, body = raw_post(PATIENT, raw_email(PATIENT, text="secret words"))
+    assert read_post(content_type, body, MB)["text"].strip() == "secret words"
+    import email.feedparser
+
+    def broken(self: Any, data: bytes) -> None:
+        raise ValueError("secret words")  # as a library error quoting the body would
+
+    monkeypatch.setattr(email.feedparser.BytesFeedParser, "feed", broken)
+    with pytest.raises(InvalidEmail) as caught:
+        read_post(content_type, body, MB)
+    assert caught.value.reason == "unreadable-email"
+    assert "secret" not in str(caught.value) and caught.value.__cause__ is None
+
+
+def test_the_quote_stripper_sees_a_bounded_head(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mailparser_reply import EmailReplyParser
+
+    seen: list[int] = []
+    real = EmailReplyParser.parse_reply
+
+    def recording(self: Any, text: str) -> str | None:
+        seen.append(len(text))
+        # The library's worst case is quadratic (187 s at 90 KB): never run it on more.
+        return real(self, text=text) if len(text) <= MAX_STRIP_CHARS else ""
+
+    monkeypatch.setattr(EmailReplyParser, "parse_reply", recording)
+    hostile = "On " * 30_000  # 90 KB
+    assert strip_quoted(hostile) == hostile.strip()
+    assert strip_quoted("\n" * 50_000 + "hi") == "hi"
+    assert seen and max(seen) <= MAX_STRIP_CHARS
+    assert len(strip_input(hostile)) <= MAX_STRIP_CHARS
+    # A long reply: the quote header in the head still cuts the history off, tail included.
+    reply = "See you then.\n\nOn Mon, 30 Nov 2026 at 09:00, Clinic wrote:\n" + "> old\n" * 5000
+    assert strip_quoted(reply) == "See you then."
+    # A long message without any header in its head is shown whole.
+    long_text = "word " * 2000 + "\n\nOn Mon, 30 Nov 2026 at 09:00, Clinic wrote:\n> old\n"
+    assert strip_quoted(long_text) == long_text.strip()
+
+
+def test_part_headers_cost_little_and_never_recurse() -> None:
+    params = b'Content-Disposition: form-data; name="text"' + b"; a=b" * 400 + b"\r\n\r\nhi"
+    lines = b"X-A: b\r\n" * 200 + b'Content-Disposition: form-data; name="text"\r\n\r\nhi'
+    for hostile in (params, lines):  # 36 ms per part (317 s for 1,023 parts) with the old parser
+        with pytest.raises(InvalidEmail):
+            parse_form_body("multipart/form-data; boundary=b", _framed([FROM_PART, hostile]))
+    for comments in (b'name="text" ' + b"(" * 1900, b'name="text"; x=' + b"(" * 1900):
+        nested = b"Content-Disposition: form-data; " + comments + b"\r\n\r\nhi"
+        # compat32 reads it flat (the old parser: RecursionError, a 500).
+        fields, _ = parse_form_body("multipart/form-data; boundary=b",
+                                    _framed([FROM_PART, nested]))
+    assert fields["text"] == b"hi"
+    named = _framed([FROM_PART, 'Content-Disposition: form-data; name="attachment1"; '
+                                'filename="Röntgen.pdf"\r\n\r\n%PDF'.encode()])
+    _, files = parse_form_body("multipart/form-data; boundary=b", named)
+    assert files[0].filename == "Röntgen.pdf"  # raw UTF-8 in the header, as browsers send it
+
+
+def test_headers_the_parser_would_take_minutes_on_are_refused() -> None:
+    head = raw_email(PATIENT, text="hi").split(b"\n", 1)
+    hostile = [  # read through policy.default, in time growing with the square of their size
+        head[0] + b"\nContent-Disposition: inline" + b"; a=b" * 100 + b"\n" + head[1],
+        head[0] + b"\nCc: " + b"a@b.example, " * 40_000 + b"\n" + head[1],  # 89 s
+    ]
+    content_type, body = parsed_post(PATIENT)
+    posts = [raw_post(PATIENT, raw) for raw in hostile] + [
+        (content_type, body.replace(b"\nMIME-Version", b"\nCc: " + b"a@b.example, " * 40_000
+                                    + b"\nMIME-Version"))]  # parsed mode's headers field
+    for post in posts:
+        with pytest.raises(InvalidEmail) as caught:
+            record_of(post)
+        assert caught.value.reason == "email-too-complex"

@@ -1,23 +1,19 @@
-"""SendGrid Inbound Parse webhook: authenticate the request, read the email, enqueue it."""
+"""SendGrid Inbound Parse webhook: authenticate the request, check its framing, enqueue its
+bytes (the worker reads the email)."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from datetime import UTC, datetime
 
+import redis
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from web.enqueue import EnqueueFailed, Enqueuer
+from web.enqueue import STEP_TIMEOUT_SECONDS, EnqueueFailed, Enqueuer
 from web.webhooks import rejected
 from worker.broker.celery_app import QUEUE_INBOUND, TASK_INBOUND_EMAIL
-from worker.channels.sendgrid_inbound import (
-    InvalidEmail,
-    message_key,
-    parse_form_body,
-    parse_request,
-)
+from worker.channels.sendgrid_inbound import InvalidEmail, form_parts, require_email_fields
 from worker.channels.sendgrid_signing import (
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
@@ -27,9 +23,13 @@ from worker.channels.sendgrid_signing import (
 )
 from worker.ops.metrics import Metrics
 from worker.settings import Settings
+from worker.stores.email_posts import EmailPosts, post_ref
 
 log = logging.getLogger("switchboard.web")
 INBOUND_PATH = "/webhooks/sendgrid/inbound"
+# Storing a post may take longer than the enqueue's step (a 40 MB post is 40 MB to send): a
+# stalled Redis still gets a 503 well within what SendGrid waits, and SendGrid retries it.
+POST_WRITE_TIMEOUT_SECONDS = 10.0
 
 
 def request_problem(settings: Settings, body: bytes, headers: dict[str, str | None],
@@ -59,6 +59,9 @@ def sendgrid_blueprint(settings: Settings) -> Blueprint:
     """Routes for SendGrid's Inbound Parse webhook."""
     bp = Blueprint("sendgrid_inbound", __name__)
     endpoint = "sendgrid-inbound"
+    posts = EmailPosts.from_settings(redis.Redis.from_url(
+        settings.redis_url, socket_timeout=POST_WRITE_TIMEOUT_SECONDS,
+        socket_connect_timeout=STEP_TIMEOUT_SECONDS), settings)
 
     @bp.post(INBOUND_PATH)
     def inbound_email() -> tuple[Response, int]:
@@ -86,21 +89,28 @@ def sendgrid_blueprint(settings: Settings) -> Blueprint:
             }.get(reason, "missing or wrong credentials"))
         if request.mimetype != "multipart/form-data":
             return reject(415, "unsupported-media-type", "expected multipart/form-data")
+        content_type = request.content_type or ""
         try:
-            fields, files = parse_form_body(request.content_type or "", body)
-            record = parse_request(fields, files, settings.email_max_bytes)
+            # Only the framing and the field names: the email itself is parsed in the worker
+            # (a hostile one costs the receiver seconds of CPU per MB of parts).
+            require_email_fields(form_parts(content_type, body))
         except InvalidEmail as exc:
             return reject(400, "invalid-email", str(exc))
-        key = message_key(record)
-        record["email_ref"] = "email-" + hashlib.sha256(key.encode()).hexdigest()[:16]
-        if record["omitted"]:
-            metrics.inc("switchboard_emails_oversized")
-            metrics.inc("switchboard_email_attachments_omitted", len(record["omitted"]))
+        # The bytes go to the worker sealed in the post store, the task names them: their
+        # digest, so a SendGrid retry of the same post finds the same entry (and FHIR's
+        # If-None-Exist on the Message-ID still makes one message of two different posts).
+        ref = post_ref(body)
+        try:
+            posts.put(ref, body)
+        except Exception as exc:  # redis raises many types; all mean "not kept"
+            log.error("storing an inbound email post failed: %s", type(exc).__name__)
+            return reject(503, "queue-unavailable", "queue unavailable, retry later")
+        record = {"email_ref": ref, "content_type": content_type}
         enqueuer: Enqueuer = current_app.extensions["switchboard.enqueuer"]
         meta = {"received_at": datetime.now(UTC).isoformat(timespec="milliseconds")}
         try:
             enqueuer.send(TASK_INBOUND_EMAIL, QUEUE_INBOUND, [record, meta],
-                          inbox_key="email:" + record["email_ref"])
+                          inbox_key="email:" + ref)
         except EnqueueFailed:
             # SendGrid retries a 5xx for up to 72 hours: not accepted, and said so.
             return reject(503, "queue-unavailable", "queue unavailable, retry later")

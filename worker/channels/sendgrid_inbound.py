@@ -1,6 +1,11 @@
-"""SendGrid Inbound Parse: a posted email → a plain record (receiver) → an InboundMessage (worker).
+"""SendGrid Inbound Parse: a posted email → a plain record → an InboundMessage (worker).
 
-The receiver turns the request into a JSON-able *email record* (`parse_request`): both Inbound
+The receiver only checks the post's shape (`form_parts`: the exact multipart framing the
+signature must bind, no repeated fields, a bounded number of parts) and enqueues its bytes; the
+worker parses them (`read_post`), with bounds on parts, nesting, time and the text given to the
+quote stripper, so one hostile email can stall neither the receiver nor a worker.
+
+`read_post` turns the post into a JSON-able *email record* (`parse_request`): both Inbound
 Parse modes, the parsed multipart form (`headers`, `from`, `to`, `subject`, `text`, `html`,
 `envelope`, `charsets`, `SPF`, `dkim`, `attachment-info`, `attachmentN` files) and the raw
 MIME message (field `email`), end in the same shape. Every text is decoded with the charset
@@ -17,13 +22,15 @@ import base64
 import hashlib
 import json
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from email import policy
+from email.feedparser import BytesFeedParser
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.parser import BytesParser
-from email.utils import getaddresses, parseaddr
+from email.parser import BytesParser, HeaderParser
+from email.utils import collapse_rfc2231_value, getaddresses, parseaddr
 from typing import Any
 
 from worker.channels import Attachment, InboundMessage
@@ -38,6 +45,50 @@ from worker.fhir.resources import fit_text
 
 # SendGrid refuses emails over 30 MB; the form or raw message is a little larger than that.
 MAX_REQUEST_BYTES = 40 * 1024 * 1024
+# Bounds on a post's form: SendGrid's parsed mode sends about 20 fields plus `attachmentN`
+# files (N has at most three digits), raw mode about 10 fields. A part's headers are a line or
+# two. Anything beyond these is not SendGrid's.
+MAX_FORM_PARTS = 1024
+MAX_PART_HEADER_BYTES = 2 * 1024
+MAX_PART_HEADER_PARAMS = 16
+MAX_PART_HEADER_LINES = 8
+# The receiver reads the sender from at most this much (a From field; a raw email's headers,
+# long References chains included).
+MAX_FROM_BYTES = 4 * 1024
+MAX_EMAIL_HEADER_BYTES = 256 * 1024
+# Bounds on the MIME message of raw mode, checked on its bytes before the parser sees them:
+# the standard library's parser costs about 100 µs per part (a 7.5 MB email of 200k one-line
+# parts took minutes), and walking a structure nested 1,200 deep raises RecursionError.
+# Real emails have a few multiparts and a few dozen parts; these leave room for big forwards
+# (500 parts of 16-parameter headers: 1.6 s of parsing; 2,000: 6.3 s).
+MAX_MIME_MULTIPARTS = 64  # boundary declarations, so also the deepest nesting
+MAX_MIME_PARTS = 500  # delimiter lines of those boundaries
+# A backstop on the parse of one email (checked between 1 MiB chunks fed to the parser): the
+# bounds above keep a 40 MB email to a few seconds; this ends anything they missed.
+MAX_PARSE_SECONDS = 60.0
+_PARSE_CHUNK = 1024 * 1024
+# policy.default parses a header when it is read, in time that grows with the square of its
+# length: a To of 20,000 addresses (140 KB) took 21 s, of 40,000 89 s; a Content-Type of 2,000
+# parameters 1.3 s. Each header of the message and its parts must stay under these (a To of
+# 500 recipients is about 15 KB; DKIM and Authentication-Results have about 10 parameters).
+# Content-Type and Content-Disposition are read several times per part (2,000 parts of 60
+# parameters: 25 s): real ones have a handful of parameters.
+MAX_HEADER_CHARS = 32 * 1024
+MAX_HEADER_PARAMS = 64
+MAX_MIME_HEADER_PARAMS = 16
+_MIME_HEADERS = ("content-type", "content-disposition")
+_BOUNDARY_DECLARED = re.compile(rb'boundary\s*=\s*"?([^"\s;]{1,200})', re.I)
+# mail-parser-reply's regexes span lines and backtrack: measured on this project's 2-core
+# machine under load, its worst inputs found ("On ", "Op " repeated) take 0.3 s at 2,000
+# characters, 2.3 s at 8,000 and 187 s at 90 KB, holding the GIL (so every thread of the worker)
+# throughout. It only ever sees the first MAX_STRIP_CHARS of a body; the full text stays in the
+# kept original (worker/inbound/email.py). Runs of blank lines, another slow case (8,000
+# newlines: 11 s), are folded to one blank line first (the library strips each line anyway).
+MAX_STRIP_CHARS = 2000
+_BLANK_RUN = re.compile(r"\n[ \t\r\f\v]*(?:\n[ \t\r\f\v]*)+\n")
+# html2text is pure Python (it lets other threads run) but slow on megabytes: the text shown is
+# made from the first MAX_HTML_CHARS; the full HTML stays in the kept original.
+MAX_HTML_CHARS = 500_000
 ATTACHMENT_FIELD = re.compile(r"attachment([0-9]{1,3})")
 _MSG_ID = re.compile(r"<[^<>\s]{1,995}>")
 _CONTENT_TYPE = re.compile(r"[a-z0-9][\w.+\-]{0,63}/[\w.+\-]{1,127}")
@@ -50,7 +101,12 @@ ORIGINAL_TITLE = {"text/plain": "original-message.txt", "text/html": "original-m
 
 
 class InvalidEmail(ValueError):
-    """The request is not an Inbound Parse post we can read (the receiver answers 400)."""
+    """The request is not an Inbound Parse post we can read: the receiver answers 400, the
+    worker dead-letters it with `reason`."""
+
+    def __init__(self, detail: str, reason: str = "invalid-email") -> None:
+        super().__init__(detail)
+        self.reason = reason
 
 
 # -- decoding ------------------------------------------------------------------------------------
@@ -65,14 +121,16 @@ def decode_text(data: bytes, charset: str | None) -> str:
     for candidate in (declared, "utf-8"):
         try:
             return data.decode(candidate)
-        except (LookupError, UnicodeDecodeError):
+        # Not only UnicodeDecodeError: the `undefined` codec raises UnicodeError, `punycode`
+        # raises others on `\\N{`, a NUL in the name ValueError; none may end the message.
+        except (LookupError, UnicodeError, ValueError):
             continue
     guess = _guess(data)
     if guess is not None:
         return guess
     try:
         return data.decode(declared, errors="replace")
-    except LookupError:
+    except (LookupError, UnicodeError, ValueError):
         return data.decode("utf-8", errors="replace")
 
 
@@ -89,7 +147,11 @@ def _guess(data: bytes) -> str | None:
 def _part_text(part: EmailMessage) -> str:
     raw = part.get_payload(decode=True)
     data = raw if isinstance(raw, bytes) else b""
-    return decode_text(data, part.get_content_charset())
+    try:
+        charset = part.get_content_charset()
+    except Exception:  # a malformed parameter reads as undeclared
+        charset = None
+    return decode_text(data, charset)
 
 
 def html_to_text(html: str) -> str:
@@ -101,20 +163,33 @@ def html_to_text(html: str) -> str:
     converter.ignore_images = True
     converter.ignore_emphasis = True  # **bold** is markup, not what the patient wrote
     converter.unicode_snob = True
-    return str(converter.handle(html)).strip()
+    return str(converter.handle(html[:MAX_HTML_CHARS])).strip()
+
+
+def strip_input(text: str) -> str:
+    """What the quote stripper is given of `text`: its first MAX_STRIP_CHARS, with runs of
+    blank lines folded to one (see MAX_STRIP_CHARS for why)."""
+    return _BLANK_RUN.sub("\n\n", text[:MAX_STRIP_CHARS])[:MAX_STRIP_CHARS]
 
 
 def strip_quoted(text: str) -> str:
     """The new part of a reply: quoted history (`On … wrote:` blocks, `>` lines, Outlook
-    separators) removed by mail-parser-reply; the whole text when nothing would be left."""
+    separators) removed by mail-parser-reply; the whole text when nothing would be left.
+
+    Only the head of a long text is searched (strip_input): when the stripper cuts something
+    there, everything after the cut, the rest of the text included, is history; when it cuts
+    nothing, the whole text is the message."""
     from mailparser_reply import EmailReplyParser
 
+    head = strip_input(text)
     try:
-        latest = EmailReplyParser(languages=REPLY_LANGUAGES).parse_reply(text=text)
+        latest = EmailReplyParser(languages=REPLY_LANGUAGES).parse_reply(text=head)
     except Exception:  # a library failure must not lose the message
         return text.strip()
     latest = (latest or "").strip()
-    return latest or text.strip()
+    if not latest or (len(text) > len(head) and latest.split() == head.split()):
+        return text.strip()
+    return latest
 
 
 # -- the record ----------------------------------------------------------------------------------
@@ -129,31 +204,181 @@ class FilePart:
     data: bytes
 
 
-def parse_form_body(content_type: str, body: bytes) -> tuple[dict[str, bytes], list[FilePart]]:
-    """The fields (raw bytes) and files of a multipart/form-data body, read with the standard
-    library's email parser so that every text field keeps its bytes for its own charset
-    (a form parser would decode them all as UTF-8)."""
-    if not content_type.lower().startswith("multipart/form-data"):
+@dataclass(frozen=True)
+class FormPart:
+    """One part of a multipart/form-data body, as framed by `form_parts`."""
+
+    name: str | None  # None: not a form-data part with a name (ignored)
+    filename: str | None
+    content_type: str
+    data: bytes
+
+
+def form_parts(content_type: str, body: bytes) -> list[FormPart]:
+    """The parts of a multipart/form-data body, framed strictly. Raises InvalidEmail.
+
+    Written here rather than taken from a form parser because SendGrid's signature covers the
+    body but not the Content-Type header that names the boundary: a replayed post with another
+    boundary (`boundary=EVIL`) would be read from parts an attacker's own email text carried.
+    So the body must start with the boundary's first delimiter and end with its closing one
+    (no preamble, no epilogue, which parsers skip silently), every delimiter must be a whole
+    one, and no field may come twice (a parser keeps the first or the last). Cheap enough for
+    the receiver: byte counts and splits in C, then a header parse per part (at most
+    MAX_FORM_PARTS).
+    """
+    try:
+        ctype = BytesParser(policy=policy.default).parsebytes(
+            b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n",
+            headersonly=True)
+        kind, boundary = ctype.get_content_type(), ctype.get_param("boundary")
+    except Exception:  # an unreadable header names no boundary
+        kind, boundary = "", None
+    if kind != "multipart/form-data":
         raise InvalidEmail("expected multipart/form-data")
-    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1")
-    message = BytesParser(policy=policy.default).parsebytes(head + body)
-    if not message.is_multipart():
-        raise InvalidEmail("the multipart body could not be read")
+    if not isinstance(boundary, str) or not 1 <= len(boundary) <= 70 or \
+            not boundary.isascii() or "\r" in boundary or "\n" in boundary:
+        raise InvalidEmail("the multipart boundary is not a valid one")
+    b = boundary.encode("ascii")
+    first, delimiter, closing = b"--" + b + b"\r\n", b"\r\n--" + b + b"\r\n", \
+        b"\r\n--" + b + b"--"
+    if not body.startswith(first):
+        raise InvalidEmail("the body does not start with the boundary's first delimiter")
+    end = len(body) - (2 if body.endswith(b"\r\n") else 0)
+    if not body.startswith(closing, end - len(closing)) or end - len(closing) < len(first) - 2:
+        raise InvalidEmail("the body does not end with the boundary's closing delimiter")
+    inner = body[len(first):end - len(closing)]
+    count = inner.count(delimiter) + 1
+    if inner.count(b"\r\n--" + b) + 1 != count:
+        raise InvalidEmail("the boundary appears inside a part")
+    if count > MAX_FORM_PARTS:
+        raise InvalidEmail(f"more than {MAX_FORM_PARTS} form parts")
+    parts: list[FormPart] = []
+    names: set[str] = set()
+    for chunk in inner.split(delimiter):
+        head_end = 0 if chunk.startswith(b"\r\n") else chunk.find(b"\r\n\r\n", 0,
+                                                                    MAX_PART_HEADER_BYTES)
+        if head_end < 0:
+            raise InvalidEmail("a form part has no end of headers")
+        name, filename, part_type = _part_headers(chunk[:head_end])
+        if name is not None:
+            if name in names:
+                raise InvalidEmail("a form field is repeated")
+            names.add(name)
+        parts.append(FormPart(name, filename, part_type,
+                              chunk[head_end + 2 if head_end == 0 else head_end + 4:]))
+    return parts
+
+
+def _part_headers(raw: bytes) -> tuple[str | None, str | None, str]:
+    """(name, filename, content type) of a form part's header block. Read with the standard
+    library's compat32 parser: `policy.default` took 2 ms for an ordinary part header on this
+    machine, 36 ms for one of 400 parameters (317 s for a post of 1,023 such parts) and raised
+    RecursionError on nested comments; compat32 is linear and flat. Blocks past
+    MAX_PART_HEADER_PARAMS parameters or MAX_PART_HEADER_LINES lines (200 lines in each of
+    1,023 parts: 0.6 s) are refused before it sees them."""
+    if raw.count(b";") > MAX_PART_HEADER_PARAMS or raw.count(b"\n") >= MAX_PART_HEADER_LINES:
+        raise InvalidEmail("a form part's headers are too many or too long")
+    try:
+        # Decoded first: raw 8-bit bytes (a UTF-8 filename) would otherwise come back as an
+        # unknown-8bit Header with replacement characters.
+        part = HeaderParser(policy=policy.compat32).parsestr(
+            raw.decode("utf-8", "replace") + "\r\n\r\n")
+        name: Any = None
+        if part.get_content_disposition() == "form-data":
+            name = part.get_param("name", header="content-disposition")
+        name = collapse_rfc2231_value(name) if name else None
+        filename = part.get_filename()
+        content_type = part.get_content_type()
+    except Exception:  # no exception of a header parser may escape with header text in it
+        raise InvalidEmail("a form part's headers are unreadable") from None
+    return (name if isinstance(name, str) and name else None,
+            filename if isinstance(filename, str) and filename else None, content_type)
+
+
+def require_email_fields(parts: list[FormPart]) -> None:
+    """Raises InvalidEmail unless the form is one of Inbound Parse's two modes with a From
+    address: the `from` field (parsed mode) or the From header of the `email` field's header
+    block (raw mode). Cheap: a few KB read, never the email's body."""
+    fields = {p.name: p.data for p in parts if p.name is not None and p.filename is None}
+    _one_mode(set(fields), any(p.filename is not None for p in parts))
+    if "email" in fields:
+        raw = fields["email"]
+        end = _header_block_end(raw)
+        if end < 0:
+            raise InvalidEmail("the email's headers do not end within "
+                               f"{MAX_EMAIL_HEADER_BYTES // 1024} KB")
+        try:  # compat32: flat and linear (see _part_headers); only From is read
+            head = BytesParser(policy=policy.compat32).parsebytes(raw[:end] + b"\r\n\r\n",
+                                                                  headersonly=True)
+            from_field = str(head.get("From") or "")
+        except Exception:
+            from_field = ""
+        if len(from_field) > MAX_FROM_BYTES:
+            raise InvalidEmail("the From header is too long")
+    elif "from" in fields or "headers" in fields:
+        value = fields.get("from", b"")
+        if len(value) > MAX_FROM_BYTES:
+            raise InvalidEmail("the from field is too long")
+        charsets = _json_object(fields.get("charsets", b"")[:MAX_FROM_BYTES])
+        from_field = decode_text(value, str(charsets.get("from") or "utf-8")) if value else ""
+    else:
+        raise InvalidEmail("neither an `email` field (raw mode) nor `from`/`headers` (parsed)")
+    if "@" not in parseaddr(from_field)[1]:
+        raise InvalidEmail("From holds no address")
+
+
+# Fields only parsed mode posts. SendGrid's boundary (`xYzZY`) is well known: if an email's own
+# text ever carried it, the form would split there, and parts the sender wrote would follow.
+# A repeated field is refused anyway; this refuses an `email` field (raw mode, which wins)
+# slipped into a parsed post, and parsed fields into a raw one.
+_PARSED_ONLY = frozenset({"headers", "text", "html", "attachment-info"})
+
+
+def _one_mode(names: set[str], has_files: bool) -> None:
+    if "email" in names and (has_files or names & _PARSED_ONLY):
+        raise InvalidEmail("fields of both Inbound Parse modes")
+
+
+def _header_block_end(raw: bytes) -> int:
+    """Where a raw message's header block ends (its first blank line), -1 when not within
+    MAX_EMAIL_HEADER_BYTES; a message of headers only ends at its end."""
+    head = raw[:MAX_EMAIL_HEADER_BYTES]
+    ends = [i for i in (head.find(b"\r\n\r\n"), head.find(b"\n\n")) if i >= 0]
+    if ends:
+        return min(ends)
+    return len(raw) if len(raw) <= MAX_EMAIL_HEADER_BYTES else -1
+
+
+def parse_form_body(content_type: str, body: bytes) -> tuple[dict[str, bytes], list[FilePart]]:
+    """The fields (raw bytes) and files of a multipart/form-data body (framed by form_parts),
+    every text field kept as bytes for its own charset (a form parser would decode them all
+    as UTF-8). Parts are taken as sent: RFC 7578 drops Content-Transfer-Encoding."""
     fields: dict[str, bytes] = {}
     files: list[FilePart] = []
-    for part in message.iter_parts():
-        disposition = part.get("Content-Disposition", "")
-        name = part.get_param("name", header="content-disposition")
-        if not disposition or not isinstance(name, str):
+    for part in form_parts(content_type, body):
+        if part.name is None:
             continue
-        raw = part.get_payload(decode=True)
-        data = raw if isinstance(raw, bytes) else b""
-        filename = part.get_filename()
-        if filename is not None or ATTACHMENT_FIELD.fullmatch(name):
-            files.append(FilePart(name, filename or name, part.get_content_type(), data))
-        elif name not in fields:
-            fields[name] = data
+        if part.filename is not None or ATTACHMENT_FIELD.fullmatch(part.name):
+            files.append(FilePart(part.name, part.filename or part.name, part.content_type,
+                                  part.data))
+        else:
+            fields[part.name] = part.data
     return fields, files
+
+
+def read_post(content_type: str, body: bytes, max_bytes: int) -> dict[str, Any]:
+    """The email record of a whole Inbound Parse post, in the worker. Raises InvalidEmail
+    (with a reason) for anything it cannot read; nothing else, and nothing that quotes it."""
+    try:
+        fields, files = parse_form_body(content_type, body)
+        return parse_request(fields, files, max_bytes)
+    except InvalidEmail:
+        raise
+    except RecursionError:
+        raise InvalidEmail("the email is nested too deeply", "email-too-complex") from None
+    except Exception as exc:  # a hostile email must end as a dead letter, and the
+        # exception's text can quote it: only its type is kept.
+        raise InvalidEmail(f"unreadable ({type(exc).__name__})", "unreadable-email") from None
 
 
 def parse_request(fields: Mapping[str, bytes], files: list[FilePart], max_bytes: int
@@ -172,11 +397,13 @@ def parse_request(fields: Mapping[str, bytes], files: list[FilePart], max_bytes:
         "envelope_from": str(envelope.get("from") or "").strip(),
         "envelope_to": [a for a in _list(envelope.get("to")) if isinstance(a, str)],
     }
+    _one_mode(set(fields), bool(files))
     if "email" in fields:
         return {**common, **_from_raw(fields["email"], max_bytes)}
     if "from" not in fields and "headers" not in fields:
         raise InvalidEmail("neither an `email` field (raw mode) nor `from`/`headers` (parsed)")
     headers = _headers(fields.get("headers", b""))
+    check_headers(headers)
     info = _json_object(fields.get("attachment-info", b""))
     attachments: list[tuple[str, str, bytes]] = []
     for f in files:
@@ -190,8 +417,57 @@ def parse_request(fields: Mapping[str, bytes], files: list[FilePart], max_bytes:
                                 attachments, size, max_bytes)}
 
 
+def mime_problem(raw: bytes) -> str | None:
+    """Why a raw MIME message is too complex to parse (see MAX_MIME_MULTIPARTS), else None.
+    An upper bound read from the bytes: every multipart declares a boundary, and every part
+    starts at a line of one."""
+    declared = set()
+    for n, match in enumerate(_BOUNDARY_DECLARED.finditer(raw)):
+        if n >= MAX_MIME_MULTIPARTS:
+            return f"more than {MAX_MIME_MULTIPARTS} multipart boundaries"
+        declared.add(match.group(1))
+    lines = sum(raw.count(b"\n--" + b) for b in declared)
+    if lines > MAX_MIME_PARTS:
+        return f"more than {MAX_MIME_PARTS} MIME parts"
+    return None
+
+
+def parse_mime(raw: bytes, deadline: float | None = None) -> EmailMessage:
+    """A raw MIME message parsed with the standard library, within the bounds above: raises
+    InvalidEmail (reason `email-too-complex` or `email-parse-timeout`)."""
+    problem = mime_problem(raw)
+    if problem:
+        raise InvalidEmail(problem, "email-too-complex")
+    deadline = time.monotonic() + MAX_PARSE_SECONDS if deadline is None else deadline
+    parser = BytesFeedParser(policy=policy.default)
+    view = memoryview(raw)
+    for start in range(0, len(raw), _PARSE_CHUNK):
+        if time.monotonic() > deadline:
+            raise InvalidEmail(f"parsing took over {MAX_PARSE_SECONDS:.0f} s",
+                               "email-parse-timeout")
+        parser.feed(bytes(view[start:start + _PARSE_CHUNK]))
+    message = parser.close()
+    if not isinstance(message, EmailMessage):
+        return EmailMessage()
+    for part in message.walk():  # raw values: nothing parsed yet
+        if time.monotonic() > deadline:
+            raise InvalidEmail(f"parsing took over {MAX_PARSE_SECONDS:.0f} s",
+                               "email-parse-timeout")
+        check_headers(part)
+    return message
+
+
+def check_headers(message: EmailMessage) -> None:
+    """Raises InvalidEmail (`email-too-complex`) when a header of `message` (not its parts) is
+    past MAX_HEADER_CHARS or its parameter bound; reads raw values only."""
+    for name, value in message.raw_items():
+        params = MAX_MIME_HEADER_PARAMS if name.lower() in _MIME_HEADERS else MAX_HEADER_PARAMS
+        if len(value) > MAX_HEADER_CHARS or value.count(";") > params:
+            raise InvalidEmail("a header is too long", "email-too-complex")
+
+
 def _from_raw(raw: bytes, max_bytes: int) -> dict[str, Any]:
-    message = BytesParser(policy=policy.default).parsebytes(raw)
+    message = parse_mime(raw)
     body_text = body_html = ""
     chosen = []
     for kind in ("plain", "html"):

@@ -8,10 +8,13 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from worker.channels import Attachment, InboundMessage
+from worker.channels.sendgrid import CHANNEL, MEDIUM_CODE
 from worker.channels.sendgrid_inbound import (
     ORIGINAL_TITLE,
+    InvalidEmail,
     body_of,
     message_key,
+    read_post,
     sender_authentication,
     to_inbound,
 )
@@ -25,6 +28,15 @@ class Binaries(Protocol):
 
     def get(self, key: str) -> str | None: ...
     def put(self, key: str, binary_id: str) -> None: ...
+
+
+def read_email(content_type: str, post: bytes, max_bytes: int) -> dict[str, Any]:
+    """The email record of the post the receiver stored; a post that cannot be read is a
+    PermanentError with the reason."""
+    try:
+        return read_post(content_type, post, max_bytes)
+    except InvalidEmail as exc:
+        raise PermanentError(exc.reason, str(exc)) from None
 
 
 def deliver_email(record: Mapping[str, Any], received_at: str, ctx: ThreadContext,
@@ -41,10 +53,12 @@ def deliver_email(record: Mapping[str, Any], received_at: str, ctx: ThreadContex
     key = message_key(record)
     if seen.seen(key):
         return InboundOutcome(None, None, "skipped")
+    if policy != "create-patient":
+        # Before any work on the body (the quote stripper, stored files): a stranger's email
+        # costs one search.
+        _known_sender(ctx, str(record.get("from") or "").strip())
     files = _files(record)
     stored: list[Attachment] = []
-    if files and policy != "create-patient":
-        _known_sender(ctx, to_inbound(record, received_at, ()))
     if files:
         with ctx.lock("email-binaries:" + hashlib.sha256(key.encode()).hexdigest()[:24]) as held:
             for n, (title, content_type, data) in enumerate(files):
@@ -61,10 +75,13 @@ def deliver_email(record: Mapping[str, Any], received_at: str, ctx: ThreadContex
     return deliver_inbound(msg, ctx, strategy, policy, seen)
 
 
-def _known_sender(ctx: ThreadContext, msg: InboundMessage) -> None:
-    """Refuse an unknown or ambiguous sender before storing their files: a Binary written for
-    an email that is then dead-lettered would sit in the EHR, attached to nothing."""
-    found = ctx.fhir.search("Patient", [sender_search(msg), ("_count", "2"),
+def _known_sender(ctx: ThreadContext, sender: str) -> None:
+    """Refuse an unknown or ambiguous sender before reading the body or storing their files: a
+    Binary written for an email that is then dead-lettered would sit in the EHR, attached to
+    nothing."""
+    probe = InboundMessage(channel=CHANNEL, medium_code=MEDIUM_CODE, provider_message_id="",
+                           sender=sender, clinic_address="", body="", received_at="")
+    found = ctx.fhir.search("Patient", [sender_search(probe), ("_count", "2"),
                                         ("_elements", "id")])
     matches = [e for e in found.get("entry") or []
                if (e.get("search") or {}).get("mode", "match") == "match"]

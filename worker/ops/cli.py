@@ -373,8 +373,10 @@ def cmd_keys_generate(_: Settings | None, args: argparse.Namespace) -> int:
 
 
 def cmd_keys_rotate(settings: Settings, args: argparse.Namespace) -> int:
-    """Seal every stored dead letter, inbox entry, request state and send record with the
-    first key of DATA_ENCRYPTION_KEYS, and say how many (exit 1 if some could not be opened)."""
+    """Seal every stored dead letter, inbox entry, request state, send record and inbound email
+    post with the first key of DATA_ENCRYPTION_KEYS, and say how many (exit 1 if some could not
+    be opened)."""
+    from worker.stores.email_posts import EmailPosts
     from worker.stores.inbox import Inbox
     from worker.stores.outbound_state import OutboundState
     from worker.stores.send_ledger import SendLedger
@@ -384,7 +386,8 @@ def cmd_keys_rotate(settings: Settings, args: argparse.Namespace) -> int:
     passes = {"dead letters": DeadLetterStore(client, sealer).reseal,
               "inbox entries": Inbox(client, sealer).reseal,
               "request states": OutboundState(client, sealer).reseal,
-              "send records": SendLedger(client, sealer).reseal}
+              "send records": SendLedger(client, sealer).reseal,
+              "inbound email posts": EmailPosts.from_settings(client, settings).reseal}
     log = _dlq_log(settings)
     unopenable = 0
     for what, reseal in passes.items():

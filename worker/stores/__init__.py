@@ -47,8 +47,9 @@ end
 return 0
 """
 
-# Returns the value sealed with the first key, None if it is already, or raises Unsealable.
-Convert = Callable[[bytes], str | None]
+# Returns the value sealed with the first key (text, or binary for stores that keep the binary
+# form), None if it is already, or raises Unsealable.
+Convert = Callable[[bytes], str | bytes | None]
 
 
 def reseal_hash(client: Any, key: str, convert: Convert,
@@ -88,7 +89,7 @@ def sealed_text(sealer: Sealer) -> Convert:
     return convert
 
 
-def _convert(out: Resealed, raw: bytes, convert: Convert) -> str | None:
+def _convert(out: Resealed, raw: bytes, convert: Convert) -> str | bytes | None:
     try:
         new = convert(raw)
     except Unsealable:
