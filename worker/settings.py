@@ -182,6 +182,10 @@ class Settings(BaseSettings):
     # A message the broker redelivers this often without the task ever finishing (the worker
     # died each time) is dead-lettered as `delivery-loop` instead of killing workers forever.
     max_deliveries: int = Field(default=5, ge=1)
+    # A send deferred this often (each wait is at most half the visibility timeout) is
+    # dead-lettered as `deferral-loop`: a wait that never ends must not cycle forever. A send
+    # waits for its reserved slot in a few steps at most, so the default is far from normal use.
+    max_deferrals: int = Field(default=50, ge=1)
     # Dead letters whose last failure is older than this many days are pruned.
     dead_letter_retention_days: int = Field(default=30, ge=1)
     # Every worker process refreshes a heartbeat this often; one silent for WORKER_DEAD_AFTER

@@ -326,6 +326,86 @@ def test_end_to_end_through_the_sandboxs_own_delivery(
         web.stop()
 
 
+def reply(sandbox: Sandbox, header: dict[str, Any], pat: dict[str, Any], text: str
+          ) -> dict[str, Any]:
+    """A clinician's reply written into FHIR in the thread `header` (what the EHR does)."""
+    return sandbox.fhir.create({
+        "resourceType": "Communication", "status": "in-progress",
+        "partOf": [{"reference": f"Communication/{header['id']}"}],
+        "recipient": [{"reference": f"Patient/{pat['id']}"}],
+        "payload": [{"contentString": text}]}).resource
+
+
+def test_bursts_of_replies_at_the_default_sms_pace_go_out_once_each_in_order(
+        services: Services, sandbox: Sandbox, providers_clean: ProviderSandbox,
+        log_dir: Path) -> None:
+    """Issue 26, finding 1: clinicians write 2, 3 and 5 replies within a second into three
+    threads, then one reply to a fourth patient, at the default pace (1 SMS/s). Each run
+    that waits for its slot re-queues the task with that slot; the next run sends at it.
+    (Before: the re-queued run took a fresh slot, further in debt each time, and nothing
+    after the first reply ever went out.)"""
+    svc = services.get(**outbound_env(providers_clean, FHIR_SUBSCRIPTION_SECRET=SECRET,
+                                      SMS_RATE_PER_SECOND="1"))
+    port = devstack.free_port()
+    web = devstack.start_web(svc.env, log_dir, port, workers=1, name=f"web-burst-{port}")
+    try:
+        sub.install(sandbox.fhir, f"http://127.0.0.1:{port}", SECRET)
+        start = finished(svc)
+        deferred = counter(svc, "switchboard_tasks", TASK, "deferred")
+        written: dict[str, list[str]] = {}  # the patient's number -> replies, in write order
+        comm_ids = []
+        for n, burst in enumerate([2, 3, 5, 1]):
+            number = f"+1555444{n:04d}"
+            pat = patient(sandbox, phone=number, email=None)
+            header = sandbox.fhir.create({
+                "resourceType": "Communication", "status": "in-progress",
+                "subject": {"reference": f"Patient/{pat['id']}"}, "topic": {"text": "Visit"},
+                "medium": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/"
+                                        "v3-ParticipationMode", "code": "SMSWRIT"}]}]}).resource
+            for k in range(burst):
+                text = f"thread {n} reply {k + 1} of {burst}"
+                comm_ids.append(reply(sandbox, header, pat, text)["id"])
+                written.setdefault(number, []).append(text)
+        total = len(comm_ids)
+        for comm_id in comm_ids:
+            recorded(sandbox, comm_id, svc.settings.message_id_system)
+        eventually(lambda: finished(svc) >= start + total, timeout=60,
+                   what="every subscription task finished")
+        sends = sorted(providers_clean.requests("twilio"), key=lambda r: r["at"])
+        # Exactly once each, and in the order written within each thread.
+        assert sorted(r["form"]["Body"] for r in sends) == sorted(
+            t for texts in written.values() for t in texts)
+        for number, texts in written.items():
+            assert [r["form"]["Body"] for r in sends if r["form"]["To"] == number] == texts
+        assert svc.dead_letters.count() == 0
+        waits = counter(svc, "switchboard_tasks", TASK, "deferred") - deferred
+        # Reported, not asserted (no timed assertions): how far past its slot each went out.
+        late = sorted(r["at"] - (sends[0]["at"] + i) for i, r in enumerate(sends))
+        print(f"\nburst sends beyond their slots: p50 {late[len(late) // 2]:.2f} s, "
+              f"max {late[-1]:.2f} s over {total} replies, {waits:.0f} deferrals")
+    finally:
+        web.stop()
+
+
+def test_a_wait_that_never_ends_is_dead_lettered_not_cycled(
+        services: Services, sandbox: Sandbox, providers_clean: ProviderSandbox) -> None:
+    """A reply waits for the earlier reply of its thread, whose notification never came (so
+    it never goes out): after MAX_DEFERRALS deferrals the waiting one is dead-lettered as
+    `deferral-loop`, replayable without its count, and nothing is sent out of order."""
+    svc = services.get(**outbound_env(providers_clean, FHIR_SUBSCRIPTION_SECRET=SECRET,
+                                      MAX_DEFERRALS="2"))
+    pat = patient(sandbox)
+    first = message_in_thread(sandbox, pat, "SMSWRIT", text="written first, never notified")
+    header = {"id": first["partOf"][0]["reference"].split("/")[1]}
+    second = reply(sandbox, header, pat, "written second")
+    assert notify(svc, second).status_code == 200
+    (entry,) = eventually(lambda: svc.dead_letters.query(reason="deferral-loop"), timeout=30,
+                          what="the endless wait dead-lettered")
+    assert entry.task == TASK and "deferred 2 times (thread-order)" in entry.detail
+    assert entry.args == [{"communication": second["id"]}]  # a replay starts afresh
+    assert providers_clean.requests() == []
+
+
 def test_failed_deliveries_are_retried_and_shown_by_status(
         services: Services, sandbox: Sandbox, providers_clean: ProviderSandbox) -> None:
     svc = service(services, providers_clean, worker=False)
