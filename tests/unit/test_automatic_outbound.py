@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from worker.errors import PermanentError
 from worker.fhir.subscription import (
     CRITERIA,
     INTERACTION_EXTENSION,
@@ -15,7 +16,6 @@ from worker.fhir.subscription import (
     extension_value,
     subscription_resource,
 )
-from worker.errors import PermanentError
 from worker.outbound.automatic import (
     ORDER_WAIT_MAX,
     ORDER_WAIT_MIN,
