@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 from collections.abc import Mapping
 from typing import Literal
 from urllib.parse import urlsplit
@@ -91,6 +92,11 @@ class Settings(BaseSettings):
     # `switchboard subscription install` writes it into Medplum's subscription-secret
     # extension. Empty: POST /webhooks/fhir/subscription refuses every delivery (403).
     fhir_subscription_secret: SecretStr = SecretStr("")
+    # Automatic outbound sends only what the clinic wrote: a Communication whose meta.author
+    # (set by Medplum from the login) is a Practitioner, PractitionerRole or Organization, or
+    # one of these ClientApplication ids (comma-separated: an EHR integration or bot writing
+    # replies with client credentials). docs/automatic-outbound.md
+    automatic_outbound_clients: str = ""
     # Which medium a reply follows: the thread header's, or the patient's last inbound message's.
     reply_channel_source: Literal["header", "last-inbound"] = "header"
     # Send pacing shared by every worker: messages per second per channel and sending address
@@ -269,6 +275,15 @@ class Settings(BaseSettings):
     def _no_trailing_slash(cls, v: str) -> str:
         return v.rstrip("/")
 
+    @field_validator("automatic_outbound_clients")
+    @classmethod
+    def _client_ids(cls, v: str) -> str:
+        ids = [i.strip() for i in v.split(",") if i.strip()]
+        bad = [i for i in ids if not re.fullmatch(r"[A-Za-z0-9\-.]{1,64}", i)]
+        if bad:
+            raise ValueError("AUTOMATIC_OUTBOUND_CLIENTS must list ClientApplication ids")
+        return ",".join(ids)
+
     @field_validator("channel_order")
     @classmethod
     def _channel_order(cls, v: str) -> str:
@@ -309,6 +324,10 @@ class Settings(BaseSettings):
             return own
         token = self.twilio_auth_token.get_secret_value().encode()
         return hmac.new(token, b"switchboard opt-out key", hashlib.sha256).digest()
+
+    def automatic_outbound_client_list(self) -> tuple[str, ...]:
+        """The ClientApplication ids whose writes automatic outbound sends."""
+        return tuple(i for i in self.automatic_outbound_clients.split(",") if i)
 
     def channel_list(self) -> tuple[str, ...]:
         """CHANNEL_ORDER as a tuple."""

@@ -117,7 +117,8 @@ def subscription_notified(self: SwitchboardTask, payload: dict[str, Any]) -> dic
     rt = get_runtime()
     # The payload as the last run left it: a deferred send keeps its reserved slot.
     req = subscription_request(payload)
-    return {"result": on_notification(req, rt.outbound, str(self.request.id), rt.metrics)}
+    return {"result": on_notification(req, rt.outbound, str(self.request.id), rt.metrics,
+                                      rt.settings.automatic_outbound_client_list())}
 
 
 @shared_task(bind=True, base=SwitchboardTask, name=TASK_DEVICE_UPDATE)

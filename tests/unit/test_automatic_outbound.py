@@ -114,6 +114,7 @@ def test_hostile_notifications_are_refused_with_a_reason(body: Any, reason: str)
 
 
 REPLY = {"resourceType": "Communication", "id": "m1", "status": "in-progress",
+         "meta": {"author": {"reference": "Practitioner/d1"}},
          "partOf": [{"reference": "Communication/h1"}],
          "sender": {"reference": "Practitioner/d1"},
          "recipient": [{"reference": "Patient/p1"}],
@@ -126,8 +127,8 @@ def sent_id(system: str, value: str) -> dict[str, str]:
 
 @pytest.mark.parametrize(("changes", "reason"), [
     ({}, None),
-    ({"sender": None}, None),  # no sender: written by an app or service, not the patient
     ({"sender": {"reference": "PractitionerRole/r1"}}, None),
+    ({"sender": {"reference": "Organization/o1"}}, None),
     ({"payload": [{"contentAttachment": {"url": "https://x/y.png"}}]}, None),
     ({"partOf": None}, "thread-header"),
     ({"partOf": []}, "thread-header"),
@@ -147,11 +148,30 @@ def sent_id(system: str, value: str) -> dict[str, str]:
     ({"payload": []}, "no-content"),
     ({"payload": [{"contentString": ""}]}, "no-content"),
     ({"resourceType": "Patient"}, "not-a-communication"),
+    # Issue 26, finding 8: only what our side wrote (meta.author, set by the server), with a
+    # sender, to a patient.
+    ({"sender": {"reference": "RelatedPerson/r1"}}, "from-patient"),
+    ({"meta": None}, "not-clinic-author"),
+    ({"meta": {"author": {"reference": "Patient/p1"}}}, "not-clinic-author"),
+    ({"meta": {"author": {"reference": "RelatedPerson/r1"}}}, "not-clinic-author"),
+    ({"meta": {"author": {"reference": "ClientApplication/patient-app"}}},
+     "not-clinic-author"),
+    ({"meta": {"author": {"reference": "ClientApplication/ehr-bot"}}}, None),  # configured
+    ({"meta": {"author": {"reference": "PractitionerRole/r1"}}}, None),
+    ({"meta": {"author": {"reference": "Organization/o1"}}}, None),
+    ({"meta": {"author": {"reference": "Practitioner/../Patient/1"}}}, "not-clinic-author"),
+    ({"meta": {"author": "Practitioner/d1"}}, "not-clinic-author"),
+    ({"sender": None}, "no-sender"),
+    ({"sender": {}}, "no-sender"),
+    ({"recipient": None}, "internal-note"),
+    ({"recipient": [{"reference": "Practitioner/d2"}]}, "internal-note"),
+    ({"recipient": [{"reference": "Practitioner/d2"}, {"reference": "Patient/p1"}]}, None),
 ])
 def test_what_is_sent_and_why_the_rest_is_not(changes: dict[str, Any], reason: str | None
                                              ) -> None:
     resource = {k: v for k, v in {**REPLY, **changes}.items() if v is not None}
-    assert ignore_reason(resource, [SMS_SYSTEM, EMAIL_SYSTEM], REQUEST_SYSTEM) == reason
+    assert ignore_reason(resource, [SMS_SYSTEM, EMAIL_SYSTEM], REQUEST_SYSTEM,
+                         ["ehr-bot"]) == reason
 
 
 def test_request_id_is_one_per_communication_and_a_valid_request_id() -> None:
@@ -208,7 +228,7 @@ def test_a_bad_subscription_payload_is_a_permanent_error(payload: Any) -> None:
 def at(comm_id: str, second: float, **extra: Any) -> dict[str, Any]:
     """REPLY as written at `second` past 10:00:00 UTC (meta.lastUpdated)."""
     stamp = f"2026-12-07T10:00:{second:06.3f}Z"
-    return {**REPLY, "id": comm_id, "meta": {"lastUpdated": stamp}, **extra}
+    return {**REPLY, "id": comm_id, "meta": {**REPLY["meta"], "lastUpdated": stamp}, **extra}
 
 
 T0 = 1796637600.0  # 2026-12-07T10:00:00Z

@@ -626,11 +626,16 @@ as SendGrid's Inbound Parse does (signed; "mode": "raw" posts the raw MIME messa
 """, flush=True)
         if thread:
             print(f"""Automatic outbound: {thread["installed"]}; the FHIR sandbox posts every new
-reply to {settings.public_base_url}/webhooks/fhir/subscription (signed). Write a clinician's reply
-into the demo thread in FHIR (with TOKEN from above), and the SMS appears in the provider
-sandbox with nothing else to call:
+reply to {settings.public_base_url}/webhooks/fhir/subscription (signed). Log in as the demo
+clinician (only what the clinic wrote is sent: docs/automatic-outbound.md; the sandbox's token
+endpoint takes `profile`), write a reply into the demo thread in FHIR, and the SMS appears in
+the provider sandbox with nothing else to call:
 
-curl -sS -X POST -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/fhir+json' \\
+DOCTOR=$(curl -s {settings.fhir_token_url} -d grant_type=client_credentials \\
+  -d client_id={settings.fhir_client_id} -d client_secret=anything \\
+  -d profile=Practitioner/{thread["practitioner"]} \\
+  | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+curl -sS -X POST -H "Authorization: Bearer $DOCTOR" -H 'Content-Type: application/fhir+json' \\
   '{settings.fhir_base_url}Communication' -d '{{"resourceType": "Communication",
    "status": "in-progress", "partOf": [{{"reference": "Communication/{thread["thread"]}"}}],
    "sender": {{"reference": "Practitioner/{thread["practitioner"]}"}},

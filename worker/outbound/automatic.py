@@ -33,6 +33,13 @@ log = logging.getLogger("switchboard.outbound")
 # drafts moves them to in-progress with an update, which the create-only Subscription never
 # sees, so such apps should call /v1/messages instead (README, "Automatic outbound").
 SENDABLE_STATUS = "in-progress"
+# Authors (Medplum's meta.author) whose messages are the clinic's; ClientApplications only
+# when configured (AUTOMATIC_OUTBOUND_CLIENTS): client credentials are also what apps hold.
+CLINIC_AUTHORS = frozenset({"Practitioner", "PractitionerRole", "Organization"})
+# Senders on the patient's side: their messages are never sent back out.
+PATIENT_SIDE = frozenset({"Patient", "RelatedPerson"})
+# Medplum leaves meta.author out of what it returns unless the request asks for this.
+EXTENDED = {"X-Medplum": "extended"}
 # At most this many Communications are taken from one notification Bundle.
 MAX_COMMUNICATIONS = 50
 # Replies in one thread go out in the order written: a reply waits for the earlier ones still
@@ -140,15 +147,22 @@ def _comm_id(value: Any) -> str:
 
 
 def ignore_reason(comm: Mapping[str, Any], provider_systems: Collection[str],
-                  request_system: str) -> str | None:
+                  request_system: str, clinic_clients: Collection[str] = ()) -> str | None:
     """Why this Communication is not a clinician's reply for Switchboard to send now, as a
-    metric label; None when it is one.
+    metric label; None when it is one (pure; the rule: docs/automatic-outbound.md).
 
-    A reply is a child message (`partOf` set), `in-progress`, not sent by a Patient, with text
-    or an attachment, and no provider message id yet. A provider id without our outbound-request
-    identifier is a message Switchboard wrote from an inbound SMS or email; with it, our own
-    earlier send. Our request identifier alone means a `/v1/messages` request created it and
-    is sending it itself (on the channel that request asked for).
+    A reply is a child message (`partOf` set), `in-progress`, with text or an attachment and
+    no provider message id yet, that our side wrote and that is addressed to a patient:
+    - a provider id without our outbound-request identifier is a message Switchboard wrote from
+      an inbound SMS or email; with it, our own earlier send. Our request identifier alone
+      means a `/v1/messages` request created it and is sending it itself;
+    - `meta.author` (set by the FHIR server from the login, not by the client) must be a clinic
+      identity: a Practitioner, PractitionerRole or Organization, or one of `clinic_clients`
+      (ClientApplication ids). `sender` and `recipient` are written by the client, so they
+      alone prove nothing: a patient app could name anyone;
+    - it names a sender, not a Patient (nor a RelatedPerson);
+    - a Patient is among its recipients: one addressed only to clinicians is an internal note.
+      (That this patient is the thread's is checked where the thread is read: the pipeline.)
     """
     if comm.get("resourceType") != "Communication":
         return "not-a-communication"
@@ -158,7 +172,7 @@ def ignore_reason(comm: Mapping[str, Any], provider_systems: Collection[str],
         return "not-in-progress"
     sender = comm.get("sender")
     sender_ref = sender.get("reference") if isinstance(sender, Mapping) else None
-    if isinstance(sender_ref, str) and _ref_type(sender_ref) == "Patient":
+    if isinstance(sender_ref, str) and _ref_type(sender_ref) in PATIENT_SIDE:
         return "from-patient"
     systems = {i.get("system") for i in _list(comm.get("identifier")) if isinstance(i, Mapping)}
     ours = request_system in systems
@@ -171,7 +185,31 @@ def ignore_reason(comm: Mapping[str, Any], provider_systems: Collection[str],
         for p in _list(comm.get("payload")))
     if not has_content:
         return "no-content"
+    if not clinic_authored(comm, clinic_clients):
+        return "not-clinic-author"
+    if not isinstance(sender, Mapping) or not sender:
+        return "no-sender"
+    recipients = [r.get("reference") for r in _list(comm.get("recipient"))
+                  if isinstance(r, Mapping)]
+    if not any(isinstance(r, str) and _ref_type(r) == "Patient" for r in recipients):
+        return "internal-note"
     return None
+
+
+def clinic_authored(comm: Mapping[str, Any], clinic_clients: Collection[str]) -> bool:
+    """True when the server recorded a clinic identity as this version's author (pure)."""
+    meta = comm.get("meta")
+    author = meta.get("author") if isinstance(meta, Mapping) else None
+    text = author.get("reference") if isinstance(author, Mapping) else None
+    if not isinstance(text, str):
+        return False
+    try:
+        found = parse_reference(text)
+    except InvalidReference:
+        return False
+    if found.type in CLINIC_AUTHORS:
+        return True
+    return found.type == "ClientApplication" and found.id in clinic_clients
 
 
 def _ref_type(text: str) -> str:
@@ -218,13 +256,15 @@ def subscription_request(payload: Any) -> OutboundRequest:
 
 
 def on_notification(req: OutboundRequest, deps: OutboundDeps, task_id: str,
-                    metrics: Metrics | None = None) -> str:
+                    metrics: Metrics | None = None, clinic_clients: Collection[str] = ()
+                    ) -> str:
     """Read the notified Communication from FHIR and send it if it is a reply; returns what
     happened (`sent`, or the reason it was ignored). Send failures raise as for any send."""
     comm_id = str(req.communication_id)
     try:
-        comm = deps.fhir.read("Communication", comm_id).resource
-        reason = ignore_reason(comm, deps.id_systems.values(), deps.request_system)
+        comm = deps.fhir.read("Communication", comm_id, headers=EXTENDED).resource
+        reason = ignore_reason(comm, deps.id_systems.values(), deps.request_system,
+                               clinic_clients)
     except FhirPermanentError as exc:
         if exc.status not in (404, 410):
             raise
@@ -237,7 +277,8 @@ def on_notification(req: OutboundRequest, deps: OutboundDeps, task_id: str,
         # first (concurrent runs would otherwise take slots in whatever order they got here).
         now = time.time()
         ahead = [i for i in earlier_replies(comm, _thread_messages(comm, deps), now,
-                                            deps.id_systems.values(), deps.request_system)
+                                            deps.id_systems.values(), deps.request_system,
+                                            clinic_clients)
                  if deps.ledger.done(i) is None]
         if ahead:
             raise Deferred(order_wait(comm, now), "thread-order")
@@ -252,7 +293,7 @@ def _thread_messages(comm: Mapping[str, Any], deps: OutboundDeps) -> list[dict[s
         return []
     found = deps.fhir.search("Communication", [
         ("part-of", thread), ("status", SENDABLE_STATUS), ("_sort", "-_lastUpdated"),
-        ("_count", str(ORDER_SEARCH_COUNT))])
+        ("_count", str(ORDER_SEARCH_COUNT))], headers=EXTENDED)
     return [e["resource"] for e in _list(found.get("entry"))
             if isinstance(e, Mapping) and isinstance(e.get("resource"), dict)]
 
@@ -268,7 +309,8 @@ def _thread_ref(comm: Mapping[str, Any]) -> str | None:
 
 
 def earlier_replies(comm: Mapping[str, Any], thread: Sequence[Mapping[str, Any]], now: float,
-                    provider_systems: Collection[str], request_system: str) -> list[str]:
+                    provider_systems: Collection[str], request_system: str,
+                    clinic_clients: Collection[str] = ()) -> list[str]:
     """The ids of the replies in `thread` written before `comm` (by meta.lastUpdated, then
     id) that are still to be sent, so `comm` waits for them: replies go out in the order
     they were written. One written more than ORDER_WINDOW_SECONDS ago is not waited for (it
@@ -284,7 +326,7 @@ def earlier_replies(comm: Mapping[str, Any], thread: Sequence[Mapping[str, Any]]
         written = _written(other)
         if written is None or written >= mine or now - written[0] > ORDER_WINDOW_SECONDS:
             continue
-        if ignore_reason(other, provider_systems, request_system) is None:
+        if ignore_reason(other, provider_systems, request_system, clinic_clients) is None:
             ahead.append(other["id"])
     return ahead
 
