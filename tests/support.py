@@ -127,13 +127,31 @@ class Sandbox:
         """Set contention mode: rate, attempts, retry_ms, transaction_ms (sandbox README)."""
         self._http.post("/__contention", json=spec).raise_for_status()
 
-    def token(self) -> str:
-        """A bearer token for raw FHIR requests (the FhirClient would retry conflicts)."""
+    def token(self, profile: str | None = None) -> str:
+        """A bearer token for raw FHIR requests (the FhirClient would retry conflicts); with
+        `profile` ("Practitioner/<id>", "Patient/<id>", "ClientApplication/<id>"), one whose
+        writes the sandbox records as that author (meta.author), as Medplum does for a login."""
         resp = self._http.post("/oauth2/token", data={
             "grant_type": "client_credentials", "client_id": self.settings.fhir_client_id,
-            "client_secret": self.settings.fhir_client_secret.get_secret_value()})
+            "client_secret": self.settings.fhir_client_secret.get_secret_value(),
+            **({"profile": profile} if profile else {})})
         resp.raise_for_status()
         return str(resp.json()["access_token"])
+
+    def write_as(self, profile: str, resource: dict[str, Any]) -> dict[str, Any]:
+        """Create `resource` logged in as `profile` (see token); returns what was stored."""
+        resp = self._http.post(f"/fhir/R4/{resource['resourceType']}", json=resource, headers={
+            "Authorization": f"Bearer {self.token(profile)}", "X-Medplum": "extended",
+            "Content-Type": "application/fhir+json"})
+        assert resp.status_code == 201, resp.text
+        return dict(resp.json())
+
+    def read_extended(self, resource_type: str, resource_id: str) -> dict[str, Any]:
+        """Read with `X-Medplum: extended` (meta.author included)."""
+        resp = self._http.get(f"/fhir/R4/{resource_type}/{resource_id}", headers={
+            "Authorization": f"Bearer {self.token()}", "X-Medplum": "extended"})
+        resp.raise_for_status()
+        return dict(resp.json())
 
     def fault(self, **spec: Any) -> None:
         """Queue an injected fault (see sandbox/fhir/README.md)."""

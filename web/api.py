@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import re
 import time
 import uuid
@@ -210,14 +211,29 @@ def _verdict(request_id: str, state: dict[str, Any] | None) -> tuple[Response, i
     return jsonify(body), 202
 
 
-def _request_id(key: str | None) -> str | None:
-    """The request id of an Idempotency-Key (the same key, the same request), or a new one;
-    None for a key of the wrong shape."""
+def _request_id(key: str | None, token: bytes) -> str | None:
+    """The request id of an Idempotency-Key sent with this API token (the same token and key,
+    the same request; another caller's same key is another request), or a new one; None for
+    a key of the wrong shape. Keyed by the token, which only the caller and we know."""
     if key is None:
         return uuid.uuid4().hex
     if not _IDEMPOTENCY_KEY.fullmatch(key):
         return None
-    return "k-" + hashlib.sha256(key.encode()).hexdigest()[:40]
+    return "k-" + hmac.new(token, b"idempotency-key\0" + key.encode(),
+                           hashlib.sha256).hexdigest()[:40]
+
+
+def _body_hash(data: dict[str, Any], token: bytes) -> str:
+    """A hash of the request body that a retry with the same Idempotency-Key must match (the
+    same JSON, whatever its key order or spacing), keyed by the caller's token: the body holds
+    PHI, and an unkeyed hash of a short text could be reversed by trying candidates."""
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hmac.new(token, canonical.encode(), hashlib.sha256).hexdigest()
+
+
+def _token() -> bytes:
+    """The bearer token of this (authorised) request."""
+    return request.headers.get("Authorization", "")[7:].strip().encode()
 
 
 def api_blueprint(settings: Settings, client: redis.Redis) -> Blueprint:
@@ -251,18 +267,27 @@ def api_blueprint(settings: Settings, client: redis.Redis) -> Blueprint:
             fields = [{"field": ".".join(str(p) for p in e["loc"]), "error": e["msg"]}
                       for e in exc.errors()]
             return jsonify(error="invalid-body", fields=fields), 422
-        request_id = _request_id(request.headers.get("Idempotency-Key"))
+        token = _token()
+        request_id = _request_id(request.headers.get("Idempotency-Key"), token)
         if request_id is None:
             rejected("invalid-body")
             return jsonify(error="invalid-idempotency-key",
                            detail="1-128 letters, digits and _-:."), 400
+        body_hash = _body_hash(data, token)
         try:
-            fresh = state.create(request_id)
+            fresh = state.create(request_id, body_hash)
+            earlier = None if fresh else state.body_hash(request_id)
         except redis.exceptions.RedisError:
             rejected("queue-unavailable")
             return jsonify(error="unavailable", detail="queue unavailable, retry later"), 503
         if not fresh:
-            # The same Idempotency-Key again: answer with that request's state, send nothing.
+            if earlier is not None and not hmac.compare_digest(earlier, body_hash):
+                # Another message under a key already used: answering with the first request's
+                # state would tell the caller this one was taken, and nothing would be sent.
+                rejected("idempotency-key-reused")
+                return jsonify(error="idempotency-key-reused",
+                               detail="this Idempotency-Key was used with another body"), 422
+            # The same request again: answer with its state, send nothing.
             return _verdict(request_id, state.get(request_id))
         payload: dict[str, Any] = {"request_id": request_id,
                                    "channel": getattr(parsed, "channel", None)}
@@ -382,7 +407,8 @@ def openapi_document() -> dict[str, Any]:
                     "200": answer("sent (with Prefer: wait)", state),
                     "202": answer("queued", state),
                     "400": answer("not JSON", error), "401": answer("no valid token", error),
-                    "422": answer("invalid body, or the provider refused", error),
+                    "422": answer("invalid body, the provider refused, or the "
+                                  "Idempotency-Key was used with another body", error),
                     "429": answer("the provider throttles (still queued)", error),
                     "502": answer("the provider is unavailable (still queued)", error),
                     "503": answer("queue unavailable or channel not configured", error)}}},

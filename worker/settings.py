@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 from collections.abc import Mapping
 from typing import Literal
 from urllib.parse import urlsplit
@@ -135,6 +136,14 @@ class Settings(BaseSettings):
     """key of the HMAC-SHA256 (`X-Signature`) that FHIR Subscription notifications are signed
     with; `switchboard subscription install` puts it on the Subscription. Empty: `POST
     /webhooks/fhir/subscription` answers 403 (automatic outbound off)"""
+    # Automatic outbound sends only what the clinic wrote: a Communication whose meta.author
+    # (set by Medplum from the login) is a Practitioner, PractitionerRole or Organization, or
+    # one of these ClientApplication ids (comma-separated: an EHR integration or bot writing
+    # replies with client credentials). docs/automatic-outbound.md
+    automatic_outbound_clients: str = ""
+    """ClientApplication ids (comma-separated) whose writes count as the clinic's for automatic
+    outbound, besides Practitioners, PractitionerRoles and Organizations
+    (docs/automatic-outbound.md)"""
     # Which medium a reply follows: the thread header's, or the patient's last inbound message's.
     reply_channel_source: Literal["header", "last-inbound"] = "header"
     """a reply follows the thread header's `medium` (`header`) or the medium of the patient's
@@ -296,6 +305,11 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(default=5, ge=1)
     """a message the broker redelivers this often without finishing (it kills workers) is dead-
     lettered as `delivery-loop`"""
+    # A send deferred this often (each wait is at most half the visibility timeout) is
+    # dead-lettered as `deferral-loop`: a wait that never ends must not cycle forever. A send
+    # waits for its reserved slot in a few steps at most, so the default is far from normal use.
+    max_deferrals: int = Field(default=50, ge=1)
+    """a send deferred this often (pacing, thread order) is dead-lettered as `deferral-loop`"""
     # Dead letters whose last failure is older than this many days are pruned.
     dead_letter_retention_days: int = Field(default=30, ge=1)
     """dead letters older than this are pruned"""
@@ -398,6 +412,15 @@ class Settings(BaseSettings):
     def _no_trailing_slash(cls, v: str) -> str:
         return v.rstrip("/")
 
+    @field_validator("automatic_outbound_clients")
+    @classmethod
+    def _client_ids(cls, v: str) -> str:
+        ids = [i.strip() for i in v.split(",") if i.strip()]
+        bad = [i for i in ids if not re.fullmatch(r"[A-Za-z0-9\-.]{1,64}", i)]
+        if bad:
+            raise ValueError("AUTOMATIC_OUTBOUND_CLIENTS must list ClientApplication ids")
+        return ",".join(ids)
+
     @field_validator("channel_order")
     @classmethod
     def _channel_order(cls, v: str) -> str:
@@ -438,6 +461,10 @@ class Settings(BaseSettings):
             return own
         token = self.twilio_auth_token.get_secret_value().encode()
         return hmac.new(token, b"switchboard opt-out key", hashlib.sha256).digest()
+
+    def automatic_outbound_client_list(self) -> tuple[str, ...]:
+        """The ClientApplication ids whose writes automatic outbound sends."""
+        return tuple(i for i in self.automatic_outbound_clients.split(",") if i)
 
     def channel_list(self) -> tuple[str, ...]:
         """CHANNEL_ORDER as a tuple."""

@@ -28,12 +28,11 @@ from worker.channels.twilio import TwilioSms
 from worker.crypto import Unsealable
 from worker.errors import PermanentError
 from worker.fhir.devices import apply_device_change
-from worker.fhir.reference import ref
 from worker.fhir.resources import clinic_participant
 from worker.inbound.email import deliver_email, read_email
 from worker.inbound.pipeline import apply_opt_keyword, deliver_inbound
 from worker.inbound.threads import ThreadContext
-from worker.outbound.automatic import on_notification
+from worker.outbound.automatic import on_notification, subscription_request
 from worker.outbound.pipeline import OutboundRequest, send_outbound
 from worker.outbound.reconcile import reconcile_stuck
 from worker.outbound.status import apply_email_events, apply_status
@@ -138,8 +137,10 @@ def outbound_send(self: OutboundTask, payload: dict[str, Any]) -> dict[str, Any]
 def subscription_notified(self: SwitchboardTask, payload: dict[str, Any]) -> dict[str, Any]:
     """A FHIR Subscription named this Communication: read it, send it if it is a reply."""
     rt = get_runtime()
-    comm_id = ref("Communication", payload.get("communication")).id
-    return {"result": on_notification(comm_id, rt.outbound, str(self.request.id), rt.metrics)}
+    # The payload as the last run left it: a deferred send keeps its reserved slot.
+    req = subscription_request(payload)
+    return {"result": on_notification(req, rt.outbound, str(self.request.id), rt.metrics,
+                                      rt.settings.automatic_outbound_client_list())}
 
 
 @shared_task(bind=True, base=SwitchboardTask, name=TASK_DEVICE_UPDATE)

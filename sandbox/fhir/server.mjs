@@ -12,6 +12,7 @@
 //   node_modules/.bin/node server.mjs --port 0 [--host 127.0.0.1] [--token-ttl 3600]
 //     [--contention-rate 0..1] [--transaction-attempts 2]
 // Prints exactly one line when ready: "FHIR sandbox listening on http://<host>:<port>".
+import { AsyncLocalStorage } from 'node:async_hooks';
 import { randomBytes } from 'node:crypto';
 import http from 'node:http';
 import {
@@ -106,6 +107,12 @@ function identifierKey(value) {
   return key || undefined;
 }
 
+// The author of the request being handled (see prepareWrite): a FHIR reference string.
+const writer = new AsyncLocalStorage();
+
+// What a token may be minted for besides the configured client (sandbox only, see handleToken).
+const PROFILE_TYPES = new Set(['Practitioner', 'PractitionerRole', 'Patient', 'RelatedPerson', 'ClientApplication']);
+
 class SandboxRepository extends MemoryRepository {
   constructor() {
     super();
@@ -197,6 +204,15 @@ class SandboxRepository extends MemoryRepository {
     }
     await this.replaceConditionalReferences(resource);
     validateResource(resource); // throws OperationOutcomeError (400) on errors; warnings are ignored
+    // As Medplum's Repository.getAuthor: every write records who wrote it (the login's profile,
+    // or ClientApplication/<id> for client credentials), whatever the body says. (Only super
+    // admins may set it themselves on the real server; the sandbox has none.)
+    const author = writer.getStore();
+    if (author) {
+      resource.meta = { ...(resource.meta ?? {}), author: { reference: author } };
+    } else if (resource.meta?.author) {
+      resource.meta = { ...resource.meta, author: undefined };
+    }
     return resource;
   }
 
@@ -362,7 +378,7 @@ class SandboxRepository extends MemoryRepository {
 const state = {
   repo: new SandboxRepository(),
   router: new FhirRouter(),
-  tokens: new Map(), // token -> expiry (ms since epoch)
+  tokens: new Map(), // token -> { expiry (ms since epoch), author (the login's reference) }
   faults: [],
   stats: newStats(),
   queue: Promise.resolve(),
@@ -629,26 +645,60 @@ async function handleToken(req, res) {
     send(res, 401, { error: 'invalid_client' });
     return;
   }
+  // Medplum's client credentials log in as the ClientApplication (its id is the client id).
+  // The sandbox also takes `profile=<Type>/<id>` with the same credentials, so tests can write
+  // as a user would (a Practitioner, a Patient...) or as another ClientApplication; the real
+  // server gets such logins from its other OAuth flows, or X-Medplum-On-Behalf-Of.
+  let author = `ClientApplication/${clientId}`;
+  const profile = form.get('profile');
+  if (profile) {
+    const [type, id, extra] = profile.split('/');
+    if (!PROFILE_TYPES.has(type) || !/^[A-Za-z0-9\-.]{1,64}$/.test(id ?? '') || extra !== undefined) {
+      send(res, 400, { error: 'invalid_request', error_description: 'profile must be <Type>/<id>' });
+      return;
+    }
+    author = profile;
+  }
   const token = randomBytes(24).toString('base64url');
-  state.tokens.set(token, Date.now() + state.tokenTtl * 1000);
+  state.tokens.set(token, { expiry: Date.now() + state.tokenTtl * 1000, author });
   send(res, 200, { access_token: token, token_type: 'Bearer', expires_in: state.tokenTtl }, { 'Cache-Control': 'no-store' });
 }
 
-function isAuthorised(req) {
+/** The author (reference string) of the request's bearer token, or undefined if not valid. */
+function authorOf(req) {
   const authz = req.headers.authorization ?? '';
   if (!authz.toLowerCase().startsWith('bearer ')) {
-    return false;
+    return undefined;
   }
   const token = authz.slice(7).trim();
-  const expiry = state.tokens.get(token);
-  if (expiry === undefined) {
-    return false;
+  const login = state.tokens.get(token);
+  if (login === undefined) {
+    return undefined;
   }
-  if (expiry <= Date.now()) {
+  if (login.expiry <= Date.now()) {
     state.tokens.delete(token);
-    return false;
+    return undefined;
   }
-  return true;
+  return login.author;
+}
+
+/** A copy of `body` without meta.author, as Medplum answers unless asked for
+ * `X-Medplum: extended` (Repository.removeHiddenFields): stored resources are left alone. */
+function withoutAuthors(body) {
+  if (!body || typeof body !== 'object') {
+    return body;
+  }
+  const strip = (resource) => {
+    if (!resource?.meta?.author) {
+      return resource;
+    }
+    const { author: _author, ...meta } = resource.meta;
+    return { ...resource, meta };
+  };
+  if (body.resourceType === 'Bundle' && Array.isArray(body.entry)) {
+    return { ...strip(body), entry: body.entry.map((e) => (e?.resource ? { ...e, resource: strip(e.resource) } : e)) };
+  }
+  return strip(body);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -696,7 +746,8 @@ async function handleFhir(req, res, url) {
     return;
   }
 
-  if (!isAuthorised(req)) {
+  const author = authorOf(req);
+  if (author === undefined) {
     await readBody(req).catch(() => undefined);
     sendFhir(res, 401, unauthorized, { 'WWW-Authenticate': 'Bearer' });
     return;
@@ -745,8 +796,8 @@ async function handleFhir(req, res, url) {
   };
 
   const handle = async () => {
-    const answer = await state.router
-      .handleRequest(fhirRequest, state.repo)
+    const answer = await writer
+      .run(author, () => state.router.handleRequest(fhirRequest, state.repo))
       .catch((err) => [normalizeOperationOutcome(err)]);
     recordCommits(method, fhirUrl, answer);
     return answer;
@@ -792,7 +843,8 @@ async function handleFhir(req, res, url) {
       }
     }
   }
-  sendFhir(res, status, responseBody, headers);
+  const extended = req.headers['x-medplum'] === 'extended';
+  sendFhir(res, status, extended ? responseBody : withoutAuthors(responseBody), headers);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -186,6 +186,39 @@ def test_spamreport_records_an_opt_out_and_the_next_email_is_refused_locally(
     assert len(providers_clean.requests("sendgrid")) == 2
 
 
+def test_an_unsubscribe_opts_out_only_the_address_we_emailed(
+        services: Services, sandbox: Sandbox, providers_clean: ProviderSandbox) -> None:
+    """Issue 26, finding 11: a signed `unsubscribe` naming a Communication we never emailed to
+    that address (or none that exists) used to opt the address out all the same."""
+    svc = services.get(**outbound_env(providers_clean))
+    pat = email_patient(sandbox, "Reader@example.org")
+    victim = "someone.else@example.org"
+    email_patient(sandbox, victim)
+    comm = reply(sandbox, email_thread(sandbox, pat), pat)
+    sent = send_email(svc, comm)
+    eventually(lambda: any(
+        i.get("system") == svc.settings.email_message_id_system
+        for i in sandbox.fhir.read("Communication", comm["id"]).resource.get("identifier")
+        or []), what="send recorded")
+    optouts = OptOuts(svc.redis, svc.settings.optout_key())
+    batch = providers_clean.email_events(
+        sent["provider_id"],
+        {"event": "unsubscribe", "email": victim},  # our email, another address
+        {"event": "unsubscribe", "email": victim, "communication_id": "no-such-message"},
+        {"event": "group_unsubscribe", "email": victim, "communication_id": "no-such-message"})
+    assert post_batch(svc, batch).status_code == 200
+    processed(svc, batch["body"])
+    assert not optouts.has("email", victim)
+    assert svc.dead_letters.count() == 0
+    # The address we emailed, in SendGrid's spelling: opted out.
+    genuine = providers_clean.email_events(sent["provider_id"],
+                                           {"event": "unsubscribe", "email": "reader@example.org"})
+    assert post_batch(svc, genuine).status_code == 200
+    processed(svc, genuine["body"])
+    assert optouts.has("email", "Reader@example.org")
+    assert not optouts.has("email", victim)
+
+
 def test_events_not_about_our_emails_are_ignored(
         services: Services, sandbox: Sandbox, providers_clean: ProviderSandbox) -> None:
     """SendGrid posts every email of the account: one sent by another system (no custom args,

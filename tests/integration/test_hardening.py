@@ -3,6 +3,7 @@ sandboxes: each of these failed before the fix."""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -202,6 +203,43 @@ def test_an_idempotency_key_makes_a_retry_the_same_request(
     # A path id that is not a request id is unknown, not a Redis type error (was a 500).
     assert client.get(f"/v1/messages/events:{first.get_json()['id']}",
                       headers=AUTH).status_code == 404
+
+
+def test_an_idempotency_key_is_the_callers_and_bound_to_its_body(
+        services: Services, sandbox: Sandbox, providers: ProviderSandbox) -> None:
+    """Issue 26, finding 10: the same key with another body is a 422 (it used to answer with
+    the first request: another patient, other text, and nothing sent); the same body again,
+    in any key order, is the same request; another API token's same key is its own request."""
+    from tests.conftest import API_TOKEN, outbound_env
+
+    providers.reset()
+    svc = services.get(**outbound_env(providers, API_TOKENS=f"{API_TOKEN},other-caller"))
+    a = patient(sandbox, phone="+15557770001", email=None)
+    b = patient(sandbox, phone="+15557770002", email=None)
+
+    def body(pat: dict[str, Any], text: str) -> dict[str, Any]:
+        return {"resourceType": "Communication", "payload": [{"contentString": text}],
+                "recipient": [{"reference": f"Patient/{pat['id']}"}]}
+
+    client = svc.app().test_client()
+    mine = {**AUTH, "Idempotency-Key": "visit-7", "Prefer": "wait=20"}
+    first = client.post("/v1/messages", json=body(a, "for A"), headers=mine)
+    assert first.status_code == 200, first.get_json()
+    other = client.post("/v1/messages", json=body(b, "for B"), headers=mine)
+    assert other.status_code == 422, other.get_json()
+    assert other.get_json()["error"] == "idempotency-key-reused"
+    reordered = json.dumps(dict(reversed(list(body(a, "for A").items()))), indent=2)
+    again = client.post("/v1/messages", data=reordered, content_type="application/json",
+                        headers=mine)
+    assert again.status_code == 200 and again.get_json()["id"] == first.get_json()["id"]
+    theirs = client.post("/v1/messages", json=body(b, "for B"), headers={
+        **mine, "Authorization": "Bearer other-caller"})
+    assert theirs.status_code == 200, theirs.get_json()
+    assert theirs.get_json()["id"] != first.get_json()["id"]
+    sent = [(r["form"]["To"], r["form"]["Body"]) for r in providers.requests("twilio")]
+    assert sorted(sent) == [("+15557770001", "for A"), ("+15557770002", "for B")]
+    shown = client.get(f"/v1/messages/{first.get_json()['id']}", headers=AUTH).get_json()
+    assert "body_hash" not in shown and shown["status"] == "sent"
 
 
 def test_an_email_attachment_goes_out_as_a_link(services: Services, sandbox: Sandbox,

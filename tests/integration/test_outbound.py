@@ -111,6 +111,26 @@ def test_sms_reply_goes_out_once_and_is_recorded(services: Services, sandbox: Sa
     assert len(providers_clean.requests("twilio")) == 1
 
 
+def test_the_api_sends_a_thread_message_only_to_the_threads_patient(
+        services: Services, sandbox: Sandbox, providers_clean: ProviderSandbox) -> None:
+    """Issue 26, finding 8, the API path: a message in B's thread naming A as recipient is
+    refused (and marked so), never sent to A; the thread's own patient still gets theirs."""
+    svc = outbound(services, providers_clean)
+    a, b = patient(sandbox, phone="+15556660011"), patient(sandbox, phone="+15556660012")
+    in_b = message_in_thread(sandbox, b, "SMSWRIT")
+    header = in_b["partOf"][0]
+    resp = send(svc, {"resourceType": "Communication", "status": "in-progress",
+                      "partOf": [header], "recipient": [{"reference": f"Patient/{a['id']}"}],
+                      "payload": [{"contentString": "meant for B"}]}, wait=20)
+    body = resp.get_json()
+    assert body["status"] == "failed" and body["error"] == "recipient-not-in-thread", body
+    stored = sandbox.fhir.read("Communication", body["communication"]).resource
+    assert stored["status"] == "stopped"
+    ok = send(svc, {"communication": f"Communication/{in_b['id']}"}, wait=20)
+    assert ok.get_json()["status"] == "sent", ok.get_json()
+    assert [r["form"]["To"] for r in providers_clean.requests("twilio")] == ["+15556660012"]
+
+
 def test_email_from_a_posted_resource(services: Services, sandbox: Sandbox,
                                       providers_clean: ProviderSandbox) -> None:
     svc = outbound(services, providers_clean)

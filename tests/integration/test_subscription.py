@@ -43,9 +43,10 @@ def providers_clean(providers: ProviderSandbox) -> ProviderSandbox:
     return providers
 
 
-def service(services: Services, providers: ProviderSandbox, worker: bool = True) -> Service:
-    return services.get(worker=worker, **outbound_env(providers,
-                                                      FHIR_SUBSCRIPTION_SECRET=SECRET))
+def service(services: Services, providers: ProviderSandbox, worker: bool = True,
+            **overrides: str) -> Service:
+    return services.get(worker=worker, **outbound_env(
+        providers, FHIR_SUBSCRIPTION_SECRET=SECRET, **overrides))
 
 
 def notify(svc: Service, body: Any, secret: str = SECRET, raw: bytes | None = None,
@@ -91,6 +92,40 @@ def finished(svc: Service) -> float:
 def wait_finished(svc: Service, target: float) -> None:
     eventually(lambda: finished(svc) >= target, timeout=30,
                what=f"{target} subscription tasks finished")
+
+
+def clinician(sandbox: Sandbox) -> str:
+    """A Practitioner to log in as (its reference)."""
+    doc = sandbox.fhir.create({"resourceType": "Practitioner", "name": [{"family": "Doe"}]})
+    return f"Practitioner/{doc.resource['id']}"
+
+
+def thread(sandbox: Sandbox, pat: dict[str, Any], medium: str = "SMSWRIT") -> dict[str, Any]:
+    """A thread header about `pat` in `medium`."""
+    return sandbox.fhir.create({
+        "resourceType": "Communication", "status": "in-progress",
+        "subject": {"reference": f"Patient/{pat['id']}"}, "topic": {"text": "Visit"},
+        "medium": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/"
+                                "v3-ParticipationMode", "code": medium}]}]}).resource
+
+
+def reply(sandbox: Sandbox, header: dict[str, Any], pat: dict[str, Any], text: str,
+          author: str | None = None, **fields: Any) -> dict[str, Any]:
+    """A clinician's reply written into FHIR in the thread `header`, as the EHR does: logged
+    in as the Practitioner (the server records meta.author), who is also the sender."""
+    author = author or clinician(sandbox)
+    body = {"resourceType": "Communication", "status": "in-progress",
+            "partOf": [{"reference": f"Communication/{header['id']}"}],
+            "sender": {"reference": author},
+            "recipient": [{"reference": f"Patient/{pat['id']}"}],
+            "payload": [{"contentString": text}], **fields}
+    return sandbox.write_as(author, {k: v for k, v in body.items() if v is not None})
+
+
+def clinician_reply(sandbox: Sandbox, pat: dict[str, Any], text: str = "Your results are ready"
+                    ) -> dict[str, Any]:
+    """A clinician's reply in a new SMS thread of `pat`."""
+    return reply(sandbox, thread(sandbox, pat), pat, text)
 
 
 # -- the receiver ----------------------------------------------------------------------------
@@ -192,7 +227,7 @@ def test_a_queue_that_takes_nothing_is_a_5xx_so_medplum_retries(
 def test_a_reply_notified_three_times_goes_out_once(
         services: Services, sandbox: Sandbox, providers_clean: ProviderSandbox) -> None:
     svc = service(services, providers_clean)
-    comm = message_in_thread(sandbox, patient(sandbox), "SMSWRIT")
+    comm = clinician_reply(sandbox, patient(sandbox))
     start = finished(svc)
     for _ in range(3):  # Medplum retries a delivery it thinks failed; all three arrive
         assert notify(svc, comm).status_code == 200
@@ -208,7 +243,7 @@ def test_a_reply_notified_three_times_goes_out_once(
 def test_a_reply_also_posted_to_the_api_goes_out_once(
         services: Services, sandbox: Sandbox, providers_clean: ProviderSandbox) -> None:
     svc = service(services, providers_clean)
-    comm = message_in_thread(sandbox, patient(sandbox), "SMSWRIT")
+    comm = clinician_reply(sandbox, patient(sandbox))
     start = finished(svc)
     assert notify(svc, comm).status_code == 200
     resp = svc.app().test_client().post(
@@ -224,7 +259,7 @@ def test_a_reply_also_posted_to_the_api_goes_out_once(
 def test_a_stale_notification_of_a_sent_message_sends_nothing(
         services: Services, sandbox: Sandbox, providers_clean: ProviderSandbox) -> None:
     svc = service(services, providers_clean)
-    comm = message_in_thread(sandbox, patient(sandbox), "SMSWRIT")
+    comm = clinician_reply(sandbox, patient(sandbox))
     resp = svc.app().test_client().post(
         "/v1/messages", json={"communication": f"Communication/{comm['id']}"},
         headers={"Authorization": f"Bearer {API_TOKEN}", "Prefer": "wait=25"})
@@ -254,6 +289,66 @@ def test_a_patients_own_message_is_never_echoed(
     assert notify(svc, lying).status_code == 200
     eventually(lambda: ignored(svc, "from-patient") > before + 1, what="ignored again")
     assert providers_clean.requests() == []
+
+
+def test_the_sandbox_records_the_author_of_each_write_as_medplum_does(
+        sandbox: Sandbox) -> None:
+    """meta.author comes from the login, whatever the body says, and is shown only to a
+    request that asks for `X-Medplum: extended` (Medplum's Repository.getAuthor and
+    removeHiddenFields)."""
+    pat = patient(sandbox)
+    forged = {"resourceType": "Communication", "status": "in-progress",
+              "meta": {"author": {"reference": "Practitioner/forged"}}}
+    as_patient = sandbox.write_as(f"Patient/{pat['id']}", forged)
+    assert as_patient["meta"]["author"] == {"reference": f"Patient/{pat['id']}"}
+    as_client = sandbox.fhir.create(forged).resource  # client credentials: the application
+    assert "author" not in as_client["meta"]
+    stored = sandbox.read_extended("Communication", as_client["id"])
+    assert stored["meta"]["author"] == {"reference": "ClientApplication/switchboard-test"}
+
+
+def test_only_what_the_clinic_wrote_to_the_threads_patient_is_sent(
+        services: Services, sandbox: Sandbox, providers_clean: ProviderSandbox) -> None:
+    """Issue 26, finding 8: `sender` and `recipient` are the client's word; meta.author is the
+    server's. Sent: a Practitioner's reply, and a configured ClientApplication's. Not sent: a
+    reply naming another patient as recipient, one with no sender, an internal note, and
+    anything a patient (or an unconfigured app) wrote, whatever sender it claims."""
+    svc = service(services, providers_clean, AUTOMATIC_OUTBOUND_CLIENTS="ehr-bot")
+    a = patient(sandbox, phone="+15556660001", email=None)
+    b = patient(sandbox, phone="+15556660002", email=None)
+    doctor = clinician(sandbox)
+    b_thread = thread(sandbox, b)
+    start = finished(svc)
+    cases = {
+        "sent": reply(sandbox, b_thread, b, "from the doctor", doctor),
+        "sent-by-bot": reply(sandbox, b_thread, b, "from the EHR bot", "ClientApplication/ehr-bot"),
+        "recipient-not-in-thread": reply(sandbox, b_thread, b, "B's thread to A", doctor,
+                                         recipient=[{"reference": f"Patient/{a['id']}"}]),
+        "no-sender": reply(sandbox, b_thread, b, "no sender", doctor, sender=None),
+        "internal-note": reply(sandbox, b_thread, b, "note to a colleague", doctor,
+                               recipient=[{"reference": doctor}]),
+        "not-clinic-author": reply(sandbox, b_thread, b, "a patient posing as the doctor",
+                                   f"Patient/{a['id']}", sender={"reference": doctor},
+                                   meta={"author": {"reference": doctor}}),
+        "app-not-configured": reply(sandbox, b_thread, b, "another app", "ClientApplication/x",
+                                    sender={"reference": doctor}),
+    }
+    before = {r: ignored(svc, r) for r in ("no-sender", "internal-note", "not-clinic-author")}
+    for comm in cases.values():
+        assert notify(svc, comm).status_code == 200
+    (dead,) = eventually(lambda: svc.dead_letters.query(reason="recipient-not-in-thread"),
+                         timeout=30, what="the reply to another patient refused")
+    wait_finished(svc, start + len(cases) - 1)  # and the one above dead-lettered
+    sent = sorted(r["form"]["Body"] for r in providers_clean.requests("twilio"))
+    assert sent == ["from the EHR bot", "from the doctor"]
+    assert {r["form"]["To"] for r in providers_clean.requests("twilio")} == {"+15556660002"}
+    assert ignored(svc, "no-sender") == before["no-sender"] + 1
+    assert ignored(svc, "internal-note") == before["internal-note"] + 1
+    assert ignored(svc, "not-clinic-author") == before["not-clinic-author"] + 2
+    assert dead.args[0]["communication"] == cases["recipient-not-in-thread"]["id"]
+    refused = sandbox.fhir.read("Communication", cases["recipient-not-in-thread"]["id"]).resource
+    assert refused["status"] == "stopped"
+    assert refused["statusReason"]["coding"][0]["code"] == "recipient-not-in-thread"
 
 
 def test_a_notification_of_a_deleted_or_unknown_message_sends_nothing(
@@ -324,7 +419,7 @@ def test_end_to_end_through_the_sandboxs_own_delivery(
         sub.install(sandbox.fhir, f"http://127.0.0.1:{port}", SECRET)
         pat = patient(sandbox)
         # A clinician writes a reply straight into FHIR, and calls nothing else.
-        comm = message_in_thread(sandbox, pat, "SMSWRIT", text="Written in Medplum")
+        comm = clinician_reply(sandbox, pat, "Written in Medplum")
         stored = recorded(sandbox, comm["id"], svc.settings.message_id_system)
         (req,) = providers_clean.requests("twilio")
         assert req["form"]["Body"] == "Written in Medplum"
@@ -336,6 +431,73 @@ def test_end_to_end_through_the_sandboxs_own_delivery(
         assert stored["status"] == "in-progress"
     finally:
         web.stop()
+
+
+def test_bursts_of_replies_at_the_default_sms_pace_go_out_once_each_in_order(
+        services: Services, sandbox: Sandbox, providers_clean: ProviderSandbox,
+        log_dir: Path) -> None:
+    """Issue 26, finding 1: clinicians write 2, 3 and 5 replies within a second into three
+    threads, then one reply to a fourth patient, at the default pace (1 SMS/s). Each run
+    that waits for its slot re-queues the task with that slot; the next run sends at it.
+    (Before: the re-queued run took a fresh slot, further in debt each time, and nothing
+    after the first reply ever went out.)"""
+    svc = services.get(**outbound_env(providers_clean, FHIR_SUBSCRIPTION_SECRET=SECRET,
+                                      SMS_RATE_PER_SECOND="1"))
+    port = devstack.free_port()
+    web = devstack.start_web(svc.env, log_dir, port, workers=1, name=f"web-burst-{port}")
+    try:
+        sub.install(sandbox.fhir, f"http://127.0.0.1:{port}", SECRET)
+        start = finished(svc)
+        deferred = counter(svc, "switchboard_tasks", TASK, "deferred")
+        doctor = clinician(sandbox)
+        written: dict[str, list[str]] = {}  # the patient's number -> replies, in write order
+        comm_ids = []
+        for n, burst in enumerate([2, 3, 5, 1]):
+            number = f"+1555444{n:04d}"
+            pat = patient(sandbox, phone=number, email=None)
+            header = thread(sandbox, pat)
+            for k in range(burst):
+                text = f"thread {n} reply {k + 1} of {burst}"
+                comm_ids.append(reply(sandbox, header, pat, text, doctor)["id"])
+                written.setdefault(number, []).append(text)
+        total = len(comm_ids)
+        for comm_id in comm_ids:
+            recorded(sandbox, comm_id, svc.settings.message_id_system)
+        eventually(lambda: finished(svc) >= start + total, timeout=60,
+                   what="every subscription task finished")
+        sends = sorted(providers_clean.requests("twilio"), key=lambda r: r["at"])
+        # Exactly once each, and in the order written within each thread.
+        assert sorted(r["form"]["Body"] for r in sends) == sorted(
+            t for texts in written.values() for t in texts)
+        for number, texts in written.items():
+            assert [r["form"]["Body"] for r in sends if r["form"]["To"] == number] == texts
+        assert svc.dead_letters.count() == 0
+        waits = counter(svc, "switchboard_tasks", TASK, "deferred") - deferred
+        # Reported, not asserted (no timed assertions): how far past its slot each went out.
+        late = sorted(r["at"] - (sends[0]["at"] + i) for i, r in enumerate(sends))
+        print(f"\nburst sends beyond their slots: p50 {late[len(late) // 2]:.2f} s, "
+              f"max {late[-1]:.2f} s over {total} replies, {waits:.0f} deferrals")
+    finally:
+        web.stop()
+
+
+def test_a_wait_that_never_ends_is_dead_lettered_not_cycled(
+        services: Services, sandbox: Sandbox, providers_clean: ProviderSandbox) -> None:
+    """A reply waits for the earlier reply of its thread, whose notification never came (so
+    it never goes out): after MAX_DEFERRALS deferrals the waiting one is dead-lettered as
+    `deferral-loop`, replayable without its count, and nothing is sent out of order."""
+    svc = services.get(**outbound_env(providers_clean, FHIR_SUBSCRIPTION_SECRET=SECRET,
+                                      MAX_DEFERRALS="2"))
+    pat = patient(sandbox)
+    header = thread(sandbox, pat)
+    reply(sandbox, header, pat, "written first, never notified")
+    second = reply(sandbox, header, pat, "written second")
+    assert notify(svc, second).status_code == 200
+    (entry,) = eventually(lambda: svc.dead_letters.query(reason="deferral-loop"), timeout=30,
+                          what="the endless wait dead-lettered")
+    assert entry.task == TASK and "deferred 2 times (thread-order)" in entry.detail
+    assert entry.args == [{"communication": second["id"]}]  # a replay starts afresh
+    assert providers_clean.requests() == []
 
 
 def test_failed_deliveries_are_retried_and_shown_by_status(

@@ -64,3 +64,14 @@ def test_empty_secrets_are_refused() -> None:
         load_settings({**GOOD, "TWILIO_AUTH_TOKEN": " ", "FHIR_CLIENT_SECRET": ""})
     assert "TWILIO_AUTH_TOKEN: Value error, must not be empty" in str(exc.value)
     assert "FHIR_CLIENT_SECRET" in str(exc.value)
+
+
+def test_automatic_outbound_clients_are_client_application_ids() -> None:
+    s = load_settings({**GOOD, "AUTOMATIC_OUTBOUND_CLIENTS": " ehr-bot , 7f3a.b ,"})
+    assert s.automatic_outbound_client_list() == ("ehr-bot", "7f3a.b")
+    assert load_settings(GOOD).automatic_outbound_client_list() == ()
+    assert load_settings(GOOD).max_deferrals == 50
+    with pytest.raises(ConfigError):
+        load_settings({**GOOD, "AUTOMATIC_OUTBOUND_CLIENTS": "ClientApplication/ehr-bot"})
+    with pytest.raises(ConfigError):
+        load_settings({**GOOD, "MAX_DEFERRALS": "0"})

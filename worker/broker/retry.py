@@ -6,6 +6,9 @@ habit 2).
 - PermanentError: dead letter at once with its reason; the task then succeeds (the message is
   safe in the store, so Celery must not redeliver it).
 - Anything else is a bug: dead letter as `unexpected-error` and re-raise so it is loud.
+- Deferred (a send waiting for its slot): published again for later without spending an
+  attempt, its payload updated with what the wait needs; after MAX_DEFERRALS deferrals of one
+  message, dead letter with reason `deferral-loop` (a wait that never ends must not cycle).
 - A message whose processing keeps killing the worker (redelivered by the broker without ever
   finishing) is dead-lettered as `delivery-loop` after MAX_DELIVERIES.
 - If the dead-letter write or the retry publish itself fails because Redis is unavailable, the
@@ -42,6 +45,8 @@ log = logging.getLogger("switchboard.tasks")
 REDIS_TRANSIENT = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
                    redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)
 DELIVERY_KEY = "switchboard:deliveries:"
+# The payload field counting a task's deferrals (bounded by MAX_DEFERRALS).
+DEFERRALS = "deferrals"
 
 
 def message_key(args: Any) -> str | None:
@@ -52,6 +57,12 @@ def message_key(args: Any) -> str | None:
         if payload.get(key):
             return str(payload[key])
     return None
+
+
+def _deferrals(payload: dict[str, Any]) -> int:
+    """How often this payload was deferred before (0 for anything but a sane count)."""
+    count = payload.get(DEFERRALS)
+    return count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else 0
 
 
 class SwitchboardTask(Task):  # type: ignore[misc]
@@ -89,8 +100,19 @@ class SwitchboardTask(Task):  # type: ignore[misc]
                 raise PermanentError("undecryptable", held.get("detail", ""))
             result = self.run(*args, **kwargs)
         except Deferred as exc:
-            if exc.changes and args and isinstance(args[0], dict):
-                args = ({**args[0], **exc.changes}, *args[1:])
+            if args and isinstance(args[0], dict):
+                payload = args[0]
+                deferrals = _deferrals(payload) + 1
+                if deferrals > settings.max_deferrals:
+                    # A wait that keeps moving (a slot taken afresh on every run) would cycle
+                    # for ever; it ends here, replayable. The count is not kept in the dead
+                    # letter, so a replay starts afresh.
+                    fresh = {k: v for k, v in payload.items() if k != DEFERRALS}
+                    self._dead_letter((fresh, *args[1:]), kwargs, "deferral-loop",
+                                      f"deferred {deferrals - 1} times ({exc.reason}) and "
+                                      "still waiting", attempt)
+                    return None
+                args = ({**payload, **exc.changes, DEFERRALS: deferrals}, *args[1:])
             self._defer(args, kwargs, exc.countdown)
             self._count("deferred")
             self._touch_inbox()

@@ -142,14 +142,17 @@ class FhirClient:
 
     # -- operations ---------------------------------------------------------------------------
 
-    def read(self, resource_type: str, resource_id: str) -> FhirResponse:
+    def read(self, resource_type: str, resource_id: str,
+             headers: Mapping[str, str] | None = None) -> FhirResponse:
         """GET Type/id (both parts checked: InvalidReference otherwise)."""
-        return self._request("GET", str(ref(resource_type, resource_id)), op="read")
+        return self._request("GET", str(ref(resource_type, resource_id)), headers=headers,
+                             op="read")
 
-    def search(self, resource_type: str, params: Params) -> dict[str, Any]:
+    def search(self, resource_type: str, params: Params,
+               headers: Mapping[str, str] | None = None) -> dict[str, Any]:
         """GET Type?params, returning the searchset Bundle."""
         return self._request("GET", f"{_type(resource_type)}?{query_string(params)}",
-                             op="search").resource
+                             headers=headers, op="search").resource
 
     def create(self, resource: Mapping[str, Any], if_none_exist: Params | None = None
                ) -> FhirResponse:

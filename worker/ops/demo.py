@@ -100,17 +100,24 @@ class _Demo:
 
     # -- FHIR, as a clinician's app reads and writes it --------------------------------------
 
+    def _login(self, profile: str = "") -> str:
+        # The FHIR sandbox's token endpoint takes `profile` (sandbox only): a login as that
+        # user, whom it records as the author of each write, as Medplum records the login's.
+        form = {"grant_type": "client_credentials", "client_id": self.s.fhir_client_id,
+                "client_secret": self.s.fhir_client_secret, **({"profile": profile} if profile
+                                                                else {})}
+        answer = self.http.post(self.s.fhir_token_url, data=form)
+        answer.raise_for_status()
+        return str(answer.json()["access_token"])
+
     def _fhir(self, method: str, path: str, json: Any = None,
-              params: list[tuple[str, str]] | None = None) -> Any:
+              params: list[tuple[str, str]] | None = None, as_user: str = "") -> Any:
         if self._token is None:
-            answer = self.http.post(self.s.fhir_token_url, data={
-                "grant_type": "client_credentials", "client_id": self.s.fhir_client_id,
-                "client_secret": self.s.fhir_client_secret})
-            answer.raise_for_status()
-            self._token = str(answer.json()["access_token"])
+            self._token = self._login()
+        token = self._login(as_user) if as_user else self._token
         answer = self.http.request(method, self.s.fhir_base_url + path, json=json,
                                    params=tuple(params or ()),
-                                   headers={"Authorization": f"Bearer {self._token}",
+                                   headers={"Authorization": f"Bearer {token}",
                                             "Accept": "application/fhir+json"})
         answer.raise_for_status()
         return answer.json()
@@ -170,12 +177,14 @@ class _Demo:
                 f"{self._thread_of(comm)}")
 
     def reply(self, text: str | None) -> str:
-        """A clinician writes a reply into the demo thread in FHIR; the Subscription tells
-        Switchboard, which texts it to the patient with nothing else called."""
-        comm = self._fhir("POST", "Communication", json={
+        """The demo clinician, logged in to FHIR, writes a reply into the demo thread; the
+        Subscription tells Switchboard, which texts it to the patient with nothing else called
+        (only what the clinic wrote is sent: docs/automatic-outbound.md)."""
+        doctor = f"Practitioner/{self.s.practitioner_id}"
+        comm = self._fhir("POST", "Communication", as_user=doctor, json={
             "resourceType": "Communication", "status": "in-progress",
             "partOf": [{"reference": f"Communication/{self.s.thread_id}"}],
-            "sender": {"reference": f"Practitioner/{self.s.practitioner_id}"},
+            "sender": {"reference": doctor},
             "recipient": [{"reference": f"Patient/{self.s.patient_id}"}],
             "payload": [{"contentString": text or "Your lab results are in; all normal."}]})
 

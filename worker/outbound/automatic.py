@@ -15,9 +15,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from collections.abc import Collection, Mapping
+import time
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
+from worker.errors import Deferred, PermanentError
 from worker.fhir.outcome import FhirPermanentError
 from worker.fhir.reference import InvalidReference, parse_reference, ref
 from worker.ops.metrics import Metrics
@@ -29,8 +33,23 @@ log = logging.getLogger("switchboard.outbound")
 # drafts moves them to in-progress with an update, which the create-only Subscription never
 # sees, so such apps should call /v1/messages instead (docs/automatic-outbound.md).
 SENDABLE_STATUS = "in-progress"
+# Authors (Medplum's meta.author) whose messages are the clinic's; ClientApplications only
+# when configured (AUTOMATIC_OUTBOUND_CLIENTS): client credentials are also what apps hold.
+CLINIC_AUTHORS = frozenset({"Practitioner", "PractitionerRole", "Organization"})
+# Senders on the patient's side: their messages are never sent back out.
+PATIENT_SIDE = frozenset({"Patient", "RelatedPerson"})
+# Medplum leaves meta.author out of what it returns unless the request asks for this.
+EXTENDED = {"X-Medplum": "extended"}
 # At most this many Communications are taken from one notification Bundle.
 MAX_COMMUNICATIONS = 50
+# Replies in one thread go out in the order written: a reply waits for the earlier ones still
+# to be sent, unless they were written more than this long ago (sent, failed or dead-lettered
+# by then, or written before Switchboard was installed: never waited for).
+ORDER_WINDOW_SECONDS = 600.0
+ORDER_WAIT_MIN = 0.5
+ORDER_WAIT_MAX = 60.0
+# The newest messages of a thread looked at for earlier replies (a burst is a handful).
+ORDER_SEARCH_COUNT = 50
 
 
 class BadNotification(ValueError):
@@ -128,15 +147,22 @@ def _comm_id(value: Any) -> str:
 
 
 def ignore_reason(comm: Mapping[str, Any], provider_systems: Collection[str],
-                  request_system: str) -> str | None:
+                  request_system: str, clinic_clients: Collection[str] = ()) -> str | None:
     """Why this Communication is not a clinician's reply for Switchboard to send now, as a
-    metric label; None when it is one.
+    metric label; None when it is one (pure; the rule: docs/automatic-outbound.md).
 
-    A reply is a child message (`partOf` set), `in-progress`, not sent by a Patient, with text
-    or an attachment, and no provider message id yet. A provider id without our outbound-request
-    identifier is a message Switchboard wrote from an inbound SMS or email; with it, our own
-    earlier send. Our request identifier alone means a `/v1/messages` request created it and
-    is sending it itself (on the channel that request asked for).
+    A reply is a child message (`partOf` set), `in-progress`, with text or an attachment and
+    no provider message id yet, that our side wrote and that is addressed to a patient:
+    - a provider id without our outbound-request identifier is a message Switchboard wrote from
+      an inbound SMS or email; with it, our own earlier send. Our request identifier alone
+      means a `/v1/messages` request created it and is sending it itself;
+    - `meta.author` (set by the FHIR server from the login, not by the client) must be a clinic
+      identity: a Practitioner, PractitionerRole or Organization, or one of `clinic_clients`
+      (ClientApplication ids). `sender` and `recipient` are written by the client, so they
+      alone prove nothing: a patient app could name anyone;
+    - it names a sender, not a Patient (nor a RelatedPerson);
+    - a Patient is among its recipients: one addressed only to clinicians is an internal note.
+      (That this patient is the thread's is checked where the thread is read: the pipeline.)
     """
     if comm.get("resourceType") != "Communication":
         return "not-a-communication"
@@ -146,7 +172,7 @@ def ignore_reason(comm: Mapping[str, Any], provider_systems: Collection[str],
         return "not-in-progress"
     sender = comm.get("sender")
     sender_ref = sender.get("reference") if isinstance(sender, Mapping) else None
-    if isinstance(sender_ref, str) and _ref_type(sender_ref) == "Patient":
+    if isinstance(sender_ref, str) and _ref_type(sender_ref) in PATIENT_SIDE:
         return "from-patient"
     systems = {i.get("system") for i in _list(comm.get("identifier")) if isinstance(i, Mapping)}
     ours = request_system in systems
@@ -159,7 +185,31 @@ def ignore_reason(comm: Mapping[str, Any], provider_systems: Collection[str],
         for p in _list(comm.get("payload")))
     if not has_content:
         return "no-content"
+    if not clinic_authored(comm, clinic_clients):
+        return "not-clinic-author"
+    if not isinstance(sender, Mapping) or not sender:
+        return "no-sender"
+    recipients = [r.get("reference") for r in _list(comm.get("recipient"))
+                  if isinstance(r, Mapping)]
+    if not any(isinstance(r, str) and _ref_type(r) == "Patient" for r in recipients):
+        return "internal-note"
     return None
+
+
+def clinic_authored(comm: Mapping[str, Any], clinic_clients: Collection[str]) -> bool:
+    """True when the server recorded a clinic identity as this version's author (pure)."""
+    meta = comm.get("meta")
+    author = meta.get("author") if isinstance(meta, Mapping) else None
+    text = author.get("reference") if isinstance(author, Mapping) else None
+    if not isinstance(text, str):
+        return False
+    try:
+        found = parse_reference(text)
+    except InvalidReference:
+        return False
+    if found.type in CLINIC_AUTHORS:
+        return True
+    return found.type == "ClientApplication" and found.id in clinic_clients
 
 
 def _ref_type(text: str) -> str:
@@ -182,13 +232,39 @@ def subscription_request_id(comm_id: str) -> str:
     return "sub-" + hashlib.sha256(comm_id.encode()).hexdigest()[:40]
 
 
-def on_notification(comm_id: str, deps: OutboundDeps, task_id: str,
-                    metrics: Metrics | None = None) -> str:
+def subscription_request(payload: Any) -> OutboundRequest:
+    """The send request of one `switchboard.outbound.subscription` task, validated as the
+    outbound task's payload is (a bad one is a PermanentError).
+
+    The receiver queues the Communication id only; a run that had to wait for its send slot
+    re-queues the task with that slot (`rate_slot`), the channel it chose and any failed
+    attempts (worker/broker/retry.py merges a Deferred's changes into the payload). The next
+    run must send at that reserved slot: taking a fresh one each time put the clinic's number
+    deeper into debt on every run, and the message, and every reply behind it, never went out.
+    A `resource` or `request_id` in the payload is not taken: this path sends only what FHIR
+    holds, under the one request id of that Communication.
+    """
+    if not isinstance(payload, Mapping):
+        raise PermanentError("invalid-payload", "the payload must be an object")
+    if not isinstance(payload.get("communication"), str):
+        raise PermanentError("invalid-payload", "communication must be a string")
+    taken = {k: payload[k] for k in ("communication", "channel", "attempts", "rate_slot")
+             if k in payload}
+    req = OutboundRequest.from_payload(taken)
+    assert req.communication_id is not None  # a string `communication` was parsed
+    return replace(req, request_id=subscription_request_id(req.communication_id))
+
+
+def on_notification(req: OutboundRequest, deps: OutboundDeps, task_id: str,
+                    metrics: Metrics | None = None, clinic_clients: Collection[str] = ()
+                    ) -> str:
     """Read the notified Communication from FHIR and send it if it is a reply; returns what
     happened (`sent`, or the reason it was ignored). Send failures raise as for any send."""
+    comm_id = str(req.communication_id)
     try:
-        comm = deps.fhir.read("Communication", comm_id).resource
-        reason = ignore_reason(comm, deps.id_systems.values(), deps.request_system)
+        comm = deps.fhir.read("Communication", comm_id, headers=EXTENDED).resource
+        reason = ignore_reason(comm, deps.id_systems.values(), deps.request_system,
+                               clinic_clients)
     except FhirPermanentError as exc:
         if exc.status not in (404, 410):
             raise
@@ -196,8 +272,87 @@ def on_notification(comm_id: str, deps: OutboundDeps, task_id: str,
     if reason is not None:
         ignored(reason, comm_id, metrics)
         return reason
-    send_outbound(OutboundRequest(subscription_request_id(comm_id), comm_id), deps, task_id)
+    if req.rate_slot is None:
+        # Not yet in line for a send slot: the replies written before it in its thread go
+        # first (concurrent runs would otherwise take slots in whatever order they got here).
+        now = time.time()
+        ahead = [i for i in earlier_replies(comm, _thread_messages(comm, deps), now,
+                                            deps.id_systems.values(), deps.request_system,
+                                            clinic_clients)
+                 if deps.ledger.done(i) is None]
+        if ahead:
+            raise Deferred(order_wait(comm, now), "thread-order")
+    send_outbound(req, deps, task_id)
     return "sent"
+
+
+def _thread_messages(comm: Mapping[str, Any], deps: OutboundDeps) -> list[dict[str, Any]]:
+    """The newest messages of this reply's thread that may still be waiting to go out."""
+    thread = _thread_ref(comm)
+    if thread is None:
+        return []
+    found = deps.fhir.search("Communication", [
+        ("part-of", thread), ("status", SENDABLE_STATUS), ("_sort", "-_lastUpdated"),
+        ("_count", str(ORDER_SEARCH_COUNT))], headers=EXTENDED)
+    return [e["resource"] for e in _list(found.get("entry"))
+            if isinstance(e, Mapping) and isinstance(e.get("resource"), dict)]
+
+
+def _thread_ref(comm: Mapping[str, Any]) -> str | None:
+    for part in _list(comm.get("partOf")):
+        text = part.get("reference") if isinstance(part, Mapping) else None
+        try:
+            return str(parse_reference(str(text), {"Communication"}))
+        except InvalidReference:
+            return None
+    return None
+
+
+def earlier_replies(comm: Mapping[str, Any], thread: Sequence[Mapping[str, Any]], now: float,
+                    provider_systems: Collection[str], request_system: str,
+                    clinic_clients: Collection[str] = ()) -> list[str]:
+    """The ids of the replies in `thread` written before `comm` (by meta.lastUpdated, then
+    id) that are still to be sent, so `comm` waits for them: replies go out in the order
+    they were written. One written more than ORDER_WINDOW_SECONDS ago is not waited for (it
+    failed somewhere else, or predates Switchboard), nor is one that is not a reply to send
+    (pure)."""
+    mine = _written(comm)
+    if mine is None:
+        return []
+    ahead = []
+    for other in thread:
+        if other.get("id") == comm.get("id") or not isinstance(other.get("id"), str):
+            continue
+        written = _written(other)
+        if written is None or written >= mine or now - written[0] > ORDER_WINDOW_SECONDS:
+            continue
+        if ignore_reason(other, provider_systems, request_system, clinic_clients) is None:
+            ahead.append(other["id"])
+    return ahead
+
+
+def order_wait(comm: Mapping[str, Any], now: float) -> float:
+    """How long a reply waiting for earlier ones waits before looking again: a quarter of
+    its age, within [ORDER_WAIT_MIN, ORDER_WAIT_MAX], so a short burst moves at the send pace
+    while a reply held up for minutes looks only a few dozen times in all."""
+    written = _written(comm)
+    age = now - written[0] if written else 0.0
+    return min(max(age / 4, ORDER_WAIT_MIN), ORDER_WAIT_MAX)
+
+
+def _written(comm: Mapping[str, Any]) -> tuple[float, str] | None:
+    """When a message was last written (epoch seconds) and its id, or None if unknown."""
+    meta = comm.get("meta")
+    stamp = meta.get("lastUpdated") if isinstance(meta, Mapping) else None
+    if not isinstance(stamp, str):
+        return None
+    try:
+        when = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        return None
+    return when.timestamp(), str(comm.get("id"))
 
 
 def ignored(reason: str, subject: str, metrics: Metrics | None) -> None:

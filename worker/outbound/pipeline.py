@@ -372,8 +372,18 @@ def _header(comm: Mapping[str, Any], deps: OutboundDeps,
 
 def _recipient(comm: Mapping[str, Any], header: Mapping[str, Any] | None, deps: OutboundDeps,
                context: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
-    refs = [_reference(r) for r in _list(comm.get("recipient"))]
-    refs += [_reference((header or {}).get("subject")), _reference(comm.get("subject"))]
+    named = [_reference(r) for r in _list(comm.get("recipient"))]
+    thread_patient = _reference((header or {}).get("subject"))
+    if thread_patient.startswith("Patient/"):
+        # A message in a patient's thread goes to that patient only: a recipient written by
+        # the client naming another patient would text someone else this thread's words.
+        own = str(parse_reference(thread_patient, {"Patient"}))
+        others = [t for t in named if t.startswith("Patient/")
+                  and str(parse_reference(t, {"Patient"})) != own]
+        if others:
+            raise PermanentError("recipient-not-in-thread",
+                                 "a recipient Patient is not the thread's patient")
+    refs = [*named, thread_patient, _reference(comm.get("subject"))]
     for text in refs:
         if text.startswith("Patient/"):
             patient = parse_reference(text, {"Patient"})

@@ -17,7 +17,7 @@ from worker.errors import PermanentError, SwitchboardError, TransientError
 from worker.fhir.client import FhirClient
 from worker.fhir.outcome import FhirPermanentError
 from worker.fhir.query import token
-from worker.fhir.reference import ref
+from worker.fhir.reference import parse_reference, ref
 from worker.fhir.resources import fhir_string
 from worker.fhir.update import guarded_update
 from worker.outbound.status_map import (
@@ -159,9 +159,12 @@ def _apply_email_event(fhir: FhirClient, event: Mapping[str, Any], optouts: OptO
         return name if kind == "engagement" else "ignored"
     if kind == "opt-out":
         address = str(event.get("email") or "").strip()
-        # Only about our own emails: an unsubscribe from another sender's list on the same
-        # SendGrid account (a marketing group) says nothing about the clinic's messages.
-        if not address or not _ours(fhir, event, xid_system):
+        # Only about an email we sent to that address: an unsubscribe from another sender's
+        # list on the same SendGrid account (a marketing group) says nothing about the
+        # clinic's messages, and one naming a Communication we never emailed there (or none
+        # at all) must not silence a patient's address.
+        comm_id = _communication_for(fhir, event, xid_system) if address else None
+        if comm_id is None or not _emailed_to(fhir, comm_id, address):
             return "not-ours"
         optouts.add("email", address)
         return "opted-out"
@@ -220,13 +223,31 @@ def _communication_for(fhir: FhirClient, event: Mapping[str, Any], xid_system: s
     return _by_message_id(fhir, xid, xid_system)
 
 
-def _ours(fhir: FhirClient, event: Mapping[str, Any], xid_system: str) -> bool:
-    """Whether an event is about an email Switchboard sent (our custom arg, which only our
-    sends set and SendGrid signs, or a recorded X-Message-Id)."""
-    if event.get(ARG_COMMUNICATION):
-        return True
-    xid = provider_message_id(str(event.get("sg_message_id") or ""))
-    return _by_message_id(fhir, xid, xid_system) is not None
+def _emailed_to(fhir: FhirClient, comm_id: str, address: str) -> bool:
+    """Whether the email of this Communication (one we sent: _communication_for checked its
+    recorded X-Message-Id) went to `address`: an email address of the patient the pipeline
+    emails (the first Patient among its recipients, its subject, its thread's subject)."""
+    comm = fhir.read("Communication", comm_id).resource
+    refs = [r.get("reference") for r in comm.get("recipient") or [] if isinstance(r, Mapping)]
+    refs.append((comm.get("subject") or {}).get("reference"))
+    threads = [p.get("reference") for p in comm.get("partOf") or [] if isinstance(p, Mapping)]
+    if threads and not any(isinstance(r, str) and r.startswith("Patient/") for r in refs):
+        thread = parse_reference(str(threads[0]), {"Communication"})
+        refs.append((fhir.read(thread.type, thread.id).resource.get("subject") or {}
+                     ).get("reference"))
+    first = next((r for r in refs if isinstance(r, str) and r.startswith("Patient/")), None)
+    if first is None:
+        return False
+    patient = parse_reference(first, {"Patient"})
+    try:
+        telecoms = fhir.read(patient.type, patient.id).resource.get("telecom") or []
+    except FhirPermanentError as exc:
+        if exc.status in (404, 410):
+            return False
+        raise
+    wanted = address.strip().lower()
+    return any(isinstance(t, Mapping) and t.get("system") == "email"
+               and str(t.get("value") or "").strip().lower() == wanted for t in telecoms)
 
 
 def _by_message_id(fhir: FhirClient, xid: str, xid_system: str) -> str | None:

@@ -27,6 +27,10 @@ TTL = 30 * 24 * 3600
 # States after which a waiting caller gets its answer.
 SETTLED = frozenset({"sent", "failed", "delivered"})
 CLEAR_FIELDS = ("status", "updated_at")
+# Kept in clear and never shown: a keyed hash of the request's body, which a retry with the same
+# Idempotency-Key must match (web/api.py). Keyed by the caller's API token, so it says nothing
+# about the body to anyone reading Redis.
+BODY_HASH = "body_hash"
 
 # One request's state change, as a Lua function: alone (OutboundState.update) or in the step
 # that records a send (worker/stores/send_ledger.py), so both write it the same way. ARGV from
@@ -63,16 +67,25 @@ class OutboundState:
         self._update = client.register_script(UPDATE_STATE_LUA
                                               + "update_state(KEYS[1], KEYS[2], 1)")
 
-    def create(self, request_id: str) -> bool:
-        """Record a new request as queued; False if this id exists already (a client's retry
-        with the same Idempotency-Key, or a race between two of them: only one goes on)."""
+    def create(self, request_id: str, body_hash: str = "") -> bool:
+        """Record a new request as queued, with the hash of its body; False if this id exists
+        already (a client's retry with the same Idempotency-Key, or a race between two of them:
+        only one goes on, and only its hash is kept: one MULTI)."""
         _check(request_id)
         pipe = self._r.pipeline()
         pipe.hsetnx(KEY + request_id, "status", "queued")
         pipe.hsetnx(KEY + request_id, "updated_at", f"{time.time():.3f}")
+        if body_hash:
+            pipe.hsetnx(KEY + request_id, BODY_HASH, body_hash)
         pipe.expire(KEY + request_id, TTL)
-        created, _, _ = pipe.execute()
+        created = pipe.execute()[0]
         return bool(created)
+
+    def body_hash(self, request_id: str) -> str | None:
+        """The body hash the request was created with (None: none recorded)."""
+        _check(request_id)
+        value = self._r.hget(KEY + request_id, BODY_HASH)
+        return value.decode() if value is not None else None
 
     def forget(self, request_id: str) -> None:
         """Drop a request that was never queued (best effort: Redis may be what failed)."""
@@ -107,6 +120,8 @@ class OutboundState:
         out: dict[str, Any] = {}
         for k, v in raw.items():
             key, value = k.decode(), v.decode()
+            if key == BODY_HASH:
+                continue
             if key in CLEAR_FIELDS:
                 out[key] = value
             elif not is_sealed(value):
@@ -125,7 +140,8 @@ class OutboundState:
         out = Resealed()
         for key in self._r.scan_iter(match=KEY + "*", count=500, _type="hash"):
             out.add(reseal_hash(self._r, key, convert,
-                                fields=lambda f: f.decode() not in CLEAR_FIELDS))
+                                fields=lambda f: f.decode() not in (*CLEAR_FIELDS,
+                                                                    BODY_HASH)))
         return out
 
     def wait(self, request_id: str, timeout: float) -> dict[str, Any] | None:
