@@ -13,7 +13,7 @@ from worker.fhir.client import FhirClient
 from worker.fhir.contention import WriteLimit
 from worker.fhir.resources import IdentifierSystems
 from worker.ops.metrics import Metrics, process_metrics
-from worker.outbound.pipeline import OutboundDeps
+from worker.outbound.sending import OutboundDeps
 from worker.settings import Settings, load_settings
 from worker.stores.binaries import StoredBinaries
 from worker.stores.dead_letters import DeadLetterStore

@@ -27,14 +27,15 @@ from worker.channels.sendgrid_inbound import clinic_mailbox
 from worker.channels.twilio import TwilioSms
 from worker.crypto import Unsealable
 from worker.errors import PermanentError
-from worker.fhir.devices import apply_device_change
 from worker.fhir.resources import clinic_participant
 from worker.inbound.email import deliver_email, read_email
 from worker.inbound.pipeline import apply_opt_keyword, deliver_inbound
 from worker.inbound.threads import ThreadContext
 from worker.outbound.automatic import on_notification, subscription_request
-from worker.outbound.pipeline import OutboundRequest, send_outbound
+from worker.outbound.pipeline import send_outbound
+from worker.outbound.push import apply_device_change
 from worker.outbound.reconcile import reconcile_stuck
+from worker.outbound.sending import OutboundRequest
 from worker.outbound.status import apply_email_events, apply_status
 from worker.runtime import get_runtime
 from worker.stores.email_posts import DONE, EmailPosts

@@ -175,7 +175,7 @@ def test_what_is_sent_and_why_the_rest_is_not(changes: dict[str, Any], reason: s
 
 
 def test_request_id_is_one_per_communication_and_a_valid_request_id() -> None:
-    from worker.stores.outbound_state import REQUEST_ID
+    from worker.ids import REQUEST_ID
 
     a, b = subscription_request_id("m1"), subscription_request_id("m2")
     assert a == subscription_request_id("m1") and a != b

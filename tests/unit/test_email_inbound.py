@@ -51,7 +51,7 @@ from worker.channels.sendgrid_signing import (
     load_verification_key,
     verify_signed_request,
 )
-from worker.fhir.resources import MAX_TEXT_BYTES, fit_text
+from worker.messages import MAX_TEXT_BYTES, fit_text
 
 PATIENT = "pat.example@example.org"
 MB = 1024 * 1024

@@ -15,7 +15,8 @@ from worker.channels.twilio import field_problems, opt_keyword
 from worker.crypto import sealer_for
 from worker.fhir.query import query_string, token
 from worker.fhir.reference import InvalidReference, Ref, parse_reference
-from worker.outbound.pipeline import OutboundRequest, unsendable
+from worker.outbound.pipeline import unsendable
+from worker.outbound.sending import OutboundRequest
 from worker.stores.dead_letters import DeadLetterStore, quarantine, quarantined
 from worker.stores.optouts import OptOuts
 

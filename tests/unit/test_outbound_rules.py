@@ -8,8 +8,8 @@ import pytest
 
 from worker.channels import sendgrid, twilio
 from worker.errors import PermanentError
-from worker.outbound.pipeline import OutboundRequest
 from worker.outbound.routing import choose_channel, medium_channel, pick_contact
+from worker.outbound.sending import OutboundRequest
 from worker.outbound.status_map import next_status
 
 NOW = datetime(2026, 11, 24, tzinfo=UTC)

@@ -18,8 +18,9 @@ from urllib.parse import parse_qs
 import pytest
 
 from tests.unit.test_httpclient import RawServer, closed_port
-from worker.channels import Attachment, OutboundMessage, SendError
+from worker.channels import SendError
 from worker.channels.twilio import TwilioSms
+from worker.messages import Attachment, OutboundMessage
 
 SID, TOKEN, CLINIC = "AC" + "1" * 32, "secret-token", "+15557654321"
 

@@ -12,7 +12,8 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from worker.channels import OutboundMessage, SendError, SendResult
+from worker.channels import SendError
+from worker.messages import OutboundMessage, SendResult
 
 CHANNEL = "push"
 # v3-ParticipationMode has no "push"; ONLINEWRIT ("online written") is the app's medium, so a

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from worker.channels import OutboundMessage, SendError, SendResult
+from worker.channels import SendError
 from worker.channels.sendgrid_signing import (
     MAX_AGE_SECONDS,
     SIGNATURE_HEADER,
@@ -19,8 +19,8 @@ from worker.channels.sendgrid_signing import (
     load_verification_key,
     verify_signed_request,
 )
-from worker.fhir.reference import valid_id
-from worker.stores.outbound_state import REQUEST_ID
+from worker.ids import REQUEST_ID, valid_id
+from worker.messages import OutboundMessage, SendResult
 
 CHANNEL = "email"
 MEDIUM_CODE = "EMAILWRIT"

@@ -33,7 +33,6 @@ from email.parser import BytesParser, HeaderParser
 from email.utils import collapse_rfc2231_value, getaddresses, parseaddr
 from typing import Any
 
-from worker.channels import Attachment, InboundMessage
 from worker.channels.sendgrid import (
     CHANNEL,
     EMAIL_INBOUND_MESSAGE_ID_SYSTEM,
@@ -41,7 +40,7 @@ from worker.channels.sendgrid import (
     clean_subject,
 )
 from worker.errors import PermanentError
-from worker.fhir.resources import fit_text
+from worker.messages import Attachment, InboundMessage, fit_text
 
 # SendGrid refuses emails over 30 MB; the form or raw message is a little larger than that.
 MAX_REQUEST_BYTES = 40 * 1024 * 1024

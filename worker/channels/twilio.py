@@ -15,11 +15,11 @@ import httpx
 from twilio.request_validator import RequestValidator
 
 from worker.broker.backoff import retry_after_seconds
-from worker.channels import Attachment, InboundMessage, OutboundMessage, SendError, SendResult
+from worker.channels import SendError
 from worker.channels.phones import DEFAULT_REGION, SHAPE, InvalidPhoneNumber, to_e164
 from worker.errors import PermanentError
 from worker.httpclient import fetch, never_sent, new_client
-from worker.outbound.status_map import TWILIO_TO_FHIR
+from worker.messages import Attachment, InboundMessage, OutboundMessage, SendResult
 
 CHANNEL = "sms"
 MEDIUM_CODE = "SMSWRIT"
@@ -34,7 +34,10 @@ MAX_MEDIA = 10
 # checked before anything is enqueued.
 MESSAGE_SID = re.compile(r"(SM|MM)[0-9a-f]{32}")
 CONVERSATION_SID = re.compile(r"CH[0-9a-f]{32}")
-STATUSES = frozenset(TWILIO_TO_FHIR)
+# Twilio's message statuses (https://www.twilio.com/docs/messaging/api/message-resource); what
+# each means for the Communication is worker/outbound/status_map.py's (a test keeps both equal).
+STATUSES = frozenset({"accepted", "scheduled", "queued", "sending", "sent", "receiving",
+                      "received", "delivered", "read", "failed", "undelivered", "canceled"})
 SHORT_CODE = re.compile(r"[0-9]{3,8}")
 # Where Twilio serves MMS media: only these become attachment links in the EHR.
 MEDIA_HOSTS = frozenset({"api.twilio.com", "media.twiliocdn.com", "mms.twiliocdn.com"})

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from worker.errors import PermanentError
 from worker.fhir.client import FhirClient
 from worker.fhir.query import token as token_param
 from worker.fhir.reference import parse_reference
@@ -116,23 +115,3 @@ def deactivate_token(fhir: FhirClient, system: str, push_token: str, code: str, 
                                    ("_count", "10")])
     return sum(deactivate(fhir, str(e["resource"]["id"]), code, text)
                for e in found.get("entry") or [] if (e.get("resource") or {}).get("id"))
-
-
-def apply_device_change(fhir: FhirClient, system: str, payload: Mapping[str, Any]) -> str:
-    """Carry out one `switchboard.devices.update` task (from POST/DELETE /v1/devices): register
-    a token for a patient, or deactivate it. A payload of the wrong shape is a PermanentError."""
-    from worker.channels.fcm import valid_token
-
-    action, push_token = payload.get("action"), payload.get("token")
-    if not isinstance(push_token, str) or not valid_token(push_token):
-        raise PermanentError("invalid-payload", "token must be an FCM registration token")
-    if action == "register":
-        patient = payload.get("patient")
-        if not isinstance(patient, str):
-            raise PermanentError("invalid-payload", "patient must be a Patient reference")
-        return register(fhir, system, push_token, patient)
-    if action == "unregister":
-        changed = deactivate_token(fhir, system, push_token, "UNREGISTERED-BY-APP",
-                                   "the app unregistered this token")
-        return "deactivated" if changed else "unchanged"
-    raise PermanentError("invalid-payload", "action must be register or unregister")

@@ -13,10 +13,10 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from worker.errors import PermanentError
+from worker.ids import valid_id
 
-# FHIR R4: resource type names are capitalised letters; ids are [A-Za-z0-9\-\.]{1,64}.
+# FHIR R4: resource type names are capitalised letters (ids: worker/ids.py).
 _TYPE = re.compile(r"[A-Z][A-Za-z]{1,63}")
-_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 
 class InvalidReference(PermanentError):
@@ -29,12 +29,6 @@ class InvalidReference(PermanentError):
 def valid_type(resource_type: object) -> bool:
     """True for a FHIR resource type name."""
     return isinstance(resource_type, str) and _TYPE.fullmatch(resource_type) is not None
-
-
-def valid_id(resource_id: object) -> bool:
-    """True for a FHIR logical id (and not `.` or `..`, which the grammar would allow)."""
-    return (isinstance(resource_id, str) and _ID.fullmatch(resource_id) is not None
-            and resource_id not in (".", ".."))
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,11 @@ a child `Communication` whose `partOf` points at the header.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
-from worker.channels import Attachment, InboundMessage
+from worker.messages import Attachment, InboundMessage, fit_text
 
 PARTICIPATION_MODE = "http://terminology.hl7.org/CodeSystem/v3-ParticipationMode"
 _MEDIUM_DISPLAY = {"SMSWRIT": "SMS writing", "EMAILWRIT": "email writing"}
@@ -63,32 +62,6 @@ def fhir_string(text: str) -> str | None:
     cleaned = _NOT_FHIR_TEXT.sub("", text)
     return cleaned if cleaned.strip() else None
 
-
-# The most a text we write may take inside a resource, as JSON (UTF-8, escapes counted).
-# Medplum refuses a JSON body over 1 MiB ("File too large") and a string over 1 MB, with a 400
-# that would dead-letter the whole message; a quarter of that leaves room for the rest of the
-# resource (and of a transaction Bundle with its thread header). A longer text is cut, and the
-# channel keeps the full text as an attachment (an email's original-message.txt).
-MAX_TEXT_BYTES = 256 * 1024
-
-
-def fit_text(text: str, max_bytes: int = MAX_TEXT_BYTES) -> tuple[str, bool]:
-    """`text` cut to its longest prefix that takes at most `max_bytes` as a JSON string, and
-    whether it was cut (pure)."""
-    if _json_size(text) <= max_bytes:
-        return text, False
-    low, high = 0, min(len(text), max_bytes)  # every character takes at least one byte
-    while low < high:  # the longest prefix that fits (size grows with the prefix)
-        middle = (low + high + 1) // 2
-        if _json_size(text[:middle]) <= max_bytes:
-            low = middle
-        else:
-            high = middle - 1
-    return text[:low], True
-
-
-def _json_size(text: str) -> int:
-    return len(json.dumps(text, ensure_ascii=False).encode("utf-8", "surrogatepass")) - 2
 
 
 def payload(msg: InboundMessage) -> list[Resource]:

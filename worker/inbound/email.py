@@ -7,7 +7,6 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from worker.channels import Attachment, InboundMessage
 from worker.channels.sendgrid import CHANNEL, MEDIUM_CODE
 from worker.channels.sendgrid_inbound import (
     ORIGINAL_TITLE,
@@ -21,6 +20,7 @@ from worker.channels.sendgrid_inbound import (
 from worker.errors import PermanentError
 from worker.inbound.pipeline import InboundOutcome, SeenMessages, deliver_inbound
 from worker.inbound.threads import ThreadContext, sender_search
+from worker.messages import Attachment, InboundMessage
 
 
 class Binaries(Protocol):

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from worker.channels import InboundMessage
 from worker.channels.twilio import CHANNEL, opt_keyword
 from worker.errors import PermanentError
 from worker.fhir.outcome import FhirPermanentError
 from worker.fhir.resources import patient_with_email, patient_with_phone
 from worker.inbound.threads import STRATEGIES, ThreadContext, Written, sender_search
+from worker.messages import InboundMessage
 
 
 class OptOutList(Protocol):

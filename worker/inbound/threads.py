@@ -16,7 +16,6 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from worker.channels import InboundMessage
 from worker.channels.phones import DEFAULT_REGION, search_variants
 from worker.channels.sendgrid import EMAIL_MESSAGE_ID_SYSTEM
 from worker.fhir.client import FhirResponse
@@ -24,6 +23,7 @@ from worker.fhir.outcome import FhirPermanentError
 from worker.fhir.query import Params, conditional_reference, query_string, token
 from worker.fhir.resources import IdentifierSystems, Resource, identifier, inbound_message
 from worker.fhir.resources import thread_header as build_header
+from worker.messages import InboundMessage
 
 # Statuses of a header that no longer takes new messages.
 CLOSED_STATUSES = "completed,entered-in-error,stopped,unknown"

@@ -25,7 +25,8 @@ from worker.errors import Deferred, PermanentError
 from worker.fhir.outcome import FhirPermanentError
 from worker.fhir.reference import InvalidReference, parse_reference, ref
 from worker.ops.metrics import Metrics
-from worker.outbound.pipeline import OutboundDeps, OutboundRequest, send_outbound
+from worker.outbound.pipeline import send_outbound
+from worker.outbound.sending import OutboundDeps, OutboundRequest
 
 log = logging.getLogger("switchboard.outbound")
 

@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import logging
 import re
-import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from dataclasses import dataclass, replace
 from typing import Any
 
-from worker.channels import Attachment, Channel, OutboundMessage, SendError, SendResult
-from worker.channels.phones import DEFAULT_REGION
+from worker.channels import SendError
 from worker.channels.sendgrid import (
     DEFAULT_SUBJECT,
     EMAIL_INBOUND_MESSAGE_ID_SYSTEM,
@@ -34,23 +31,25 @@ from worker.channels.sendgrid import (
     clean_subject,
 )
 from worker.errors import Deferred, PermanentError, TransientError
-from worker.fhir.client import FhirClient
-from worker.fhir.outcome import FhirPermanentError
-from worker.fhir.reference import parse_reference, ref
-from worker.fhir.resources import identifier, medium
+from worker.fhir.reference import parse_reference
+from worker.fhir.resources import identifier
 from worker.fhir.update import guarded_update
-from worker.ops.metrics import Metrics
+from worker.messages import OutboundMessage, SendResult
+from worker.outbound.push import has_device, send_push
 from worker.outbound.routing import (
-    CHANNEL_TO_MEDIUM,
     choose_channel,
     has_only_invalid_phones,
     medium_channel,
     pick_contact,
 )
-from worker.stores.optouts import OptOuts
-from worker.stores.outbound_state import REQUEST_ID, OutboundState
-from worker.stores.send_gate import Opened, SendGate
-from worker.stores.send_ledger import SendLedger
+from worker.outbound.sending import (
+    OutboundDeps,
+    OutboundRequest,
+    build_message,
+    count_send,
+    deferral,
+    record_sent,
+)
 
 log = logging.getLogger("switchboard.outbound")
 SEND_ERROR_SYSTEM = "urn:switchboard:send-error"
@@ -59,71 +58,6 @@ FALLBACK_KINDS = frozenset({"invalid-recipient", "unreachable"})
 # The patient's numbers do not read as a valid number (in PHONE_DEFAULT_REGION when written
 # without a country code): nothing is sent to a guess. No number in it: it reaches the API.
 INVALID_PHONE = "the patient's phone number is not a valid phone number"
-
-
-@dataclass(frozen=True)
-class OutboundRequest:
-    """The payload of the `switchboard.outbound.send` task (see docs/http-api.md)."""
-
-    request_id: str
-    communication_id: str | None = None
-    resource: dict[str, Any] | None = None
-    channel: str | None = None
-    # Set by the pipeline itself when it re-queues a send (not by callers):
-    attempts: tuple[str, ...] = ()  # failed attempts on other channels (fallback)
-    rate_slot: float | None = None  # the send slot this request reserved (Redis time)
-
-    @classmethod
-    def from_payload(cls, payload: Mapping[str, Any]) -> OutboundRequest:
-        """Validate the task payload; a bad one is a PermanentError (no retry can fix it)."""
-        comm = payload.get("communication")
-        resource = payload.get("resource")
-        channel = payload.get("channel")
-        if channel not in (None, "sms", "email", "push"):
-            raise PermanentError("invalid-payload", "channel must be sms, email or push")
-        if comm is not None:
-            if not isinstance(comm, str):
-                raise PermanentError("invalid-payload", "communication must be a string")
-            # "Communication/<id>" or a bare id; never a path to walk (see fhir/reference.py).
-            comm = parse_reference(comm, {"Communication"}).id if "/" in comm \
-                else ref("Communication", comm).id
-        if not comm and not isinstance(resource, dict):
-            raise PermanentError("invalid-payload", "need communication or resource")
-        request_id = payload.get("request_id") or uuid.uuid4().hex
-        if not isinstance(request_id, str) or not REQUEST_ID.fullmatch(request_id):
-            raise PermanentError("invalid-payload", "request_id must be 1-64 letters, digits, -")
-        slot = payload.get("rate_slot")
-        return cls(request_id, comm or None,
-                   resource if isinstance(resource, dict) else None, channel,
-                   tuple(str(a) for a in payload.get("attempts") or ()),
-                   float(slot) if isinstance(slot, int | float) else None)
-
-
-@dataclass
-class OutboundDeps:
-    """What a send needs (built once per worker process)."""
-
-    fhir: FhirClient
-    channels: dict[str, Channel]
-    ledger: SendLedger
-    optouts: OptOuts
-    state: OutboundState
-    rates: dict[str, float]
-    id_systems: dict[str, str]  # channel → identifier system of its provider ids
-    request_system: str
-    reply_source: str  # "header" | "last-inbound"
-    fallback: bool
-    claim_seconds: float = 600.0  # a claim younger than this may still be sending
-    max_countdown: float = 1800.0  # keep ETAs well inside the broker's visibility timeout
-    metrics: Metrics | None = None
-    device_system: str = "urn:switchboard:fcm-token"  # push tokens on FHIR Devices
-    channel_order: tuple[str, ...] = ("sms", "email")  # CHANNEL_ORDER
-    phone_region: str = DEFAULT_REGION  # PHONE_DEFAULT_REGION: stored numbers without +CC
-    # Sent before? opted out? a send slot? the claim? One Redis step over the stores' keys.
-    gate: SendGate = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.gate = SendGate(self.optouts, self.ledger)
 
 
 def send_outbound(req: OutboundRequest, deps: OutboundDeps, task_id: str) -> SendResult:
@@ -144,7 +78,7 @@ def send_outbound(req: OutboundRequest, deps: OutboundDeps, task_id: str) -> Sen
         telecoms = patient.get("telecom") or []
         channel = req.channel or choose_channel(
             None, _reply_channel(header, patient, deps), telecoms, deps.channel_order,
-            lambda: _has_device(deps, str(patient["id"])), region=deps.phone_region)
+            lambda: has_device(deps, str(patient["id"])), region=deps.phone_region)
     except PermanentError as exc:
         earlier = _sent_before(req, deps, comm, comm_id)
         if earlier is not None:
@@ -159,8 +93,6 @@ def send_outbound(req: OutboundRequest, deps: OutboundDeps, task_id: str) -> Sen
             raise SendError("invalid-recipient", INVALID_PHONE if has_only_invalid_phones(
                 telecoms, deps.phone_region) else "the patient has no phone or email")
         if channel == "push":  # one push per device: worker/outbound/push.py
-            from worker.outbound.push import send_push
-
             return send_push(req, deps, comm, comm_id, str(patient["id"]), task_id)
         return _send(req, deps, comm, comm_id, channel, telecoms, task_id,
                      _Thread(header, str(patient.get("id") or "")))
@@ -194,7 +126,7 @@ def _send(req: OutboundRequest, deps: OutboundDeps, comm: Mapping[str, Any], com
         raise SendError("invalid-recipient", INVALID_PHONE if channel == "sms" and (
             has_only_invalid_phones(telecoms, deps.phone_region))
             else f"the patient has no usable {channel} contact")
-    message = _message(comm, comm_id, to, req.request_id)
+    message = build_message(comm, comm_id, to, req.request_id)
     if channel == "email":
         # Before the claim: a FHIR failure here is an ordinary retry, not a held claim.
         message = _email_thread(message, thread, deps)
@@ -217,7 +149,7 @@ def _send(req: OutboundRequest, deps: OutboundDeps, comm: Mapping[str, Any], com
     try:
         result = impl.send(message)
     except SendError as exc:
-        _count(deps, channel, exc.kind)
+        count_send(deps, channel, exc.kind)
         if exc.kind != "outcome-unknown":
             deps.ledger.release(comm_id)  # the provider refused: nothing went out
         if exc.kind == "opted-out":
@@ -237,7 +169,7 @@ def _send(req: OutboundRequest, deps: OutboundDeps, comm: Mapping[str, Any], com
                     **deferred.changes, "channel": "email",
                     "attempts": list(again.attempts)}) from None
         raise
-    _count(deps, channel, "sent")
+    count_send(deps, channel, "sent")
     sent = {"provider_id": result.provider_id, "channel": channel,
             "message_id": result.message_id}
     # First: from here on a redelivery will not send again. The API request's state goes in
@@ -245,27 +177,8 @@ def _send(req: OutboundRequest, deps: OutboundDeps, comm: Mapping[str, Any], com
     deps.ledger.record(comm_id, sent, deps.state.change(
         req.request_id, "sent", communication=comm_id, **sent))
     log.info("outbound Communication/%s sent by %s as %s", comm_id, channel, result.provider_id)
-    _record_sent(deps, comm_id, channel, result, list(req.attempts), req.request_id, comm)
+    record_sent(deps, comm_id, channel, result, list(req.attempts), req.request_id, comm)
     return result
-
-
-def _has_device(deps: OutboundDeps, patient_id: str) -> bool:
-    from worker.outbound.push import has_device
-
-    return has_device(deps, patient_id)
-
-
-def _count(deps: OutboundDeps, channel: str, outcome: str) -> None:
-    if deps.metrics is not None:
-        deps.metrics.inc("switchboard_sends", channel=channel, outcome=outcome)
-
-
-def deferral(gate: Opened, deps: OutboundDeps, channel: str) -> Deferred:
-    """Wait for the send slot the gate reserved; the slot travels with the re-queued task, so
-    the next run sends then without asking again. Long waits are taken in steps, each well
-    inside the broker's visibility timeout."""
-    return Deferred(min(gate.wait, deps.max_countdown), "rate-limited",
-                    {"rate_slot": gate.slot, "channel": channel})
 
 
 def _load(req: OutboundRequest, deps: OutboundDeps
@@ -358,7 +271,7 @@ def _finish_earlier(req: OutboundRequest, deps: OutboundDeps, comm: Mapping[str,
     (the worker died): finish that, and report the earlier send."""
     deps.state.update(req.request_id, "sent", communication=comm_id, **done)
     result = SendResult(done["provider_id"], "sent", done.get("message_id", ""))
-    _record_sent(deps, comm_id, done["channel"], result, [], req.request_id, comm)
+    record_sent(deps, comm_id, done["channel"], result, [], req.request_id, comm)
     return result
 
 
@@ -457,53 +370,6 @@ def reply_subject(topic: str) -> str:
     bare = re.sub(r"^\s*((re|fwd?|aw|sv)\s*:\s*)+", "", clean_subject(topic),
                   flags=re.IGNORECASE).strip()
     return f"Re: {bare or DEFAULT_SUBJECT}"
-
-
-def _message(comm: Mapping[str, Any], comm_id: str, to: str, request_id: str = ""
-             ) -> OutboundMessage:
-    texts = [p["contentString"] for p in comm.get("payload") or [] if p.get("contentString")]
-    media = tuple(Attachment(str(p["contentAttachment"].get("url")),
-                             str(p["contentAttachment"].get("contentType") or ""))
-                  for p in comm.get("payload") or []
-                  if (p.get("contentAttachment") or {}).get("url"))
-    topic = clean_subject(str((comm.get("topic") or {}).get("text") or "")) or DEFAULT_SUBJECT
-    return OutboundMessage(communication_id=comm_id, to=to, body="\n\n".join(texts),
-                           attachments=media, subject=topic, request_id=request_id)
-
-
-def _record_sent(deps: OutboundDeps, comm_id: str, channel: str, result: SendResult,
-                 attempts: list[str], request_id: str | None = None,
-                 known: Mapping[str, Any] | None = None) -> None:
-    """Write the provider id onto the Communication (If-Match). A refusal here happens after
-    the message went out: it is dead-lettered as `record-failed`, never reported as unsent."""
-    system = deps.id_systems[channel]
-
-    def change(c: dict[str, Any]) -> dict[str, Any] | None:
-        idents = list(c.get("identifier") or [])
-        if any(i.get("system") == system and i.get("value") == result.provider_id
-               for i in idents):
-            return None
-        idents.append(identifier(system, result.provider_id))
-        if result.message_id:
-            idents.append(identifier(EMAIL_MESSAGE_ID_SYSTEM, result.message_id))
-        if request_id and not any(i.get("system") == deps.request_system for i in idents):
-            # Links delivery callbacks back to the API request that asked for this send.
-            idents.append(identifier(deps.request_system, request_id))
-        c["identifier"] = idents
-        c["medium"] = [medium(CHANNEL_TO_MEDIUM[channel])]
-        c["sent"] = c.get("sent") or datetime.now(UTC).isoformat(timespec="milliseconds")
-        if c.get("status") in (None, "preparation"):
-            c["status"] = "in-progress"
-        if attempts:
-            c["note"] = [*(c.get("note") or []), *({"text": a} for a in attempts)]
-        return c
-
-    try:
-        guarded_update(deps.fhir, "Communication", comm_id, change,
-                       known=dict(known) if known is not None else None)
-    except FhirPermanentError as exc:
-        raise PermanentError("record-failed", f"sent as {result.provider_id}, but FHIR "
-                             f"refused the update: {exc.outcome_text}") from None
 
 
 def _record_failure(req: OutboundRequest, deps: OutboundDeps, comm_id: str, exc: SendError,

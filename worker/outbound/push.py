@@ -9,24 +9,29 @@ The message counts as sent when at least one device accepted it. A device whose 
 dead (UNREGISTERED, SENDER_ID_MISMATCH, INVALID_ARGUMENT on the token) is set inactive in FHIR
 with the reason and time, so no later send tries it. A retryable failure (429, 5xx) retries the
 task: devices already pushed are skipped then.
+
+Devices are registered and unregistered here too (`apply_device_change`, from /v1/devices).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
-from worker.channels import SendError, SendResult
-from worker.channels.fcm import CHANNEL, error_code_of
-from worker.errors import TransientError
-from worker.fhir.devices import active_devices, deactivate
-from worker.outbound.pipeline import (
+from worker.channels import SendError
+from worker.channels.fcm import CHANNEL, error_code_of, valid_token
+from worker.errors import PermanentError, TransientError
+from worker.fhir.client import FhirClient
+from worker.fhir.devices import active_devices, deactivate, deactivate_token, register
+from worker.messages import SendResult
+from worker.outbound.sending import (
     OutboundDeps,
     OutboundRequest,
-    _count,
-    _message,
-    _record_sent,
+    build_message,
+    count_send,
     deferral,
+    record_sent,
 )
 from worker.stores.send_ledger import device_send
 
@@ -42,7 +47,7 @@ def has_device(deps: OutboundDeps, patient_id: str) -> bool:
 def send_push(req: OutboundRequest, deps: OutboundDeps, comm: dict[str, Any], comm_id: str,
               patient_id: str, task_id: str) -> SendResult:
     """Push one Communication to every active device of the patient; raises SendError (or
-    Deferred / TransientError) like worker.outbound.pipeline._send."""
+    Deferred / TransientError) like worker.outbound.pipeline does for one send."""
     impl = deps.channels.get(CHANNEL)
     if impl is None:
         raise SendError("misconfigured", "channel push is not configured")
@@ -72,9 +77,9 @@ def send_push(req: OutboundRequest, deps: OutboundDeps, comm: dict[str, Any], co
             outcomes.append(f"push to Device/{device.id}: outcome-unknown")
             continue
         try:
-            result = impl.send(_message(comm, comm_id, device.token))
+            result = impl.send(build_message(comm, comm_id, device.token))
         except SendError as exc:
-            _count(deps, CHANNEL, exc.kind)
+            count_send(deps, CHANNEL, exc.kind)
             if exc.kind != "outcome-unknown":
                 deps.ledger.release(key)  # FCM refused: nothing went out to this device
             exc.channel = CHANNEL
@@ -89,7 +94,7 @@ def send_push(req: OutboundRequest, deps: OutboundDeps, comm: dict[str, Any], co
             elif exc.kind != "outcome-unknown":
                 other = other or exc
             continue
-        _count(deps, CHANNEL, "sent")
+        count_send(deps, CHANNEL, "sent")
         deps.ledger.record(key, {"provider_id": result.provider_id, "channel": CHANNEL,
                                  "device": device.id})
         accepted.append(result.provider_id)
@@ -108,7 +113,7 @@ def send_push(req: OutboundRequest, deps: OutboundDeps, comm: dict[str, Any], co
     log.info("outbound Communication/%s sent by push to %d of %d devices", comm_id,
              len(accepted), len(devices))
     # Each device's outcome goes on the Communication as a note (ids and FCM names, no tokens).
-    _record_sent(deps, comm_id, CHANNEL, result, [*req.attempts, *outcomes], req.request_id,
+    record_sent(deps, comm_id, CHANNEL, result, [*req.attempts, *outcomes], req.request_id,
                  known=comm)
     return result
 
@@ -117,3 +122,21 @@ def _with(exc: SendError, outcomes: list[str]) -> SendError:
     exc.channel = CHANNEL
     exc.attempts = (*exc.attempts, *outcomes)
     return exc
+
+
+def apply_device_change(fhir: FhirClient, system: str, payload: Mapping[str, Any]) -> str:
+    """Carry out one `switchboard.devices.update` task (from POST/DELETE /v1/devices): register
+    a token for a patient, or deactivate it. A payload of the wrong shape is a PermanentError."""
+    action, push_token = payload.get("action"), payload.get("token")
+    if not isinstance(push_token, str) or not valid_token(push_token):
+        raise PermanentError("invalid-payload", "token must be an FCM registration token")
+    if action == "register":
+        patient = payload.get("patient")
+        if not isinstance(patient, str):
+            raise PermanentError("invalid-payload", "patient must be a Patient reference")
+        return register(fhir, system, push_token, patient)
+    if action == "unregister":
+        changed = deactivate_token(fhir, system, push_token, "UNREGISTERED-BY-APP",
+                                   "the app unregistered this token")
+        return "deactivated" if changed else "unchanged"
+    raise PermanentError("invalid-payload", "action must be register or unregister")

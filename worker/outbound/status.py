@@ -20,6 +20,7 @@ from worker.fhir.query import token
 from worker.fhir.reference import parse_reference, ref
 from worker.fhir.resources import fhir_string
 from worker.fhir.update import guarded_update
+from worker.ids import REQUEST_ID
 from worker.outbound.status_map import (
     SENDGRID_TO_FHIR,
     TWILIO_TO_FHIR,
@@ -28,7 +29,7 @@ from worker.outbound.status_map import (
     sendgrid_status_event,
 )
 from worker.stores.optouts import OptOuts
-from worker.stores.outbound_state import REQUEST_ID, OutboundState
+from worker.stores.outbound_state import OutboundState
 
 log = logging.getLogger("switchboard.status")
 TWILIO_ERROR_SYSTEM = "https://www.twilio.com/docs/api/errors"

@@ -8,7 +8,6 @@ details, which can quote an address) is sealed (worker/crypto.py).
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -16,13 +15,11 @@ from typing import Any
 import redis
 
 from worker.crypto import Sealer, Unsealable, is_sealed
+from worker.ids import REQUEST_ID
 from worker.stores import Resealed, reseal_hash, sealed_text
 
 KEY = "switchboard:outbound:"
 EVENTS = "switchboard:outbound:events:"
-# A request id's shape (a key part here, an identifier value in FHIR). Checked before any id is
-# used: `events:<id>` would otherwise name the event list of another request (a WRONGTYPE 500).
-REQUEST_ID = re.compile(r"[A-Za-z0-9\-]{1,64}")
 TTL = 30 * 24 * 3600
 # States after which a waiting caller gets its answer.
 SETTLED = frozenset({"sent", "failed", "delivered"})
