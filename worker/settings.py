@@ -92,7 +92,7 @@ class Settings(BaseSettings):
     # Required: without one Switchboard refuses to start (make run and the test bed make one).
     data_encryption_keys: SecretStr
     """keys that seal PHI at rest in Redis, comma-separated: the first seals, all open
-    (`switchboard keys generate` makes one; see "PHI at rest")"""
+    (`switchboard keys generate` makes one; docs/phi-at-rest.md)"""
     sms_thread_strategy: ThreadStrategy = "conversation"
     """how SMS find their thread: `conversation`, `active-thread` or `new-thread`
     (docs/architecture.md, "Thread strategies")"""
@@ -204,8 +204,8 @@ class Settings(BaseSettings):
     Default when empty: derived from `TWILIO_AUTH_TOKEN`."""
     # How long a send claim blocks another attempt at the same Communication.
     send_claim_seconds: int = Field(default=600, ge=10)
-    """a send claim younger than this is "in progress"; older without a result is `outcome-
-    unknown`"""
+    """a send claim younger than this is "in progress"; older without a result is
+    `outcome-unknown`"""
 
     # Push (FCM HTTP v1). The service account comes from FCM_CREDENTIALS_FILE, else
     # GOOGLE_APPLICATION_CREDENTIALS; no file: push refuses sends as misconfigured.
@@ -267,8 +267,8 @@ class Settings(BaseSettings):
     # (prometheus_client's own server); 0 serves none. Two workers on one host need two ports.
     # The web app serves its own at /metrics (docs/operations-metrics.md).
     worker_metrics_port: int = Field(default=9540, ge=0, le=65535)
-    """the port each worker serves its Prometheus metrics on (0: off; docs/operations-
-    metrics.md)"""
+    """the port each worker serves its Prometheus metrics on (0: off;
+    docs/operations-metrics.md)"""
     # All interfaces: Prometheus scrapes from another container or host. The page holds counts
     # and labels only, never PHI.
     worker_metrics_host: str = "0.0.0.0"  # noqa: S104
@@ -303,8 +303,8 @@ class Settings(BaseSettings):
     # A message the broker redelivers this often without the task ever finishing (the worker
     # died each time) is dead-lettered as `delivery-loop` instead of killing workers forever.
     max_deliveries: int = Field(default=5, ge=1)
-    """a message the broker redelivers this often without finishing (it kills workers) is dead-
-    lettered as `delivery-loop`"""
+    """a message the broker redelivers this often without finishing (it kills workers) is
+    dead-lettered as `delivery-loop`"""
     # A send deferred this often (each wait is at most half the visibility timeout) is
     # dead-lettered as `deferral-loop`: a wait that never ends must not cycle forever. A send
     # waits for its reserved slot in a few steps at most, so the default is far from normal use.
