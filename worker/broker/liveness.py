@@ -77,7 +77,9 @@ return gone
 def restored_within(heartbeat: float, dead_after: float) -> float:
     """The longest a dead worker's messages wait before a live janitor puts them back: its
     heartbeat key, set at most `heartbeat` before it died, expires `dead_after` after being
-    set, and every live worker's janitor (a replacement's too) looks every `heartbeat`."""
+    set, and every live worker's janitor (a replacement's too) looks every `heartbeat`. A
+    message it took but had not yet recorded as held is an orphan once `dead_after` old, found
+    by the same janitor rounds: the same bound."""
     return dead_after + heartbeat
 
 
@@ -241,10 +243,13 @@ class Liveness:
         return restored
 
     def _orphans(self, live: list[str]) -> int:
-        """Restore unacked messages older than `dead_after` x 2 that no live worker holds."""
+        """Restore unacked messages older than `dead_after` that no live worker holds: a live
+    worker records what it takes within RECORD_GATHER_SECONDS, so such a message was taken by a
+    worker that died before recording it, and it comes back as soon as its worker's own held
+    messages do (restored_within)."""
         if not self._r.set(ORPHAN_SWEEP, self.worker_id, nx=True, px=int(self.interval * 1000)):
             return 0
-        cutoff = time.time() - 2 * self.dead_after  # kombu scores unacked_index by time()
+        cutoff = time.time() - self.dead_after  # kombu scores unacked_index by time()
         old = self._r.zrangebyscore(self._unacked_index, "-inf", cutoff, start=0, num=500)
         if not old:
             return 0
