@@ -25,10 +25,8 @@ from worker.channels import twilio
 from worker.channels.sendgrid import EMAIL_INBOUND_KEY_SYSTEM
 from worker.channels.sendgrid_inbound import clinic_mailbox
 from worker.channels.twilio import TwilioSms
-from worker.crypto import Unsealable
-from worker.errors import PermanentError
 from worker.fhir.resources import clinic_participant
-from worker.inbound.email import deliver_email, read_email
+from worker.inbound.email import deliver_email, stored_email
 from worker.inbound.pipeline import apply_opt_keyword, deliver_inbound
 from worker.inbound.threads import ThreadContext
 from worker.outbound.automatic import on_notification, subscription_request
@@ -38,7 +36,7 @@ from worker.outbound.reconcile import reconcile_stuck
 from worker.outbound.sending import OutboundRequest
 from worker.outbound.status import apply_email_events, apply_status
 from worker.runtime import get_runtime
-from worker.stores.email_posts import DONE, EmailPosts
+from worker.stores.email_posts import EmailPosts
 from worker.stores.inbox import HEADER as INBOX_HEADER
 
 log = logging.getLogger("switchboard.inbound")
@@ -73,17 +71,14 @@ def inbound_email(self: SwitchboardTask, record: dict[str, Any], meta: dict[str,
     rt = get_runtime()
     s = rt.settings
     posts, ref = None, str(record.get("email_ref") or "")
-    if "from" not in record:
+    if "from" not in record:  # the receiver stored the post: read it within bounds
         posts = EmailPosts.from_settings(rt.redis, s)
-        try:
-            post = posts.get(ref)
-        except Unsealable as exc:
-            raise PermanentError("undecryptable", str(exc)) from None
-        if post == DONE:  # a redelivery of a task that finished
+        loaded = stored_email(posts, ref, str(record.get("content_type") or ""),
+                              s.email_max_bytes)
+        if loaded is None:  # a redelivery of a task that finished
+            log.info("inbound email: skipped (already written)")
             return {"communication": None, "thread": None, "result": "skipped"}
-        if post is None:
-            raise PermanentError("email-post-missing", "the post's bytes are gone (expired)")
-        record = read_email(str(record.get("content_type") or ""), post, s.email_max_bytes)
+        record = loaded
         if record["omitted"]:
             rt.metrics.inc("switchboard_emails_oversized")
             rt.metrics.inc("switchboard_email_attachments_omitted", len(record["omitted"]))

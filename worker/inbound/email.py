@@ -17,10 +17,12 @@ from worker.channels.sendgrid_inbound import (
     sender_authentication,
     to_inbound,
 )
+from worker.crypto import Unsealable
 from worker.errors import PermanentError
 from worker.inbound.pipeline import InboundOutcome, SeenMessages, deliver_inbound
 from worker.inbound.threads import ThreadContext, sender_search
 from worker.messages import Attachment, InboundMessage
+from worker.stores.email_posts import DONE, EmailPosts
 
 
 class Binaries(Protocol):
@@ -28,6 +30,22 @@ class Binaries(Protocol):
 
     def get(self, key: str) -> str | None: ...
     def put(self, key: str, binary_id: str) -> None: ...
+
+
+def stored_email(posts: EmailPosts, ref: str, content_type: str, max_bytes: int
+                 ) -> dict[str, Any] | None:
+    """The email record of the post the receiver stored under `ref`, or None when an earlier
+    delivery of the task wrote it already. A post that is gone or cannot be opened or read is a
+    PermanentError with the reason (never the text)."""
+    try:
+        post = posts.get(ref)
+    except Unsealable as exc:
+        raise PermanentError("undecryptable", str(exc)) from None
+    if post == DONE:
+        return None
+    if post is None:
+        raise PermanentError("email-post-missing", "the post's bytes are gone (expired)")
+    return read_email(content_type, post, max_bytes)
 
 
 def read_email(content_type: str, post: bytes, max_bytes: int) -> dict[str, Any]:
