@@ -848,12 +848,26 @@ class _Findings:
                 if r.get("answered") in (200, 201, 202)
                 and needle in json.dumps(r.get("form") or r.get("json") or {})]
 
-    def api(self, body: dict[str, Any], key: str | None = None) -> int:
+    def api(self, body: dict[str, Any], key: str | None = None,
+            answer: dict[str, Any] | None = None) -> int:
+        """POST /v1/messages; the status (the JSON answer into `answer`)."""
         headers = {"Authorization": "Bearer reliability-api-token"}
         if key:
             headers["Idempotency-Key"] = key
-        return int(self.stack.http.post("/v1/messages", json=body,
-                                         headers=headers).status_code)
+        resp = self.stack.http.post("/v1/messages", json=body, headers=headers)
+        if answer is not None and resp.headers.get("content-type", "").startswith(
+                "application/json"):
+            answer.update(resp.json())
+        return int(resp.status_code)
+
+    def request_state(self, answer: dict[str, Any]) -> str:
+        """The final state /v1/messages/<id> reports for an accepted request ('' if none)."""
+        if not answer.get("id"):
+            return ""
+        resp = self.stack.http.get(f"/v1/messages/{answer['id']}",
+                                   headers={"Authorization": "Bearer reliability-api-token"})
+        body = resp.json() if resp.status_code == 200 else {}
+        return " ".join(str(body.get(k)) for k in ("status", "reason", "error") if body.get(k))
 
     def judge(self, finding: str, name: str, expected: str, ok: bool, got: str) -> None:
         self.results.append(FindingResult(finding, name, expected, got, ok))
@@ -974,9 +988,11 @@ class _Findings:
                                           self.stack.providers.event_private_key, raw)
                                       ).status_code
         s.settle(30)  # the event's task runs before the send below is asked for
+        eleven_answer: dict[str, Any] = {}
         eleven_send = self.api({"resourceType": "Communication", "channel": "email",
                                 "recipient": [{"reference": f"Patient/{c[0]}"}],
-                                "payload": [{"contentString": f"after [f11-{self.tag}]"}]})
+                                "payload": [{"contentString": f"after [f11-{self.tag}]"}]},
+                               answer=eleven_answer)
         # 13. A clinician answers D's email whose subject decodes to CR/LF + Bcc.
         if d_mail:
             self.reply(d_mail, d[0], f"answer [f13-{self.tag}]")
@@ -1052,7 +1068,7 @@ class _Findings:
         self.judge("11", "unsubscribe naming an unknown Communication",
                    "processed: no opt-out (a later email to that address is sent)",
                    len(after) == 1, f"HTTP {eleven}, then API {eleven_send}, "
-                   f"sent {len(after)}x")
+                   f"sent {len(after)}x, request {self.request_state(eleven_answer)!r}")
         out = self.sent(f"[f13-{self.tag}]")
         subjects = [str(((r.get("json") or {}).get("personalizations") or [{}])[0].get(
             "subject") or (r.get("json") or {}).get("subject") or "") for r in out]
