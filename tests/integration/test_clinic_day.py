@@ -6,7 +6,6 @@ pacing slots are printed, not asserted). `make reliability` runs it at full size
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,26 +15,32 @@ from tests.reliability.harness import Stack
 from tests.reliability.input_scenarios import FindingResult, run_findings
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """A private stack at the default pacing and unknown-sender policy."""
-    s = Stack(log_dir=Path(tmp_path_factory.mktemp("clinic-day")), **default_overrides())
-    yield s
-    s.stop()
+def private_stack(tmp_path_factory: pytest.TempPathFactory, name: str) -> Stack:
+    """A stack at the default pacing and unknown-sender policy. Each part gets its own: a
+    reply the service keeps re-queuing would otherwise spend the next part's send slots."""
+    return Stack(log_dir=Path(tmp_path_factory.mktemp(name)), **default_overrides())
 
 
 @pytest.fixture(scope="module")
-def day(stack: Stack) -> DayReport:
+def day(tmp_path_factory: pytest.TempPathFactory) -> DayReport:
     """One reduced day, shared by the assertions below."""
-    counts, report = clinic_day(stack, REDUCED, settle_timeout=90)
+    stack = private_stack(tmp_path_factory, "clinic-day")
+    try:
+        counts, report = clinic_day(stack, REDUCED, settle_timeout=90)
+    finally:
+        stack.stop()
     print("\n".join(counts.notes))
     return report
 
 
 @pytest.fixture(scope="module")
-def findings(stack: Stack, day: DayReport) -> list[FindingResult]:
-    """Issue #26's input classes, after the day (run_findings empties the stack first)."""
-    results = run_findings(stack)
+def findings(tmp_path_factory: pytest.TempPathFactory) -> list[FindingResult]:
+    """Issue #26's input classes, each with its outcome."""
+    stack = private_stack(tmp_path_factory, "issue-26-inputs")
+    try:
+        results = run_findings(stack)
+    finally:
+        stack.stop()
     print("\n".join(r.line() for r in results))
     return results
 

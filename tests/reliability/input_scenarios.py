@@ -1055,7 +1055,9 @@ class _Findings:
                        "a proper reply after it in the thread is sent once",
                        not out and control == 1,
                        f"sent {len(out)}x" + (f" to {out[0].get('to')!r}" if out else "")
-                       + f", the proper reply {control}x")
+                       + f", the proper reply {control}x"
+                       + (" (inconclusive: nothing in that thread went out)"
+                          if not out and not control else ""))
         rows = self.written(shared)
         senders = sorted({str((r.get("sender") or {}).get("reference")) for r in rows})
         self.judge("9", "one Message-ID from two senders", "processed: both written",
