@@ -949,19 +949,24 @@ class _Findings:
         seven["nested-1200"] = (mid, self.email(ep.raw_post(a[2], ep.nested_multipart_email(
             a[2], 1200, mid))))
         # 8. Replies whose recipient is not the thread's patient.
-        # (In E's thread, opened now; a proper reply after them is the control: it must go
-        # out, or "never sent" would prove nothing.)
+        # (In E's email thread, opened now: email has its own send slots, which finding 1's
+        # re-queued SMS replies do not spend. A proper reply after them is the control: it
+        # must go out, or "never sent" would prove nothing.)
         eight = {"recipient-other-patient": f"[f8a-{self.tag}]",
                  "internal-note": f"[f8c-{self.tag}]"}
         eight_control = f"[f8-control-{self.tag}]"
-        s.post_sms(sms(e[1], "hello from E"))
-        e_sms = self.thread(e[0], "SMSWRIT")
-        if e_sms:
-            self.reply(e_sms, e[0], "for A " + eight["recipient-other-patient"],
+        self.email(ep.raw_post(e[2], ep.raw_email(e[2], text="E's question")))
+        e_mail = self.thread(e[0], "EMAILWRIT")
+        if e_mail:
+            # Half a second apart (email's slots are 0.1 s at 10/s): finding 8 alone, without
+            # finding 1's quick-succession deferral.
+            self.reply(e_mail, e[0], "for A " + eight["recipient-other-patient"],
                        recipient=f"Patient/{a[0]}")
-            self.reply(e_sms, e[0], "note to a colleague " + eight["internal-note"],
+            time.sleep(0.5)
+            self.reply(e_mail, e[0], "note to a colleague " + eight["internal-note"],
                        recipient=f"Practitioner/{self.practitioner}")
-            self.reply(e_sms, e[0], "a proper reply " + eight_control)
+            time.sleep(0.5)
+            self.reply(e_mail, e[0], "a proper reply " + eight_control)
         # 9. One Message-ID from two senders.
         shared = ep.new_message_id("mailer.example")
         nine = (self.email(ep.raw_post(c[2], ep.raw_email(c[2], text="from C",
@@ -995,6 +1000,7 @@ class _Findings:
                                answer=eleven_answer)
         # 13. A clinician answers D's email whose subject decodes to CR/LF + Bcc.
         if d_mail:
+            time.sleep(1.0)  # after the send above has taken its email slot (as for 8)
             self.reply(d_mail, d[0], f"answer [f13-{self.tag}]")
 
         # Step 3: settle, then judge each class.
