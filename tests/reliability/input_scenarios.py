@@ -740,3 +740,359 @@ def run_forgery(app: Any, redis_client: redis.Redis, public_base_url: str, auth_
             counts["replays_accepted"] += int(200 <= status < 300)
     counts["enqueued_total"] = queue_total(redis_client) - start
     return dict(counts)
+
+
+# --------------------------------------------------------------------------------------------
+# Scenario 13: the classes of issue #26's findings, against the whole running service
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FindingResult:
+    """One input class of issue #26: what it must come to, and what it came to."""
+
+    finding: str  # "1".."13"
+    name: str
+    expected: str  # "4xx", "processed: …", "dead letter (reason)"; alternatives with " or "
+    got: str = ""
+    ok: bool = False
+
+    def line(self) -> str:
+        """One printable line."""
+        verdict = "ok" if self.ok else "FAILS"
+        return (f"finding {self.finding} {self.name}: expected {self.expected}; got "
+                f"{self.got} [{verdict}]")
+
+
+def run_findings(stack: Any, settle_timeout: float = 90.0) -> list[FindingResult]:
+    """Scenario 13: each finding of issue #26 that is an input, sent to the running service
+    (`stack`: a tests.reliability.harness.Stack at the default pacing), with its expected
+    outcome: refused with a 4xx and a reason, dead-lettered with a reason, or processed
+    correctly. Finding 12 (worker/http.py against a hostile *server*) is not an input of
+    Switchboard's endpoints and is left to that client's own tests."""
+    return _Findings(stack, settle_timeout).run()
+
+
+class _Findings:
+    """The inputs of scenario 13, sent in three steps: threads opened, every input sent, one
+    settle; then each class is judged from FHIR, the provider sandbox and the dead letters."""
+
+    def __init__(self, stack: Any, settle_timeout: float) -> None:
+        from worker.channels.sendgrid import EMAIL_INBOUND_MESSAGE_ID_SYSTEM
+
+        self.stack = stack
+        self.fhir = stack.sandbox.fhir
+        self.settle_timeout = settle_timeout
+        self.email_system = EMAIL_INBOUND_MESSAGE_ID_SYSTEM
+        self.results: list[FindingResult] = []
+        self.tag = "".join(random.Random().choice("0123456789abcdef") for _ in range(8))
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def patient(self, n: int) -> tuple[str, str, str]:
+        """A registered patient: (id, phone, email)."""
+        phone, email = f"+1555{4000000 + n:07d}", f"finding{n}-{self.tag}@patients.example"
+        pat = self.fhir.create({"resourceType": "Patient", "telecom": [
+            {"system": "phone", "value": phone, "use": "mobile"},
+            {"system": "email", "value": email}]}).resource
+        return str(pat["id"]), phone, email
+
+    def email(self, post: tuple[str, bytes]) -> int:
+        return int(self.stack.post_email(post))
+
+    def written(self, key: str) -> list[dict[str, Any]]:
+        """Inbound Communications carrying this Message-ID / MessageSid."""
+        from worker.fhir.query import token
+
+        out = []
+        for system in (self.email_system, self.stack.settings.message_id_system):
+            out += self.stack.sandbox.all("Communication", identifier=token(system, key))
+        return out
+
+    def dead(self, needle: str) -> list[str]:
+        """Reasons of the dead letters whose payload mentions `needle` (base64 looked into)."""
+        reasons = []
+        for e in self.stack.dead_letters():
+            text = json.dumps([e.args, e.kwargs], default=str)
+            blobs = [text]
+            for b in __import__("re").findall(r'"([A-Za-z0-9+/=]{200,})"', text):
+                try:
+                    blobs.append(base64.b64decode(b).decode("utf-8", "replace"))
+                except ValueError:
+                    pass
+            if any(needle in b for b in blobs):
+                reasons.append(e.reason)
+        return reasons
+
+    def header_of(self, comm: dict[str, Any]) -> dict[str, Any]:
+        ref = str((comm.get("partOf") or [{}])[0].get("reference", ""))
+        return dict(self.fhir.read("Communication", ref.split("/")[-1]).resource) if ref else {}
+
+    def thread(self, patient_id: str, medium: str, timeout: float = 30.0) -> str:
+        """The header of the patient's thread on `medium` (SMSWRIT/EMAILWRIT), once written."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for res in self.stack.sandbox.all("Communication", **{
+                    "subject": f"Patient/{patient_id}", "part-of:missing": "true"}):
+                codes = {c.get("code") for m in res.get("medium") or []
+                         for c in m.get("coding") or []}
+                if medium in codes:
+                    return str(res["id"])
+            time.sleep(0.5)
+        return ""
+
+    def reply(self, header: str, patient_id: str, text: str,
+              recipient: str | None = None) -> str:
+        """A clinician's reply written straight into FHIR (the Subscription notifies)."""
+        return str(self.fhir.create({
+            "resourceType": "Communication", "status": "in-progress",
+            "partOf": [{"reference": f"Communication/{header}"}],
+            "subject": {"reference": f"Patient/{patient_id}"},
+            "recipient": [{"reference": recipient or f"Patient/{patient_id}"}],
+            "sender": {"reference": f"Practitioner/{self.practitioner}"},
+            "payload": [{"contentString": text}]}).resource["id"])
+
+    def sent(self, needle: str) -> list[dict[str, Any]]:
+        """Provider requests (accepted) whose content holds `needle`."""
+        return [r for r in self.stack.providers.requests()
+                if r.get("answered") in (200, 201, 202)
+                and needle in json.dumps(r.get("form") or r.get("json") or {})]
+
+    def api(self, body: dict[str, Any], key: str | None = None,
+            answer: dict[str, Any] | None = None) -> int:
+        """POST /v1/messages; the status (the JSON answer into `answer`)."""
+        headers = {"Authorization": "Bearer reliability-api-token"}
+        if key:
+            headers["Idempotency-Key"] = key
+        resp = self.stack.http.post("/v1/messages", json=body, headers=headers)
+        if answer is not None and resp.headers.get("content-type", "").startswith(
+                "application/json"):
+            answer.update(resp.json())
+        return int(resp.status_code)
+
+    def request_state(self, answer: dict[str, Any]) -> str:
+        """The final state /v1/messages/<id> reports for an accepted request ('' if none)."""
+        if not answer.get("id"):
+            return ""
+        resp = self.stack.http.get(f"/v1/messages/{answer['id']}",
+                                   headers={"Authorization": "Bearer reliability-api-token"})
+        body = resp.json() if resp.status_code == 200 else {}
+        return " ".join(str(body.get(k)) for k in ("status", "reason", "error") if body.get(k))
+
+    def judge(self, finding: str, name: str, expected: str, ok: bool, got: str) -> None:
+        self.results.append(FindingResult(finding, name, expected, got, ok))
+
+    def email_fate(self, mid: str, status: int) -> str:
+        rows = self.written(mid)
+        reasons = self.dead(mid)
+        return (f"HTTP {status}, written {len(rows)}x"
+                + (f", dead-lettered ({', '.join(sorted(set(reasons)))})" if reasons else ""))
+
+    # -- the run -------------------------------------------------------------------------------
+
+    def run(self) -> list[FindingResult]:
+        from tests import email_payloads as ep
+        from tests.reliability.harness import sms
+        from worker.fhir import subscription
+
+        s = self.stack
+        s.reset()
+        subscription.install(self.fhir, f"http://127.0.0.1:{s.port}",
+                             s.settings.fhir_subscription_secret.get_secret_value())
+        self.practitioner = str(self.fhir.create({"resourceType": "Practitioner"}).resource["id"])
+        a, b, c, d, e = (self.patient(n) for n in range(5))
+        # Step 1: threads the later inputs need (SMS for A and B, email for B and D).
+        s.post_sms(sms(a[1], "hello from A"))
+        s.post_sms(sms(b[1], "hello from B"))
+        b_root = ep.new_message_id("patients.example")
+        self.email(ep.raw_post(b[2], ep.raw_email(b[2], text="B's question",
+                                                  message_id=b_root)))
+        crlf_mid = ep.new_message_id("patients.example")
+        crlf_status = self.email(ep.raw_post(d[2], ep.crlf_subject_email(d[2], crlf_mid)))
+        a_sms, b_sms = self.thread(a[0], "SMSWRIT"), self.thread(b[0], "SMSWRIT")
+        b_mail, d_mail = self.thread(b[0], "EMAILWRIT"), self.thread(d[0], "EMAILWRIT")
+        # (B's conversation must exist before A's email names its root, or A's would make it.)
+
+        # Step 2: every input.
+        # 1. Two replies within a second in one thread, then one in another thread.
+        # (Four in A's thread, two in B's, all within about a second, at 1 SMS/s.)
+        one = [f"[f1-{self.tag}-{k}]" for k in range(6)]
+        if a_sms and b_sms:
+            for k in range(4):
+                self.reply(a_sms, a[0], f"reply {k} " + one[k])
+            for k in range(4, 6):
+                self.reply(b_sms, b[0], f"other patient {k} " + one[k])
+        # 2. The quadratic quote-stripper text, from a patient and from a stranger.
+        quote_mid, stranger_mid = (ep.new_message_id("patients.example") for _ in range(2))
+        quote_status = self.email(ep.parsed_post(a[2], text=ep.quadratic_quote_text(12_000),
+                                                 message_id=quote_mid))
+        stranger_status = self.email(ep.parsed_post(
+            "stranger@hostile.example", text=ep.quadratic_quote_text(12_000),
+            message_id=stranger_mid))
+        # 3. Thousands of one-line MIME parts.
+        parts_mid = ep.new_message_id("patients.example")
+        parts_status = self.email(ep.raw_post(a[2], ep.one_line_parts_email(
+            a[2], 300_000, parts_mid)))
+        # 4. A 2 MB photo; a 3 MB text.
+        photo_mid, text_mid = (ep.new_message_id("patients.example") for _ in range(2))
+        photo_status = self.email(ep.raw_post(a[2], ep.raw_email(
+            a[2], text="my rash, photo attached", message_id=photo_mid,
+            attachments=[("rash.jpg", "image/jpeg", ep.photo(2_000_000))])))
+        text_status = self.email(ep.parsed_post(a[2], text="my diary " + "x" * 3_000_000,
+                                                message_id=text_mid))
+        # 5. A's email naming B's conversation root in References.
+        hijack_mid = ep.new_message_id("patients.example")
+        hijack_status = self.email(ep.raw_post(a[2], ep.raw_email(
+            a[2], text="reply-all from A", message_id=hijack_mid, references=[b_root])))
+        # 6. A signed post replayed with an injected boundary, claiming to be D.
+        honest, evil_type = ep.boundary_injection("stranger@hostile.example", d[2],
+                                                  text=f"injected {self.tag}")
+        replay = self.stack.http.post("/webhooks/sendgrid/inbound", content=honest[1],
+                                      headers=ep.signed(evil_type, honest[1])).status_code
+        # 7. Broken charsets and deep nesting, from a patient.
+        seven = {}
+        for name, (charset, body) in ep.HOSTILE_CHARSETS.items():
+            mid = ep.new_message_id("patients.example")
+            seven[name] = (mid, self.email(ep.raw_post(a[2], ep.charset_email(
+                a[2], charset, body, mid))))
+        mid = ep.new_message_id("patients.example")
+        seven["nested-1200"] = (mid, self.email(ep.raw_post(a[2], ep.nested_multipart_email(
+            a[2], 1200, mid))))
+        # 8. Replies whose recipient is not the thread's patient.
+        # (In E's email thread, opened now: email has its own send slots, which finding 1's
+        # re-queued SMS replies do not spend. A proper reply after them is the control: it
+        # must go out, or "never sent" would prove nothing.)
+        eight = {"recipient-other-patient": f"[f8a-{self.tag}]",
+                 "internal-note": f"[f8c-{self.tag}]"}
+        eight_control = f"[f8-control-{self.tag}]"
+        self.email(ep.raw_post(e[2], ep.raw_email(e[2], text="E's question")))
+        e_mail = self.thread(e[0], "EMAILWRIT")
+        if e_mail:
+            # Half a second apart (email's slots are 0.1 s at 10/s): finding 8 alone, without
+            # finding 1's quick-succession deferral.
+            self.reply(e_mail, e[0], "for A " + eight["recipient-other-patient"],
+                       recipient=f"Patient/{a[0]}")
+            time.sleep(0.5)
+            self.reply(e_mail, e[0], "note to a colleague " + eight["internal-note"],
+                       recipient=f"Practitioner/{self.practitioner}")
+            time.sleep(0.5)
+            self.reply(e_mail, e[0], "a proper reply " + eight_control)
+        # 9. One Message-ID from two senders.
+        shared = ep.new_message_id("mailer.example")
+        nine = (self.email(ep.raw_post(c[2], ep.raw_email(c[2], text="from C",
+                                                          message_id=shared))),
+                self.email(ep.raw_post(e[2], ep.raw_email(e[2], text="from E",
+                                                          message_id=shared))))
+        # 10. An Idempotency-Key reused with another body.
+        key = f"key-{self.tag}"
+        ten = (self.api({"resourceType": "Communication", "channel": "sms",
+                         "recipient": [{"reference": f"Patient/{a[0]}"}],
+                         "payload": [{"contentString": f"first [f10a-{self.tag}]"}]}, key),
+               self.api({"resourceType": "Communication", "channel": "sms",
+                         "recipient": [{"reference": f"Patient/{b[0]}"}],
+                         "payload": [{"contentString": f"other [f10b-{self.tag}]"}]}, key))
+        # 11. A signed unsubscribe naming a Communication that does not exist, for C.
+        from tests.support import sign_email_events
+
+        event = [{"email": c[2], "event": "unsubscribe", "timestamp": int(time.time()),
+                  "sg_event_id": f"evt-{self.tag}", "sg_message_id": f"x{self.tag}.filter",
+                  "communication_id": "does-not-exist"}]
+        raw = json.dumps(event).encode()
+        eleven = self.stack.http.post("/webhooks/sendgrid/events", content=raw,
+                                      headers=sign_email_events(
+                                          self.stack.providers.event_private_key, raw)
+                                      ).status_code
+        s.settle(30)  # the event's task runs before the send below is asked for
+        eleven_answer: dict[str, Any] = {}
+        eleven_send = self.api({"resourceType": "Communication", "channel": "email",
+                                "recipient": [{"reference": f"Patient/{c[0]}"}],
+                                "payload": [{"contentString": f"after [f11-{self.tag}]"}]},
+                               answer=eleven_answer)
+        # 13. A clinician answers D's email whose subject decodes to CR/LF + Bcc.
+        if d_mail:
+            time.sleep(1.0)  # after the send above has taken its email slot (as for 8)
+            self.reply(d_mail, d[0], f"answer [f13-{self.tag}]")
+
+        # Step 3: settle, then judge each class.
+        s.settle(self.settle_timeout)
+        time.sleep(2.0)  # a reply's Subscription delivery may still be on its way
+        s.settle(self.settle_timeout / 3)
+
+        if not (a_sms and b_sms):
+            self.judge("1", "two replies within a second", "processed: all sent once, in "
+                       "order", False, "no SMS thread was written for A or B")
+        else:
+            sends = [self.sent(t) for t in one]
+            ok = all(len(x) == 1 for x in sends)
+            order_ok = all([r["at"] for x in sends[a0:a1] for r in x] == sorted(
+                r["at"] for x in sends[a0:a1] for r in x) for a0, a1 in ((0, 4), (4, 6)))
+            self.judge("1", "4 replies within a second in one thread, 2 in another's",
+                       "processed: each sent once, in order", ok and order_ok,
+                       "sent " + "/".join(str(len(x)) for x in sends)
+                       + ("" if order_ok else ", out of order"))
+        self.judge("2", "'On ' x 12 KB from a patient", "processed: written once",
+                   len(self.written(quote_mid)) == 1, self.email_fate(quote_mid, quote_status))
+        self.judge("2", "'On ' x 12 KB from a stranger", "dead letter (unknown-sender)",
+                   self.dead(stranger_mid) == ["unknown-sender"],
+                   self.email_fate(stranger_mid, stranger_status))
+        rows, reasons = self.written(parts_mid), self.dead(parts_mid)
+        self.judge("3", "300 KB of one-line parts", "2xx, then processed (written once) "
+                   "or dead letter with a reason", 200 <= parts_status < 300 and (
+                       len(rows) == 1 or bool(reasons)), self.email_fate(parts_mid,
+                                                                         parts_status))
+        for name, mid, status in (("2 MB photo", photo_mid, photo_status),
+                                  ("3 MB text", text_mid, text_status)):
+            self.judge("4", name, "processed: written once, no dead letter",
+                       len(self.written(mid)) == 1 and not self.dead(mid),
+                       self.email_fate(mid, status))
+        rows = self.written(hijack_mid)
+        subject = ((self.header_of(rows[0]).get("subject") or {}).get("reference")
+                   if rows else None)
+        self.judge("5", "References naming another patient's conversation",
+                   "processed: written in the sender's own thread", subject == f"Patient/{a[0]}",
+                   f"HTTP {hijack_status}, thread of {subject}"
+                   + ("" if b_mail else " (B's own email was never written)")
+                   + (" (the other patient's)" if subject == f"Patient/{b[0]}" else ""))
+        injected = [m for m in self.stack.sandbox.all("Communication", **{
+            "part-of:missing": "false"}) if f"injected {self.tag}" in json.dumps(m)]
+        self.judge("6", "signed post replayed with boundary=EVIL", "4xx, nothing written",
+                   400 <= replay < 500 and not injected,
+                   f"HTTP {replay}, {len(injected)} messages written from the injected parts")
+        for name, (mid, status) in seven.items():
+            rows, reasons = self.written(mid), self.dead(mid)
+            self.judge("7", name, "no 5xx: 4xx with a reason, or processed, or dead letter "
+                       "with a reason", status < 500 and (
+                           400 <= status < 500 or len(rows) == 1 or bool(reasons)),
+                       self.email_fate(mid, status))
+        control = len(self.sent(eight_control))
+        for name, needle in eight.items():
+            out = self.sent(needle)
+            self.judge("8", name, "never sent (ignored, or dead letter with a reason), while "
+                       "a proper reply after it in the thread is sent once",
+                       not out and control == 1,
+                       f"sent {len(out)}x" + (f" to {out[0].get('to')!r}" if out else "")
+                       + f", the proper reply {control}x"
+                       + (" (inconclusive: nothing in that thread went out)"
+                          if not out and not control else ""))
+        rows = self.written(shared)
+        senders = sorted({str((r.get("sender") or {}).get("reference")) for r in rows})
+        self.judge("9", "one Message-ID from two senders", "processed: both written",
+                   len(senders) == 2, f"HTTP {nine}, written {len(rows)}x "
+                   f"from {len(senders)} sender(s)")
+        wrong = self.sent(f"[f10b-{self.tag}]")
+        self.judge("10", "Idempotency-Key reused with another body", "422",
+                   ten[1] == 422, f"HTTP {ten}, second body sent {len(wrong)}x")
+        after = self.sent(f"[f11-{self.tag}]")
+        self.judge("11", "unsubscribe naming an unknown Communication",
+                   "processed: no opt-out (a later email to that address is sent)",
+                   len(after) == 1, f"HTTP {eleven}, then API {eleven_send}, "
+                   f"sent {len(after)}x, request {self.request_state(eleven_answer)!r}")
+        out = self.sent(f"[f13-{self.tag}]")
+        subjects = [str(((r.get("json") or {}).get("personalizations") or [{}])[0].get(
+            "subject") or (r.get("json") or {}).get("subject") or "") for r in out]
+        clean = bool(out) and not any(ch in sub for sub in subjects for ch in "\r\n\x00")
+        self.judge("13", "CR/LF in a decoded subject", "processed: the emailed reply's "
+                   "subject has no control characters", clean,
+                   f"inbound HTTP {crlf_status}, thread {'found' if d_mail else 'missing'}, "
+                   f"reply sent {len(out)}x, subjects {[s[:40] for s in subjects]!r}")
+        return self.results
