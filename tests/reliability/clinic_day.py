@@ -26,7 +26,6 @@ the same run (a relative check: a loaded machine slows both).
 
 from __future__ import annotations
 
-import base64
 import concurrent.futures as cf
 import itertools
 import json
@@ -349,14 +348,15 @@ class ClinicDay:
                 order = self.thread_order[header]
                 self.thread_order[header] += 1
             tag = f"r-{header[:8] if len(header) >= 8 else header.rjust(8, '0')}-{order}"
-            comm = self.stack.sandbox.fhir.create({
+            # Logged in as the clinician: only what the clinic wrote (meta.author) is sent.
+            comm = self.stack.sandbox.write_as(f"Practitioner/{self.practitioner}", {
                 "resourceType": "Communication", "status": "in-progress",
                 "partOf": [{"reference": f"Communication/{header}"}],
                 "subject": {"reference": f"Patient/{self.patients[i]['id']}"},
                 "recipient": [{"reference": f"Patient/{self.patients[i]['id']}"}],
                 "sender": {"reference": f"Practitioner/{self.practitioner}"},
                 "payload": [{"contentString": f"Please take the tablets twice a day [{tag}]"}],
-            }).resource
+            })
             with self.lock:
                 self.replies.append(Reply(tag, i, channel, header, order, time.time(),
                                           str(comm["id"])))
@@ -561,16 +561,7 @@ class ClinicDay:
     def _dead_text(self) -> str:
         """Every dead letter as one searchable text (long strings base64-decoded too, so a
         raw email's Message-ID is found inside it)."""
-        chunks = []
-        for e in self.stack.dead_letters():
-            text = json.dumps([e.args, e.kwargs], default=str)
-            chunks.append(text)
-            for s in re.findall(r'"([A-Za-z0-9+/=]{200,})"', text):
-                try:
-                    chunks.append(base64.b64decode(s).decode("utf-8", "replace"))
-                except ValueError:
-                    pass
-        return "\n".join(chunks)
+        return "\n".join(text for _, text in self.stack.dead_letter_texts())
 
     def _inbound_children(self) -> dict[str, list[dict[str, Any]]]:
         """Provider id (MessageSid / Message-ID) → inbound child Communications carrying it."""
@@ -597,8 +588,9 @@ class ClinicDay:
         headers = {str(e["resource"]["id"]): e["resource"] for e in (s.sandbox.fhir.search(
             "Communication", [("part-of:missing", "true"), ("_count", "5000")]).get("entry")
             or [])}
-        entries = s.dead_letters()
-        dead_text = self._dead_text()
+        texts = s.dead_letter_texts()  # each entry with its payload (and email post) as text
+        entries = [e for e, _ in texts]
+        dead_text = "\n".join(text for _, text in texts)
         # Inbound: once each, in its thread (one header per patient and medium / email
         # conversation, whose subject is that patient).
         thread_of: dict[tuple[int, str], set[str]] = defaultdict(set)
@@ -669,8 +661,7 @@ class ClinicDay:
         # Dead letters: only the hostile inputs may have any.
         rep.dead_letters = len(entries)
         hostile = {p.key: p for p in self.posted if p.hostile}
-        for e in entries:
-            text = json.dumps([e.args, e.kwargs], default=str)
+        for e, text in texts:
             if HOSTILE_DOMAIN in text or any(k in text for k in hostile):
                 continue
             if not any(u.split(" ")[-1] in text for u in rep.unexpected_dead_letters):
@@ -678,8 +669,7 @@ class ClinicDay:
         for p in sorted(hostile.values(), key=lambda p: p.at):
             fate = "written" if p.key in children else \
                 "dead-lettered" if p.key in dead_text else "neither"
-            reasons = sorted({e.reason for e in entries
-                              if p.key in json.dumps([e.args, e.kwargs], default=str)})
+            reasons = sorted({e.reason for e, text in texts if p.key in text})
             rep.hostile.append(f"{p.kind}: HTTP {p.status} after {p.answered - p.at:.1f}s, "
                                f"{fate}{' (' + ', '.join(reasons) + ')' if reasons else ''}")
             rep.hostile_5xx += int(p.status >= 500)

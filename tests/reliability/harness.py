@@ -4,8 +4,11 @@ and restarted. Every request goes to 127.0.0.1 and every loop is bounded."""
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures as cf
+import json
 import random
+import re
 import tempfile
 import threading
 import time
@@ -34,6 +37,7 @@ from worker.channels.sendgrid import EMAIL_INBOUND_MESSAGE_ID_SYSTEM
 from worker.ops import devstack
 from worker.settings import Settings, load_settings
 from worker.stores.dead_letters import DeadLetterStore
+from worker.stores.email_posts import EmailPosts
 
 API_TOKEN = "reliability-api-token"
 CLINIC = "+15557654321"
@@ -265,6 +269,27 @@ class Stack:
     def dead_letters(self) -> list[Any]:
         """Every dead-letter entry."""
         return DeadLetterStore(self._r, self.settings.sealer()).list(limit=100000)
+
+    def dead_letter_texts(self) -> list[tuple[Any, str]]:
+        """Every dead-letter entry with its payload as one searchable text: long base64
+        strings decoded, and an inbound email's post read back from the store it waits in (the
+        receiver keeps an email's bytes there and queues only a reference to them)."""
+        posts = EmailPosts.from_settings(self._r, self.settings)
+        out = []
+        for e in self.dead_letters():
+            text = json.dumps([e.args, e.kwargs], default=str)
+            blobs = [text]
+            for b in re.findall(r'"([A-Za-z0-9+/=]{200,})"', text):
+                try:
+                    blobs.append(base64.b64decode(b).decode("utf-8", "replace"))
+                except ValueError:
+                    pass
+            for ref in re.findall(r'"email_ref": "(email-[0-9a-f]{16})"', text):
+                post = posts.get(ref)
+                if post:
+                    blobs.append(post.decode("utf-8", "replace"))
+            out.append((e, "\n".join(blobs)))
+        return out
 
     def queues_idle(self) -> bool:
         """No message waiting, in flight, or accepted and unfinished (the inbox)."""

@@ -811,18 +811,7 @@ class _Findings:
 
     def dead(self, needle: str) -> list[str]:
         """Reasons of the dead letters whose payload mentions `needle` (base64 looked into)."""
-        reasons = []
-        for e in self.stack.dead_letters():
-            text = json.dumps([e.args, e.kwargs], default=str)
-            blobs = [text]
-            for b in __import__("re").findall(r'"([A-Za-z0-9+/=]{200,})"', text):
-                try:
-                    blobs.append(base64.b64decode(b).decode("utf-8", "replace"))
-                except ValueError:
-                    pass
-            if any(needle in b for b in blobs):
-                reasons.append(e.reason)
-        return reasons
+        return [e.reason for e, text in self.stack.dead_letter_texts() if needle in text]
 
     def header_of(self, comm: dict[str, Any]) -> dict[str, Any]:
         ref = str((comm.get("partOf") or [{}])[0].get("reference", ""))
@@ -844,13 +833,14 @@ class _Findings:
     def reply(self, header: str, patient_id: str, text: str,
               recipient: str | None = None) -> str:
         """A clinician's reply written straight into FHIR (the Subscription notifies)."""
-        return str(self.fhir.create({
+        # Logged in as the clinician: only what the clinic wrote (meta.author) is sent.
+        return str(self.stack.sandbox.write_as(f"Practitioner/{self.practitioner}", {
             "resourceType": "Communication", "status": "in-progress",
             "partOf": [{"reference": f"Communication/{header}"}],
             "subject": {"reference": f"Patient/{patient_id}"},
             "recipient": [{"reference": recipient or f"Patient/{patient_id}"}],
             "sender": {"reference": f"Practitioner/{self.practitioner}"},
-            "payload": [{"contentString": text}]}).resource["id"])
+            "payload": [{"contentString": text}]})["id"])
 
     def sent(self, needle: str) -> list[dict[str, Any]]:
         """Provider requests (accepted) whose content holds `needle`."""
