@@ -25,6 +25,7 @@ from worker.channels import twilio
 from worker.channels.sendgrid import EMAIL_INBOUND_KEY_SYSTEM
 from worker.channels.sendgrid_inbound import clinic_mailbox
 from worker.channels.twilio import TwilioSms
+from worker.errors import PermanentError
 from worker.fhir.resources import clinic_participant
 from worker.inbound.email import deliver_email, stored_email
 from worker.inbound.pipeline import apply_opt_keyword, deliver_inbound
@@ -40,6 +41,9 @@ from worker.stores.email_posts import EmailPosts
 from worker.stores.inbox import HEADER as INBOX_HEADER
 
 log = logging.getLogger("switchboard.inbound")
+# Dead-letter reasons of an email refused for who sent it (worker/stores/email_posts.py).
+REFUSED_SENDER = frozenset({"unknown-sender", "ambiguous-sender", "unauthenticated-sender",
+                            "invalid-sender"})
 
 
 @shared_task(bind=True, base=SwitchboardTask, name=TASK_INBOUND_SMS)
@@ -89,9 +93,14 @@ def inbound_email(self: SwitchboardTask, record: dict[str, Any], meta: dict[str,
                               "value": clinic_mailbox(record)},
                "display": "Clinic mailbox"})
     ctx = ThreadContext(rt.fhir, systems, clinic, rt.locks.hold)
-    outcome = deliver_email(record, str(meta["received_at"]), ctx, s.email_thread_strategy,
-                            s.unknown_sender_policy, s.email_require_sender_auth, rt.seen,
-                            rt.binaries)
+    try:
+        outcome = deliver_email(record, str(meta["received_at"]), ctx, s.email_thread_strategy,
+                                s.unknown_sender_policy, s.email_require_sender_auth, rt.seen,
+                                rt.binaries)
+    except PermanentError as exc:
+        if posts is not None and exc.reason in REFUSED_SENDER:
+            posts.refused(ref)  # anyone can email the clinic: a large post is not kept
+        raise
     if posts is not None:
         posts.done(ref)
     # The Message-ID can hold the sender's address: the log names the task, not the email.

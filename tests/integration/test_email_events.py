@@ -281,6 +281,40 @@ def test_an_event_for_an_unsent_communication_is_retried_then_dead_lettered_alon
     svc.dead_letters.purge()
 
 
+def test_an_event_naming_a_communication_sent_by_sms_is_ignored_not_retried(
+        services: Services, sandbox: Sandbox, providers_clean: ProviderSandbox) -> None:
+    """Hostile review: a signed event whose custom arg names a Communication that went out by
+    SMS (no email of ours carried it) was retried as `send-not-recorded` for hours before it
+    was dead-lettered; it is not ours, and is ignored at once."""
+    svc = services.get(**outbound_env(providers_clean))
+    pat = email_patient(sandbox)
+    header = email_thread(sandbox, pat)
+    comm = reply(sandbox, header, pat)
+    sent = send_email(svc, comm)
+    eventually(lambda: any(
+        i.get("system") == svc.settings.email_message_id_system
+        for i in sandbox.fhir.read("Communication", comm["id"]).resource.get("identifier")
+        or []), what="send recorded")
+    by_sms = sandbox.fhir.create({
+        "resourceType": "Communication", "status": "in-progress",
+        "partOf": [{"reference": f"Communication/{header['id']}"}],
+        "recipient": [{"reference": f"Patient/{pat['id']}"}],
+        "medium": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/"
+                                          "v3-ParticipationMode", "code": "SMSWRIT"}]}],
+        "identifier": [{"system": svc.settings.message_id_system, "value": "SM" + "1" * 32}],
+        "payload": [{"contentString": "by text"}]}).resource
+    batch = providers_clean.email_events(
+        sent["provider_id"],
+        {"event": "unsubscribe", "communication_id": by_sms["id"], "request_id": None})
+    events = [{k: v for k, v in e.items() if v is not None} for e in json.loads(batch["body"])]
+    body = json.dumps(events).encode()
+    resp = svc.app().test_client().post(
+        EVENTS, data=body, headers=sign_email_events(providers_clean.event_private_key, body))
+    assert resp.status_code == 200
+    processed(svc, body)  # a retried batch keeps its inbox entry: this would time out
+    assert svc.dead_letters.count() == 0
+
+
 def test_forged_unsigned_stale_and_malformed_batches_are_refused_and_nothing_is_queued(
         services: Services, providers: ProviderSandbox) -> None:
     svc = services.get(worker=False, **outbound_env(providers))

@@ -38,7 +38,7 @@ from web.enqueue import Enqueuer
 from worker.broker.celery_app import QUEUE_INBOUND, TASK_INBOUND_EMAIL
 from worker.crypto import Sealer, generate_key
 from worker.ops import devstack
-from worker.stores.email_posts import DONE, PREFIX, EmailPosts, post_ref
+from worker.stores.email_posts import DONE, KEEP_REFUSED_BYTES, PREFIX, EmailPosts, post_ref
 from worker.stores.inbox import Inbox
 
 KEY = {"SENDGRID_INBOUND_VERIFICATION_KEY": VERIFICATION_KEY}
@@ -153,6 +153,28 @@ def test_a_post_is_kept_until_its_email_is_written_and_a_lost_one_is_a_dead_lett
         inbox_key="email:email-0123456789abcdef")
     dead = eventually(lambda: svc.dead_letters.list(), what="the dead letter")
     assert [e.reason for e in dead] == ["email-post-missing"]
+
+
+def test_a_strangers_large_post_is_not_kept_for_its_dead_letters_month(
+        services: Services, sandbox: Sandbox) -> None:
+    """Hostile review: emails from unknown senders (up to 40 MB each) were kept sealed in
+    Redis for the dead letters' 31 days; Redis runs without eviction, so a few hundred filled
+    it and every webhook got 503. A refused sender's post is kept only while small (a replay
+    after the clinic adds the patient still works for an ordinary email)."""
+    svc = services.get(**KEY)
+    big_type, big = parsed_post("stranger@example.org", text="hello",
+                                message_id=new_message_id(),
+                                attachments=[("scan.pdf", "application/pdf",
+                                              b"%PDF" + b"x" * (KEEP_REFUSED_BYTES + 1))])
+    small_type, small = parsed_post("other.stranger@example.org", text="hello",
+                                    message_id=new_message_id())
+    deliver(svc, (big_type, big))
+    deliver(svc, (small_type, small))
+    dead = eventually(lambda: len(svc.dead_letters.list()) == 2 and svc.dead_letters.list(),
+                      what="both dead letters")
+    assert sorted(e.reason for e in dead) == ["unknown-sender", "unknown-sender"]
+    assert not svc.redis.exists(PREFIX + post_ref(big))
+    assert EmailPosts.from_settings(svc.redis, svc.settings).get(post_ref(small)) == small
 
 
 def test_a_quote_stripper_bomb_stalls_neither_the_worker_nor_an_sms(

@@ -21,6 +21,7 @@ from worker.fhir.reference import parse_reference, ref
 from worker.fhir.resources import fhir_string
 from worker.fhir.update import guarded_update
 from worker.ids import REQUEST_ID
+from worker.outbound.routing import medium_channel
 from worker.outbound.status_map import (
     SENDGRID_TO_FHIR,
     TWILIO_TO_FHIR,
@@ -209,6 +210,13 @@ def _communication_for(fhir: FhirClient, event: Mapping[str, Any], xid_system: s
         recorded = [str(i.get("value")) for i in comm.get("identifier") or []
                     if i.get("system") == xid_system]
         if not recorded:
+            sent_by = medium_channel(comm)
+            if sent_by is not None and sent_by != "email":
+                # Sent (or received) on another channel: no email of ours carried it, so the
+                # event is not ours (a retry could never find the record it waits for).
+                log.warning("sendgrid event names Communication/%s, which is no email of "
+                            "ours; ignored", cid)
+                return None
             # Ours, but the record of the send (written a moment after SendGrid accepted it)
             # is not there yet, or this Communication was never sent by us: try again later
             # (the other events of the batch go on; the retries end in a dead letter).

@@ -8,7 +8,8 @@ take within the enqueue's one-second bound, and missed it under load.
 
 Lifetime: a post lives as long as its message could still need it: while queued, retried or
 dead-lettered (its TTL, one day beyond DEAD_LETTER_RETENTION_DAYS, is renewed on every read, so
-a replay keeps it), and it is replaced by a small `done` marker once the email is written, so
+a replay keeps it; but the post of an email refused for its sender only while it is small,
+KEEP_REFUSED_BYTES), and it is replaced by a small `done` marker once the email is written, so
 a redelivery of a finished task is told from a lost post. A post whose 503 made SendGrid try
 again later is overwritten by the retry (same bytes, same key), or expires.
 """
@@ -26,6 +27,12 @@ from worker.stores import Resealed, reseal_strings
 
 PREFIX = "switchboard:email-post:"
 DONE = b"done"  # never a sealed value: those start with the version byte 0x01
+# An email refused for its sender (unknown, ambiguous, unauthenticated) keeps its post for a
+# replay (the clinic adds the patient, then replays it) only up to this size: anyone can email
+# the clinic, and posts of up to 40 MB kept for the dead letters' month would fill Redis, which
+# runs without eviction (every webhook would then get 503). A larger one is dropped; a replay of
+# its dead letter then ends as `email-post-missing`.
+KEEP_REFUSED_BYTES = 256 * 1024
 
 
 def post_ref(body: bytes) -> str:
@@ -60,6 +67,15 @@ class EmailPosts:
         if value is None or value == DONE:
             return value  # type: ignore[no-any-return]
         return self._sealer.open_bytes(value)
+
+    def refused(self, ref: str) -> bool:
+        """The email's sender is not one we take mail from: keep its post only when it is
+        small (KEEP_REFUSED_BYTES); returns whether it was kept."""
+        size = self._r.strlen(PREFIX + ref)
+        if size and size > KEEP_REFUSED_BYTES:
+            self._r.delete(PREFIX + ref)
+            return False
+        return bool(size)
 
     def done(self, ref: str) -> None:
         """The email was written: drop its bytes, keep a marker for redeliveries."""
