@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -27,7 +28,7 @@ from worker.channels.sendgrid_inbound import clinic_mailbox
 from worker.channels.twilio import TwilioSms
 from worker.errors import PermanentError
 from worker.fhir.resources import clinic_participant
-from worker.inbound.email import deliver_email, stored_email
+from worker.inbound.email import admit_sender, deliver_email, stored_email
 from worker.inbound.pipeline import apply_opt_keyword, deliver_inbound
 from worker.inbound.threads import ThreadContext
 from worker.outbound.automatic import on_notification, subscription_request
@@ -74,29 +75,38 @@ def inbound_email(self: SwitchboardTask, record: dict[str, Any], meta: dict[str,
     "content_type"}), or an email record enqueued before the parse moved here."""
     rt = get_runtime()
     s = rt.settings
-    posts, ref = None, str(record.get("email_ref") or "")
-    if "from" not in record:  # the receiver stored the post: read it within bounds
-        posts = EmailPosts.from_settings(rt.redis, s)
-        loaded = stored_email(posts, ref, str(record.get("content_type") or ""),
-                              s.email_max_bytes)
-        if loaded is None:  # a redelivery of a task that finished
-            log.info("inbound email: skipped (already written)")
-            return {"communication": None, "thread": None, "result": "skipped"}
-        record = loaded
-        if record["omitted"]:
-            rt.metrics.inc("switchboard_emails_oversized")
-            rt.metrics.inc("switchboard_email_attachments_omitted", len(record["omitted"]))
     systems = replace(rt.systems, message=EMAIL_INBOUND_KEY_SYSTEM,
                       conversation=s.email_conversation_id_system)
-    clinic = ({"reference": s.clinic_reference} if s.clinic_reference else
-              {"identifier": {"system": s.clinic_number_system,
-                              "value": clinic_mailbox(record)},
-               "display": "Clinic mailbox"})
-    ctx = ThreadContext(rt.fhir, systems, clinic, rt.locks.hold)
+
+    def context(record: Mapping[str, Any]) -> ThreadContext:
+        clinic = ({"reference": s.clinic_reference} if s.clinic_reference else
+                  {"identifier": {"system": s.clinic_number_system,
+                                  "value": clinic_mailbox(record)},
+                   "display": "Clinic mailbox"})
+        return ThreadContext(rt.fhir, systems, clinic, rt.locks.hold)
+
+    def admit(sender: Mapping[str, Any]) -> None:
+        admit_sender(sender, context(sender), s.unknown_sender_policy,
+                     s.email_require_sender_auth)
+
+    posts, ref = None, str(record.get("email_ref") or "")
     try:
-        outcome = deliver_email(record, str(meta["received_at"]), ctx, s.email_thread_strategy,
-                                s.unknown_sender_policy, s.email_require_sender_auth, rt.seen,
-                                rt.binaries)
+        if "from" not in record:  # the receiver stored the post: read it within bounds, the
+            # whole email only once its sender is admitted (a stranger's costs milliseconds)
+            posts = EmailPosts.from_settings(rt.redis, s)
+            loaded = stored_email(posts, ref, str(record.get("content_type") or ""),
+                                  s.email_max_bytes, admit)
+            if loaded is None:  # a redelivery of a task that finished
+                log.info("inbound email: skipped (already written)")
+                return {"communication": None, "thread": None, "result": "skipped"}
+            record = loaded
+            if record["omitted"]:
+                rt.metrics.inc("switchboard_emails_oversized")
+                rt.metrics.inc("switchboard_email_attachments_omitted", len(record["omitted"]))
+        outcome = deliver_email(record, str(meta["received_at"]), context(record),
+                                s.email_thread_strategy, s.unknown_sender_policy,
+                                s.email_require_sender_auth, rt.seen, rt.binaries,
+                                sender_admitted=posts is not None)
     except PermanentError as exc:
         if posts is not None and exc.reason in REFUSED_SENDER:
             posts.refused(ref)  # anyone can email the clinic: a large post is not kept

@@ -14,8 +14,10 @@ import pytest
 from tests.email_payloads import (
     PRIVATE_KEY,
     VERIFICATION_KEY,
+    _raw_head,
     boundary_replay,
     many_parts_email,
+    multipart,
     nested_email,
     new_message_id,
     other_key,
@@ -34,9 +36,13 @@ from worker.channels.sendgrid_inbound import (
     conversation_id,
     decode_text,
     message_key,
+    mime_problem,
     parse_form_body,
+    parse_mime,
     parse_request,
+    read_form,
     read_post,
+    read_sender,
     replied_ids,
     sender_authentication,
     strip_input,
@@ -51,6 +57,8 @@ from worker.channels.sendgrid_signing import (
     load_verification_key,
     verify_signed_request,
 )
+from worker.errors import PermanentError
+from worker.inbound.email import admitted_email
 from worker.messages import MAX_TEXT_BYTES, fit_text
 
 PATIENT = "pat.example@example.org"
@@ -512,3 +520,125 @@ def test_headers_the_parser_would_take_minutes_on_are_refused() -> None:
         with pytest.raises(InvalidEmail) as caught:
             record_of(post)
         assert caught.value.reason == "email-too-complex"
+
+
+# -- hostile review: F1 (parsed mode's headers field), F2 (MIME parts), the sender first ------
+
+# The review's payload: From/Subject/Message-ID and N Authentication-Results of 30 KB each (the
+# old code parsed every one with policy.default, 0.17 s each, before the sender lookup).
+_BIG_AR = b"Authentication-Results: " + b"a " * 15_000
+
+
+def _hostile_headers_post(count: int, top: bytes = b"") -> tuple[str, bytes]:
+    headers = b"\n".join([f"From: <{PATIENT}>".encode(), b"Subject: x",
+                          b"Message-ID: <1@mail.example.org>", *([top] if top else []),
+                          *[_BIG_AR] * count])
+    return multipart([("from", PATIENT.encode(), None, None), ("headers", headers, None, None),
+                      ("dkim", b"{@evil.example : pass}", None, None),
+                      ("text", b"hi", None, None)])
+
+
+def test_parsed_modes_headers_field_is_capped_like_raw_modes_header_block() -> None:
+    post = _hostile_headers_post(9)  # 270 KB: over MAX_EMAIL_HEADER_BYTES
+    with pytest.raises(InvalidEmail) as caught:
+        record_of(post)
+    assert caught.value.reason == "email-too-complex"
+    with pytest.raises(InvalidEmail) as caught:
+        read_sender(read_form(*post))
+    assert caught.value.reason == "email-too-complex"
+
+
+@pytest.mark.parametrize("mode", ["parsed", "raw"])
+def test_only_the_topmost_authentication_results_is_read(mode: str) -> None:
+    top = b"Authentication-Results: mx.sendgrid.net; dkim=pass header.d=example.org"
+    if mode == "parsed":
+        post = _hostile_headers_post(7, top)
+        content_type, body = post
+        post = (content_type, body.replace(b"{@evil.example : pass}", b""))
+    else:
+        raw = raw_email(PATIENT, text="hi").replace(
+            b"\nMIME-Version", b"\n" + top + b"\r\n" + (_BIG_AR + b"\r\n") * 7 + b"MIME-Version")
+        post = raw_post(PATIENT, raw, spf="", dkim="")
+    record = record_of(post)
+    sender = read_sender(read_form(*post))
+    assert record["auth_results"] == sender["auth_results"] == [top.split(b": ", 1)[1].decode()]
+    assert sender_authentication(sender) == sender_authentication(record) == "dkim"
+    assert record["from"] == sender["from"] == PATIENT
+
+
+def _cr_only_parts(parts: int) -> bytes:
+    return (_raw_head(PATIENT, "parts", None)
+            + b'Content-Type: multipart/mixed; boundary="p"\r\n\r\n'
+            + b"\r--p\rContent-Type: text/plain\r\rx\r" * parts + b"--p--\r\n")
+
+
+def _rfc2231_parts(parts: int, declaration: bytes = b"boundary*=''p") -> bytes:
+    return (_raw_head(PATIENT, "parts", None)
+            + b"Content-Type: multipart/mixed; " + declaration + b"\r\n\r\n"
+            + b"--p\r\nContent-Type: text/plain\r\n\r\nx\r\n" * parts + b"--p--\r\n")
+
+
+@pytest.mark.parametrize("raw", [
+    _cr_only_parts(600),  # lone CRs: the parser splits on them
+    _rfc2231_parts(600),  # RFC 2231 `boundary*=`
+    _rfc2231_parts(600, b'boundary*0="p"; boundary*1=""'),  # RFC 2231 continuations
+    _raw_head(PATIENT, "nested", None)  # message/rfc822 inside message/rfc822: no boundary
+    + b"Content-Type: message/rfc822\r\n\r\n" * 600 + b"hi\r\n",
+], ids=["cr-only", "boundary*=", "boundary*0=", "rfc822-nesting"])
+def test_mime_parts_are_bounded_as_the_parser_makes_them(raw: bytes) -> None:
+    with pytest.raises(InvalidEmail) as caught:
+        record_of(raw_post(PATIENT, raw))
+    assert caught.value.reason == "email-too-complex"
+
+
+def test_the_part_estimate_counts_lines_after_a_lone_cr() -> None:
+    assert mime_problem(_cr_only_parts(600)) is not None
+    assert mime_problem(_cr_only_parts(300)) is None
+    assert record_of(raw_post(PATIENT, _cr_only_parts(300)))["from"] == PATIENT
+    assert record_of(raw_post(PATIENT, _rfc2231_parts(300)))["from"] == PATIENT
+
+
+@pytest.mark.parametrize("raw", [_cr_only_parts(600), _rfc2231_parts(600),
+                                 many_parts_email(PATIENT, 200_000)],
+                         ids=["cr-only", "boundary*=", "200k-parts"])
+def test_a_strangers_email_is_refused_before_it_is_parsed(raw: bytes) -> None:
+    """The sender comes from cheap reads, and is judged before the email is parsed: an
+    unknown sender's email ends `unknown-sender`, never reaching the parse that would refuse
+    it as `email-too-complex` (and cost its time)."""
+    judged: list[str] = []
+
+    def stranger(sender: Any) -> None:
+        judged.append(sender["from"])
+        raise PermanentError("unknown-sender", "no Patient has the sender's email address")
+
+    content_type, body = raw_post(PATIENT, raw)
+    with pytest.raises(PermanentError) as caught:
+        admitted_email(content_type, body, MB, stranger)
+    assert caught.value.reason == "unknown-sender" and judged == [PATIENT]
+    # A sender let through gets the whole parse, with its bounds.
+    with pytest.raises(PermanentError) as caught:
+        admitted_email(content_type, body, MB, lambda sender: None)
+    assert caught.value.reason == "email-too-complex"
+
+
+def test_an_unauthenticated_sender_is_refused_from_the_cheap_read() -> None:
+    content_type, body = _hostile_headers_post(7)  # dkim passes for evil.example only
+    sender = read_sender(read_form(content_type, body))
+    assert sender_authentication(sender) is None
+    assert set(sender) == {"from", "spf", "dkim", "envelope_from", "envelope_to",
+                           "auth_results"}
+
+
+def test_a_parts_content_disposition_is_bounded() -> None:
+    # Parsed on every read: 0.8 s per part at 30 KB (500 parts: minutes).
+    part = (b'--p\r\nContent-Type: application/pdf\r\nContent-Disposition: attachment; '
+            b'filename="' + b"a " * 15_000 + b'"\r\n\r\nx\r\n')
+    raw = (_raw_head(PATIENT, "parts", None)
+           + b'Content-Type: multipart/mixed; boundary="p"\r\n\r\n' + part + b"--p--\r\n")
+    with pytest.raises(InvalidEmail) as caught:
+        parse_mime(raw)
+    assert caught.value.reason == "email-too-complex"
+    long_name = "Befund " + "ä" * 120 + ".pdf"  # RFC 2231-encoded in continuations: 1 KB
+    record = record_of(raw_post(PATIENT, raw_email(PATIENT, attachments=[
+        (long_name, "application/pdf", PDF)])))
+    assert record["attachments"][0]["name"] == long_name

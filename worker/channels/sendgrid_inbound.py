@@ -61,11 +61,15 @@ MAX_EMAIL_HEADER_BYTES = 256 * 1024
 # Real emails have a few multiparts and a few dozen parts; these leave room for big forwards
 # (500 parts of 16-parameter headers: 1.6 s of parsing; 2,000: 6.3 s).
 MAX_MIME_MULTIPARTS = 64  # boundary declarations, so also the deepest nesting
-MAX_MIME_PARTS = 500  # delimiter lines of those boundaries
-# A backstop on the parse of one email (checked between 1 MiB chunks fed to the parser): the
-# bounds above keep a 40 MB email to a few seconds; this ends anything they missed.
+MAX_MIME_PARTS = 500  # delimiter lines of those boundaries; also parts the parser makes
+# The byte count above is only an estimate (a parser splits on a lone CR, honours RFC 2231's
+# `boundary*=`...): the bound that holds is counted as the parser goes (_PartCounter), which
+# stops it at the (MAX_MIME_PARTS + 1)th part it makes. A backstop on the time of one parse,
+# checked between chunks of _PARSE_CHUNK fed to the parser (a chunk holds at most a few
+# hundred ms of work: parts are bounded, headers are linear): the bounds keep a 40 MB email to
+# a few seconds; this ends anything they missed.
 MAX_PARSE_SECONDS = 60.0
-_PARSE_CHUNK = 1024 * 1024
+_PARSE_CHUNK = 64 * 1024
 # policy.default parses a header when it is read, in time that grows with the square of its
 # length: a To of 20,000 addresses (140 KB) took 21 s, of 40,000 89 s; a Content-Type of 2,000
 # parameters 1.3 s. Each header of the message and its parts must stay under these (a To of
@@ -75,8 +79,18 @@ _PARSE_CHUNK = 1024 * 1024
 MAX_HEADER_CHARS = 32 * 1024
 MAX_HEADER_PARAMS = 64
 MAX_MIME_HEADER_PARAMS = 16
+# ... and at most this long: a part's Content-Disposition is parsed each time it is read (a few
+# times per part), in time growing with its words: 0.8 s per 30 KB filename (500 such parts:
+# minutes), 72 ms at 4 KB, 28 ms at 2 KB. Real ones are a few hundred bytes; a long non-ASCII
+# filename in RFC 2231 continuations meets the parameter bound before this one.
+MAX_MIME_HEADER_CHARS = 2 * 1024
 _MIME_HEADERS = ("content-type", "content-disposition")
-_BOUNDARY_DECLARED = re.compile(rb'boundary\s*=\s*"?([^"\s;]{1,200})', re.I)
+# `boundary=`, and RFC 2231's `boundary*=` and `boundary*0=` continuations (the stdlib honours
+# them all): each counts as a declaration.
+_BOUNDARY_DECLARED = re.compile(rb'boundary(?:\*[0-9]{0,3}\*?)?\s*=\s*"?([^"\s;]{1,200})', re.I)
+# Of the topmost Authentication-Results header (the only one read, see sender_authentication)
+# only this much is searched: a real one is under 2 KB, and the patterns backtrack.
+MAX_AUTH_RESULTS_CHARS = 8 * 1024
 # mail-parser-reply's regexes span lines and backtrack: measured on this project's 2-core
 # machine under load, its worst inputs found ("On ", "Op " repeated) take 0.3 s at 2,000
 # characters, 2.3 s at 8,000 and 187 s at 90 KB, holding the GIL (so every thread of the worker)
@@ -365,12 +379,19 @@ def parse_form_body(content_type: str, body: bytes) -> tuple[dict[str, bytes], l
     return fields, files
 
 
-def read_post(content_type: str, body: bytes, max_bytes: int) -> dict[str, Any]:
-    """The email record of a whole Inbound Parse post, in the worker. Raises InvalidEmail
-    (with a reason) for anything it cannot read; nothing else, and nothing that quotes it."""
+@dataclass(frozen=True)
+class EmailForm:
+    """A post's form, framed (`read_form`): read its sender cheaply (`read_sender`), and only
+    then, for a sender worth it, the whole email (`read_record`)."""
+
+    fields: Mapping[str, bytes]
+    files: list[FilePart]
+
+
+def _guarded(read: Any, *args: Any) -> Any:
+    """`read(*args)`, every failure an InvalidEmail with a reason, none quoting the email."""
     try:
-        fields, files = parse_form_body(content_type, body)
-        return parse_request(fields, files, max_bytes)
+        return read(*args)
     except InvalidEmail:
         raise
     except RecursionError:
@@ -380,27 +401,107 @@ def read_post(content_type: str, body: bytes, max_bytes: int) -> dict[str, Any]:
         raise InvalidEmail(f"unreadable ({type(exc).__name__})", "unreadable-email") from None
 
 
+def read_form(content_type: str, body: bytes) -> EmailForm:
+    """The framed form of a post (the checks the receiver made, again). Raises InvalidEmail."""
+    fields, files = _guarded(parse_form_body, content_type, body)
+    _one_mode(set(fields), bool(files))
+    return EmailForm(fields, files)
+
+
+def read_sender(form: EmailForm) -> dict[str, Any]:
+    """Stage one: the sender part of the record (`sender_fields`). Raises InvalidEmail."""
+    return dict(_guarded(sender_fields, form.fields))
+
+
+def read_record(form: EmailForm, max_bytes: int) -> dict[str, Any]:
+    """Stage two: the whole email record (`parse_request`). Raises InvalidEmail."""
+    return dict(_guarded(parse_request, form.fields, form.files, max_bytes))
+
+
+def read_post(content_type: str, body: bytes, max_bytes: int) -> dict[str, Any]:
+    """The email record of a whole Inbound Parse post, in the worker. Raises InvalidEmail
+    (with a reason) for anything it cannot read; nothing else, and nothing that quotes it."""
+    return read_record(read_form(content_type, body), max_bytes)
+
+
+def sender_fields(fields: Mapping[str, bytes]) -> dict[str, Any]:
+    """What `sender_authentication` and the known-sender lookup need (`from`, `spf`, `dkim`,
+    `envelope_from`, `envelope_to`, `auth_results`), from cheap, bounded reads only: SendGrid's
+    small fields, and the header block (raw mode's, or parsed mode's `headers` field, both at
+    most MAX_EMAIL_HEADER_BYTES) split by the linear compat32 parser, of which only From and
+    the topmost Authentication-Results are read. Nothing of the body and no policy.default
+    header parse (0.17 s per 30 KB header): a stranger's email costs milliseconds. Raises
+    InvalidEmail. The whole record (`parse_request`) takes these values as they are."""
+    charsets = _json_object(fields.get("charsets", b"")[:MAX_FROM_BYTES])
+    envelope = _json_object(fields.get("envelope", b"")[:MAX_EMAIL_HEADER_BYTES])
+
+    def small(name: str) -> str:
+        value = fields.get(name, b"")[:MAX_FROM_BYTES]
+        return decode_text(value, str(charsets.get(name) or "utf-8")) if value else ""
+
+    if "email" in fields:
+        raw = fields["email"]
+        end = _header_block_end(raw)
+        if end < 0:
+            raise InvalidEmail("the email's headers do not end within "
+                               f"{MAX_EMAIL_HEADER_BYTES // 1024} KB", "email-too-complex")
+        head = _flat_headers(raw[:end])
+        from_field = _unfolded(head.get("From"))
+    elif "from" in fields or "headers" in fields:
+        block = fields.get("headers", b"")
+        # Raw mode's bound on its header block, for parsed mode's copy of it (F1 of the
+        # hostile review: 100 Authentication-Results of 30 KB took 17.5 s unbounded).
+        if len(block) > MAX_EMAIL_HEADER_BYTES:
+            raise InvalidEmail(f"the headers field is over {MAX_EMAIL_HEADER_BYTES // 1024} KB",
+                               "email-too-complex")
+        head = _flat_headers(block)
+        if len(fields.get("from", b"")) > MAX_FROM_BYTES:
+            raise InvalidEmail("the from field is too long")
+        from_field = small("from")
+    else:
+        raise InvalidEmail("neither an `email` field (raw mode) nor `from`/`headers` (parsed)")
+    if len(from_field) > MAX_FROM_BYTES:
+        raise InvalidEmail("the From header is too long")
+    sender = parseaddr(from_field)[1].strip()
+    if not sender or "@" not in sender:
+        raise InvalidEmail("From holds no address")
+    top = _unfolded(head.get("Authentication-Results"))[:MAX_AUTH_RESULTS_CHARS]
+    return {
+        "from": sender,
+        "spf": small("SPF").strip().lower(),
+        "dkim": small("dkim").strip(),
+        "envelope_from": str(envelope.get("from") or "").strip()[:MAX_FROM_BYTES],
+        "envelope_to": [a for a in _list(envelope.get("to")) if isinstance(a, str)],
+        # Only the topmost is ever used (sender_authentication): the others are not read.
+        "auth_results": [top] if top else [],
+    }
+
+
+def _flat_headers(block: bytes) -> Any:
+    """A header block split into raw (name, value) pairs by compat32: linear, nothing parsed
+    (see _part_headers)."""
+    return BytesParser(policy=policy.compat32).parsebytes(block.strip() + b"\r\n\r\n",
+                                                          headersonly=True)
+
+
+def _unfolded(value: Any) -> str:
+    """A raw header value (compat32: a str, or a Header for 8-bit bytes) on one line."""
+    return re.sub(r"\r?\n(?=[ \t])", "", str(value or "")).strip()
+
+
 def parse_request(fields: Mapping[str, bytes], files: list[FilePart], max_bytes: int
                   ) -> dict[str, Any]:
     """The email record of one Inbound Parse post (either mode). Raises InvalidEmail."""
     charsets = _json_object(fields.get("charsets", b""))
-    envelope = _json_object(fields.get("envelope", b""))
 
     def text(name: str) -> str:
         value = fields.get(name)
         return decode_text(value, str(charsets.get(name) or "utf-8")) if value else ""
 
-    common = {
-        "spf": text("SPF").strip().lower(),
-        "dkim": text("dkim").strip(),
-        "envelope_from": str(envelope.get("from") or "").strip(),
-        "envelope_to": [a for a in _list(envelope.get("to")) if isinstance(a, str)],
-    }
     _one_mode(set(fields), bool(files))
+    common = sender_fields(fields)
     if "email" in fields:
-        return {**common, **_from_raw(fields["email"], max_bytes)}
-    if "from" not in fields and "headers" not in fields:
-        raise InvalidEmail("neither an `email` field (raw mode) nor `from`/`headers` (parsed)")
+        return {**_from_raw(fields["email"], max_bytes), **common}
     headers = _headers(fields.get("headers", b""))
     check_headers(headers)
     info = _json_object(fields.get("attachment-info", b""))
@@ -412,8 +513,8 @@ def parse_request(fields: Mapping[str, bytes], files: list[FilePart], max_bytes:
                             str(meta.get("type") or f.content_type), f.data))
     body_text, body_html = text("text"), text("html")
     size = sum(len(v) for v in fields.values()) + sum(len(f.data) for f in files)
-    return {**common, **_record(headers, text("from"), text("subject"), body_text, body_html,
-                                attachments, size, max_bytes)}
+    return {**_record(headers, text("subject"), body_text, body_html, attachments, size,
+                      max_bytes), **common}
 
 
 def mime_problem(raw: bytes) -> str | None:
@@ -425,7 +526,9 @@ def mime_problem(raw: bytes) -> str | None:
         if n >= MAX_MIME_MULTIPARTS:
             return f"more than {MAX_MIME_MULTIPARTS} multipart boundaries"
         declared.add(match.group(1))
-    lines = sum(raw.count(b"\n--" + b) for b in declared)
+    # After any line ending: CRLF and LF end in \n, a lone CR (which the parser also splits
+    # on) in \r.
+    lines = sum(raw.count(b"\n--" + b) + raw.count(b"\r--" + b) for b in declared)
     if lines > MAX_MIME_PARTS:
         return f"more than {MAX_MIME_PARTS} MIME parts"
     return None
@@ -438,7 +541,7 @@ def parse_mime(raw: bytes, deadline: float | None = None) -> EmailMessage:
     if problem:
         raise InvalidEmail(problem, "email-too-complex")
     deadline = time.monotonic() + MAX_PARSE_SECONDS if deadline is None else deadline
-    parser = BytesFeedParser(policy=policy.default)
+    parser = BytesFeedParser(_factory=_PartCounter(), policy=policy.default)
     view = memoryview(raw)
     for start in range(0, len(raw), _PARSE_CHUNK):
         if time.monotonic() > deadline:
@@ -456,17 +559,36 @@ def parse_mime(raw: bytes, deadline: float | None = None) -> EmailMessage:
     return message
 
 
+class _PartCounter:
+    """The parser's message factory (the stdlib's hook for it): makes EmailMessages, and stops
+    the parse, as it goes, at the (MAX_MIME_PARTS + 1)th. Whatever the bytes look like (CR-only
+    line ends, RFC 2231 boundaries: F2 of the hostile review, 20k parts took 17.7 s), the
+    parser's cost stays bounded by what it has made."""
+
+    def __init__(self) -> None:
+        self.made = -1  # FeedParser makes one to try the factory's signature
+
+    def __call__(self, policy: Any = policy.default) -> EmailMessage:
+        self.made += 1
+        if self.made > MAX_MIME_PARTS + 1:  # the message itself and its parts
+            raise InvalidEmail(f"more than {MAX_MIME_PARTS} MIME parts", "email-too-complex")
+        return EmailMessage(policy=policy)
+
+
 def check_headers(message: EmailMessage) -> None:
     """Raises InvalidEmail (`email-too-complex`) when a header of `message` (not its parts) is
     past MAX_HEADER_CHARS or its parameter bound; reads raw values only."""
     for name, value in message.raw_items():
-        params = MAX_MIME_HEADER_PARAMS if name.lower() in _MIME_HEADERS else MAX_HEADER_PARAMS
-        if len(value) > MAX_HEADER_CHARS or value.count(";") > params:
+        mime = name.lower() in _MIME_HEADERS
+        params = MAX_MIME_HEADER_PARAMS if mime else MAX_HEADER_PARAMS
+        if len(value) > (MAX_MIME_HEADER_CHARS if mime else MAX_HEADER_CHARS) or \
+                value.count(";") > params:
             raise InvalidEmail("a header is too long", "email-too-complex")
 
 
 def _from_raw(raw: bytes, max_bytes: int) -> dict[str, Any]:
-    message = parse_mime(raw)
+    deadline = time.monotonic() + MAX_PARSE_SECONDS
+    message = parse_mime(raw, deadline)
     body_text = body_html = ""
     chosen = []
     for kind in ("plain", "html"):
@@ -481,7 +603,10 @@ def _from_raw(raw: bytes, max_bytes: int) -> dict[str, Any]:
             else:
                 body_html = _part_text(part)
     attachments: list[tuple[str, str, bytes]] = []
-    for part in message.walk():
+    for part in message.walk():  # reads each part's headers: the deadline holds here too
+        if time.monotonic() > deadline:
+            raise InvalidEmail(f"parsing took over {MAX_PARSE_SECONDS:.0f} s",
+                               "email-parse-timeout")
         if part.is_multipart() or any(part is c for c in chosen) or not isinstance(
                 part, EmailMessage):
             continue
@@ -492,16 +617,14 @@ def _from_raw(raw: bytes, max_bytes: int) -> dict[str, Any]:
         data = raw_part if isinstance(raw_part, bytes) else b""
         attachments.append((part.get_filename() or f"attachment{len(attachments) + 1}",
                             part.get_content_type(), data))
-    return _record(message, _header(message, "From"), _header(message, "Subject"), body_text,
-                   body_html, attachments, len(raw), max_bytes)
+    return _record(message, _header(message, "Subject"), body_text, body_html, attachments,
+                   len(raw), max_bytes)
 
 
-def _record(headers: Any, from_field: str, subject: str, body_text: str, body_html: str,
+def _record(headers: Any, subject: str, body_text: str, body_html: str,
             attachments: list[tuple[str, str, bytes]], size: int, max_bytes: int
             ) -> dict[str, Any]:
-    sender = parseaddr(from_field)[1].strip()
-    if not sender or "@" not in sender:
-        raise InvalidEmail("From holds no address")
+    """The record's fields read from the email; the sender's are `sender_fields`'."""
     kept: list[dict[str, Any]] = []
     omitted: list[dict[str, Any]] = []
     for name, content_type, data in attachments:
@@ -516,12 +639,10 @@ def _record(headers: Any, from_field: str, subject: str, body_text: str, body_ht
         "in_reply_to": _ids(_header(headers, "In-Reply-To")),
         "references": _ids(_header(headers, "References")),
         "date": _header(headers, "Date"),
-        "from": sender,
         "to": [a for _, a in getaddresses([_header(headers, "To")]) if a],
         "subject": subject.strip(),
         "text": body_text,
         "html": body_html,
-        "auth_results": _all_headers(headers, "Authentication-Results"),
         "size": size,
         "attachments": kept,
         "omitted": omitted,
@@ -540,13 +661,6 @@ def _header(headers: Any, name: str) -> str:
         return str(value or "")
     except Exception:  # a malformed header reads as absent
         return ""
-
-
-def _all_headers(headers: Any, name: str) -> list[str]:
-    try:
-        return [str(v) for v in headers.get_all(name) or []]
-    except Exception:
-        return []
 
 
 def _ids(value: str) -> list[str]:

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from worker.channels.sendgrid import CHANNEL, MEDIUM_CODE
 from worker.channels.sendgrid_inbound import (
     ORIGINAL_TITLE,
+    EmailForm,
     InvalidEmail,
     body_of,
     message_key,
+    read_form,
     read_post,
+    read_record,
+    read_sender,
     sender_authentication,
     to_inbound,
 )
@@ -32,11 +36,11 @@ class Binaries(Protocol):
     def put(self, key: str, binary_id: str) -> None: ...
 
 
-def stored_email(posts: EmailPosts, ref: str, content_type: str, max_bytes: int
-                 ) -> dict[str, Any] | None:
-    """The email record of the post the receiver stored under `ref`, or None when an earlier
-    delivery of the task wrote it already. A post that is gone or cannot be opened or read is a
-    PermanentError with the reason (never the text)."""
+def stored_email(posts: EmailPosts, ref: str, content_type: str, max_bytes: int,
+                 admit: Callable[[Mapping[str, Any]], None]) -> dict[str, Any] | None:
+    """The email record of the post the receiver stored under `ref` (see `admitted_email`), or
+    None when an earlier delivery of the task wrote it already. A post that is gone or cannot
+    be opened or read is a PermanentError with the reason (never the text)."""
     try:
         post = posts.get(ref)
     except Unsealable as exc:
@@ -45,7 +49,42 @@ def stored_email(posts: EmailPosts, ref: str, content_type: str, max_bytes: int
         return None
     if post is None:
         raise PermanentError("email-post-missing", "the post's bytes are gone (expired)")
-    return read_email(content_type, post, max_bytes)
+    return admitted_email(content_type, post, max_bytes, admit)
+
+
+def admitted_email(content_type: str, post: bytes, max_bytes: int,
+                   admit: Callable[[Mapping[str, Any]], None]) -> dict[str, Any]:
+    """The email record of a post, read in two stages: the sender's fields from cheap, bounded
+    reads, given to `admit` (which raises PermanentError for an unauthenticated or unknown
+    sender, see `admit_sender`), then, only for a sender it let through, the whole email
+    (header and MIME parses, bodies: seconds for a big one). A stranger's email costs
+    milliseconds and a search, whatever it holds."""
+    try:
+        form = read_form(content_type, post)
+        sender = read_sender(form)
+    except InvalidEmail as exc:
+        raise PermanentError(exc.reason, str(exc)) from None
+    admit(sender)
+    return _record(form, max_bytes)
+
+
+def _record(form: EmailForm, max_bytes: int) -> dict[str, Any]:
+    try:
+        return read_record(form, max_bytes)
+    except InvalidEmail as exc:
+        raise PermanentError(exc.reason, str(exc)) from None
+
+
+def admit_sender(sender: Mapping[str, Any], ctx: ThreadContext, policy: str,
+                 require_sender_auth: bool) -> None:
+    """Refuse (PermanentError) an email whose From domain is not authenticated (anyone can put
+    a patient's address in From) or, unless unknown senders create patients, whose sender is no
+    Patient: before anything of the body is read or written. Needs only `sender_fields`."""
+    if require_sender_auth and sender_authentication(sender) is None:
+        raise PermanentError("unauthenticated-sender", "the From domain passed neither an "
+                             "aligned DKIM signature nor SPF with an aligned envelope sender")
+    if policy != "create-patient":
+        _known_sender(ctx, str(sender.get("from") or "").strip())
 
 
 def read_email(content_type: str, post: bytes, max_bytes: int) -> dict[str, Any]:
@@ -59,22 +98,22 @@ def read_email(content_type: str, post: bytes, max_bytes: int) -> dict[str, Any]
 
 def deliver_email(record: Mapping[str, Any], received_at: str, ctx: ThreadContext,
                   strategy: str, policy: str, require_sender_auth: bool, seen: SeenMessages,
-                  binaries: Binaries) -> InboundOutcome:
+                  binaries: Binaries, sender_admitted: bool = False) -> InboundOutcome:
     """Write one inbound email (an email record, see worker.channels.sendgrid_inbound) once.
 
-    An email whose From domain is not authenticated is refused before anything is written:
-    anyone can put a patient's address in From.
+    The sender is judged (`admit_sender`) before anything is written, unless `sender_admitted`
+    says it was, before the email was read (`admitted_email`).
     """
-    if require_sender_auth and sender_authentication(record) is None:
+    if not sender_admitted and require_sender_auth and sender_authentication(record) is None:
         raise PermanentError("unauthenticated-sender", "the From domain passed neither an "
                              "aligned DKIM signature nor SPF with an aligned envelope sender")
     key = message_key(record)
     if seen.seen(key):
         return InboundOutcome(None, None, "skipped")
-    if policy != "create-patient":
+    if not sender_admitted:
         # Before any work on the body (the quote stripper, stored files): a stranger's email
         # costs one search.
-        _known_sender(ctx, str(record.get("from") or "").strip())
+        admit_sender(record, ctx, policy, require_sender_auth=False)
     files = _files(record)
     stored: list[Attachment] = []
     if files:
