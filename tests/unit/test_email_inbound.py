@@ -144,7 +144,7 @@ def test_an_email_over_the_limit_keeps_its_text_and_names_what_it_leaves_out(mod
     record = record_of(post, max_bytes=1 * MB)
     assert record["attachments"] == []
     assert [(o["name"], o["size"]) for o in record["omitted"]] == [("scan.pdf", len(big))]
-    msg = to_inbound(record, "2026-11-30T10:00:00Z", ())
+    msg = to_inbound(record, "2026-11-30T10:00:00Z", (), body_of(record))
     assert msg.body == "Scan attached"
     assert msg.notes and "scan.pdf" in msg.notes[0] and str(len(big)) in msg.notes[0]
 
@@ -187,7 +187,7 @@ def test_the_idempotency_key_is_the_sender_and_the_message_id() -> None:
     assert message_key(first) != message_key(other)
     assert message_key(first) == message_key(resent) == scoped(PATIENT, mid)
     # The bare Message-ID is still recorded (a reply by email answers it).
-    msg = to_inbound(first, "2026-11-30T10:00:00Z", ())
+    msg = to_inbound(first, "2026-11-30T10:00:00Z", (), body_of(first))
     assert msg.provider_message_id == message_key(first)
     assert msg.identifiers == ((EMAIL_INBOUND_MESSAGE_ID_SYSTEM, mid),)
 
@@ -199,7 +199,8 @@ def test_a_text_too_long_for_one_fhir_string_is_cut_and_kept_whole() -> None:
     assert body.cut and body.original == text and body.original_type == "text/plain"
     assert len(json.dumps(body.text, ensure_ascii=False).encode()) - 2 <= MAX_TEXT_BYTES
     assert text.startswith(body.text) and len(body.text) > MAX_TEXT_BYTES // 4
-    msg = to_inbound(record_of(parsed_post(PATIENT, text=text)), "2026-11-30T10:00:00Z", ())
+    record = record_of(parsed_post(PATIENT, text=text))
+    msg = to_inbound(record, "2026-11-30T10:00:00Z", (), body_of(record))
     assert any("original-message.txt" in n and str(len(body.text)) in n for n in msg.notes)
     short = body_of(record_of(parsed_post(PATIENT, text="Short and whole.")))
     assert not short.cut and short.original == ""
@@ -246,7 +247,8 @@ def test_an_encoded_line_break_in_the_subject_does_not_reach_the_topic() -> None
                           b"Subject: =?utf-8?q?Hi=0D=0ABcc=3A_all=40example=2Eorg?=")
     record = record_of(raw_post(PATIENT, email))
     assert "\n" in record["subject"]  # the decoded header holds the line break
-    assert to_inbound(record, "2026-11-30T10:00:00Z", ()).topic == "Hi Bcc: all@example.org"
+    msg = to_inbound(record, "2026-11-30T10:00:00Z", (), body_of(record))
+    assert msg.topic == "Hi Bcc: all@example.org"
 
 
 SENDER_CASES = [

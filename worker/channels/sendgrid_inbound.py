@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import html as html_module
 import json
 import re
 import time
@@ -99,9 +100,31 @@ MAX_AUTH_RESULTS_CHARS = 8 * 1024
 # newlines: 11 s), are folded to one blank line first (the library strips each line anyway).
 MAX_STRIP_CHARS = 2000
 _BLANK_RUN = re.compile(r"\n[ \t\r\f\v]*(?:\n[ \t\r\f\v]*)+\n")
-# html2text is pure Python (it lets other threads run) but slow on megabytes: the text shown is
-# made from the first MAX_HTML_CHARS; the full HTML stays in the kept original.
-MAX_HTML_CHARS = 500_000
+# html2text is pure Python (it lets other threads run, so a worker thread is held, not the
+# process) and costs about 3 s per MB of ordinary HTML: the text shown is made from the first
+# MAX_HTML_CHARS; the full HTML stays in the kept original (worker/inbound/email.py).
+MAX_HTML_CHARS = 100_000
+# html2text indents every line by the depth of the lists and quotes around it, so its time and
+# output grow with the square of that depth: `<ol><li>` 4,000 times (32 KB) took 2.2 s and made
+# 24 MB of text, 8,000 times 19.7 s and 96 MB (blockquotes: 4 MB from 34 KB). HTML nesting
+# lists or quotes deeper than MAX_HTML_NESTING (a long Gmail thread nests a quote per reply) is
+# read by the plain extractor instead (`scan_html`: text only, linear), and so is HTML with a
+# tag or comment that never ends (see scan_html). Its output, and
+# html2text's, is cut to MAX_HTML_TEXT_CHARS (more than a FHIR string takes, see fit_text).
+MAX_HTML_NESTING = 32
+MAX_HTML_TEXT_CHARS = 300_000
+_HTML_NESTED = frozenset({"ol", "ul", "blockquote"})
+# Where the plain extractor breaks a line, and what it leaves out.
+_HTML_BLOCK = frozenset({
+    "address", "article", "aside", "blockquote", "br", "dd", "div", "dl", "dt", "figcaption",
+    "footer", "h1", "h2", "h3", "h4", "h5", "h6", "header", "hr", "li", "main", "nav", "ol",
+    "p", "pre", "section", "table", "tr", "ul"})
+_HTML_HIDDEN = frozenset({"script", "style", "template", "title"})
+_TAG_START = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ/!?")
+_TAG_BODY = re.compile(r"[^<>]*")
+_TAG_NAME = re.compile(r"(/?)([a-zA-Z][^\s/>]*)")
+_SPACES = re.compile(r"[ \t\r\f\v\xa0]+")
+_BLANK_LINES = re.compile(r"\n(?: ?\n)+")
 ATTACHMENT_FIELD = re.compile(r"attachment([0-9]{1,3})")
 _MSG_ID = re.compile(r"<[^<>\s]{1,995}>")
 _CONTENT_TYPE = re.compile(r"[a-z0-9][\w.+\-]{0,63}/[\w.+\-]{1,127}")
@@ -167,8 +190,84 @@ def _part_text(part: EmailMessage) -> str:
     return decode_text(data, charset)
 
 
+@dataclass(frozen=True)
+class HtmlScan:
+    """What one linear pass over HTML found (`scan_html`)."""
+
+    text: str  # the text, without markup, scripts or styles, a line per block
+    nesting: int  # the deepest nesting of lists and quotes (html2text's cost grows with it)
+    closed: bool  # every tag, comment, script and style ends where html.parser expects
+
+
+def scan_html(html: str) -> HtmlScan:
+    """One pass over `html` in time linear in its length (pure). Hand-written, not the standard
+    library's HTMLParser (which html2text is built on): on this Python, HTMLParser rescans the
+    rest of the input after each tag or comment that never ends, so 100 KB of `<a ` took 278 s,
+    of `<!--` 20 s. Each character here is looked at a bounded number of times: a tag ends at
+    the first `>` and is unfinished at the next `<`; comments, scripts and styles end at the
+    first terminator searched forward from where they begin."""
+    chunks: list[str] = []
+    open_nested: dict[str, int] = {}
+    nesting = deepest = 0
+    closed = True
+    pos, end = 0, len(html)
+    while pos < end:
+        lt = html.find("<", pos)
+        if lt < 0:
+            chunks.append(html[pos:])
+            break
+        chunks.append(html[pos:lt])
+        if html.startswith("<!--", lt):
+            stop = html.find("-->", lt + 4)
+            if stop < 0:
+                closed = False
+                break
+            pos = stop + 3
+            continue
+        if lt + 1 >= end or html[lt + 1] not in _TAG_START:
+            chunks.append("<")  # text to html.parser too
+            pos = lt + 1
+            continue
+        stop = _TAG_BODY.match(html, lt + 1).end()  # type: ignore[union-attr]
+        if stop >= end or html[stop] != ">":
+            closed = False  # html.parser reads this as text, slowly
+            chunks.append(html[lt:stop])
+            pos = stop
+            continue
+        pos = stop + 1
+        name_match = _TAG_NAME.match(html, lt + 1, stop)
+        if name_match is None:
+            continue  # <!DOCTYPE …>, <?xml …?>
+        closing, name = name_match.group(1) == "/", name_match.group(2).lower()
+        if name in _HTML_BLOCK:
+            chunks.append("\n")
+        if name in _HTML_NESTED:
+            if not closing and not html.startswith("/", stop - 1):
+                open_nested[name] = open_nested.get(name, 0) + 1
+                nesting += 1
+                deepest = max(deepest, nesting)
+            elif closing and open_nested.get(name):
+                open_nested[name] -= 1
+                nesting -= 1
+        if name in _HTML_HIDDEN and not closing:
+            found = re.compile(r"</" + name + r"\b", re.I).search(html, pos)
+            if found is None:
+                closed = False
+                break
+            pos = found.start()
+    lines = (_SPACES.sub(" ", line).strip()
+             for line in html_module.unescape("".join(chunks)).split("\n"))
+    return HtmlScan(_BLANK_LINES.sub("\n\n", "\n".join(lines)).strip(), deepest, closed)
+
+
 def html_to_text(html: str) -> str:
-    """Readable text of an HTML body (html2text: links kept, no markup, no wrapping)."""
+    """Readable text of an HTML body (html2text: links kept, no markup, no wrapping), in time
+    and memory bounded by MAX_HTML_CHARS: HTML nesting lists or quotes past MAX_HTML_NESTING,
+    or with a tag that never ends, is read as plain text instead (scan_html). Pure."""
+    html = html[:MAX_HTML_CHARS]
+    scan = scan_html(html)
+    if scan.nesting > MAX_HTML_NESTING or not scan.closed:
+        return scan.text[:MAX_HTML_TEXT_CHARS]
     import html2text
 
     converter = html2text.HTML2Text()
@@ -176,7 +275,7 @@ def html_to_text(html: str) -> str:
     converter.ignore_images = True
     converter.ignore_emphasis = True  # **bold** is markup, not what the patient wrote
     converter.unicode_snob = True
-    return str(converter.handle(html[:MAX_HTML_CHARS])).strip()
+    return str(converter.handle(html)).strip()[:MAX_HTML_TEXT_CHARS]
 
 
 def strip_input(text: str) -> str:
@@ -838,14 +937,14 @@ def clinic_mailbox(record: Mapping[str, Any]) -> str:
 
 
 def to_inbound(record: Mapping[str, Any], received_at: str,
-               attachments: tuple[Attachment, ...]) -> InboundMessage:
-    """The channel-neutral message of an email record (attachments already stored)."""
+               attachments: tuple[Attachment, ...], body: EmailBody) -> InboundMessage:
+    """The channel-neutral message of an email record (attachments already stored; `body` is
+    body_of(record), made once per email by the caller: it also decides the kept original)."""
     sender = str(record.get("from") or "").strip()
     try:
         Address(addr_spec=sender)
     except (ValueError, IndexError, TypeError) as exc:
         raise PermanentError("invalid-sender", "From is not an email address") from exc
-    body = body_of(record)
     notes = [f"Attachment left out (the email was over the size limit): "
              f"{a.get('name')} ({a.get('content_type')}, {a.get('size')} bytes)"
              for a in record.get("omitted") or []]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -10,6 +11,7 @@ from typing import Any, Protocol
 from worker.channels.sendgrid import CHANNEL, MEDIUM_CODE
 from worker.channels.sendgrid_inbound import (
     ORIGINAL_TITLE,
+    EmailBody,
     EmailForm,
     InvalidEmail,
     body_of,
@@ -27,6 +29,8 @@ from worker.inbound.pipeline import InboundOutcome, SeenMessages, deliver_inboun
 from worker.inbound.threads import ThreadContext, sender_search
 from worker.messages import Attachment, InboundMessage
 from worker.stores.email_posts import DONE, EmailPosts
+
+File = tuple[str, str, bytes]  # (title, content type, bytes) of a file to store
 
 
 class Binaries(Protocol):
@@ -114,22 +118,29 @@ def deliver_email(record: Mapping[str, Any], received_at: str, ctx: ThreadContex
         # Before any work on the body (the quote stripper, stored files): a stranger's email
         # costs one search.
         admit_sender(record, ctx, policy, require_sender_auth=False)
-    files = _files(record)
-    stored: list[Attachment] = []
-    if files:
-        with ctx.lock("email-binaries:" + hashlib.sha256(key.encode()).hexdigest()[:24]) as held:
-            for n, (title, content_type, data) in enumerate(files):
-                item_key = f"{key}\x1f{n}\x1f{hashlib.sha256(data).hexdigest()}"
-                binary_id = binaries.get(item_key)
-                if binary_id is None:
-                    held.confirm()  # still ours: no other worker is storing these files
-                    # Raw, not base64 in a resource: Medplum refuses a JSON body or a
-                    # base64Binary over 1 MiB, which would dead-letter the whole email.
-                    binary_id = ctx.fhir.create_binary(data, content_type)
-                    binaries.put(item_key, binary_id)
-                stored.append(Attachment(f"Binary/{binary_id}", content_type, title, len(data)))
-    msg = to_inbound(record, received_at, tuple(stored))
+    msg = email_message(record, received_at,
+                        functools.partial(_store_files, ctx, key, binaries))
     return deliver_inbound(msg, ctx, strategy, policy, seen)
+
+
+def _store_files(ctx: ThreadContext, key: str, binaries: Binaries, files: list[File]
+                 ) -> tuple[Attachment, ...]:
+    """Each file of the email as a Binary, once (a retried delivery finds the ones it wrote)."""
+    stored: list[Attachment] = []
+    if not files:
+        return ()
+    with ctx.lock("email-binaries:" + hashlib.sha256(key.encode()).hexdigest()[:24]) as held:
+        for n, (title, content_type, data) in enumerate(files):
+            item_key = f"{key}\x1f{n}\x1f{hashlib.sha256(data).hexdigest()}"
+            binary_id = binaries.get(item_key)
+            if binary_id is None:
+                held.confirm()  # still ours: no other worker is storing these files
+                # Raw, not base64 in a resource: Medplum refuses a JSON body or a
+                # base64Binary over 1 MiB, which would dead-letter the whole email.
+                binary_id = ctx.fhir.create_binary(data, content_type)
+                binaries.put(item_key, binary_id)
+            stored.append(Attachment(f"Binary/{binary_id}", content_type, title, len(data)))
+    return tuple(stored)
 
 
 def _known_sender(ctx: ThreadContext, sender: str) -> None:
@@ -149,9 +160,21 @@ def _known_sender(ctx: ThreadContext, sender: str) -> None:
                              "address")
 
 
-def _files(record: Mapping[str, Any]) -> list[tuple[str, str, bytes]]:
+def email_message(record: Mapping[str, Any], received_at: str,
+                  store: Callable[[list[File]], tuple[Attachment, ...]],
+                  read_body: Callable[[Mapping[str, Any]], EmailBody] = body_of
+                  ) -> InboundMessage:
+    """The message of an email record, its files stored by `store`. The body is read once
+    (`read_body`): it is the costly step (the quote stripper, HTML to text), and both the text
+    shown and the kept original come from it."""
+    body = read_body(record)
+    return to_inbound(record, received_at, store(email_files(record, body)), body)
+
+
+def email_files(record: Mapping[str, Any], body: EmailBody) -> list[File]:
     """The attachments kept, then the full original text when the message shows less of it
-    (quoted history stripped, or a text too long for one FHIR string cut)."""
+    (quoted history stripped, an HTML body shown as text, or a text too long for one FHIR
+    string cut). Pure."""
     out = []
     for a in record.get("attachments") or []:
         try:
@@ -160,7 +183,6 @@ def _files(record: Mapping[str, Any]) -> list[tuple[str, str, bytes]]:
             raise PermanentError("invalid-payload", "an attachment is not base64") from exc
         out.append((str(a.get("name") or "attachment"),
                     str(a.get("content_type") or "application/octet-stream"), data))
-    body = body_of(record)
     if body.original:
         out.append((ORIGINAL_TITLE[body.original_type], body.original_type + "; charset=utf-8",
                     body.original.encode("utf-8")))
