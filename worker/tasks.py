@@ -85,9 +85,13 @@ def inbound_email(self: SwitchboardTask, record: dict[str, Any], meta: dict[str,
                    "display": "Clinic mailbox"})
         return ThreadContext(rt.fhir, systems, clinic, rt.locks.hold)
 
+    admitted = False
+
     def admit(sender: Mapping[str, Any]) -> None:
+        nonlocal admitted
         admit_sender(sender, context(sender), s.unknown_sender_policy,
                      s.email_require_sender_auth)
+        admitted = True
 
     posts, ref = None, str(record.get("email_ref") or "")
     try:
@@ -108,8 +112,10 @@ def inbound_email(self: SwitchboardTask, record: dict[str, Any], meta: dict[str,
                                 s.email_require_sender_auth, rt.seen, rt.binaries,
                                 sender_admitted=posts is not None)
     except PermanentError as exc:
-        if posts is not None and exc.reason in REFUSED_SENDER:
-            posts.refused(ref)  # anyone can email the clinic: a large post is not kept
+        if posts is not None and (exc.reason in REFUSED_SENDER or not admitted):
+            # Refused for its sender, or before any sender was admitted: anyone can email
+            # the clinic, so a large post is not kept for the dead letter.
+            posts.refused(ref)
         raise
     if posts is not None:
         posts.done(ref)

@@ -177,6 +177,26 @@ def test_a_strangers_large_post_is_not_kept_for_its_dead_letters_month(
     assert EmailPosts.from_settings(svc.redis, svc.settings).get(post_ref(small)) == small
 
 
+def test_a_large_post_refused_before_any_sender_is_admitted_is_not_kept(
+        services: Services) -> None:
+    """Second review: a post that failed the worker's first stage (a header block over the
+    cap) was dead-lettered as `email-too-complex` with all of it kept for the dead letters'
+    month. Stored here directly, as the receiver (which refuses it now) could not."""
+    svc = services.get(**KEY)
+    content_type, post = parsed_post(
+        "stranger@example.org", subject="a " * 150_000, text="hi", message_id=new_message_id(),
+        attachments=[("scan.pdf", "application/pdf", b"%PDF" + b"x" * KEEP_REFUSED_BYTES)])
+    ref = post_ref(post)
+    EmailPosts.from_settings(svc.redis, svc.settings).put(ref, post)
+    Enqueuer.from_settings(svc.settings).send(
+        TASK_INBOUND_EMAIL, QUEUE_INBOUND, [{"email_ref": ref, "content_type": content_type},
+                                             {"received_at": "2026-12-07T10:00:00.000+00:00"}],
+        inbox_key=f"email:{ref}")
+    dead = eventually(lambda: svc.dead_letters.list(), what="the dead letter")
+    assert [e.reason for e in dead] == ["email-too-complex"]
+    assert not svc.redis.exists(PREFIX + ref)
+
+
 def test_a_quote_stripper_bomb_stalls_neither_the_worker_nor_an_sms(
         services: Services, sandbox: Sandbox) -> None:
     svc = services.get(**KEY)

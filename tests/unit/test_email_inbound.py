@@ -550,6 +550,16 @@ def test_parsed_modes_headers_field_is_capped_like_raw_modes_header_block() -> N
     assert caught.value.reason == "email-too-complex"
 
 
+def test_the_receiver_refuses_a_headers_field_over_the_cap_as_for_raw_mode() -> None:
+    """Second review: the receiver accepted a parsed post whose `headers` field was over the
+    cap (the worker then refused it, keeping the whole post, 20 MB of attachment included)."""
+    from worker.channels.sendgrid_inbound import form_parts, require_email_fields
+
+    with pytest.raises(InvalidEmail, match="headers field is over"):
+        require_email_fields(form_parts(*_hostile_headers_post(9)))
+    require_email_fields(form_parts(*_hostile_headers_post(7)))  # under the cap: accepted
+
+
 @pytest.mark.parametrize("mode", ["parsed", "raw"])
 def test_only_the_topmost_authentication_results_is_read(mode: str) -> None:
     top = b"Authentication-Results: mx.sendgrid.net; dkim=pass header.d=example.org"

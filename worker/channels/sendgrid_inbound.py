@@ -32,6 +32,7 @@ from email.headerregistry import Address
 from email.message import EmailMessage
 from email.parser import BytesParser, HeaderParser
 from email.utils import collapse_rfc2231_value, getaddresses, parseaddr
+from html.parser import HTMLParser
 from typing import Any
 
 from worker.channels.sendgrid import (
@@ -119,7 +120,9 @@ _HTML_BLOCK = frozenset({
     "address", "article", "aside", "blockquote", "br", "dd", "div", "dl", "dt", "figcaption",
     "footer", "h1", "h2", "h3", "h4", "h5", "h6", "header", "hr", "li", "main", "nav", "ol",
     "p", "pre", "section", "table", "tr", "ul"})
-_HTML_HIDDEN = frozenset({"script", "style", "template", "title"})
+# Skipped to their end tag, exactly as html.parser (under html2text) skips them: it reads every
+# other element's content as markup (lists inside a <title> nest for html2text too).
+_HTML_HIDDEN = frozenset(HTMLParser.CDATA_CONTENT_ELEMENTS)
 _TAG_START = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ/!?")
 _TAG_BODY = re.compile(r"[^<>]*")
 _TAG_NAME = re.compile(r"(/?)([a-zA-Z][^\s/>]*)")
@@ -431,6 +434,10 @@ def require_email_fields(parts: list[FormPart]) -> None:
         value = fields.get("from", b"")
         if len(value) > MAX_FROM_BYTES:
             raise InvalidEmail("the from field is too long")
+        if len(fields.get("headers", b"")) > MAX_EMAIL_HEADER_BYTES:
+            # As raw mode's header block: a header block this large is not an email we read.
+            raise InvalidEmail("the headers field is over "
+                               f"{MAX_EMAIL_HEADER_BYTES // 1024} KB")
         charsets = _json_object(fields.get("charsets", b"")[:MAX_FROM_BYTES])
         from_field = decode_text(value, str(charsets.get("from") or "utf-8")) if value else ""
     else:
