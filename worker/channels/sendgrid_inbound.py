@@ -2,15 +2,17 @@
 
 The receiver only checks the post's shape (`form_parts`: the exact multipart framing the
 signature must bind, no repeated fields, a bounded number of parts) and enqueues its bytes; the
-worker parses them (`read_post`), with bounds on parts, nesting, time and the text given to the
-quote stripper, so one hostile email can stall neither the receiver nor a worker.
+worker reads them in two stages, the sender first from cheap, bounded reads (`read_form`,
+`read_sender`), then, for an admitted sender, the whole email (`read_record`), with bounds on
+parts, nesting, time and the text given to the quote stripper and html2text, so one hostile
+email can stall neither the receiver nor a worker (`read_post` does both stages at once).
 
-`read_post` turns the post into a JSON-able *email record* (`parse_request`): both Inbound
+`read_record` turns the post into a JSON-able *email record* (`parse_request`): both Inbound
 Parse modes, the parsed multipart form (`headers`, `from`, `to`, `subject`, `text`, `html`,
 `envelope`, `charsets`, `SPF`, `dkim`, `attachment-info`, `attachmentN` files) and the raw
 MIME message (field `email`), end in the same shape. Every text is decoded with the charset
 the email declares, and a wrong or unknown one never raises. An email over EMAIL_MAX_BYTES
-keeps its text and names the attachments it leaves out. The worker then judges the sender
+keeps its text and names the attachments it leaves out. The worker judges the sender
 (`sender_authentication`) and builds the channel-neutral message (`to_inbound`).
 
 Nothing outside this module knows SendGrid's field names.

@@ -17,7 +17,6 @@ from worker.channels.sendgrid_inbound import (
     body_of,
     message_key,
     read_form,
-    read_post,
     read_record,
     read_sender,
     sender_authentication,
@@ -84,20 +83,16 @@ def admit_sender(sender: Mapping[str, Any], ctx: ThreadContext, policy: str,
     """Refuse (PermanentError) an email whose From domain is not authenticated (anyone can put
     a patient's address in From) or, unless unknown senders create patients, whose sender is no
     Patient: before anything of the body is read or written. Needs only `sender_fields`."""
-    if require_sender_auth and sender_authentication(sender) is None:
-        raise PermanentError("unauthenticated-sender", "the From domain passed neither an "
-                             "aligned DKIM signature nor SPF with an aligned envelope sender")
+    if require_sender_auth:
+        _require_authenticated(sender)
     if policy != "create-patient":
         _known_sender(ctx, str(sender.get("from") or "").strip())
 
 
-def read_email(content_type: str, post: bytes, max_bytes: int) -> dict[str, Any]:
-    """The email record of the post the receiver stored; a post that cannot be read is a
-    PermanentError with the reason."""
-    try:
-        return read_post(content_type, post, max_bytes)
-    except InvalidEmail as exc:
-        raise PermanentError(exc.reason, str(exc)) from None
+def _require_authenticated(sender: Mapping[str, Any]) -> None:
+    if sender_authentication(sender) is None:
+        raise PermanentError("unauthenticated-sender", "the From domain passed neither an "
+                             "aligned DKIM signature nor SPF with an aligned envelope sender")
 
 
 def deliver_email(record: Mapping[str, Any], received_at: str, ctx: ThreadContext,
@@ -108,9 +103,8 @@ def deliver_email(record: Mapping[str, Any], received_at: str, ctx: ThreadContex
     The sender is judged (`admit_sender`) before anything is written, unless `sender_admitted`
     says it was, before the email was read (`admitted_email`).
     """
-    if not sender_admitted and require_sender_auth and sender_authentication(record) is None:
-        raise PermanentError("unauthenticated-sender", "the From domain passed neither an "
-                             "aligned DKIM signature nor SPF with an aligned envelope sender")
+    if not sender_admitted and require_sender_auth:
+        _require_authenticated(record)
     key = message_key(record)
     if seen.seen(key):
         return InboundOutcome(None, None, "skipped")
