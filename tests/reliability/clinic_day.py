@@ -44,14 +44,14 @@ import httpx
 
 from tests.email_payloads import (
     HOSTILE_CHARSETS,
-    charset_email,
-    nested_multipart_email,
+    nested_email,
     new_message_id,
     one_line_parts_email,
     parsed_post,
     photo,
     quadratic_quote_text,
     quoted_history,
+    raw_charset_email,
     raw_email,
     raw_post,
 )
@@ -395,10 +395,10 @@ class ClinicDay:
         elif what == "parts":
             post = raw_post(sender, one_line_parts_email(sender, self.size.parts_bytes, mid))
         elif what == "nested":
-            post = raw_post(sender, nested_multipart_email(sender, 1200, mid))
+            post = raw_post(sender, nested_email(sender, 1200, mid))
         else:
             charset, body = HOSTILE_CHARSETS[what]
-            post = raw_post(sender, charset_email(sender, charset, body, mid))
+            post = raw_post(sender, raw_charset_email(sender, charset, body, mid))
         with self.lock:
             if self.hostile_started is None:
                 self.hostile_started = time.time()

@@ -943,10 +943,10 @@ class _Findings:
         seven = {}
         for name, (charset, body) in ep.HOSTILE_CHARSETS.items():
             mid = ep.new_message_id("patients.example")
-            seven[name] = (mid, self.email(ep.raw_post(a[2], ep.charset_email(
+            seven[name] = (mid, self.email(ep.raw_post(a[2], ep.raw_charset_email(
                 a[2], charset, body, mid))))
         mid = ep.new_message_id("patients.example")
-        seven["nested-1200"] = (mid, self.email(ep.raw_post(a[2], ep.nested_multipart_email(
+        seven["nested-1200"] = (mid, self.email(ep.raw_post(a[2], ep.nested_email(
             a[2], 1200, mid))))
         # 8. Replies whose recipient is not the thread's patient.
         # (In E's email thread, opened now: email has its own send slots, which finding 1's
