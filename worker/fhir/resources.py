@@ -14,7 +14,14 @@ from typing import Any
 from worker.messages import Attachment, InboundMessage, fit_text
 
 PARTICIPATION_MODE = "http://terminology.hl7.org/CodeSystem/v3-ParticipationMode"
-_MEDIUM_DISPLAY = {"SMSWRIT": "SMS writing", "EMAILWRIT": "email writing"}
+# v3-ParticipationMode has no code for WhatsApp (nor for any messaging app), and routing must
+# tell a WhatsApp thread from an SMS thread, so WhatsApp gets a code in a system of our own
+# (docs/channels.md). Communication.medium's binding is "example", so Medplum accepts it.
+SWITCHBOARD_MEDIUM = "urn:switchboard:medium"
+WHATSAPP_MEDIUM_CODE = "whatsapp"
+_MEDIUM_SYSTEM = {WHATSAPP_MEDIUM_CODE: SWITCHBOARD_MEDIUM}
+_MEDIUM_DISPLAY = {"SMSWRIT": "SMS writing", "EMAILWRIT": "email writing",
+                   WHATSAPP_MEDIUM_CODE: "WhatsApp"}
 _TOPIC = {"sms": "SMS conversation", "email": "Email conversation"}
 
 Resource = dict[str, Any]
@@ -31,8 +38,8 @@ class IdentifierSystems:
 
 
 def medium(code: str) -> Resource:
-    """A `medium` CodeableConcept in v3-ParticipationMode."""
-    return {"coding": [{"system": PARTICIPATION_MODE, "code": code,
+    """A `medium` CodeableConcept: v3-ParticipationMode, or ours for what it lacks (WhatsApp)."""
+    return {"coding": [{"system": _MEDIUM_SYSTEM.get(code, PARTICIPATION_MODE), "code": code,
                         "display": _MEDIUM_DISPLAY.get(code, code)}]}
 
 
