@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
 
 from worker.channels.registry import build_channels
-from worker.fhir.client import FhirClient
-from worker.fhir.contention import WriteLimit
+from worker.fhir.budget import ClusterWriteBudget
+from worker.fhir.client import FhirClient, WriteSlots
+from worker.fhir.contention import LimitState, Tuning, WriteLimit
 from worker.fhir.resources import IdentifierSystems
 from worker.ops.metrics import Metrics, process_metrics
 from worker.outbound.sending import OutboundDeps
@@ -62,7 +64,7 @@ def build_runtime(settings: Settings) -> Runtime:
                       timeout=settings.fhir_timeout_seconds,
                       observe=lambda op, seconds: metrics.observe(
                           "switchboard_fhir_request_seconds", seconds, operation=op),
-                      write_limit=WriteLimit(settings.fhir_max_writes_in_flight),
+                      write_limit=write_slots(settings, client, metrics),
                       conflict_retries=settings.fhir_conflict_retries,
                       conflict_backoff=(settings.fhir_conflict_backoff_base_seconds,
                                         settings.fhir_conflict_backoff_max_seconds),
@@ -92,6 +94,26 @@ def build_runtime(settings: Settings) -> Runtime:
                    RedisSeenMessages(client, settings.inbound_seen_ttl_seconds,
                                      namespace="sendgrid-event"),
                    StoredBinaries(client, settings.inbound_seen_ttl_seconds))
+
+
+def write_slots(settings: Settings, client: redis.Redis, metrics: Metrics) -> WriteSlots:
+    """Where FHIR writes wait: the cluster's budget in Redis (the process's own limit while
+    Redis is unreachable), or only the process's own limit."""
+    tuning = Tuning(ceiling=settings.fhir_max_writes_in_flight)
+
+    def report(scope: str) -> Callable[[LimitState], None]:
+        def on_state(state: LimitState) -> None:
+            metrics.set("switchboard_fhir_write_limit", state.limit, scope=scope)
+            metrics.set("switchboard_fhir_writes_per_second", state.rate, scope=scope)
+            metrics.set("switchboard_fhir_conflicts_per_second", state.conflict_rate,
+                        scope=scope)
+        return on_state
+
+    local = WriteLimit(tuning, on_state=report("process"))
+    if settings.fhir_write_budget == "process":
+        return local
+    return ClusterWriteBudget(client, tuning, settings.fhir_write_lease_seconds, local,
+                              on_state=report("cluster"))
 
 
 _lock = threading.Lock()

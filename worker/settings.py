@@ -69,12 +69,20 @@ class Settings(BaseSettings):
     fhir_timeout_seconds: float = Field(default=10.0, gt=0)
     """the deadline of each whole FHIR request (connect, send, answer)"""
     # Under contention Medplum aborts overlapping conditional writes (409, SQLSTATE 40001) and
-    # gets slower the more are in flight. Each worker process keeps at most this many FHIR writes
-    # in flight, fewer while the server answers conflicts or 429s (AIMD, worker/fhir/contention.py),
-    # and retries a conflict this many times, milliseconds apart, before the task's own retry.
-    fhir_max_writes_in_flight: int = Field(default=4, ge=1, le=1024)
-    """most FHIR writes one worker process keeps in flight; fewer while Medplum answers
-    serialization conflicts or 429s (docs/reliability.md, "FHIR under contention")"""
+    # gets slower the more are in flight. The cluster keeps in flight the number of FHIR writes
+    # that measured the best write rate (worker/fhir/contention.py), at most this ceiling, in a
+    # budget shared through Redis (worker/fhir/budget.py), and retries a conflict this many
+    # times, milliseconds apart, before the task's own retry.
+    fhir_max_writes_in_flight: int = Field(default=16, ge=1, le=1024)
+    """most FHIR writes in flight: the ceiling of the limit Switchboard finds by measuring the
+    server's write rate, for the whole cluster (or each process, see FHIR_WRITE_BUDGET)
+    (docs/reliability.md, "FHIR under contention")"""
+    fhir_write_budget: Literal["cluster", "process"] = "cluster"
+    """`cluster`: one write limit for every worker process, held in Redis (each falls back to
+    its own while Redis is unreachable); `process`: each worker process has its own"""
+    fhir_write_lease_seconds: float = Field(default=5.0, ge=0.5, le=60)
+    """a write's slot in the cluster budget lapses this long after its worker stopped renewing
+    it (a crashed worker's slots come back within it)"""
     fhir_conflict_retries: int = Field(default=8, ge=0, le=100)
     """retries of a serialization conflict inside one task run, before it becomes a task retry"""
     fhir_conflict_backoff_base_seconds: float = Field(default=0.02, gt=0)

@@ -4,13 +4,15 @@
 // test-control routes (/__reset, /__stats, /__faults, /__contention, /__revoke_tokens), and
 // rest-hook Subscriptions delivered as Medplum delivers them (subscriptions.mjs).
 //
-// Contention mode (--contention-rate R, or POST /__contention) does what PostgreSQL's SERIALIZABLE
-// isolation does to the real server's conditional writes, and what REPEATABLE READ does to its
-// If-Match updates: see runSerializable and runVersionChecked below.
+// Contention mode (--contention-rate R, --curve NAME, or POST /__contention) does what
+// PostgreSQL's SERIALIZABLE isolation does to the real server's conditional writes, and what
+// REPEATABLE READ does to its If-Match updates: see runSerializable and runVersionChecked below.
+// A curve (--curve medplum|peak8, or FHIR_SANDBOX_CURVE) also makes every attempt cost server
+// time, so the direct write rate falls with concurrency as the real server's does (CURVES).
 //
 // Run with the Node 22 binary installed by `npm ci`:
 //   node_modules/.bin/node server.mjs --port 0 [--host 127.0.0.1] [--token-ttl 3600]
-//     [--contention-rate 0..1] [--transaction-attempts 2]
+//     [--contention-rate 0..1] [--transaction-attempts 2] [--curve medplum|peak8]
 // Prints exactly one line when ready: "FHIR sandbox listening on http://<host>:<port>".
 import { AsyncLocalStorage } from 'node:async_hooks';
 import { randomBytes } from 'node:crypto';
@@ -48,12 +50,13 @@ const MAX_BODY_BYTES = 32 * 1024 * 1024;
 // are streamed to its binary storage instead and have no such limit.
 const MAX_JSON_BYTES = 1024 * 1024;
 const FHIR_JSON = 'application/fhir+json; charset=utf-8';
+const WRITE_METHODS = new Set(['POST', 'PUT', 'PATCH', 'DELETE']);
 
 // ---------------------------------------------------------------------------------------------
 // Command line
 
 function parseArgs(argv) {
-  const opts = { port: 0, host: '127.0.0.1', tokenTtl: 3600, contentionRate: 0, transactionAttempts: 2, subscriptionRetryMs: 1000 };
+  const opts = { port: 0, host: '127.0.0.1', tokenTtl: 3600, contentionRate: 0, transactionAttempts: 2, subscriptionRetryMs: 1000, curve: process.env.FHIR_SANDBOX_CURVE || '' };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
     const next = () => {
@@ -72,6 +75,8 @@ function parseArgs(argv) {
       opts.contentionRate = Number.parseFloat(next());
     } else if (arg === '--transaction-attempts') {
       opts.transactionAttempts = Number.parseInt(next(), 10);
+    } else if (arg === '--curve') {
+      opts.curve = next();
     } else if (arg === '--subscription-retry-ms') {
       opts.subscriptionRetryMs = Number.parseInt(next(), 10);
     } else {
@@ -84,7 +89,7 @@ function parseArgs(argv) {
   if (!Number.isInteger(opts.subscriptionRetryMs) || opts.subscriptionRetryMs < 0) {
     throw new Error('--subscription-retry-ms must be an integer >= 0');
   }
-  checkContention({ rate: opts.contentionRate, attempts: opts.transactionAttempts, retryMs: 50, transactionMs: 5 });
+  opts.contention = contentionFrom(opts, process.env);
   return opts;
 }
 
@@ -375,6 +380,21 @@ class SandboxRepository extends MemoryRepository {
 // ---------------------------------------------------------------------------------------------
 // Sandbox state
 
+const NO_CONTENTION = { rate: 0, attempts: 2, retryMs: 50, transactionMs: 5, writeMs: 0, lanes: 1 };
+
+// Direct-rate curves (docs/benchmarks.md, "Calibrating the sandbox's curve"). `medplum` was fitted
+// on Medplum 5.0.10 over PostgreSQL: 16 ms of database work per attempt, one attempt at a time
+// (61 writes/s from one client), and each commit that lands while a write waits aborts it with
+// probability 0.5, so the rate falls to ~52 / 37 / 24 / 15 at 2 / 4 / 8 / 16 clients with
+// ~0.07 / 0.29 / 0.74 / 1.55 409s per write (measured: 45 / 41 / 27 / 15 / 9 and
+// 0 / 0.06 / 0.23 / 0.77 / 1.73; 61 / 41 / 29 on a second machine). `peak8` is a server whose best
+// is 8 writes in flight: 8 lanes of 120 ms, so the rate grows to ~66 writes/s at 8 and falls past
+// it, when writes queue and the queued ones abort.
+const CURVES = {
+  medplum: { rate: 0.5, attempts: 2, retryMs: 50, transactionMs: 0, writeMs: 30, lanes: 1 },
+  peak8: { rate: 0.5, attempts: 2, retryMs: 50, transactionMs: 0, writeMs: 240, lanes: 8 },
+};
+
 const state = {
   repo: new SandboxRepository(),
   router: new FhirRouter(),
@@ -382,28 +402,90 @@ const state = {
   faults: [],
   stats: newStats(),
   queue: Promise.resolve(),
-  // Contention mode: `rate` is the chance that a serializable write overlapped by another one's
-  // commit aborts (1 = always, deterministic; 0 = off); `attempts` is Medplum's
-  // transactionAttempts (default 2, 50 ms apart); `transactionMs` is how long a transaction runs
-  // before it commits (others run meanwhile). `contentionDefaults` (the command line) is
-  // restored by /__reset.
-  contention: { rate: 0, attempts: 2, retryMs: 50, transactionMs: 5 },
-  contentionDefaults: { rate: 0, attempts: 2, retryMs: 50, transactionMs: 5 },
+  // Contention mode: `rate` is the chance that a serializable write aborts for each other one
+  // that committed while it was open (1 = at the first, deterministic; 0 = off); `attempts` is
+  // Medplum's transactionAttempts (default 2, `retryMs` 50 apart); `transactionMs` is how long a
+  // transaction runs before it reaches the database (others run meanwhile); `writeMs` is what
+  // each attempt, committed or aborted, costs the database, which serves `lanes` attempts at a
+  // time (0 = free, the engine's own speed). `contentionDefaults` (command line and environment)
+  // is restored by /__reset.
+  contention: { ...NO_CONTENTION },
+  contentionDefaults: { ...NO_CONTENTION },
+  lanes: { busy: 0, waiting: [] }, // the database's attempts in progress and those queued for it
+  writesInFlight: 0, // FHIR writes received and not yet answered
   serializableCommits: 0, // commits of serializable writes so far (the "clock" overlaps are read on)
   resourceCommits: new Map(), // 'Type/id' -> writes committed to that resource (If-Match's clock)
   binaryData: new Map(), // Binary id -> bytes uploaded raw (Medplum's binary storage)
 };
 
-function newStats() {
+function newStats(writesInFlight = 0) {
   // serializable: serializable writes received; version_checked: If-Match updates received;
   // aborts: attempts PostgreSQL would have aborted (40001), including those Medplum retried
   // itself; conflicts: 409s answered to the client.
-  return { requests: 0, by_method: {}, serializable: 0, version_checked: 0, aborts: 0, conflicts: 0 };
+  // writes_in_flight_max: the most FHIR writes (POST/PUT/PATCH/DELETE) in flight at once.
+  return {
+    requests: 0,
+    by_method: {},
+    serializable: 0,
+    version_checked: 0,
+    aborts: 0,
+    conflicts: 0,
+    writes_in_flight_max: writesInFlight,
+  };
 }
 
-function checkContention({ rate, attempts, retryMs, transactionMs }) {
-  if (!(rate >= 0 && rate <= 1) || !Number.isInteger(attempts) || attempts < 1 || !(retryMs >= 0) || !(transactionMs >= 0)) {
-    throw new Error('need rate within 0..1, attempts an integer >= 1, retry_ms and transaction_ms >= 0');
+function checkContention({ rate, attempts, retryMs, transactionMs, writeMs, lanes }) {
+  if (
+    !(rate >= 0 && rate <= 1) ||
+    !Number.isInteger(attempts) ||
+    attempts < 1 ||
+    !(retryMs >= 0) ||
+    !(transactionMs >= 0) ||
+    !(writeMs >= 0) ||
+    !Number.isInteger(lanes) ||
+    lanes < 1
+  ) {
+    throw new Error('need rate within 0..1, attempts and lanes integers >= 1, retry_ms, transaction_ms and write_ms >= 0');
+  }
+  return { rate, attempts, retryMs, transactionMs, writeMs, lanes };
+}
+
+/** The contention settings of the command line, a curve preset and FHIR_SANDBOX_* overrides. */
+function contentionFrom(opts, env) {
+  if (opts.curve && !Object.hasOwn(CURVES, opts.curve)) {
+    throw new Error(`unknown curve ${opts.curve}: one of ${Object.keys(CURVES).join(', ')}`);
+  }
+  const base = opts.curve
+    ? { ...CURVES[opts.curve] }
+    : { ...NO_CONTENTION, rate: opts.contentionRate, attempts: opts.transactionAttempts };
+  const number = (name, fallback) => (env[name] === undefined || env[name] === '' ? fallback : Number(env[name]));
+  return checkContention({
+    rate: number('FHIR_SANDBOX_ABORT_RATE', base.rate),
+    attempts: number('FHIR_SANDBOX_TRANSACTION_ATTEMPTS', base.attempts),
+    retryMs: number('FHIR_SANDBOX_RETRY_MS', base.retryMs),
+    transactionMs: number('FHIR_SANDBOX_TRANSACTION_MS', base.transactionMs),
+    writeMs: number('FHIR_SANDBOX_WRITE_MS', base.writeMs),
+    lanes: number('FHIR_SANDBOX_WRITE_LANES', base.lanes),
+  });
+}
+
+/** Waits for one of the database's `lanes` (FIFO), as a transaction waits for the server. */
+function takeLane() {
+  const lanes = state.lanes;
+  if (lanes.busy < state.contention.lanes) {
+    lanes.busy++;
+    return Promise.resolve();
+  }
+  return new Promise((resolve) => lanes.waiting.push(resolve));
+}
+
+function releaseLane() {
+  const lanes = state.lanes;
+  const next = lanes.waiting.shift();
+  if (next) {
+    next(); // the lane passes straight on: busy stays the same
+  } else {
+    lanes.busy--;
   }
 }
 
@@ -418,7 +500,7 @@ function serialised(fn) {
 }
 
 function resetStats() {
-  state.stats = newStats();
+  state.stats = newStats(state.writesInFlight);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -483,25 +565,36 @@ function recordCommits(method, fhirUrl, answer) {
 const ABORTED = Symbol('aborted');
 
 /**
- * Runs fn as one transaction of `transactionMs` that aborts (with probability `rate`) when
- * `clock()`, the commit counter the transaction conflicts on, moved while it ran; an abort is
+ * Runs fn as one transaction of `transactionMs` that aborts when `clock()`, the commit counter
+ * the transaction conflicts on, moved while it was open: with probability 1 - (1 - rate)^k for
+ * k commits in between. Each attempt holds one of the database's lanes for `writeMs`, aborted or
+ * not (PostgreSQL finds a serialization failure at commit, after doing the work); an abort is
  * retried as Medplum retries it, and the last one answers 409 with `failure`.
  */
 async function runTransaction(fn, clock, failure, onCommit) {
   const c = state.contention;
   for (let attempt = 1; ; attempt++) {
     const startedAt = clock();
-    await new Promise((r) => setTimeout(r, c.transactionMs));
-    const result = await serialised(async () => {
-      if (clock() > startedAt && Math.random() < c.rate) {
-        return ABORTED;
+    if (c.transactionMs > 0) {
+      await new Promise((r) => setTimeout(r, c.transactionMs));
+    }
+    await takeLane();
+    const began = Date.now();
+    let result;
+    try {
+      const overlaps = clock() - startedAt;
+      const aborted = overlaps > 0 && Math.random() < 1 - (1 - c.rate) ** overlaps;
+      result = aborted ? ABORTED : await serialised(fn);
+      const rest = c.writeMs - (Date.now() - began);
+      if (rest > 0) {
+        await new Promise((r) => setTimeout(r, rest));
       }
-      const answer = await fn();
-      if (getStatus(answer[0]) < 400) {
-        onCommit();
+      if (result !== ABORTED && getStatus(result[0]) < 400) {
+        onCommit(); // at the end of the transaction's work, as PostgreSQL commits
       }
-      return answer;
-    });
+    } finally {
+      releaseLane();
+    }
     if (result !== ABORTED) {
       return result;
     }
@@ -802,9 +895,14 @@ async function handleFhir(req, res, url) {
     recordCommits(method, fhirUrl, answer);
     return answer;
   };
-  const contended = state.contention.rate > 0;
+  const contended = state.contention.rate > 0 || state.contention.writeMs > 0;
   const versionChecked = contended ? versionCheckedTarget(method, fhirUrl, req.headers) : undefined;
   let result;
+  const writing = WRITE_METHODS.has(method);
+  if (writing) {
+    state.writesInFlight++;
+    state.stats.writes_in_flight_max = Math.max(state.stats.writes_in_flight_max, state.writesInFlight);
+  }
   try {
     if (contended && isSerializable(method, fhirUrl, req.headers, bodyText)) {
       result = await runSerializable(handle);
@@ -815,6 +913,10 @@ async function handleFhir(req, res, url) {
     }
   } catch (err) {
     result = [normalizeOperationOutcome(err)];
+  } finally {
+    if (writing) {
+      state.writesInFlight--;
+    }
   }
   const [outcome, resource] = result;
   const status = getStatus(outcome);
@@ -960,19 +1062,28 @@ async function handleControl(req, res, path, bodyText) {
   } else if (path === '/__faults' && method === 'GET') {
     send(res, 200, { faults: state.faults });
   } else if (path === '/__contention' && method === 'POST') {
-    // {"rate": 0..1, "attempts": n, "retry_ms": ms, "transaction_ms": ms}; omitted fields keep theirs.
+    // {"curve": name, "rate": 0..1, "attempts": n, "retry_ms": ms, "transaction_ms": ms,
+    //  "write_ms": ms, "lanes": n}; a curve replaces them all, then omitted fields keep theirs.
     const spec = controlSpec(res, bodyText);
     if (spec === undefined) {
       return;
     }
-    const next = {
-      rate: spec.rate === undefined ? state.contention.rate : Number(spec.rate),
-      attempts: spec.attempts === undefined ? state.contention.attempts : Number(spec.attempts),
-      retryMs: spec.retry_ms === undefined ? state.contention.retryMs : Number(spec.retry_ms),
-      transactionMs: spec.transaction_ms === undefined ? state.contention.transactionMs : Number(spec.transaction_ms),
-    };
+    if (spec.curve !== undefined && !Object.hasOwn(CURVES, spec.curve)) {
+      send(res, 400, { error: `unknown curve: one of ${Object.keys(CURVES).join(', ')}` });
+      return;
+    }
+    const from = spec.curve === undefined ? state.contention : CURVES[spec.curve];
+    const field = (name, current) => (spec[name] === undefined ? current : Number(spec[name]));
+    let next;
     try {
-      checkContention(next);
+      next = checkContention({
+        rate: field('rate', from.rate),
+        attempts: field('attempts', from.attempts),
+        retryMs: field('retry_ms', from.retryMs),
+        transactionMs: field('transaction_ms', from.transactionMs),
+        writeMs: field('write_ms', from.writeMs),
+        lanes: field('lanes', from.lanes),
+      });
     } catch (err) {
       send(res, 400, { error: err.message });
       return;
@@ -1015,7 +1126,7 @@ async function route(req, res) {
 function main() {
   const opts = parseArgs(process.argv.slice(2));
   state.tokenTtl = opts.tokenTtl;
-  state.contentionDefaults = { rate: opts.contentionRate, attempts: opts.transactionAttempts, retryMs: 50, transactionMs: 5 };
+  state.contentionDefaults = opts.contention;
   state.contention = { ...state.contentionDefaults };
   state.notifier = new Notifier(() => state.repo, serialised, { retryMs: opts.subscriptionRetryMs });
   loadDefinitions();

@@ -30,12 +30,13 @@ class Backends:
         self.redis.stop()
 
 
-def start(log_dir: Path, name: str, **overrides: str) -> Backends:
-    """Start them; `overrides` are settings on top of the defaults."""
+def start(log_dir: Path, name: str, curve: str = "", **overrides: str) -> Backends:
+    """Start them; `overrides` are settings on top of the defaults. The sandbox is in
+    contention mode, with the direct-rate `curve` when one is named (sandbox/fhir/README.md)."""
     rds = devstack.start_redis(log_dir, data_dir=log_dir / f"{name}-redis")
     fhir = devstack.start_fhir_sandbox(log_dir, extra_env={
-        "FHIR_SANDBOX_CLIENT_ID": FHIR_ID, "FHIR_SANDBOX_CLIENT_SECRET": FHIR_SECRET},
-        contention_rate=1.0)
+        "FHIR_SANDBOX_CLIENT_ID": FHIR_ID, "FHIR_SANDBOX_CLIENT_SECRET": FHIR_SECRET,
+        "FHIR_SANDBOX_CURVE": curve}, contention_rate=1.0)
     env = {"REDIS_URL": rds.url, "FHIR_BASE_URL": fhir.base_url, "FHIR_CLIENT_ID": FHIR_ID,
            "FHIR_CLIENT_SECRET": FHIR_SECRET, "TWILIO_ACCOUNT_SID": "ACbench",
            "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "PUBLIC_BASE_URL": PUBLIC_BASE_URL,

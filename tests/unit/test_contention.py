@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -12,7 +13,7 @@ import pytest
 from tests.unit.test_fhir_client import BASE, TOKEN_URL, FakeFhir, Request, answer
 from worker.errors import PermanentError, TransientError
 from worker.fhir.client import FhirClient
-from worker.fhir.contention import CONGESTED, WriteLimit
+from worker.fhir.contention import Tuning, WriteLimit
 from worker.fhir.outcome import (
     FhirConflictError,
     FhirPermanentError,
@@ -147,55 +148,20 @@ def test_reads_and_other_errors_are_not_retried_here() -> None:
 
 def test_a_429_on_a_write_halves_the_limit_and_is_left_to_the_task() -> None:
     fake = FakeFhir(lambda request: answer(429, {}, headers={"Retry-After": "3"}))
-    c, events, _ = client(fake)
-    before = c.write_limit.limit
+    events: list[str] = []
+    limit = WriteLimit(Tuning(ceiling=16))
+    limit.state = replace(limit.state, limit=8, home=8)
+    c = FhirClient(BASE, TOKEN_URL, "cid", "secret", transport=fake.transport(),
+                   write_limit=limit, on_contention=events.append)
     with pytest.raises(TransientError) as info:
         c.create({"resourceType": "Patient"})
     assert info.value.reason == "fhir-throttled" and events == ["throttled"]
-    assert c.write_limit.limit == before // 2
-
-
-# -- the AIMD limit ----------------------------------------------------------------------------
-
-def finish(limit: WriteLimit, outcome: str) -> None:
-    with limit.slot() as slot:
-        slot.outcome = outcome
-
-
-def test_the_limit_halves_on_congestion_and_grows_back_one_per_window() -> None:
-    limit = WriteLimit(16)
-    finish(limit, CONGESTED)
-    assert limit.limit == 8
-    finish(limit, CONGESTED)
-    assert limit.limit == 4
-    for _ in range(5):  # about one window of successes at 4 in flight adds one
-        finish(limit, "ok")
-    assert limit.limit == 5
-    for _ in range(200):
-        finish(limit, "ok")
-    assert limit.limit == 16  # never above the maximum
-
-
-def test_the_limit_never_falls_below_one() -> None:
-    limit = WriteLimit(4)
-    for _ in range(10):
-        finish(limit, CONGESTED)
-    assert limit.limit == 1
-
-
-def test_one_burst_of_conflicts_halves_once() -> None:
-    """Writes already in flight when the limit was cut conflict for the same reason: one cut."""
-    limit = WriteLimit(8)
-    held = [limit.slot() for _ in range(6)]
-    slots = [h.__enter__() for h in held]
-    for h, s in zip(held, slots, strict=True):
-        s.outcome = CONGESTED
-        h.__exit__(None, None, None)
     assert limit.limit == 4
 
 
 def test_writers_wait_for_room_under_the_limit() -> None:
-    limit = WriteLimit(2)
+    limit = WriteLimit(Tuning(ceiling=2))
+    limit.state = replace(limit.state, limit=2, home=2)
     peak = 0
     lock = threading.Lock()
 

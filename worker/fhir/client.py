@@ -6,14 +6,15 @@ import json
 import threading
 import time
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlencode
 
 import httpx
 
 from worker.broker.backoff import retry_delay
-from worker.fhir.contention import CONGESTED, WriteLimit
+from worker.fhir.contention import CONGESTED, THROTTLED, Slot, Tuning, WriteLimit
 from worker.fhir.outcome import FhirConflictError, FhirTransientError, classify
 from worker.fhir.query import Params, query_string
 from worker.fhir.reference import InvalidReference, ref, valid_type
@@ -30,6 +31,14 @@ POOL_SIZE = 64
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
 # Refresh this long before the token's stated expiry, so a request never races the deadline.
 TOKEN_REFRESH_MARGIN_SECONDS = 60.0
+
+
+class WriteSlots(Protocol):
+    """Where writes wait for room: a process's WriteLimit, or the cluster's budget
+    (worker.fhir.budget.ClusterWriteBudget)."""
+
+    def slot(self) -> AbstractContextManager[Slot]:
+        """Hold room for one write; the caller sets `slot.outcome`."""
 
 
 @dataclass(frozen=True)
@@ -112,17 +121,18 @@ class FhirClient:
         timeout: float = 10.0,
         transport: httpx.BaseTransport | None = None,
         observe: Callable[[str, float], None] | None = None,
-        write_limit: WriteLimit | None = None,
+        write_limit: WriteSlots | None = None,
         conflict_retries: int = 8,
         conflict_backoff: tuple[float, float] = (0.02, 1.0),
         on_contention: Callable[[str], None] | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._observe = observe  # (operation, seconds) for the latency histogram
-        # Writes wait for room under an AIMD limit that halves when the server is contended
-        # (worker.fhir.contention); a serialization conflict is retried here, milliseconds
-        # apart, before it becomes the task's transient failure.
-        self.write_limit = write_limit or WriteLimit(64)
+        # Writes wait for room under the limit that gives the server's best write rate
+        # (worker.fhir.contention), shared by the cluster (worker.fhir.budget); a
+        # serialization conflict is retried here, milliseconds apart, before it becomes the
+        # task's transient failure.
+        self.write_limit: WriteSlots = write_limit or WriteLimit(Tuning(ceiling=64), start=64)
         self._conflict_retries = conflict_retries
         self._conflict_backoff = conflict_backoff
         self._on_contention = on_contention  # "conflict", "retried", "gave-up", "throttled"
@@ -239,7 +249,7 @@ class FhirClient:
                         raise
                 except FhirTransientError as exc:
                     if exc.status == 429:
-                        slot.outcome = CONGESTED
+                        slot.outcome = THROTTLED
                         self._event("throttled")
                     raise
             self._event("retried")

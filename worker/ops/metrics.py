@@ -28,6 +28,7 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     multiprocess,
     start_http_server,
@@ -83,6 +84,15 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                                               "emails over EMAIL_MAX_BYTES", ()),
     "switchboard_fhir_request_seconds": ("histogram", "FHIR request latency by operation",
                                          ("operation",)),
+    # Set by the write controller at each change (worker/fhir/contention.py); `scope` is
+    # `cluster` for the budget shared through Redis, `process` for a process's own limit.
+    "switchboard_fhir_write_limit": ("gauge", "FHIR writes allowed in flight (the limit "
+                                     "the controller measured as best)", ("scope",)),
+    "switchboard_fhir_writes_per_second": ("gauge", "FHIR writes completed per second in the "
+                                           "controller's last window", ("scope",)),
+    "switchboard_fhir_conflicts_per_second": ("gauge", "Serialization conflicts (409 40001) "
+                                              "per second in the controller's last window",
+                                              ("scope",)),
 }
 
 
@@ -90,10 +100,13 @@ class Metrics:
     """The families of DEFINITIONS on one registry, counted by name (the call sites' API)."""
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
-        self._families: dict[str, Counter | Histogram] = {}
+        self._families: dict[str, Counter | Histogram | Gauge] = {}
         for name, (kind, doc, labels) in DEFINITIONS.items():
             self._families[name] = (
                 Counter(name, doc, labels, registry=registry) if kind == "counter"
+                # The last value any live process set: these are the cluster's, not summed.
+                else Gauge(name, doc, labels, registry=registry, multiprocess_mode="livemax")
+                if kind == "gauge"
                 else Histogram(name, doc, labels, registry=registry, buckets=LATENCY_BUCKETS))
 
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
@@ -110,7 +123,14 @@ class Metrics:
             raise TypeError(f"{name} is not a histogram")
         histogram.observe(value)
 
-    def _series(self, name: str, labels: dict[str, str]) -> Counter | Histogram:
+    def set(self, name: str, value: float, **labels: str) -> None:
+        """Set a gauge."""
+        gauge = self._series(name, labels)
+        if not isinstance(gauge, Gauge):
+            raise TypeError(f"{name} is not a gauge")
+        gauge.set(value)
+
+    def _series(self, name: str, labels: dict[str, str]) -> Counter | Histogram | Gauge:
         family = self._families[name]
         # prometheus_client refuses missing or unknown label names (ValueError) either way.
         return family.labels(**labels) if labels else family
