@@ -59,7 +59,7 @@ PREFIX = "switchboard:fhir-writes:"
 LEASES, CONTROL, WINDOW, WAKE = (PREFIX + k for k in ("leases", "control", "window", "wake"))
 # The longest a waiting writer blocks before it looks again (a lease expiring frees a slot
 # without a wake token).
-WAIT_SLICE_SECONDS = 0.1
+WAIT_SLICE_SECONDS = 0.5
 # After Redis failed, writes use the process's own limit this long before trying Redis again,
 # so an outage does not cost every write a connection attempt.
 RETRY_REDIS_SECONDS = 5.0

@@ -15,8 +15,9 @@ tried, and moves toward the limit with the best rate:
 
 - at its best known limit ("home") it stays, and every `probe_every` windows tries one
   neighbour (alternately one more and one fewer) for one window; the probe becomes home only if
-  it beat home's rate by `margin` (hill climbing on measured throughput, with exploration, so a
-  server whose best moves is followed, and a limit of 1 is left again when 2 is better);
+  it beat home's rate by `margin`, and then the next step the same way is tried at once (hill
+  climbing on measured throughput, with exploration and momentum, so a server whose best moves
+  is followed, and a limit of 1 is left again when 2 is better);
 - latency says when more is plainly better: while the mean latency stays near the no-load
   latency (TCP Vegas' and Netflix concurrency-limits' estimate of queued requests,
   limit * (1 - rtt_min / rtt), below `queue_alpha`), the server runs the writes side by side, and
@@ -151,9 +152,16 @@ def after_window(tuning: Tuning, state: LimitState, window: Window, now: float) 
     s = replace(s, rtt_min=rtt_min, estimates={**s.estimates, s.limit: estimate})
     if probing:
         home_rate = s.estimates.get(s.home, 0.0)
-        if estimate > home_rate * (1 + tuning.margin):
-            return replace(s, home=s.limit, windows=0)  # the probe was better: it is home now
-        return replace(s, limit=s.home, windows=0, growing=False)
+        if estimate <= home_rate * (1 + tuning.margin):
+            return replace(s, limit=s.home, windows=0, growing=False)
+        went_up = s.limit > s.home
+        s = replace(s, home=s.limit, windows=0)  # the probe was better: it is home now
+        if s.growing and went_up:
+            return s  # slow start: the latency at the new home decides the next step
+        step = s.limit + 1 if went_up else s.limit - 1
+        if (step <= tuning.ceiling and now >= s.hold_until) if went_up else step >= 1:
+            return replace(s, limit=step, probe_up=went_up)  # it paid: one more step that way
+        return s
     queued = s.limit * (1 - rtt_min / latency) if latency > 0 else 0.0
     can_grow = s.limit < tuning.ceiling and now >= s.hold_until
     up = min(tuning.ceiling, s.limit * 2 if s.growing else s.limit + 1)
