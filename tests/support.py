@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -14,7 +15,7 @@ import httpx
 from twilio.request_validator import RequestValidator
 
 from worker.crypto import generate_key
-from worker.fhir.client import FhirClient
+from worker.fhir.client import FhirClient, WriteSlots
 from worker.fhir.query import token
 from worker.settings import Settings
 
@@ -63,6 +64,28 @@ def our_log_files(log_dir: Path) -> list[Path]:
 def our_logs(log_dir: Path) -> str:
     """Those logs as one text."""
     return "\n".join(p.read_text(errors="replace") for p in our_log_files(log_dir))
+
+
+def most_in_flight(slots: WriteSlots, in_flight: Callable[[], int], writers: int = 8,
+                   hold: float = 0.02) -> int:
+    """`writers` threads each hold a slot of `slots` for `hold` seconds at once; returns the most
+    writes `in_flight()` counted while one was held."""
+    most = 0
+    lock = threading.Lock()
+
+    def write() -> None:
+        nonlocal most
+        with slots.slot():
+            with lock:
+                most = max(most, in_flight())
+            time.sleep(hold)
+
+    threads = [threading.Thread(target=write) for _ in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return most
 
 
 def eventually(fn: Callable[[], T | None], timeout: float = 20.0, interval: float = 0.1,

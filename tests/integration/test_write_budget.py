@@ -8,14 +8,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import redis
 
 from tests.conftest import Services
-from tests.support import Sandbox, eventually, post_signed, sms_params
+from tests.support import Sandbox, eventually, most_in_flight, post_signed, sms_params
 from worker.fhir.budget import CONTROL, LEASES, PREFIX, RETRY_REDIS_SECONDS, ClusterWriteBudget
 from worker.fhir.contention import LimitState, Tuning, WriteLimit
 from worker.ops import devstack
@@ -124,23 +123,9 @@ def test_with_redis_down_a_process_falls_back_to_its_own_limit(
         with budget.slot():
             assert client.zcard(LEASES) == 1  # the lease is in Redis
         server.stop()
-        peak = 0
-        lock = threading.Lock()
-
-        def write() -> None:
-            nonlocal peak
-            with budget.slot():
-                with lock:
-                    peak = max(peak, local.in_flight)
-                time.sleep(0.02)
-
-        threads = [threading.Thread(target=write) for _ in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        most = most_in_flight(budget, lambda: local.in_flight)
         assert not budget.using_redis
-        assert peak == 2  # the process's own limit held the writes
+        assert most == 2  # the process's own limit held the writes
         server.start()
         now[0] += RETRY_REDIS_SECONDS  # after the pause, Redis is tried again
         with budget.slot():

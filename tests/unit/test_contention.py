@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from dataclasses import replace
 from typing import Any
 
 import httpx
 import pytest
 
+from tests.support import most_in_flight
 from tests.unit.test_fhir_client import BASE, TOKEN_URL, FakeFhir, Request, answer
 from worker.errors import PermanentError, TransientError
 from worker.fhir.client import FhirClient
@@ -162,19 +161,5 @@ def test_a_429_on_a_write_halves_the_limit_and_is_left_to_the_task() -> None:
 def test_writers_wait_for_room_under_the_limit() -> None:
     limit = WriteLimit(Tuning(ceiling=2))
     limit.state = replace(limit.state, limit=2, home=2)
-    peak = 0
-    lock = threading.Lock()
-
-    def write() -> None:
-        nonlocal peak
-        with limit.slot():
-            with lock:
-                peak = max(peak, limit.in_flight)
-            time.sleep(0.01)
-
-    threads = [threading.Thread(target=write) for _ in range(12)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert peak == 2 and limit.in_flight == 0
+    assert most_in_flight(limit, lambda: limit.in_flight, writers=12, hold=0.01) == 2
+    assert limit.in_flight == 0
