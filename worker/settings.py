@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     fhir_write_budget: Literal["cluster", "process"] = "cluster"
     """`cluster`: one write limit for every worker process, held in Redis (each falls back to
     its own while Redis is unreachable); `process`: each worker process has its own"""
-    fhir_write_lease_seconds: float = Field(default=5.0, ge=0.5, le=60)
+    fhir_write_lease_seconds: float = Field(default=3.0, ge=0.5, le=60)
     """a write's slot in the cluster budget lapses this long after its worker stopped renewing
     it (a crashed worker's slots come back within it)"""
     fhir_conflict_retries: int = Field(default=8, ge=0, le=100)

@@ -157,6 +157,7 @@ def test_the_no_load_latency_may_rise_slowly_when_the_server_gets_slower() -> No
     (0.3, 15, 8, False),  # two per write allowed in flight
     (0.3, 16, 8, True),
     (2.0, 1, 8, True),  # a slow server: the window ends on time
+    (3.0, 0, 8, False),  # ... once something finished
 ])
 def test_when_a_window_is_due(seconds: float, completed: int, limit: int, due: bool) -> None:
     assert window_due(TUNING, limit, Window(seconds, completed)) is due

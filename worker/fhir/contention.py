@@ -123,15 +123,22 @@ class LimitState:
         return replace(state, limit=min(state.limit, ceiling), home=min(state.home, ceiling))
 
 
+# Where a cluster with no history starts: the old per-process default. A server whose best is
+# lower answers conflicts and the limit steps down at once; a slow one with room shows no queue
+# and the limit doubles; one write at a time would make a slow server's backlog wait.
+START = 4
+
+
 def initial(tuning: Tuning) -> LimitState:
-    """Where a cluster with no history starts: one write in flight, growing."""
-    return LimitState(limit=1, home=1)
+    """Where a cluster with no history starts (START, within the ceiling), growing."""
+    first = min(START, tuning.ceiling)
+    return LimitState(limit=first, home=first)
 
 
 def window_due(tuning: Tuning, limit: int, window: Window) -> bool:
     """Whether `window` has measured enough at `limit` to be judged."""
-    if window.seconds < tuning.window_min_seconds:
-        return False
+    if window.seconds < tuning.window_min_seconds or window.completed == 0:
+        return False  # nothing finished yet (a slow server): the window goes on
     need = max(tuning.window_min_writes, 2 * limit)
     return window.completed >= need or window.seconds >= tuning.window_max_seconds
 
