@@ -155,9 +155,13 @@ class Conversations:
             found = next((p for p in rows if p["sid"] == item), None)
             return (200, found) if found else _not_found(f"Participants/{item}")
         if item is None and method == "POST":
-            message = self.add_message(conv_sid, form.get("Author") or "system",
-                                       form.get("Body", ""), [], "API",
-                                       post=webhook_enabled != "false")
+            author = form.get("Author") or "system"
+            with self.lock:  # Twilio links a message to the participant with that identity
+                own = next((p["sid"] for p in self.participants.values()
+                            if p["conversation_sid"] == conv_sid and p["identity"] == author),
+                           None)
+            message = self.add_message(conv_sid, author, form.get("Body", ""), [], "API",
+                                       own, post=webhook_enabled != "false")
             return 201, message
         with self.lock:
             rows = [self._public(m) for m in self.messages.values()
