@@ -3,14 +3,18 @@ REST API the real SDK calls) → receiver → Redis → a real worker → the FH
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures as cf
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
 import httpx
 import pytest
+import redis
 
+from tests import at_rest
 from tests.conftest import API_TOKEN, CLINIC_SMS, Service, Services, outbound_env
 from tests.support import (
     AUTH_TOKEN,
@@ -189,7 +193,12 @@ def test_a_reply_goes_into_the_conversation_once_and_never_echoes(
     state = resp.get_json()
     assert state["channel"] == "conversations" and state["provider_id"].startswith("IM")
     reply_sid = state["provider_id"]
-    # The same request again (a client retry) and a redelivered task send nothing more.
+    (reply,) = eventually(lambda: written(sandbox, reply_sid), what="IM SID on the reply")
+    assert reply["partOf"] == [{"reference": header_ref}]
+    # The same Communication sent again (another caller, a retry) goes nowhere new.
+    again = client.post("/v1/messages", json={"communication": f"Communication/{reply['id']}"},
+                        headers={**AUTH, "Prefer": "wait=20"})
+    assert again.status_code == 200 and again.get_json()["provider_id"] == reply_sid
     ours = [m for m in conversations.messages(conv["conversation_sid"])
             if m["author"] == IDENTITY]
     assert [(m["sid"], m["body"]) for m in ours] == [(reply_sid, "Yes, ready for pickup")]
@@ -197,8 +206,6 @@ def test_a_reply_goes_into_the_conversation_once_and_never_echoes(
              and r["path"] == f"/v1/Conversations/{conv['conversation_sid']}/Messages"]
     assert len(posts) == 1 and posts[0]["form"] == {"Author": IDENTITY,
                                                      "Body": "Yes, ready for pickup"}
-    (reply,) = eventually(lambda: written(sandbox, reply_sid), what="IM SID on the reply")
-    assert reply["partOf"] == [{"reference": header_ref}]
 
     # Twilio posts onMessageAdded for our own send (webhooks enabled): it must not land.
     echo = next(w for w in conversations.webhooks()
@@ -288,3 +295,43 @@ def test_bad_signature_is_refused(services: Services, providers: ProviderSandbox
                        headers={"Content-Type": "application/x-www-form-urlencoded",
                                 "X-Twilio-Signature": good})
     assert resp.status_code == 403
+
+
+def stored_values(client: redis.Redis) -> bytes:
+    """Every key of this database and its values, read as they are stored (not DUMPed, which
+    may compress them)."""
+    out = []
+    for key in client.scan_iter(count=1000):
+        kind = client.type(key)
+        if kind == b"string":
+            values = [client.get(key) or b""]
+        elif kind == b"list":
+            values = client.lrange(key, 0, -1)
+        elif kind == b"hash":
+            values = [b for kv in client.hgetall(key).items() for b in kv]
+        elif kind == b"zset":
+            values = client.zrange(key, 0, -1)
+        else:
+            values = list(client.smembers(key)) if kind == b"set" else []
+        out.append(key + b"".join(values))
+    blob = b"".join(out)
+    # kombu keeps a task's body base64-encoded: decoded too, else an unsealed body would hide.
+    decoded = [base64.b64decode(run + b"=" * (-len(run) % 4))
+               for run in re.findall(rb"[A-Za-z0-9+/]{40,}={0,2}", blob)]
+    return blob + b"".join(decoded)
+
+
+def test_an_accepted_conversations_message_is_sealed_in_redis(
+        services: Services, providers: ProviderSandbox, conversations: Conversations) -> None:
+    svc = services.get(worker=False)  # nothing consumes: the message waits in Redis
+    conv = conversations.setup(PATIENT)
+    webhook = conversations.write(conv, "my rash is worse", media=[
+        {"content_type": "image/jpeg", "filename": "rash-photo.jpg", "data_b64": "/9j/"}])
+    try:
+        assert post(svc.app().test_client(), webhook).status_code == 200
+        blob = stored_values(svc.redis)
+        assert at_rest.hits(blob, [PATIENT, PATIENT[1:], "my rash is worse",
+                                   "rash-photo"]) == []
+        assert svc.redis.llen("inbound") >= 1  # it is there, sealed
+    finally:
+        svc.redis.delete("inbound", "status", *svc.redis.scan_iter("switchboard:inbox:*"))
