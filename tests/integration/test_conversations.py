@@ -107,6 +107,19 @@ def processed(svc: Service, sid: str, times: int = 1) -> None:
                what=f"{times} processed deliveries of {sid}")
 
 
+def patient_wrote(client: Any, sandbox: Sandbox, conversations: Conversations, text: str
+                  ) -> tuple[dict[str, str], dict[str, Any]]:
+    """The patient (registered) writes `text` into a new Conversation; the Conversation and
+    the Communication it made, once written."""
+    sandbox.patient(PATIENT)
+    conv = conversations.setup(PATIENT)
+    inbound = conversations.write(conv, text)
+    assert post(client, inbound).status_code == 200
+    (msg,) = eventually(lambda: written(sandbox, inbound["params"]["MessageSid"]),
+                        what="inbound message")
+    return conv, msg
+
+
 def test_five_deliveries_make_one_message_in_the_conversation_header(
         services: Services, sandbox: Sandbox, providers: ProviderSandbox,
         conversations: Conversations) -> None:
@@ -177,12 +190,7 @@ def test_a_reply_goes_into_the_conversation_once_and_never_echoes(
         conversations: Conversations, log_dir: Path) -> None:
     svc = service(services, providers)
     client = svc.app().test_client()
-    sandbox.patient(PATIENT)
-    conv = conversations.setup(PATIENT)
-    inbound = conversations.write(conv, "Is my prescription ready?")
-    assert post(client, inbound).status_code == 200
-    (msg,) = eventually(lambda: written(sandbox, inbound["params"]["MessageSid"]),
-                        what="inbound message")
+    conv, msg = patient_wrote(client, sandbox, conversations, "Is my prescription ready?")
     header_ref = msg["partOf"][0]["reference"]
 
     body = {"resourceType": "Communication", "status": "in-progress",
@@ -239,12 +247,7 @@ def test_without_an_identity_a_conversation_reply_fails_as_misconfigured(
         conversations: Conversations) -> None:
     svc = services.get(**outbound_env(providers))
     client = svc.app().test_client()
-    sandbox.patient(PATIENT)
-    conv = conversations.setup(PATIENT)
-    inbound = conversations.write(conv, "hello")
-    assert post(client, inbound).status_code == 200
-    (msg,) = eventually(lambda: written(sandbox, inbound["params"]["MessageSid"]),
-                        what="inbound message")
+    conv, msg = patient_wrote(client, sandbox, conversations, "hello")
     resp = client.post("/v1/messages", json={
         "resourceType": "Communication", "status": "in-progress", "partOf": msg["partOf"],
         "payload": [{"contentString": "reply"}]}, headers={**AUTH, "Prefer": "wait=20"})

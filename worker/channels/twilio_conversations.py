@@ -23,7 +23,7 @@ from worker.broker.backoff import retry_after_seconds
 from worker.channels import SendError
 from worker.channels.phones import DEFAULT_REGION, InvalidPhoneNumber, to_e164
 from worker.channels.twilio import MEDIUM_CODE as SMS_MEDIUM_CODE
-from worker.channels.twilio import classify_error, sdk_http_client
+from worker.channels.twilio import classify_error, thread_client
 from worker.errors import PermanentError
 from worker.httpclient import never_sent
 from worker.messages import Attachment, InboundMessage, OutboundMessage, SendResult
@@ -321,14 +321,7 @@ class TwilioConversations:
         return self.identity
 
     def _client(self) -> Any:
-        client = getattr(self._local, "client", None)
-        if client is None:
-            from twilio.rest import Client
-
-            client = Client(self._sid, self._token,
-                            http_client=sdk_http_client(self._base, self._timeout))
-            self._local.client = client
-        return client
+        return thread_client(self._local, self._sid, self._token, self._base, self._timeout)
 
     def _error(self, exc: Exception, client: Any) -> SendError:
         code = getattr(exc, "code", None)
