@@ -319,8 +319,8 @@ def stored_values(client: redis.Redis) -> bytes:
         out.append(key + b"".join(values))
     blob = b"".join(out)
     # kombu keeps a task's body base64-encoded: decoded too, else an unsealed body would hide.
-    decoded = [base64.b64decode(run + b"=" * (-len(run) % 4))
-               for run in re.findall(rb"[A-Za-z0-9+/]{40,}={0,2}", blob)]
+    decoded = [base64.b64decode(run[:len(run) - len(run) % 4])  # whole quanta only
+               for run in re.findall(rb"[A-Za-z0-9+/]{40,}", blob)]
     return blob + b"".join(decoded)
 
 
