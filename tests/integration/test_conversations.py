@@ -338,3 +338,26 @@ def test_an_accepted_conversations_message_is_sealed_in_redis(
         assert svc.redis.llen("inbound") >= 1  # it is there, sealed
     finally:
         svc.redis.delete("inbound", "status", *svc.redis.scan_iter("switchboard:inbox:*"))
+
+
+def test_round_trips_per_message(services: Services, sandbox: Sandbox,
+                                 providers: ProviderSandbox,
+                                 conversations: Conversations) -> None:
+    """FHIR requests per message: 3 for a Conversation's first (the partOf matches nothing,
+    the header, the message again), 1 after, 0 for a redelivery; Twilio is asked only when the
+    author is no address (one participant read)."""
+    svc = service(services, providers)
+    sandbox.patient(PATIENT)
+    conv = conversations.setup(PATIENT)
+    first, second = conversations.write(conv, "a"), conversations.write(conv, "b")
+    chat = conversations.write(conv, "c", author="patient-app-7")
+    fhir, twilio = [], []
+    for n, webhook in enumerate((first, second, second, chat)):
+        sandbox.reset_counter()
+        calls = len(providers.requests("twilio"))
+        assert post(svc.app().test_client(), webhook).status_code == 200
+        processed(svc, webhook["params"]["MessageSid"], times=2 if n == 2 else 1)
+        fhir.append(sandbox.requests())
+        twilio.append(len(providers.requests("twilio")) - calls)
+    assert fhir == [3, 1, 0, 1]
+    assert twilio == [0, 0, 0, 1]
