@@ -375,7 +375,8 @@ def openapi_document() -> dict[str, Any]:
     state = {"type": "object", "properties": {
         "id": {"type": "string"}, "status_url": {"type": "string"},
         "status": {"enum": ["queued", "sent", "failed", "delivered"]},
-        "provider_id": {"type": "string"}, "channel": {"enum": ["sms", "email", "push"]},
+        "provider_id": {"type": "string"}, "channel": {"enum": ["sms", "email", "push",
+                                                             "conversations"]},
         "communication": {"type": "string"}, "error": {"type": "string"},
         "provider_code": {"type": ["integer", "null"]}, "last_error": {"type": "string"},
         "devices": {"type": "integer", "description": "push: devices that accepted it"}}}

@@ -20,6 +20,7 @@ from web.webhooks.fhir import fhir_blueprint
 from web.webhooks.sendgrid import INBOUND_PATH, sendgrid_blueprint
 from web.webhooks.sendgrid_events import body_limit, sendgrid_events_blueprint
 from web.webhooks.twilio import twilio_blueprint
+from web.webhooks.twilio_conversations import conversations_blueprint
 from worker.channels.sendgrid_inbound import MAX_REQUEST_BYTES
 from worker.ops import logs
 from worker.ops.health import Check, readiness
@@ -87,6 +88,7 @@ def create_app(settings: Settings | None = None, enqueuer: Enqueuer | None = Non
     metrics_redis = redis.Redis.from_url(settings.redis_url, socket_timeout=5,
                                          socket_connect_timeout=3)
     app.register_blueprint(twilio_blueprint(settings))
+    app.register_blueprint(conversations_blueprint(settings))
     app.register_blueprint(sendgrid_events_blueprint(settings))
     app.register_blueprint(sendgrid_blueprint(settings))
     app.register_blueprint(fhir_blueprint(settings))

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import redis
 
 from worker.channels.registry import build_channels
+from worker.channels.twilio_conversations import MESSAGE_SYSTEM as CONVERSATIONS_MESSAGE_SYSTEM
 from worker.fhir.budget import ClusterWriteBudget
 from worker.fhir.client import FhirClient, WriteSlots
 from worker.fhir.contention import LimitState, Tuning, WriteLimit
@@ -75,10 +76,13 @@ def build_runtime(settings: Settings) -> Runtime:
         ledger=SendLedger(client, sealer), optouts=OptOuts(client, settings.optout_key()),
         state=OutboundState(client, sealer),
         rates={"sms": settings.sms_rate_per_second, "email": settings.email_rate_per_second,
-               "push": settings.push_rate_per_second},
+               "push": settings.push_rate_per_second,
+               # A Conversation's messages leave through its SMS/WhatsApp number: SMS's pace.
+               "conversations": settings.sms_rate_per_second},
         id_systems={"sms": settings.message_id_system,
                     "email": settings.email_message_id_system,
-                    "push": settings.push_message_id_system},
+                    "push": settings.push_message_id_system,
+                    "conversations": CONVERSATIONS_MESSAGE_SYSTEM},
         request_system=settings.outbound_request_system,
         reply_source=settings.reply_channel_source, fallback=settings.channel_fallback,
         claim_seconds=settings.send_claim_seconds,

@@ -122,6 +122,14 @@ class Settings(BaseSettings):
     """a Twilio Messaging Service as the SMS sender (instead of TWILIO_FROM_NUMBER)"""
     twilio_api_base_url: str = "https://api.twilio.com"
     """where the Twilio SDK sends (the provider sandbox in tests / `make run`)"""
+    # Twilio Conversations (docs/channels.md, "Twilio Conversations"): the identity our replies
+    # are authored by, which is also how their onMessageAdded echo is recognised and dropped.
+    twilio_conversations_identity: str = ""
+    """the Conversations author of the clinic's replies (e.g. `clinic`); a reply in a thread
+    keyed by a Conversation is posted into it as this identity, and messages it authored are
+    never written back as the patient's. Empty: such replies fail as `misconfigured` (inbound
+    Conversations messages are written either way). The same `TWILIO_API_BASE_URL` override
+    reaches conversations.twilio.com and mcs.us1.twilio.com"""
     sendgrid_api_key: SecretStr = SecretStr("")
     """SendGrid API key; without it and SENDGRID_FROM_EMAIL, email sends fail as `misconfigured`"""
     sendgrid_from_email: str = ""
@@ -391,6 +399,17 @@ class Settings(BaseSettings):
         if not valid_region(region):
             raise ValueError("not a region of the phone numbering plans (ISO 3166-1 alpha-2)")
         return region
+
+    @field_validator("twilio_conversations_identity")
+    @classmethod
+    def _conversations_identity(cls, v: str) -> str:
+        # Compared with the webhook's Author to drop our own echoes: it must be an identity,
+        # never a patient's address (`+E164`, `whatsapp:+E164`).
+        if v and (not re.fullmatch(r"[^\x00-\x1f\x7f]{1,256}", v)
+                  or re.fullmatch(r"(whatsapp:)?\+[0-9]+", v, re.IGNORECASE)):
+            raise ValueError("must be a Conversations identity (1-256 characters, no control "
+                             "characters, not a phone or WhatsApp address)")
+        return v
 
     @field_validator("redis_url")
     @classmethod

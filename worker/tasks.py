@@ -11,7 +11,9 @@ from celery import shared_task
 
 from worker.broker.celery_app import (
     REDACTED_ARGS,
+    TASK_CONVERSATIONS_DELIVERY,
     TASK_DEVICE_UPDATE,
+    TASK_INBOUND_CONVERSATIONS,
     TASK_INBOUND_EMAIL,
     TASK_INBOUND_SMS,
     TASK_INBOX_SWEEP,
@@ -23,11 +25,19 @@ from worker.broker.celery_app import (
 )
 from worker.broker.retry import SwitchboardTask
 from worker.channels import twilio
+from worker.channels.registry import conversations_client
 from worker.channels.sendgrid import EMAIL_INBOUND_KEY_SYSTEM
 from worker.channels.sendgrid_inbound import clinic_mailbox
 from worker.channels.twilio import TwilioSms
+from worker.channels.twilio_conversations import (
+    MESSAGE_SYSTEM,
+    TwilioConversations,
+    delivery_status,
+)
 from worker.errors import PermanentError
 from worker.fhir.resources import clinic_participant
+from worker.inbound.conversations import STRATEGY as CONVERSATION_STRATEGY
+from worker.inbound.conversations import conversation_systems, read_message_added
 from worker.inbound.email import admit_sender, deliver_email, stored_email
 from worker.inbound.pipeline import apply_opt_keyword, deliver_inbound
 from worker.inbound.threads import ThreadContext
@@ -66,6 +76,40 @@ def inbound_sms(self: SwitchboardTask, params: dict[str, str], meta: dict[str, A
              outcome.communication_id, outcome.thread_ref)
     return {"communication": outcome.communication_id, "thread": outcome.thread_ref,
             "result": outcome.result}
+
+
+@shared_task(bind=True, base=SwitchboardTask, name=TASK_INBOUND_CONVERSATIONS)
+def inbound_conversations(self: SwitchboardTask, params: dict[str, str], meta: dict[str, Any]
+                          ) -> dict[str, Any]:
+    """Write one Twilio Conversations onMessageAdded (the webhook's param dict) to FHIR."""
+    rt = get_runtime()
+    s = rt.settings
+    channel = rt.outbound.channels.get("conversations")
+    if not isinstance(channel, TwilioConversations):  # no identity: reads only, built here
+        channel = conversations_client(s)
+    read = read_message_added(params, str(meta["received_at"]), s.twilio_conversations_identity,
+                              channel, s.phone_default_region)
+    if isinstance(read, str):
+        log.info("conversations %s: skipped (%s)", params.get("MessageSid", "?"), read)
+        return {"communication": None, "thread": None, "result": read}
+    systems = conversation_systems(rt.systems)
+    ctx = ThreadContext(rt.fhir, systems, clinic_participant(read, systems, s.clinic_reference),
+                        rt.locks.hold, phone_region=s.phone_default_region)
+    outcome = deliver_inbound(read, ctx, CONVERSATION_STRATEGY, s.unknown_sender_policy, rt.seen)
+    log.info("conversations %s: %s Communication/%s in %s", read.provider_message_id,
+             outcome.result, outcome.communication_id, outcome.thread_ref)
+    return {"communication": outcome.communication_id, "thread": outcome.thread_ref,
+            "result": outcome.result}
+
+
+@shared_task(bind=True, base=SwitchboardTask, name=TASK_CONVERSATIONS_DELIVERY)
+def conversations_delivery(self: SwitchboardTask, params: dict[str, str]) -> dict[str, Any]:
+    """Apply one Conversations onDeliveryUpdated receipt to the reply it is about."""
+    rt = get_runtime()
+    applied = apply_status(rt.fhir, MESSAGE_SYSTEM, delivery_status(params), rt.outbound.state,
+                           rt.settings.outbound_request_system)
+    log.info("conversations delivery %s: %s", params.get("MessageSid", "?"), applied)
+    return {"result": applied}
 
 
 @shared_task(bind=True, base=SwitchboardTask, name=TASK_INBOUND_EMAIL)

@@ -37,6 +37,8 @@ from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from conversations import Conversations  # this directory: the script's own (sys.path[0])
+
 API_VERSION = "2010-04-01"
 DEFAULT_SIGNING_TOKEN = "sandbox-auth-token"  # noqa: S105 - documented sandbox default
 TWILIO_PREFIX = f"/{API_VERSION}/Accounts/"
@@ -346,6 +348,9 @@ class SandboxServer(ThreadingHTTPServer):
         super().__init__(address, Handler)
         self.config = config
         self.state = State()
+        self.conversations = Conversations(twilio_signature, post_webhook,
+                                           lambda: config.signing_token,
+                                           config.twilio_account_sid)
 
 
 class Disconnect(Exception):
@@ -382,8 +387,13 @@ class Handler(BaseHTTPRequestHandler):
         path, query = parsed.path, urllib.parse.parse_qs(parsed.query)
         body = self._read_body()
         try:
-            if path.startswith("/__"):
+            if path.startswith("/__conversations/"):
+                if not self.server.conversations.control(self, method, path, body):
+                    self._json(404, {"error": f"no control route {method} {path}"})
+            elif path.startswith("/__"):
                 self._control(method, path, query, body)
+            elif self.server.conversations.handles(path):
+                self.server.conversations.handle(self, method, path, body)
             elif path.startswith(f"/{API_VERSION}/"):
                 self._twilio(method, path, body)
             elif path.startswith("/v3/"):
@@ -967,6 +977,7 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, rows)
         elif route == ("POST", "/__reset"):
             state.reset()
+            self.server.conversations.reset()
             self._json(200, {"reset": True})
         elif route == ("GET", "/__messages"):
             with state.lock:

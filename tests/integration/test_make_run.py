@@ -28,6 +28,10 @@ EXPECTED = {
     "inbound-email": r"^email accepted \(HTTP 200\); landed as Communication/\S+ in thread "
                      r"Communication/\S+$",
     "push": r"^request \w+: sent by push \(Communication/\S+;",
+    "conversations": r"^message IM[0-9a-f]{32} accepted \(HTTP 200\); landed as "
+                     r"Communication/\S+ in thread Communication/\S+ \(https://twilio\.com\|"
+                     r"CH[0-9a-f]{32}\); reply Communication/\S+ posted into the Conversation "
+                     r"as IM[0-9a-f]{32} ",
 }
 
 

@@ -77,11 +77,18 @@ def test_inbound_email(stack: Stack) -> None:
     assert counts.accepted == counts.sent == 36 and counts.written == 12
 
 
+def test_conversations(stack: Stack) -> None:
+    counts = scenarios.conversations(stack, n=8)
+    check(counts)
+    assert counts.accepted == counts.sent == 8 * 5 and counts.written == 8
+
+
 def test_privacy(stack: Stack) -> None:
     numbers = [phone(i) for i in range(30)] + [phone(5000 + i) for i in range(15)]
+    numbers += [phone(7000 + i) for i in range(8)]  # the Conversations scenario's
     numbers += [email_address(i) for i in range(4)]
     bodies = ["storm 1", "kill 3", "outage 2", "redis 4", "faults reply 1", "kill reply 2",
-              "email body 1", "email body 3"]
+              "email body 1", "email body 3", "conversation 3", "conversation reply 5"]
     counts = scenarios.privacy(stack, numbers, bodies)
     assert counts.sent > 100  # there were logs to scan
     assert counts.duplicates == 0, counts.notes

@@ -157,16 +157,19 @@ def faults(q: bool) -> list[Counts]:
         rows.append(scenarios.provider_faults(stack, 21 if q else 70))
         rows.append(scenarios.contention(stack, 150 if q else 1000, 15 if q else 50))
         rows.append(scenarios.inbound_email(stack, 30 if q else 200, 10))
+        rows.append(scenarios.conversations(stack, 10 if q else 50))
         rows.extend(hostile_input(stack, examples=300 if q else 2000, n=30 if q else 200))
         numbers = [phone(i) for i in range(25)] + [phone(5000 + i)
                                                    for i in range(200)]
         numbers += [email_address(i) for i in range(10)]
+        numbers += [phone(7000 + i) for i in range(50 if not q else 10)]
         bodies = ["storm 1", "kill 3", "outage 2", "redis 4", "faults reply 1",
-                  "email body 1", "email body 4"]
+                  "email body 1", "email body 4", "conversation 1", "conversation reply 2"]
         rows.append(scenarios.privacy(stack, numbers, bodies))
         rows.append(scenarios.at_rest(stack, numbers, [
             f"{what} {i}" for what in ("storm", "kill", "outage", "redis", "faults reply",
-                                       "email body") for i in range(50)]))
+                                       "email body", "conversation",
+                                       "conversation reply") for i in range(50)]))
     finally:
         stack.stop()
     return rows

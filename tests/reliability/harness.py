@@ -40,6 +40,7 @@ from worker.stores.dead_letters import DeadLetterStore
 from worker.stores.email_posts import EmailPosts
 
 API_TOKEN = "reliability-api-token"
+CONVERSATIONS_IDENTITY = "clinic-desk"
 CLINIC = "+15557654321"
 FHIR_ID, FHIR_SECRET = "reliability", "reliability-secret"
 
@@ -109,6 +110,7 @@ class Stack:
             "INBOX_SWEEP_INTERVAL_SECONDS": "3", "RECONCILE_INTERVAL_SECONDS": "3600",
             "SENDGRID_INBOUND_VERIFICATION_KEY": VERIFICATION_KEY,
             "FCM_CREDENTIALS_FILE": str(account), "FCM_API_BASE_URL": origin,
+            "TWILIO_CONVERSATIONS_IDENTITY": CONVERSATIONS_IDENTITY,
             **overrides,
         }
         self.settings: Settings = load_settings(self.env)
@@ -196,6 +198,18 @@ class Stack:
         try:
             return self.http.post("/webhooks/sendgrid/inbound", content=body,
                                   headers=signed(content_type, body)).status_code
+        except httpx.HTTPError:
+            return 599
+
+    def post_conversations(self, webhook: dict[str, Any]) -> int:
+        """POST a Conversations webhook as the provider sandbox signed it (over
+        PUBLIC_BASE_URL) to gunicorn; the HTTP status (599: no answer)."""
+        headers = {"X-Twilio-Signature": webhook["signature"],
+                   "Content-Type": "application/x-www-form-urlencoded"}
+        try:
+            return self.http.post("/webhooks/twilio/conversations",
+                                  content=urlencode(webhook["params"]),
+                                  headers=headers).status_code
         except httpx.HTTPError:
             return 599
 

@@ -36,6 +36,9 @@ SMS_PATH = "/webhooks/twilio/sms"
 STATUS_PATH = "/webhooks/twilio/status"
 EVENTS_PATH = "/webhooks/sendgrid/events"
 EMAIL_PATH = "/webhooks/sendgrid/inbound"
+CONVERSATIONS_PATH = "/webhooks/twilio/conversations"
+# The Twilio webhooks: signed the same way (X-Twilio-Signature over the URL and the form).
+TWILIO_KINDS = ("sms", "status", "conversations")
 
 
 def queue_total(redis_client: redis.Redis) -> int:
@@ -189,13 +192,15 @@ _BODIES = (_form_body(), _json_body(), _multipart_body(), _raw_body())
 # of None: drawn from all four; "wrong-method" sends any route a method it does not take.
 _CELLS: tuple[tuple[str, bool, int | None], ...] = (
     *((ep, auth, kind) for ep, auth in (("sms", False), ("status", False),
+                                        ("conversations", False),
                                         ("sendgrid-events", False), ("email", False),
                                         ("post-messages", False), ("post-messages", True),
                                         ("fhir-subscription", False))
       for kind in range(len(_BODIES))),
     ("get-message", False, None), ("get-message", True, None), ("healthz", False, None),
     ("metrics", False, None), ("openapi", False, None), ("wrong-method", False, None))
-_PATHS = {"sms": SMS_PATH, "status": STATUS_PATH, "sendgrid-events": EVENTS_PATH,
+_PATHS = {"sms": SMS_PATH, "status": STATUS_PATH, "conversations": CONVERSATIONS_PATH,
+          "sendgrid-events": EVENTS_PATH,
           "email": EMAIL_PATH,
           "post-messages": "/v1/messages", "fhir-subscription": "/webhooks/fhir/subscription",
           "healthz": "/healthz", "metrics": "/metrics", "openapi": "/v1/openapi.json"}
@@ -251,7 +256,7 @@ def _probes(draw: st.DrawFn, token: str, endpoint: str, authorised: bool, body_k
     body, ctype = b"", None
     method = "GET"
     bodies = st.one_of(_BODIES) if body_kind is None else _BODIES[body_kind]
-    if endpoint in ("sms", "status", "sendgrid-events", "email", "post-messages",
+    if endpoint in (*TWILIO_KINDS, "sendgrid-events", "email", "post-messages",
                     "fhir-subscription"):
         method = "POST"
         body, ctype = draw(bodies)
@@ -262,7 +267,7 @@ def _probes(draw: st.DrawFn, token: str, endpoint: str, authorised: bool, body_k
         raw = draw(st.one_of(_text.filter(bool), st.text(string.hexdigits, min_size=32,
                                                          max_size=32), _huge.filter(bool)))
         path = "/v1/messages/" + quote(raw[:5000], safe=draw(st.sampled_from(["", "/", "%"])))
-    if endpoint in ("sms", "status"):
+    if endpoint in TWILIO_KINDS:
         sig = draw(_signature_garbage())
         if sig is not None:
             name = draw(st.sampled_from(["X-Twilio-Signature", "x-twilio-signature"]))
@@ -341,6 +346,9 @@ def _known_probes(token: str) -> list[Probe]:
         Probe("sms", "POST", SMS_PATH, body=nameless, headers=[("X-Twilio-Signature", "x")],
               content_type="multipart/form-data; boundary=b"),
         Probe("status", "POST", STATUS_PATH, body=nameless, headers=[("X-Twilio-Signature", "x")],
+              content_type="multipart/form-data; boundary=b"),
+        Probe("conversations", "POST", CONVERSATIONS_PATH, body=nameless,
+              headers=[("X-Twilio-Signature", "x")],
               content_type="multipart/form-data; boundary=b"),
         # JSON nested deeper than the recursion limit: RecursionError, not ValueError.
         Probe("post-messages", "POST", "/v1/messages", body=deep,
@@ -444,7 +452,7 @@ def run_bad_input(app: Any, redis_client: redis.Redis, examples: int, seed: int 
         counts[f"http_{status}"] += 1
         if status >= 500:
             note("status_5xx", probe)
-        needs_auth = probe.endpoint in ("sms", "status", "sendgrid-events", "email",
+        needs_auth = probe.endpoint in (*TWILIO_KINDS, "sendgrid-events", "email",
                                         "post-messages", "get-message",
                                         "fhir-subscription")
         if 200 <= status < 300 and needs_auth and probe.method in ("GET", "POST"):
@@ -492,7 +500,10 @@ def _phone(rng: random.Random) -> str:
 
 
 def _payload(rng: random.Random, kind: str, account_sid: str) -> dict[str, str]:
-    """A valid-looking Twilio webhook form of this kind (`sms` or `status`)."""
+    """A valid-looking Twilio webhook form of this kind (`sms`, `status` or `conversations`:
+    a Conversations onMessageAdded or onDeliveryUpdated, as Twilio documents them)."""
+    if kind == "conversations":
+        return _conversations_payload(rng, account_sid)
     common = {"MessageSid": _sid(rng, "SM"), "AccountSid": account_sid,
               "From": _phone(rng), "To": _phone(rng), "ApiVersion": "2010-04-01"}
     if kind == "sms":
@@ -508,6 +519,30 @@ def _payload(rng: random.Random, kind: str, account_sid: str) -> dict[str, str]:
     if out["MessageStatus"] in ("failed", "undelivered"):
         out["ErrorCode"] = rng.choice(["30003", "30005", "21610"])
     return out
+
+
+def _conversations_payload(rng: random.Random, account_sid: str) -> dict[str, str]:
+    common = {"AccountSid": account_sid, "ChatServiceSid": _sid(rng, "IS"),
+              "ConversationSid": _sid(rng, "CH"), "MessageSid": _sid(rng, "IM"),
+              "ParticipantSid": _sid(rng, "MB"), "WebhookSid": _sid(rng, "WH"),
+              "RetryCount": "0", "WebhookType": "webhook",
+              "DateCreated": "2026-12-07T10:00:00.000Z"}
+    if rng.random() < 0.25:
+        return {**common, "EventType": "onDeliveryUpdated", "Status": rng.choice(
+            ["sent", "delivered", "read", "failed", "undelivered"]),
+            "DeliveryReceiptSid": _sid(rng, "DY"), "ChannelMessageSid": _sid(rng, "SM"),
+            "ErrorCode": "0", "DateUpdated": "2026-12-07T10:00:01.000Z"}
+    body = "".join(rng.choice(_BODY_CHARS) for _ in range(rng.randint(1, 160)))
+    out = {**common, "EventType": "onMessageAdded", "Index": str(rng.randint(0, 99)),
+           "Author": rng.choice([_phone(rng), "whatsapp:" + _phone(rng)]), "Body": body,
+           "Source": "SMS", "Attributes": "{}"}
+    if rng.random() < 0.3:
+        out["Media"] = json.dumps([{"Sid": _sid(rng, "ME"), "Filename": "photo.jpg",
+                                    "ContentType": "image/jpeg", "Size": 1234}])
+    return out
+
+
+_TWILIO_PATHS = {"sms": SMS_PATH, "status": STATUS_PATH, "conversations": CONVERSATIONS_PATH}
 
 
 @dataclass
@@ -526,7 +561,7 @@ def _shifted(params: dict[str, str]) -> dict[str, str] | None:
     sorted name+value pairs, no separators) is unchanged, or None if no such shift exists.
     The message's content fields are tried first."""
     names = sorted(params)
-    first = ("Body", "MessageStatus", "ErrorCode")
+    first = ("Body", "MessageStatus", "ErrorCode", "Status")
     for name in sorted(names, key=lambda n: (n not in first, first.index(n) if n in first
                                              else 0)):
         i = names.index(name)
@@ -545,8 +580,8 @@ def _shifted(params: dict[str, str]) -> dict[str, str] | None:
 
 def _attempts(rng: random.Random, base: str, token: str, kind: str, account_sid: str
               ) -> list[_Attempt]:
-    path = SMS_PATH if kind == "sms" else STATUS_PATH
-    other_path = STATUS_PATH if kind == "sms" else SMS_PATH
+    path = _TWILIO_PATHS[kind]
+    other_path = _TWILIO_PATHS[TWILIO_KINDS[(TWILIO_KINDS.index(kind) + 1) % 3]]
     params = _payload(rng, kind, account_sid)
     items = list(params.items())
     right = RequestValidator(token)
@@ -646,6 +681,17 @@ def _malformed(params: dict[str, str], kind: str, rng: random.Random
         out.append(("media-beyond-count", {**params, "NumMedia": "0",
                                            "MediaUrl3": "https://api.twilio.com/m"}))
         out.append(("from-not-a-number", {**params, "From": "javascript:alert(1)"}))
+    if kind == "conversations":
+        # A Conversations webhook's SIDs become REST paths (a participant read) and FHIR
+        # identifiers: traversal, a second SID, the wrong kind of SID, media that is no list.
+        out.append(("conversation-sid-traversal", {**params, "ConversationSid": "CH../../x"}))
+        out.append(("participant-sid-traversal", {**params,
+                                                  "ParticipantSid": "MB/../Conversations"}))
+        out.append(("sms-sid-as-message", {**params, "MessageSid": "SM" + "0" * 32}))
+        out.append(("unknown-event", {**params, "EventType": "onConversationRemoved"}))
+        out.append(("media-not-a-list", {**params, "Media": '{"Sid": "ME1"}'}))
+        out.append(("media-foreign-sid", {**params, "Media": json.dumps(
+            [{"Sid": "../../etc/passwd", "ContentType": "image/jpeg"}])}))
     out.append(("sid-with-comma", {**params, "MessageSid": params["MessageSid"] + ",SM" +
                                    "0" * 32}))
     out.append(("foreign-account", {**params, "AccountSid": "AC" + "f" * 32}))
@@ -656,8 +702,8 @@ def _malformed(params: dict[str, str], kind: str, rng: random.Random
 
 def run_forgery(app: Any, redis_client: redis.Redis, public_base_url: str, auth_token: str,
                 n: int, seed: int = 0, failures: list[str] | None = None) -> dict[str, int]:
-    """Scenario 7: forged and tampered Twilio webhooks for `n` random payloads (sms and status
-    alternately), each with a correctly signed control.
+    """Scenario 7: forged and tampered Twilio webhooks for `n` random payloads (sms, status and
+    Conversations in turn), each with a correctly signed control.
 
     Attacks (must all be 403, nothing enqueued): unsigned, empty signature, the signature of
     another body, a valid signature with a param changed / added / given a second value /
@@ -710,7 +756,7 @@ def run_forgery(app: Any, redis_client: redis.Redis, public_base_url: str, auth_
         return status, queue_total(redis_client) - before
 
     for i in range(n):
-        kind = "sms" if i % 2 == 0 else "status"
+        kind = TWILIO_KINDS[i % len(TWILIO_KINDS)]
         attempts = _attempts(rng, base, auth_token, kind, account_sid)
         for a in attempts:
             status, grown = send(a)

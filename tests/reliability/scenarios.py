@@ -9,11 +9,15 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections import Counter
 from typing import Any
 
 from tests.email_payloads import new_message_id, parsed_post, raw_email, raw_post
 from tests.reliability.harness import (
+    API_TOKEN,
     CLINIC,
+    CONVERSATIONS_IDENTITY,
+    PUBLIC_BASE_URL,
     Counts,
     Stack,
     email_address,
@@ -23,6 +27,7 @@ from tests.reliability.harness import (
 )
 from tests.support import our_log_files
 from worker.channels.sendgrid import EMAIL_INBOUND_MESSAGE_ID_SYSTEM
+from worker.channels.twilio_conversations import MESSAGE_SYSTEM, WEBHOOK_PATH
 from worker.fhir.query import token
 
 
@@ -339,6 +344,86 @@ def inbound_email(stack: Stack, n: int, patients: int = 10) -> Counts:
     if short:
         counts.notes.append(f"{short} emails without exactly their attachments")
         counts.lost += short
+    counts.seconds = time.monotonic() - started
+    return counts
+
+
+def conversations(stack: Stack, n: int) -> Counts:
+    """12b. Twilio Conversations: n patients each write into their own Conversation, every
+    onMessageAdded delivered 5x at once; each thread's reply (POST /v1/messages) is posted once
+    into its Conversation, and our replies' own onMessageAdded, delivered back twice, write
+    nothing. Numbers phone(7000 + i), bodies `conversation <i>` / `conversation reply <i>`."""
+    stack.reset()
+    started = time.monotonic()
+    counts = Counts("12b Twilio Conversations")
+    control = stack.providers.origin
+    http = stack.http  # the web's client; the sandbox is reached with absolute URLs
+    http.post(f"{control}/__conversations/webhook",
+              json={"url": PUBLIC_BASE_URL + WEBHOOK_PATH, "post": False}).raise_for_status()
+    numbers = [phone(7000 + i) for i in range(n)]
+    stack.parallel(lambda p: stack.sandbox.patient(p), numbers, threads=8)
+    convs = [http.post(f"{control}/__conversations/setup", json={
+        "address": p, "proxy_address": CLINIC}).json() for p in numbers]
+    webhooks = [http.post(f"{control}/__conversations/write", json={
+        "conversation": c["conversation_sid"], "participant": c["participant_sid"],
+        "body": f"conversation {i}"}).json()["webhook"] for i, c in enumerate(convs)]
+    codes = stack.parallel(stack.post_conversations,
+                           shuffled([w for w in webhooks for _ in range(5)]), threads=32)
+    counts.sent = len(codes)
+    counts.accepted = sum(1 for c in codes if 200 <= c < 300)
+    sids = [w["params"]["MessageSid"] for w in webhooks]
+
+    def written() -> dict[str, list[dict[str, Any]]]:
+        found = stack.sandbox.all("Communication", identifier=f"{MESSAGE_SYSTEM}|")
+        by_sid: dict[str, list[dict[str, Any]]] = {}
+        for c in found:
+            for ident in c.get("identifier") or []:
+                if ident.get("system") == MESSAGE_SYSTEM:
+                    by_sid.setdefault(str(ident["value"]), []).append(c)
+        return by_sid
+
+    if not stack.settle(60 + n, lambda: set(sids) <= set(written())):
+        counts.notes.append("inbound did not settle")
+    inbound = written()
+    counts.written = sum(1 for s in sids if s in inbound)
+    counts.duplicates = sum(len(inbound.get(s, [])) - 1 for s in sids if s in inbound)
+    counts.lost = n - counts.written
+    # One reply per thread, into its Conversation.
+    replies = []
+    for i, s in enumerate(sids):
+        if s not in inbound:
+            continue
+        header = inbound[s][0]["partOf"][0]["reference"]
+        resp = http.post("/v1/messages", json={
+            "resourceType": "Communication", "status": "in-progress",
+            "partOf": [{"reference": header}],
+            "payload": [{"contentString": f"conversation reply {i}"}]},
+            headers={"Authorization": f"Bearer {API_TOKEN}"})
+        replies.append((convs[i]["conversation_sid"], resp.status_code))
+
+    def ours() -> list[dict[str, Any]]:
+        rows = http.get(f"{control}/__conversations/messages").json()
+        return [m for m in rows if m["author"] == CONVERSATIONS_IDENTITY]
+
+    stack.settle(60 + n, lambda: len(ours()) >= sum(1 for _, c in replies if c == 202))
+    posted = ours()
+    per_conversation = Counter(m["conversation_sid"] for m in posted)
+    counts.duplicates += sum(c - 1 for c in per_conversation.values() if c > 1)
+    missing = [conv for conv, code in replies if code != 202 or conv not in per_conversation]
+    if missing:
+        counts.problems.append(f"{len(missing)} replies not posted into their Conversation")
+    # Our replies' echoes, delivered twice each: nothing new may land.
+    before = sum(len(v) for v in written().values())
+    echoes = [w for w in http.get(f"{control}/__conversations/webhooks").json()
+              if w["params"].get("Author") == CONVERSATIONS_IDENTITY]
+    stack.parallel(stack.post_conversations, echoes * 2, threads=16)
+    stack.settle(30)
+    after = sum(len(v) for v in written().values())
+    if after != before:
+        counts.problems.append(f"{after - before} echoes of our replies were written")
+    counts.dead_lettered = len(stack.dead_letters())
+    counts.notes.append(f"{len(posted)} replies posted for {len(replies)} threads; "
+                        f"{len(echoes)} echoes delivered twice, none written")
     counts.seconds = time.monotonic() - started
     return counts
 

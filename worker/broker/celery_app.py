@@ -28,6 +28,8 @@ TASK_RECONCILE = "switchboard.status.reconcile"
 TASK_SUBSCRIPTION_NOTIFIED = "switchboard.outbound.subscription"
 TASK_INBOX_SWEEP = "switchboard.inbox.sweep"
 TASK_DEVICE_UPDATE = "switchboard.devices.update"
+TASK_INBOUND_CONVERSATIONS = "switchboard.inbound.conversations"
+TASK_CONVERSATIONS_DELIVERY = "switchboard.status.conversations"
 # Publish options that keep payloads out of task events (and so out of Flower): the args of
 # our tasks carry phone numbers and message bodies.
 REDACTED_ARGS = {"argsrepr": "(redacted)", "kwargsrepr": "{}"}
@@ -110,6 +112,8 @@ def create_celery(settings: Settings) -> Celery:
         task_default_queue=QUEUE_INBOUND,
         task_routes={TASK_INBOUND_SMS: {"queue": QUEUE_INBOUND},
                      TASK_INBOUND_EMAIL: {"queue": QUEUE_INBOUND},
+                     TASK_INBOUND_CONVERSATIONS: {"queue": QUEUE_INBOUND},
+                     TASK_CONVERSATIONS_DELIVERY: {"queue": QUEUE_STATUS},
                      TASK_OUTBOUND_SEND: {"queue": QUEUE_OUTBOUND},
                      TASK_SUBSCRIPTION_NOTIFIED: {"queue": QUEUE_OUTBOUND},
                      TASK_DEVICE_UPDATE: {"queue": QUEUE_OUTBOUND},

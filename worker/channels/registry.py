@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from worker.channels import Channel
 from worker.settings import Settings
+
+if TYPE_CHECKING:
+    from worker.channels.twilio_conversations import TwilioConversations
 
 STATUS_CALLBACK_PATH = "/webhooks/twilio/status"
 
@@ -18,6 +23,8 @@ def build_channels(settings: Settings) -> dict[str, Channel]:
             settings.twilio_account_sid, settings.twilio_auth_token.get_secret_value(),
             settings.twilio_from_number, settings.twilio_messaging_service_sid,
             settings.public_base_url + STATUS_CALLBACK_PATH, settings.twilio_api_base_url)
+    if settings.twilio_conversations_identity:
+        channels["conversations"] = conversations_client(settings)
     if settings.sendgrid_api_key.get_secret_value() and settings.sendgrid_from_email:
         from worker.channels.sendgrid import SendGridEmail
 
@@ -32,3 +39,13 @@ def build_channels(settings: Settings) -> dict[str, Channel]:
             settings.push_notification_title, settings.push_notification_body,
             settings.push_include_body)
     return channels
+
+
+def conversations_client(settings: Settings) -> TwilioConversations:
+    """The Conversations channel: replies (with TWILIO_CONVERSATIONS_IDENTITY) and the
+    participant lookups of inbound messages (which need only the account's credentials)."""
+    from worker.channels.twilio_conversations import TwilioConversations
+
+    return TwilioConversations(
+        settings.twilio_account_sid, settings.twilio_auth_token.get_secret_value(),
+        settings.twilio_conversations_identity, settings.twilio_api_base_url)

@@ -340,14 +340,7 @@ class TwilioSms:
         return self._service or self._from
 
     def _client(self) -> Any:
-        client = getattr(self._local, "client", None)
-        if client is None:
-            from twilio.rest import Client
-
-            client = Client(self._sid, self._token,
-                            http_client=sdk_http_client(self._base, self._timeout))
-            self._local.client = client
-        return client
+        return thread_client(self._local, self._sid, self._token, self._base, self._timeout)
 
     def send(self, message: OutboundMessage) -> SendResult:
         """Send one message; raises SendError."""
@@ -402,6 +395,20 @@ class TwilioSms:
 MAX_ANSWER_BYTES = 1024 * 1024
 # Connections per thread's client: the SDK sends one request at a time per client.
 POOL_SIZE = 2
+
+
+def thread_client(local: threading.local, account_sid: str, auth_token: str, base_url: str,
+                  timeout: float) -> Any:
+    """This thread's Twilio SDK client (kept on `local`): the SDK's client keeps the last
+    response on itself, so it is not shared between threads."""
+    client = getattr(local, "client", None)
+    if client is None:
+        from twilio.rest import Client
+
+        client = Client(account_sid, auth_token,
+                        http_client=sdk_http_client(base_url, timeout))
+        local.client = client
+    return client
 
 
 def sdk_http_client(base_url: str, timeout: float) -> Any:

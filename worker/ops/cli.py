@@ -422,6 +422,7 @@ DEMO_PATIENT_PHONE = "+15551234567"
 DEMO_CLINIC_PHONE = "+15557654321"
 DEMO_PATIENT_EMAIL = "demo.patient@example.org"
 DEMO_CLINIC_EMAIL = "care@clinic.example"
+DEMO_CONVERSATIONS_IDENTITY = "clinic-desk"
 
 
 def _dev_key(log_dir: Path) -> str:
@@ -499,6 +500,9 @@ def cmd_run(_: Settings | None, args: argparse.Namespace) -> int:
                         "SENDGRID_API_KEY": DEV_SENDGRID_KEY,
                         "SENDGRID_FROM_EMAIL": DEMO_CLINIC_EMAIL,
                         "API_TOKENS": os.environ.get("API_TOKENS", DEV_API_TOKEN),
+                        # Replies in a Conversation's thread go into it as this identity.
+                        "TWILIO_CONVERSATIONS_IDENTITY": os.environ.get(
+                            "TWILIO_CONVERSATIONS_IDENTITY", DEMO_CONVERSATIONS_IDENTITY),
                         # Inbound Parse posts come from the sandbox, signed with its key.
                         "SENDGRID_INBOUND_VERIFICATION_KEY": devstack.sandbox_inbound_key(
                             providers_origin)})
@@ -549,7 +553,8 @@ Switchboard is running (logs in {log_dir}; Ctrl-C stops everything).
                                     if providers_origin else "") + f"""
 
 Next, in another shell:  {_switchboard_command()} demo sms
-  (the demo patient texts the clinic; then try: demo reply, email, inbound-email, push;
+  (the demo patient texts the clinic; then try: demo reply, email, inbound-email, push,
+   conversations;
    docs/development.md says what each shows)
 """, flush=True)
         while all(_alive(c) for c in stack.children):
@@ -626,7 +631,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("flow", choices=demo.DEMOS, help="sms: the demo patient texts the clinic; "
                       "reply: a clinician writes a reply into FHIR; email: the clinic emails "
                       "the patient through /v1/messages; inbound-email: the patient emails the "
-                      "clinic; push: a push to the patient's registered phone")
+                      "clinic; push: a push to the patient's registered phone; conversations: "
+                      "the patient writes into a Twilio Conversation and a clinician's reply "
+                      "goes back into it")
     show.add_argument("--text", help="the message text (else a demo text)")
     show.add_argument("--log-dir", default=".run", help="the log directory of `make run`")
     show.set_defaults(func=cmd_demo, needs_settings=False)

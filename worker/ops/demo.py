@@ -24,7 +24,7 @@ import httpx
 from twilio.request_validator import RequestValidator
 
 STATE_FILE = "demo.json"
-DEMOS = ("sms", "reply", "email", "inbound-email", "push")
+DEMOS = ("sms", "reply", "email", "inbound-email", "push", "conversations")
 WAIT_SECONDS = 30.0  # how long a demo waits for the flow to finish before saying it did not
 T = TypeVar("T")
 
@@ -76,7 +76,8 @@ def run_demo(name: str, stack: DemoStack, text: str | None = None) -> str:
         demo = _Demo(stack, http)
         flows: dict[str, Callable[[str | None], str]] = {
             "sms": demo.sms, "reply": demo.reply, "email": demo.email,
-            "inbound-email": demo.inbound_email, "push": demo.push}
+            "inbound-email": demo.inbound_email, "push": demo.push,
+            "conversations": demo.conversations}
         return flows[name](text)
 
 
@@ -251,3 +252,52 @@ class _Demo:
         return (f"request {request_id}: {done.get('status')} by push "
                 f"(Communication/{done.get('communication')}; see "
                 f"{self.s.providers_origin}/__requests?provider=fcm)")
+
+    def conversations(self, text: str | None) -> str:
+        """The demo patient writes into a Twilio Conversation (the provider sandbox posts the
+        signed onMessageAdded to the receiver); the demo clinician answers in FHIR, and the
+        answer is posted into that Conversation (its echo comes back and is dropped)."""
+        from worker.channels.twilio_conversations import (
+            CONVERSATION_SYSTEM,
+            MESSAGE_SYSTEM,
+            WEBHOOK_PATH,
+        )
+
+        control = self.s.providers_origin
+        if not control:
+            raise DemoFailed("the conversations demo needs make run's provider sandbox")
+        self.http.post(control + "/__conversations/webhook", json={
+            "url": self.s.public_base_url + WEBHOOK_PATH, "post": True}).raise_for_status()
+        conv = self.http.post(control + "/__conversations/setup", json={
+            "address": self.s.patient_phone, "proxy_address": self.s.clinic_phone}).json()
+        written = self.http.post(control + "/__conversations/write", json={
+            "conversation": conv["conversation_sid"], "participant": conv["participant_sid"],
+            "body": text or "Hello from a Twilio Conversation"}).json()["webhook"]
+        if written.get("status") != 200:
+            raise DemoFailed(f"the receiver answered {written.get('status')}: "
+                             f"{written.get('error') or ''}")
+        sid = written["params"]["MessageSid"]
+        comm = _until("writing the Conversation's message to FHIR", lambda: next(iter(
+            self._search("Communication", [("identifier", f"{MESSAGE_SYSTEM}|{sid}")])), None))
+        thread = self._thread_of(comm)
+        doctor = f"Practitioner/{self.s.practitioner_id}"
+        answer = self._fhir("POST", "Communication", as_user=doctor, json={
+            "resourceType": "Communication", "status": "in-progress",
+            "partOf": [{"reference": thread}], "sender": {"reference": doctor},
+            # Without a recipient a message is an internal note (docs/automatic-outbound.md).
+            "recipient": [{"reference": f"Patient/{self.s.patient_id}"}],
+            "payload": [{"contentString": "Thanks, we got your message."}]})
+
+        def posted() -> str | None:
+            current = self._fhir("GET", f"Communication/{answer['id']}")
+            if current.get("status") == "stopped":
+                raise DemoFailed("the reply was not sent: "
+                                 f"{(current.get('statusReason') or {}).get('text')}")
+            return next((str(i["value"]) for i in current.get("identifier") or []
+                         if i.get("system") == MESSAGE_SYSTEM), None)
+
+        reply = _until("posting the reply into the Conversation", posted)
+        return (f"message {sid} accepted (HTTP 200); landed as Communication/{comm['id']} in "
+                f"thread {thread} ({CONVERSATION_SYSTEM}|{conv['conversation_sid']}); reply "
+                f"Communication/{answer['id']} posted into the Conversation as {reply} (see "
+                f"{control}/__conversations/messages)")

@@ -38,6 +38,7 @@ from worker.messages import OutboundMessage, SendResult
 from worker.outbound.push import has_device, send_push
 from worker.outbound.routing import (
     choose_channel,
+    conversation_sid,
     has_only_invalid_phones,
     medium_channel,
     pick_contact,
@@ -76,7 +77,9 @@ def send_outbound(req: OutboundRequest, deps: OutboundDeps, task_id: str) -> Sen
         header = _header(comm, deps, context)
         patient = _recipient(comm, header, deps, context)
         telecoms = patient.get("telecom") or []
-        channel = req.channel or choose_channel(
+        # A thread keyed by a Twilio Conversation is answered in that Conversation.
+        channel = req.channel or ("conversations" if conversation_sid(header) else None) \
+            or choose_channel(
             None, _reply_channel(header, patient, deps), telecoms, deps.channel_order,
             lambda: has_device(deps, str(patient["id"])), region=deps.phone_region)
     except PermanentError as exc:
@@ -121,7 +124,8 @@ def _send(req: OutboundRequest, deps: OutboundDeps, comm: Mapping[str, Any], com
     impl = deps.channels.get(channel)
     if impl is None:
         raise SendError("misconfigured", f"channel {channel} is not configured")
-    to = pick_contact(telecoms, channel, region=deps.phone_region)
+    to = (conversation_sid(thread.header) if channel == "conversations"
+          else pick_contact(telecoms, channel, region=deps.phone_region))
     if to is None:
         raise SendError("invalid-recipient", INVALID_PHONE if channel == "sms" and (
             has_only_invalid_phones(telecoms, deps.phone_region))

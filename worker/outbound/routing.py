@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from worker.channels import fcm, sendgrid, twilio
+from worker.channels import fcm, sendgrid, twilio, twilio_conversations
 from worker.channels.phones import DEFAULT_REGION, InvalidPhoneNumber, to_e164
 
 # Each channel module names its v3-ParticipationMode code; the mapping follows from them.
@@ -102,3 +102,14 @@ def has_only_invalid_phones(telecoms: Iterable[Mapping[str, Any]], region: str =
     now = now or datetime.now(UTC)
     current = [t for t in telecoms if _current(t, "sms", now)]
     return bool(current) and pick_contact(current, "sms", now, region) is None
+
+
+def conversation_sid(header: Mapping[str, Any] | None) -> str | None:
+    """The Twilio Conversation a thread header is keyed by (`https://twilio.com|CH…`), if any:
+    a reply in that thread is posted into the Conversation."""
+    for ident in (header or {}).get("identifier") or []:
+        value = str(ident.get("value") or "") if isinstance(ident, Mapping) else ""
+        if (ident.get("system") == twilio_conversations.CONVERSATION_SYSTEM
+                and twilio_conversations.is_conversation_sid(value)):
+            return value
+    return None

@@ -48,7 +48,8 @@ class OutboundRequest:
         comm = payload.get("communication")
         resource = payload.get("resource")
         channel = payload.get("channel")
-        if channel not in (None, "sms", "email", "push"):
+        # `conversations` is set by the pipeline itself (a deferred reply keeps its channel).
+        if channel not in (None, "sms", "email", "push", "conversations"):
             raise PermanentError("invalid-payload", "channel must be sms, email or push")
         if comm is not None:
             if not isinstance(comm, str):
@@ -141,7 +142,8 @@ def record_sent(deps: OutboundDeps, comm_id: str, channel: str, result: SendResu
             # Links delivery callbacks back to the API request that asked for this send.
             idents.append(identifier(deps.request_system, request_id))
         c["identifier"] = idents
-        c["medium"] = [medium(CHANNEL_TO_MEDIUM[channel])]
+        if channel in CHANNEL_TO_MEDIUM:  # a Conversation's medium is its header's already
+            c["medium"] = [medium(CHANNEL_TO_MEDIUM[channel])]
         c["sent"] = c.get("sent") or datetime.now(UTC).isoformat(timespec="milliseconds")
         if c.get("status") in (None, "preparation"):
             c["status"] = "in-progress"
