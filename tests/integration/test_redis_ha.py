@@ -259,3 +259,30 @@ def _master_addr(sentinel: redis.Redis) -> list[str] | None:
     except redis.exceptions.RedisError:
         return None
     return [v.decode() for v in found] if found else None
+
+
+def test_flower_follows_the_failover(group: devstack.SentinelGroup,
+                                     fhir_server: devstack.FhirSandbox, log_dir: Path) -> None:
+    # Flower reads the app's broker URL and transport options (master_name, sentinel_kwargs).
+    env = ha_env(group, fhir_server)
+    port = devstack.free_port()
+    flower = devstack.start_flower(env, log_dir, port, "admin:flower-ha-pw")
+    app = _app(env)
+    try:
+        def queued() -> int | None:
+            resp = httpx.get(f"http://127.0.0.1:{port}/api/queues/length",
+                             auth=("admin", "flower-ha-pw"), timeout=10)
+            if resp.status_code != 200:
+                return None
+            return sum(q["messages"] for q in resp.json()["active_queues"]) + 1  # truthy
+
+        assert eventually(queued, timeout=30, what="queue lengths from Flower") == 1
+        old = group.primary().port
+        group.server(old).kill()
+        group.wait_for_new_primary(old)
+        eventually(lambda: _accepted(app, sms_params(PATIENT, "queued, no worker")),
+                   timeout=30, what="a message queued on the new primary")
+        eventually(lambda: queued() == 2, timeout=30,
+                   what="Flower counting it on the new primary")
+    finally:
+        flower.stop()
