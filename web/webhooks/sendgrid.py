@@ -7,7 +7,6 @@ import logging
 import time
 from datetime import UTC, datetime
 
-import redis
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from web.enqueue import STEP_TIMEOUT_SECONDS, EnqueueFailed, Enqueuer
@@ -23,6 +22,7 @@ from worker.channels.sendgrid_signing import (
 )
 from worker.ops.metrics import Metrics
 from worker.settings import Settings
+from worker.stores.connection import redis_client
 from worker.stores.email_posts import EmailPosts, post_ref
 
 log = logging.getLogger("switchboard.web")
@@ -59,8 +59,8 @@ def sendgrid_blueprint(settings: Settings) -> Blueprint:
     """Routes for SendGrid's Inbound Parse webhook."""
     bp = Blueprint("sendgrid_inbound", __name__)
     endpoint = "sendgrid-inbound"
-    posts = EmailPosts.from_settings(redis.Redis.from_url(
-        settings.redis_url, socket_timeout=POST_WRITE_TIMEOUT_SECONDS,
+    posts = EmailPosts.from_settings(redis_client(
+        settings, socket_timeout=POST_WRITE_TIMEOUT_SECONDS,
         socket_connect_timeout=STEP_TIMEOUT_SECONDS), settings)
 
     @bp.post(INBOUND_PATH)

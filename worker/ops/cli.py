@@ -14,13 +14,12 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import redis
-
 from worker.channels.phones import InvalidPhoneNumber, to_e164
 from worker.crypto import Unsealable, generate_key
 from worker.fhir.client import FhirClient
 from worker.ops import demo, logs
 from worker.settings import ConfigError, Settings, load_settings
+from worker.stores.connection import redis_client
 from worker.stores.dead_letters import (
     REPLAY_HEADER,
     DeadLetter,
@@ -36,7 +35,7 @@ def _ts(t: float) -> str:
 
 
 def _store(settings: Settings) -> DeadLetterStore:
-    return DeadLetterStore(redis.Redis.from_url(settings.redis_url, socket_timeout=5),
+    return DeadLetterStore(redis_client(settings, socket_timeout=5),
                            settings.sealer())
 
 
@@ -109,7 +108,7 @@ def cmd_dlq_list(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_dlq_quarantined(settings: Settings, args: argparse.Namespace) -> int:
     """List the minimal records of messages dropped as neither processable nor storable."""
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+    client = redis_client(settings, socket_timeout=5)
     records = quarantined(client, args.limit)
     if not records:
         print("nothing quarantined")
@@ -126,7 +125,7 @@ def _optouts(settings: Settings, args: argparse.Namespace) -> tuple[OptOuts, str
         address = to_e164(address, settings.phone_default_region)  # reported by cmd_optout
     else:
         address = address.lower()
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+    client = redis_client(settings, socket_timeout=5)
     return OptOuts(client, settings.optout_key()), address
 
 
@@ -242,7 +241,7 @@ def cmd_dlq_prune(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_check(_: Settings | None, args: argparse.Namespace) -> int:
     """Validate the configuration and reach every dependency; print each problem and its fix."""
-    from worker.ops.health import configuration_warnings, readiness
+    from worker.ops.health import configuration_warnings, readiness, redis_topology
 
     try:
         settings = load_settings()
@@ -261,6 +260,13 @@ def cmd_check(_: Settings | None, args: argparse.Namespace) -> int:
         else:
             failed = True
             print(f"FAIL {check.name}: {check.detail} -> {check.fix}")
+    # The Redis topology as this host sees it (docs/redis-ha.md): a replica lagging or a
+    # Sentinel down is a warning; REDIS_MIN_REPLICAS_ACK that cannot be met fails the check.
+    for check in redis_topology(settings):
+        hard = check.name in ("replica-acks", "redis-primary")
+        failed = failed or (hard and not check.ok)
+        status = "ok  " if check.ok else ("FAIL" if hard else "warn")
+        print(f"{status} {check.name}: {check.detail}" + ("" if check.ok else f" -> {check.fix}"))
     for warning in configuration_warnings(settings):
         print(f"warn {warning.name}: {warning.detail} -> {warning.fix}")
     return 1 if failed else 0
@@ -381,7 +387,7 @@ def cmd_keys_rotate(settings: Settings, args: argparse.Namespace) -> int:
     from worker.stores.outbound_state import OutboundState
     from worker.stores.send_ledger import SendLedger
 
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=30)
+    client = redis_client(settings, socket_timeout=30)
     sealer = settings.sealer()
     passes = {"dead letters": DeadLetterStore(client, sealer).reseal,
               "inbox entries": Inbox(client, sealer).reseal,
