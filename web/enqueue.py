@@ -9,7 +9,12 @@ import redis
 from celery import Celery
 
 from worker.broker.celery_app import create_celery
-from worker.broker.publish import ACCEPT_AND_PUBLISH, TaskMessages, accept_and_publish
+from worker.broker.publish import (
+    ACCEPT_AND_PUBLISH,
+    REPUBLISH_ONCE,
+    TaskMessages,
+    accept_and_publish,
+)
 from worker.crypto import Sealer
 from worker.settings import Settings
 from worker.stores.inbox import HEADER as INBOX_HEADER
@@ -32,6 +37,7 @@ class Enqueuer:
     def __init__(self, celery: Celery, client: redis.Redis, sealer: Sealer) -> None:
         self._messages = TaskMessages(celery, sealer)
         self._script: Any = client.register_script(ACCEPT_AND_PUBLISH)
+        self._once: Any = client.register_script(REPUBLISH_ONCE)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Enqueuer:
@@ -40,12 +46,15 @@ class Enqueuer:
                                       socket_connect_timeout=STEP_TIMEOUT_SECONDS)
         return cls(create_celery(settings), client, settings.sealer())
 
-    def send(self, task: str, queue: str, args: list[Any], inbox_key: str) -> str:
+    def send(self, task: str, queue: str, args: list[Any], inbox_key: str,
+             once: str | None = None) -> str:
         """Record the message in the inbox and publish it; raises EnqueueFailed unless both
-        happened (the caller must then not answer 2xx). Returns the task id."""
+        happened (the caller must then not answer 2xx). Returns the task id. `once`: a
+        spooled entry's id, published at most once however often this is called with it."""
         try:
-            return accept_and_publish(self._script, self._messages, task, queue, args,
-                                      inbox_key, STEP_TIMEOUT_SECONDS, {INBOX_HEADER: inbox_key})
+            return accept_and_publish(self._once if once else self._script, self._messages,
+                                      task, queue, args, inbox_key, STEP_TIMEOUT_SECONDS,
+                                      {INBOX_HEADER: inbox_key}, once)
         except Exception as exc:  # redis raises many types; all mean "not kept"
             log.error("enqueue of %s failed: %s", task, type(exc).__name__)
             raise EnqueueFailed(type(exc).__name__) from exc
