@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import signal
@@ -38,6 +39,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -333,6 +335,19 @@ class MultihostStack(Stack):
 
     # -- the topology as Sentinel sees it -------------------------------------------------------
 
+    def tasks_done_since(self, n: int, since: float) -> int:
+        """Tasks worker host n finished after `since` (epoch seconds), from its workers' logs
+        (every process it ran: a supervised restart writes a new file)."""
+        done = 0
+        for path in self.log_dir.glob(f"worker-{WORKER_HOSTS[n].name}-*.log"):
+            for line in path.read_text(errors="replace").splitlines():
+                if "] succeeded in " not in line:
+                    continue
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    stamp = json.loads(line)["timestamp"].replace("Z", "+00:00")
+                    done += datetime.fromisoformat(stamp).timestamp() >= since
+        return done
+
     def held_by(self, n: int) -> int:
         """Messages worker n has received and not yet acknowledged (its liveness record,
         worker/broker/liveness.py, names it by host:pid:...; `ip netns exec` keeps the pid)."""
@@ -454,7 +469,7 @@ def _watch_primary(stack: MultihostStack) -> Iterator[dict[str, float | str]]:
         while not stop.wait(0.1):
             now = stack.primary_address()
             if now and now != seen["first"] and "promoted_at" not in seen:
-                seen.update(promoted_at=time.monotonic(), new=now)
+                seen.update(promoted_at=time.monotonic(), promoted_wall=time.time(), new=now)
 
     t = threading.Thread(target=watch, daemon=True)
     t.start()
@@ -513,6 +528,16 @@ def primary_killed(stack: MultihostStack, n: int = 400, rate: float = 25.0,
     if stack.restarts > restarts_before:
         counts.notes.append(f"{stack.restarts - restarts_before} workers exited and were "
                             "restarted by the supervisor")
+    if "promoted_wall" in seen:
+        # Each worker host took work from the new primary (celery#6348: a worker blocked in
+        # BRPOP on the dead one may never do so).
+        done = [stack.tasks_done_since(i, float(seen["promoted_wall"]))
+                for i in range(len(WORKER_HOSTS))]
+        counts.notes.append("tasks finished after the promotion per worker host: "
+                            + ", ".join(f"{h.name} {d}" for h, d in zip(WORKER_HOSTS, done,
+                                                                       strict=True)))
+        if not all(done):
+            counts.problems.append("a worker host ran nothing after the promotion")
     if not stack.replicas_in_sync():
         counts.problems.append("the topology did not heal (2 replicas) within 60s")
     counts.seconds = time.monotonic() - started
@@ -538,6 +563,7 @@ def worker_cut_off(stack: MultihostStack, n_in: int = 200, n_out: int = 60,
     def post(item: tuple[str, Any]) -> int:
         return stack.post_sms(item[1]) if item[0] == "in" else stack.send(item[1][0])[0]
 
+    restarts_before = stack.restarts
     flow = paced(post, items, len(items) / duration)
     time.sleep(cut_after)
     # Cut while the host holds messages (a send waiting on the slow provider, most likely):
@@ -565,6 +591,9 @@ def worker_cut_off(stack: MultihostStack, n_in: int = 200, n_out: int = 60,
     cin.seconds_to_recover = cout.seconds_to_recover = time.monotonic() - mended_at
     cin.notes.append(f"{host.ns} held {held} unacknowledged messages when cut for "
                      f"{mended_at - cut_at:.1f}s; recover s = until all settled after the mend")
+    if stack.restarts > restarts_before:
+        cin.notes.append(f"{stack.restarts - restarts_before} workers exited and were "
+                         "restarted by the supervisor")
     if not held:
         cin.problems.append(f"{host.ns} held nothing when cut: the fault tested nothing")
     cin.seconds = cout.seconds = time.monotonic() - started
