@@ -250,6 +250,19 @@ def start_sentinel(host: Host, primary: str, log_dir: Path) -> devstack.Child:
 SENTINELS = [(h.addresses[1], SENTINEL_PORT) for h in REDIS_HOSTS]
 
 
+def _sentinel_state(address: str, port: int) -> dict[str, str]:
+    """`SENTINEL MASTER <name>` of one Sentinel as text ({} when it does not answer)."""
+    client = redis.Redis(host=address, port=port, socket_timeout=1, socket_connect_timeout=1)
+    try:
+        raw = client.execute_command("SENTINEL", "MASTER", MASTER_NAME)
+    except redis.exceptions.RedisError:
+        return {}
+    finally:
+        client.close()
+    text = [v.decode() if isinstance(v, bytes) else str(v) for v in raw]
+    return dict(zip(text[::2], text[1::2], strict=True))
+
+
 def supports(setting: str) -> bool:
     """Whether this build of Switchboard knows a setting (the HA settings land separately)."""
     return setting in Settings.model_fields
@@ -279,6 +292,7 @@ class MultihostStack(Stack):
         for node in self.redis_nodes[1:]:
             node.start(replicaof=primary.address)
         self.sentinels = [start_sentinel(h, primary.address, self.log_dir) for h in REDIS_HOSTS]
+        self.wait_sentinels_ready()
         self.start_sandboxes(host=GATEWAY)
         self._started += [self.providers_child, self.fhir_server]
         redis_env = {"REDIS_URL": f"redis://{primary.address}:{REDIS_PORT}/0"}
@@ -378,6 +392,18 @@ class MultihostStack(Stack):
             finally:
                 client.close()
         return None
+
+    def wait_sentinels_ready(self, timeout: float = 30) -> None:
+        """Until every Sentinel knows the other two and both replicas (before that a failover
+        cannot happen, or may pick a replica not yet in sync)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            states = [_sentinel_state(a, p) for a, p in SENTINELS]
+            if all(st.get("num-other-sentinels") == "2" and st.get("num-slaves") == "2"
+                   for st in states):
+                return
+            time.sleep(0.2)
+        raise devstack.StartError(f"Sentinels not ready after {timeout:.0f}s: {states}")
 
     def node_at(self, address: str | None) -> RedisNode:
         """The Redis node listening on `address`."""
