@@ -137,6 +137,9 @@ class Stack:
             "INBOX_SWEEP_INTERVAL_SECONDS": "3", "RECONCILE_INTERVAL_SECONDS": "3600",
             "SENDGRID_INBOUND_VERIFICATION_KEY": VERIFICATION_KEY,
             "FCM_CREDENTIALS_FILE": str(account), "FCM_API_BASE_URL": origin,
+            # The receiver's disk spool (docs/spool.md) in this run's directory: webhooks that
+            # arrive while Redis is down are answered 2xx and published when it is back.
+            "DATA_DIR": str(self.log_dir),
             **overrides,
         }
 

@@ -281,13 +281,16 @@ class Spool:
 
     def _append_to_segment(self, record: bytes) -> bool:
         try:
-            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            if self._segment is None:
-                self._segment = f"{time.time_ns():020d}-{os.getpid()}-{secrets.token_hex(3)}"
-            path = self.directory / (self._segment + OPEN)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        except OSError as exc:
+            return self._append_or_not(record)
+        except OSError as exc:  # whatever the disk said: not kept
             raise SpoolRefused(_reason(exc)) from exc
+
+    def _append_or_not(self, record: bytes) -> bool:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self._segment is None:
+            self._segment = f"{time.time_ns():020d}-{os.getpid()}-{secrets.token_hex(3)}"
+        path = self.directory / (self._segment + OPEN)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:  # closing the fd releases the lock
             if not _try_lock(fd) or not _same_file(path, fd):
                 self._segment = None  # being claimed by a flusher, or already flushed
@@ -410,11 +413,15 @@ class Spool:
             return _GONE
         if not name.endswith(FLUSHING):
             claimed = self.directory / (_base(name) + FLUSHING)
-            if claimed.exists():  # a `.kept` file of a segment still flushing: later
+            try:
+                if claimed.exists():  # a `.kept` file of a segment still flushing: later
+                    os.close(fd)
+                    return _BUSY
+                os.rename(path, claimed)
+                _fsync_dir(self.directory)
+            except OSError:
                 os.close(fd)
-                return _BUSY
-            os.rename(path, claimed)
-            _fsync_dir(self.directory)
+                raise
             path = claimed
         return fd, path
 

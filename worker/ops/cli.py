@@ -262,6 +262,11 @@ def cmd_check(_: Settings | None, args: argparse.Namespace) -> int:
         else:
             failed = True
             print(f"FAIL {check.name}: {check.detail} -> {check.fix}")
+    spool = spool_from_settings(settings)
+    if spool is not None:
+        waiting = spool.status()
+        print(f"ok   spool: {spool.directory} ({waiting.entries} entries waiting"
+              f"{f', {waiting.kept} kept as unopenable' if waiting.kept else ''})")
     for warning in configuration_warnings(settings):
         print(f"warn {warning.name}: {warning.detail} -> {warning.fix}")
     return 1 if failed else 0

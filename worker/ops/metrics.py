@@ -208,7 +208,12 @@ class SpoolGauges:
 
     def collect(self) -> Iterator[Metric]:
         """Entries and bytes waiting in the spool, and the oldest one's age."""
-        status = self._spool.status()
+        try:
+            status = self._spool.status()
+        except OSError as exc:  # the scrape still answers; the gauges are left out
+            log.warning("metrics: the spool directory cannot be read: %s",
+                        exc.strerror or type(exc).__name__)
+            return
         yield GaugeMetricFamily("switchboard_spool_entries", "Accepted webhooks waiting in "
                                 "this host's disk spool for Redis", value=float(status.entries))
         yield GaugeMetricFamily("switchboard_spool_bytes", "Bytes of the entries waiting in "
