@@ -302,8 +302,6 @@ class MultihostStack(Stack):
         if self.follows_sentinel:
             redis_env.update(REDIS_SENTINELS=",".join(f"{a}:{p}" for a, p in SENTINELS),
                              REDIS_SENTINEL_MASTER=MASTER_NAME)
-        if supports("data_dir"):  # the receiver host's own disk (its spool)
-            redis_env["DATA_DIR"] = str(self.log_dir / f"data-{RECEIVER_HOST.name}")
         self.env = self.app_env(redis_env, overrides)
         self.settings: Settings = load_settings(self.env)
         self.sandbox = Sandbox(self.fhir_server.origin, self.settings)
