@@ -47,6 +47,7 @@ import httpx
 import redis
 from redis.sentinel import Sentinel
 
+from tests import at_rest
 from tests.reliability.harness import Counts, Stack, phone, sms
 from tests.reliability.scenarios import (
     _inbound_tally,
@@ -279,6 +280,7 @@ class MultihostStack(Stack):
         self.sentinels: list[devstack.Child] = []
         self.workers = []
         self._started: list[Any] = []  # what stop() stops, in reverse
+        self.spool_snapshot = b""  # the spool's files while fault c kept webhooks in it
         self.net.up()
         try:
             self._start(overrides)
@@ -636,9 +638,11 @@ def redis_frozen(stack: MultihostStack, n: int = 100, frozen_seconds: float = 15
     for node in stack.redis_nodes:
         node.signal(signal.SIGSTOP)
     try:
-        # The webhooks arrive while Redis is stopped, spread over the first 90 % of the pause.
-        flow = paced(stack.post_sms, messages, n / (frozen_seconds * 0.9))
+        # The webhooks arrive while Redis is stopped, spread over the first 80 % of the pause.
+        flow = paced(stack.post_sms, messages, n / (frozen_seconds * 0.8))
         time.sleep(frozen_seconds)
+        spool = stack.settings.spool_path
+        stack.spool_snapshot = at_rest.files(spool) if spool and spool.exists() else b""
     finally:
         for node in stack.redis_nodes:
             node.signal(signal.SIGCONT)
@@ -663,6 +667,32 @@ def redis_frozen(stack: MultihostStack, n: int = 100, frozen_seconds: float = 15
     _inbound_tally(stack, counts, accepted, timeout=60)
     counts.seconds = time.monotonic() - started
     return counts
+
+
+def no_phi(stack: MultihostStack, numbers: list[str], bodies: list[str]) -> list[Counts]:
+    """After the faults: our processes' logs (web, workers, beat), and every Redis node's files
+    (the replicas' and a promoted one's too) and the receiver's spool, searched for the phone
+    numbers and bodies used. Hits are counted in the "duplicates" column."""
+    from tests.reliability.scenarios import privacy
+
+    logs = privacy(stack, numbers, bodies)
+    logs.scenario = "mh PHI in logs"
+    counts = Counts("mh PHI at rest (3 Redis, spool)")
+    started = time.monotonic()
+    seen = {f"redis-{h.name}": at_rest.files(stack.log_dir / f"redis-{h.name}")
+            for h in REDIS_HOSTS}
+    seen["spool"] = stack.spool_snapshot  # taken while it held fault c's webhooks
+    needles = sorted({*numbers, *(n[1:] for n in numbers), *bodies})
+    found = {name: at_rest.hits(blob, needles) for name, blob in seen.items()}
+    counts.sent = sum(len(b) for b in seen.values())
+    counts.written = len(needles)
+    counts.duplicates = sum(len(h) for h in found.values())
+    counts.notes.append("searched " + ", ".join(f"{k} {len(v) // 1024} KiB"
+                                                for k, v in seen.items())
+                        + f" for {len(needles)} values; hits: "
+                        + str({k: v[:3] for k, v in found.items() if v}))
+    counts.seconds = time.monotonic() - started
+    return [logs, counts]
 
 
 @dataclass(frozen=True)
@@ -700,6 +730,11 @@ def run(size: Size = FULL, min_replicas_ack: int = 1, log_dir: Path | None = Non
                                        duration=size.cut_duration))
         if "c" in faults:
             rows.append(redis_frozen(stack, size.frozen_webhooks))
+        numbers = [phone(i) for i in range(20)] + [phone(5000 + i) for i in range(size.cut_out)]
+        bodies = [f"mh {what} {i}" for what, n in (
+            ("primary", size.primary_webhooks), ("cut", size.cut_in),
+            ("cut reply", size.cut_out), ("frozen", size.frozen_webhooks)) for i in range(n)]
+        rows.extend(no_phi(stack, numbers, bodies))
     finally:
         stack.stop()
     return rows
