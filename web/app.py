@@ -9,7 +9,6 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
-import redis
 from flask import Flask, Response, jsonify, request
 from flask.logging import default_handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -27,6 +26,7 @@ from worker.ops import logs
 from worker.ops.health import Check, readiness
 from worker.ops.metrics import process_metrics, web_registry
 from worker.settings import Settings, load_settings
+from worker.stores.connection import redis_client
 
 log = logging.getLogger("switchboard.web")
 
@@ -94,14 +94,13 @@ def create_app(settings: Settings | None = None, enqueuer: Enqueuer | None = Non
     # Started per process after gunicorn's fork (web/gunicorn_conf.py), not here: a thread
     # started before a fork does not exist in the child.
     app.extensions["switchboard.spool_flusher"] = flusher(settings, spooling)
-    metrics_redis = redis.Redis.from_url(settings.redis_url, socket_timeout=5,
-                                         socket_connect_timeout=3)
+    metrics_redis = redis_client(settings, socket_timeout=5, socket_connect_timeout=3)
     app.register_blueprint(twilio_blueprint(settings))
     app.register_blueprint(sendgrid_events_blueprint(settings))
     app.register_blueprint(sendgrid_blueprint(settings, posts))
     app.register_blueprint(fhir_blueprint(settings))
-    app.register_blueprint(api_blueprint(settings, redis.Redis.from_url(
-        settings.redis_url, socket_timeout=MAX_WAIT_SECONDS + 5, socket_connect_timeout=3)))
+    app.register_blueprint(api_blueprint(settings, redis_client(
+        settings, socket_timeout=MAX_WAIT_SECONDS + 5, socket_connect_timeout=3)))
 
     deadline = _deadlines()
 

@@ -16,6 +16,7 @@ from worker.ops.metrics import Metrics, process_metrics
 from worker.outbound.sending import OutboundDeps
 from worker.settings import Settings, load_settings
 from worker.stores.binaries import StoredBinaries
+from worker.stores.connection import redis_client
 from worker.stores.dead_letters import DeadLetterStore
 from worker.stores.inbox import Inbox
 from worker.stores.locks import RedisLocks
@@ -53,8 +54,8 @@ class Runtime:
 
 def build_runtime(settings: Settings) -> Runtime:
     """Build the process's dependencies from settings."""
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5,
-                                  socket_connect_timeout=5, health_check_interval=30)
+    client = redis_client(settings, socket_timeout=5, socket_connect_timeout=5,
+                          health_check_interval=30)
     metrics = process_metrics()
     sealer = settings.sealer()
     fhir = FhirClient(settings.fhir_base_url, settings.fhir_token_url, settings.fhir_client_id,

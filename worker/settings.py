@@ -20,10 +20,18 @@ from worker.crypto import Sealer, parse_keys, sealer_for
 ThreadStrategy = Literal["conversation", "active-thread", "new-thread"]
 UnknownSenderPolicy = Literal["reject", "create-patient"]
 CHANNELS = ("sms", "email", "push")
+# A Sentinel address: a host name or IPv4 address, or a bracketed IPv6 address, and a port.
+_HOST_PORT = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?"
+                        r"|\[[0-9A-Fa-f:.]{2,45}\]):[0-9]{1,5}")
+# What Sentinel accepts as a master name in practice (it is also a key in its own config file).
+_MASTER_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 # What to tell an operator for each setting that is missing or wrong.
 _HINTS: dict[str, str] = {
     "REDIS_URL": "set it to the broker, e.g. redis://127.0.0.1:6379/0",
+    "REDIS_SENTINELS": "comma-separated host:port of the Sentinels, e.g. "
+                       "10.0.0.1:26379,10.0.0.2:26379,10.0.0.3:26379",
+    "REDIS_SENTINEL_MASTER": "the name in `sentinel monitor <name> ...`, e.g. switchboard",
     "FHIR_BASE_URL": "set it to the FHIR base, e.g. https://api.medplum.com/fhir/R4/",
     "FHIR_CLIENT_ID": "set it to the Medplum ClientApplication id (client credentials)",
     "FHIR_CLIENT_SECRET": "set it to the Medplum ClientApplication secret",
@@ -61,6 +69,26 @@ class Settings(BaseSettings):
     """Broker and dead-letter store, `redis://host:6379/0`"""
     fhir_base_url: str
     """e.g. `https://api.medplum.com/fhir/R4/`"""
+    # Redis behind Sentinel (docs/redis-ha.md). With REDIS_SENTINELS set, every Redis client
+    # and the broker ask the Sentinels for the current primary of REDIS_SENTINEL_MASTER and
+    # follow it through a failover; REDIS_URL then gives only the database, credentials and
+    # TLS (rediss://) of the data nodes, its host and port are not used.
+    redis_sentinels: str = ""
+    """Redis Sentinels, comma-separated `host:port` (e.g. `s1:26379,s2:26379,s3:26379`); empty:
+    Redis is REDIS_URL alone. Set, REDIS_URL gives only the database, password and TLS of the
+    data nodes (a `redis://` URL; docs/redis-ha.md)"""
+    redis_sentinel_master: str = ""
+    """the master name the Sentinels monitor (`sentinel monitor <name> …`); required with
+    REDIS_SENTINELS"""
+    redis_sentinel_password: SecretStr = SecretStr("")
+    """the Sentinels' own password (`requirepass` in sentinel.conf), when they have one; the
+    data nodes' password goes in REDIS_URL"""
+    # Asynchronous replication loses the writes a dead primary had not passed on. With N > 0
+    # the receiver answers 2xx only once N replicas hold the accepted message (WAIT).
+    redis_min_replicas_ack: int = Field(default=0, ge=0, le=16)
+    """replicas that must hold an accepted message before the receiver answers 2xx (Redis
+    `WAIT`; 0: the primary alone). Not met in time: the answer is that of Redis being
+    unavailable (docs/redis-ha.md)"""
     fhir_client_id: str = Field(min_length=1)
     """Medplum ClientApplication id (OAuth2 client credentials)"""
     fhir_client_secret: SecretStr
@@ -407,6 +435,49 @@ class Settings(BaseSettings):
         if urlsplit(v).scheme not in {"redis", "rediss", "unix"}:
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
         return v
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinel_addresses(cls, v: str) -> str:
+        # Parsed once here; sentinel_addresses() relies on the shape checked.
+        items = [i.strip() for i in v.split(",") if i.strip()]
+        bad = [n for n, i in enumerate(items, 1) if not _HOST_PORT.fullmatch(i)
+               or not 0 < int(i.rsplit(":", 1)[1]) < 65536]
+        if bad:
+            raise ValueError("must be comma-separated host:port pairs (a host name, an IPv4 "
+                             "address or a bracketed IPv6 address, and a port 1-65535); "
+                             f"entry {bad[0]} is not")
+        return ",".join(items)
+
+    @field_validator("redis_sentinel_master")
+    @classmethod
+    def _master_name(cls, v: str) -> str:
+        v = v.strip()
+        if v and not _MASTER_NAME.fullmatch(v):
+            raise ValueError("must be the Sentinel master name: letters, digits, '.', '_', '-' "
+                             "(at most 64)")
+        return v
+
+    @model_validator(mode="after")
+    def _sentinels_complete(self) -> Settings:
+        if bool(self.redis_sentinels) != bool(self.redis_sentinel_master):
+            raise ValueError("REDIS_SENTINELS and REDIS_SENTINEL_MASTER go together: set both "
+                             "(Redis behind Sentinel) or neither")
+        if self.redis_sentinels and urlsplit(self.redis_url).scheme != "redis":
+            # Sentinels name the primary by host and port (no unix socket); TLS to the data
+            # nodes through Sentinel is not wired through kombu and redis-py here (yet).
+            raise ValueError("with REDIS_SENTINELS, REDIS_URL must be a redis:// URL (its "
+                             "database and password are used; unix:// and rediss:// are not "
+                             "supported behind Sentinel)")
+        return self
+
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """REDIS_SENTINELS as (host, port) pairs (IPv6 hosts without their brackets)."""
+        out = []
+        for item in filter(None, self.redis_sentinels.split(",")):
+            host, port = item.rsplit(":", 1)
+            out.append((host.strip("[]"), int(port)))
+        return out
 
     @field_validator("fhir_base_url", "public_base_url", "twilio_api_base_url",
                      "sendgrid_api_base_url", "fcm_api_base_url")

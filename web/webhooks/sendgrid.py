@@ -7,7 +7,6 @@ import logging
 import time
 from datetime import UTC, datetime
 
-import redis
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from web.enqueue import STEP_TIMEOUT_SECONDS, EnqueueFailed
@@ -24,6 +23,7 @@ from worker.channels.sendgrid_signing import (
 )
 from worker.ops.metrics import Metrics
 from worker.settings import Settings
+from worker.stores.connection import redis_client
 from worker.stores.email_posts import EmailPosts, post_ref
 
 log = logging.getLogger("switchboard.web")
@@ -58,8 +58,8 @@ def request_problem(settings: Settings, body: bytes, headers: dict[str, str | No
 
 def post_store(settings: Settings) -> EmailPosts:
     """The post store as the receiver writes it (bounded in time, see above)."""
-    return EmailPosts.from_settings(redis.Redis.from_url(
-        settings.redis_url, socket_timeout=POST_WRITE_TIMEOUT_SECONDS,
+    return EmailPosts.from_settings(redis_client(
+        settings, socket_timeout=POST_WRITE_TIMEOUT_SECONDS,
         socket_connect_timeout=STEP_TIMEOUT_SECONDS), settings)
 
 

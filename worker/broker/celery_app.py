@@ -12,6 +12,7 @@ from kombu.utils import json as kombu_json
 
 from worker.crypto import Sealer, UnknownKey, Unsealable, bytes_to_text
 from worker.settings import Settings
+from worker.stores.connection import broker_transport_options, broker_url
 
 # Queue names and task names are the public contract with the web receiver and other services.
 QUEUE_INBOUND = "inbound"
@@ -93,7 +94,8 @@ def create_celery(settings: Settings) -> Celery:
     serializer = register_sealed(settings.sealer())
     app = Celery("switchboard", set_as_current=False)
     app.conf.update(
-        broker_url=settings.redis_url,
+        # REDIS_URL, or kombu's sentinel:// form with REDIS_SENTINELS (docs/redis-ha.md).
+        broker_url=broker_url(settings),
         # No result backend: outcomes are written to FHIR and to the dead-letter store.
         result_backend=None,
         task_ignore_result=True,
@@ -139,6 +141,9 @@ def create_celery(settings: Settings) -> Celery:
             "unacked_restore_throttle": 1,
             "unacked_restore_interval": max(1, min(10, settings.broker_visibility_timeout_seconds
                                                    // 3)),
+            # Behind Sentinel: the master name, the Sentinels' password, and the timeouts that
+            # make a worker drop a connection to a dead primary (worker/stores/connection.py).
+            **broker_transport_options(settings),
         },
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=3,

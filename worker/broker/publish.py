@@ -31,6 +31,7 @@ from typing import Any
 from celery import Celery
 from kombu.connection import Connection
 from kombu.entity import Queue
+from redis.exceptions import NoScriptError
 
 from worker.broker.celery_app import EMBED, QUEUE_INBOUND, REDACTED_ARGS, SEALED_CONTENT_TYPE
 from worker.crypto import PREFIX, Sealer
@@ -109,6 +110,48 @@ def _capture(app: Celery) -> dict[str, Any]:
     return message
 
 
+class NotReplicated(Exception):
+    """Redis took the step, but fewer replicas than asked acknowledged it in time (WAIT): a
+    primary that dies now takes it along, so it must not be answered as accepted."""
+
+    def __init__(self, acked: int, wanted: int) -> None:
+        super().__init__(f"{acked} of {wanted} replicas acknowledged")
+        self.acked = acked
+        self.wanted = wanted
+
+
+def replicated(script: Any, replicas: int, timeout_ms: int) -> Any:
+    """`script`, run as `WAIT replicas timeout_ms` right behind it ON THE SAME CONNECTION, in
+    one round trip (a pipeline without MULTI): WAIT counts the replicas that acknowledged the
+    writes of the connection it runs on, so a WAIT on another pooled connection would prove
+    nothing. A replica holding the step holds everything the primary wrote before it too (one
+    ordered replication stream), such as an email post stored just before its task.
+    Raises NotReplicated when fewer replicas acknowledged it in time."""
+    client = script.registered_client
+
+    def run(keys: list[str], args: list[Any]) -> Any:
+        for attempt in (1, 2):
+            pipe = client.pipeline(transaction=False)
+            # EVALSHA by hand: redis-py's Script in a pipeline asks SCRIPT EXISTS first, one
+            # more round trip on every request.
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            pipe.execute_command("WAIT", replicas, timeout_ms)
+            done, acked = pipe.execute(raise_on_error=False)
+            if isinstance(done, NoScriptError) and attempt == 1:
+                # A primary that never ran it (a new one after a failover, or a restart).
+                client.script_load(script.script)
+                continue
+            for result in (done, acked):
+                if isinstance(result, Exception):
+                    raise result
+            if done and int(acked) < replicas:
+                raise NotReplicated(int(acked), replicas)
+            return done
+        raise NoScriptError("script not loaded")  # pragma: no cover - loaded just above
+
+    return run
+
+
 def accept_and_publish(script: Any, messages: TaskMessages, task: str, queue: str,
                        args: list[Any], inbox_key: str, wait_seconds: float | None,
                        extra_headers: dict[str, str], once: str | None = None) -> str:
@@ -117,9 +160,10 @@ def accept_and_publish(script: Any, messages: TaskMessages, task: str, queue: st
     With `wait_seconds`, the step carries the time after which the caller no longer waits: run
     later than that by Redis's clock, it does nothing. An answer that comes back in time yet
     says "too late" means the caller's clock is behind Redis's, so the step is sent again
-    without a deadline. With `once` (a spooled entry's id; `script` is then REPUBLISH_ONCE),
-    a second publish of the same id does nothing. Raises whatever redis-py raises (nothing was
-    kept, or it is unknown).
+    without a deadline. `script` is the registered ACCEPT_AND_PUBLISH, or replicated(it) to
+    wait for replicas. With `once` (a spooled entry's id; `script` is then REPUBLISH_ONCE, or
+    replicated(it)), a second publish of the same id does nothing. Raises whatever redis-py
+    raises (nothing was kept, or it is unknown), or NotReplicated.
     """
     task_id, message, sealed = messages.build(task, queue, args, extra_headers)
     entry = json.dumps({"task": task, "queue": queue, "body": sealed})

@@ -14,14 +14,13 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import redis
-
 from worker.broker.spool import Spool, spool_from_settings
 from worker.channels.phones import InvalidPhoneNumber, to_e164
 from worker.crypto import Unsealable, generate_key
 from worker.fhir.client import FhirClient
 from worker.ops import demo, logs
 from worker.settings import ConfigError, Settings, load_settings
+from worker.stores.connection import redis_client
 from worker.stores.dead_letters import (
     REPLAY_HEADER,
     DeadLetter,
@@ -37,7 +36,7 @@ def _ts(t: float) -> str:
 
 
 def _store(settings: Settings) -> DeadLetterStore:
-    return DeadLetterStore(redis.Redis.from_url(settings.redis_url, socket_timeout=5),
+    return DeadLetterStore(redis_client(settings, socket_timeout=5),
                            settings.sealer())
 
 
@@ -110,7 +109,7 @@ def cmd_dlq_list(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_dlq_quarantined(settings: Settings, args: argparse.Namespace) -> int:
     """List the minimal records of messages dropped as neither processable nor storable."""
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+    client = redis_client(settings, socket_timeout=5)
     records = quarantined(client, args.limit)
     if not records:
         print("nothing quarantined")
@@ -127,7 +126,7 @@ def _optouts(settings: Settings, args: argparse.Namespace) -> tuple[OptOuts, str
         address = to_e164(address, settings.phone_default_region)  # reported by cmd_optout
     else:
         address = address.lower()
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+    client = redis_client(settings, socket_timeout=5)
     return OptOuts(client, settings.optout_key()), address
 
 
@@ -387,7 +386,7 @@ def cmd_keys_rotate(settings: Settings, args: argparse.Namespace) -> int:
     from worker.stores.outbound_state import OutboundState
     from worker.stores.send_ledger import SendLedger
 
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=30)
+    client = redis_client(settings, socket_timeout=30)
     sealer = settings.sealer()
     passes = {"dead letters": DeadLetterStore(client, sealer).reseal,
               "inbox entries": Inbox(client, sealer).reseal,

@@ -135,6 +135,7 @@ class RedisServer:
     data_dir: Path
     log_dir: Path
     child: Child | None = None
+    extra_args: list[str] = field(default_factory=list)  # e.g. --replicaof (a Sentinel group)
 
     @property
     def url(self) -> str:
@@ -146,7 +147,7 @@ class RedisServer:
         cmd = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
                "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "always",
                "--save", "", "--maxmemory-policy", "noeviction", "--protected-mode", "yes",
-               "--databases", "64"]
+               "--databases", "64", *self.extra_args]
         self.child = _spawn(f"redis-{self.port}", cmd, self.log_dir)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
         deadline = time.monotonic() + 15
@@ -172,6 +173,172 @@ class RedisServer:
         """SIGKILL (the AOF keeps what was acknowledged)."""
         if self.child:
             self.child.kill()
+
+    def pause(self) -> None:
+        """SIGSTOP: alive to the kernel (connections stay open), silent to everyone."""
+        if self.child and self.child.proc.poll() is None:
+            self.child.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after pause()."""
+        if self.child and self.child.proc.poll() is None:
+            self.child.proc.send_signal(signal.SIGCONT)
+
+
+# Sentinel timings of the test bed: a primary silent for 1 s is down, and a failover may take
+# 3 s before another is tried (production values are in docs/redis-ha.md).
+SENTINEL_DOWN_AFTER_MS = 1000
+SENTINEL_FAILOVER_TIMEOUT_MS = 3000
+
+
+def sentinel_master_state(sentinel: redis.Redis, master_name: str) -> dict[str, str]:
+    """`SENTINEL MASTER <name>` as a dict of text (redis-py 6.4's sentinel_master() fails
+    on a plain client: its reply parser refuses the `return_responses` option it is given)."""
+    raw = sentinel.execute_command("SENTINEL", "MASTER", master_name)  # type: ignore[no-untyped-call]
+    text = [v.decode() if isinstance(v, bytes) else str(v) for v in raw]
+    return dict(zip(text[::2], text[1::2], strict=True))
+
+
+@dataclass
+class SentinelGroup:
+    """A real primary, its replicas and the Sentinels that watch them, on free loopback ports
+    (docs/redis-ha.md; the test bed of failover). servers[0] starts as the primary."""
+
+    master_name: str
+    servers: list[RedisServer]
+    sentinel_ports: list[int]
+    sentinels: list[Child]
+    password: str = ""  # the Sentinels' own (requirepass), empty for none
+
+    def env(self, db: int = 0) -> dict[str, str]:
+        """The settings that point Switchboard at this group (database `db`)."""
+        return {"REDIS_URL": f"redis://127.0.0.1:{self.servers[0].port}/{db}",
+                "REDIS_SENTINELS": ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports),
+                "REDIS_SENTINEL_MASTER": self.master_name,
+                "REDIS_SENTINEL_PASSWORD": self.password}
+
+    def _ask(self, port: int) -> redis.Redis:
+        """A client of the Sentinel on `port`."""
+        return redis.Redis(port=port, password=self.password or None, socket_timeout=1,
+                           socket_connect_timeout=1)
+
+    @staticmethod
+    def node(port: int) -> redis.Redis:
+        """A plain client of the data node on `port` (no Sentinel in the way)."""
+        return redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1)
+
+    def primary_port(self) -> int | None:
+        """The primary's port as the first Sentinel that answers names it."""
+        for port in self.sentinel_ports:
+            with self._ask(port) as s:
+                try:
+                    found = s.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME",
+                                              self.master_name)
+                except redis.exceptions.RedisError:
+                    continue
+                if found:
+                    return int(found[1])
+        return None
+
+    def server(self, port: int) -> RedisServer:
+        """The data node listening on `port`."""
+        return next(s for s in self.servers if s.port == port)
+
+    def primary(self) -> RedisServer:
+        """The data node the Sentinels name as primary."""
+        port = self.primary_port()
+        if port is None:
+            raise StartError("no Sentinel names a primary")
+        return self.server(port)
+
+    def wait_ready(self, replicas: int, timeout: float = 30) -> None:
+        """Until every Sentinel knows the others and `replicas` connected replicas (before
+        that a failover cannot happen, or can pick a replica that is not in sync yet)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            states = []
+            for port in self.sentinel_ports:
+                with self._ask(port) as s:
+                    try:
+                        states.append(sentinel_master_state(s, self.master_name))
+                    except redis.exceptions.RedisError:
+                        states.append({})
+            if all(int(st.get("num-other-sentinels", -1)) == len(self.sentinel_ports) - 1
+                   and int(st.get("num-slaves", -1)) >= replicas for st in states):
+                with self.node(self.primary().port) as p:
+                    info = p.info("replication")
+                if int(info.get("connected_slaves", 0)) >= replicas and all(
+                        info.get(f"slave{i}", {}).get("state") == "online"
+                        for i in range(replicas)):
+                    return
+            if time.monotonic() > deadline:
+                raise StartError(f"Sentinel group not ready after {timeout:.0f}s: {states}")
+            time.sleep(0.1)
+
+    def wait_for_new_primary(self, old_port: int, timeout: float = 30) -> int:
+        """Until the Sentinels name a primary other than `old_port`; returns its port."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            port = self.primary_port()
+            if port is not None and port != old_port:
+                with self.node(port) as p:
+                    try:
+                        if p.info("replication").get("role") == "master":
+                            return port
+                    except redis.exceptions.RedisError:
+                        pass
+            time.sleep(0.05)
+        raise StartError(f"no failover from {old_port} within {timeout:.0f}s")
+
+    def stop(self) -> None:
+        """Stop the Sentinels, then the data nodes."""
+        for child in self.sentinels:
+            child.stop()
+        for server in self.servers:
+            server.resume()  # a SIGSTOPped process never handles the SIGTERM
+            server.stop()
+
+
+def start_sentinel_group(log_dir: Path, data_dir: Path, replicas: int = 2, sentinels: int = 3,
+                         master_name: str = "switchboard", password: str = "",
+                         quorum: int | None = None) -> SentinelGroup:
+    """Start a primary, `replicas` replicas and `sentinels` Sentinels (`redis-server
+    --sentinel`, each with its own config file: Sentinels rewrite theirs), and wait until the
+    group can fail over."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    primary = start_redis(log_dir, data_dir=data_dir / "node-0")
+    servers = [primary]
+    group = SentinelGroup(master_name, servers, [], [], password)
+    try:
+        for n in range(1, replicas + 1):
+            node = RedisServer(free_port(), data_dir / f"node-{n}", log_dir,
+                               extra_args=["--replicaof", "127.0.0.1", str(primary.port)])
+            node.data_dir.mkdir(parents=True, exist_ok=True)
+            servers.append(node.start())
+        for n in range(sentinels):
+            port = free_port()
+            conf = data_dir / f"sentinel-{n}.conf"
+            lines = [f"port {port}", "bind 127.0.0.1", f"dir {data_dir}",
+                     f"sentinel monitor {master_name} 127.0.0.1 {primary.port} "
+                     f"{quorum or sentinels // 2 + 1}",
+                     f"sentinel down-after-milliseconds {master_name} {SENTINEL_DOWN_AFTER_MS}",
+                     f"sentinel failover-timeout {master_name} {SENTINEL_FAILOVER_TIMEOUT_MS}",
+                     f"sentinel parallel-syncs {master_name} 1"]
+            if password:
+                # requirepass guards this Sentinel; sentinel-pass is what it uses with the
+                # other Sentinels (all share one password).
+                lines += [f"requirepass {password}", f"sentinel sentinel-pass {password}"]
+            conf.write_text("\n".join(lines) + "\n")
+            conf.chmod(0o600)
+            child = _spawn(f"sentinel-{port}", [redis_server_binary(), str(conf), "--sentinel"],
+                           log_dir)
+            group.sentinel_ports.append(port)
+            group.sentinels.append(child)
+        group.wait_ready(replicas)
+    except BaseException:
+        group.stop()
+        raise
+    return group
 
 
 def start_redis(log_dir: Path, port: int | None = None, data_dir: Path | None = None

@@ -11,6 +11,7 @@ import redis
 from worker.fhir.client import TokenSource
 from worker.httpclient import new_client
 from worker.settings import Settings
+from worker.stores.connection import redis_client
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class Check:
 
 def check_redis(settings: Settings) -> Check:
     """Redis answers PING."""
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=3, socket_connect_timeout=3)
+    client = redis_client(settings, socket_timeout=3, socket_connect_timeout=3)
     try:
         client.ping()
         return Check("redis", True)
