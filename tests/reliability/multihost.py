@@ -55,7 +55,7 @@ from tests.reliability.scenarios import (
     _outbound_tally,
     _patients,
 )
-from tests.support import Sandbox
+from tests.support import Sandbox, metric
 from worker.ops import devstack
 from worker.settings import Settings, load_settings
 
@@ -362,6 +362,13 @@ class MultihostStack(Stack):
                     done += datetime.fromisoformat(stamp).timestamp() >= since
         return done
 
+    def spooled(self) -> float:
+        """Webhooks the receiver has kept in its disk spool so far (its /metrics)."""
+        try:
+            return metric(self.http.get("/metrics").text, "switchboard_spool_appended_total")
+        except httpx.HTTPError:
+            return float("nan")
+
     def held_by(self, n: int) -> int:
         """Messages worker n has received and not yet acknowledged (its liveness record,
         worker/broker/liveness.py, names it by host:pid:...; `ip netns exec` keeps the pid)."""
@@ -518,6 +525,7 @@ def primary_killed(stack: MultihostStack, n: int = 400, rate: float = 25.0,
     counts = Counts("mh-a primary SIGKILLed")
     senders = _patients(stack, 20)
     messages = [sms(senders[i % len(senders)], f"mh primary {i}") for i in range(n)]
+    spooled_before = stack.spooled()
     with _watch_primary(stack) as seen:
         flow = paced(stack.post_sms, messages, rate)
         time.sleep(kill_after)
@@ -548,8 +556,8 @@ def primary_killed(stack: MultihostStack, n: int = 400, rate: float = 25.0,
     else:
         counts.problems.append("Sentinel promoted no replica within 30s")
         victim.start()
-    counts.notes.append(f"{len(refused)} webhooks refused (non-2xx) "
-                        f"{'(Twilio retries those)' if refused else ''}".rstrip())
+    counts.notes.append(f"{len(refused)} webhooks refused (non-2xx), "
+                        f"{stack.spooled() - spooled_before:g} kept in the spool")
     _inbound_tally(stack, counts, accepted, timeout=90 + n / 5)
     if stack.restarts > restarts_before:
         counts.notes.append(f"{stack.restarts - restarts_before} workers exited and were "
@@ -635,6 +643,7 @@ def redis_frozen(stack: MultihostStack, n: int = 100, frozen_seconds: float = 15
     counts = Counts("mh-c all Redis SIGSTOPped 15s")
     senders = _patients(stack, 10)
     messages = [sms(senders[i % len(senders)], f"mh frozen {i}") for i in range(n)]
+    spooled_before = stack.spooled()
     for node in stack.redis_nodes:
         node.signal(signal.SIGSTOP)
     try:
@@ -662,6 +671,8 @@ def redis_frozen(stack: MultihostStack, n: int = 100, frozen_seconds: float = 15
     while time.monotonic() < deadline and not all_written():
         time.sleep(0.5)
     counts.seconds_to_recover = time.monotonic() - resumed_at
+    counts.notes.append(f"{stack.spooled() - spooled_before:g} kept in the spool; recover s = "
+                        "from SIGCONT until all were written")
     if not all_written():
         counts.problems.append(f"not all {n} written within {written_bar:.0f}s of SIGCONT")
     _inbound_tally(stack, counts, accepted, timeout=60)
