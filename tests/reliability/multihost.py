@@ -487,6 +487,14 @@ def _accepted_sids(messages: list[dict[str, str]], flow: Paced) -> set[str]:
     return {m["MessageSid"] for i, m in enumerate(messages) if _ok(flow.answers[i].status)}
 
 
+def _answer_times(flow: Paced) -> str:
+    """The webhooks' answer times, p50 and max, as a note."""
+    times = sorted(a.answered_at - a.sent_at for a in flow.answers.values())
+    if not times:
+        return "no answers"
+    return f"answered in p50 {times[len(times) // 2]:.2f}s, max {times[-1]:.2f}s"
+
+
 def _refusals(flow: Paced) -> list[Answer]:
     return sorted((a for a in flow.answers.values() if not _ok(a.status)),
                   key=lambda a: a.answered_at)
@@ -556,8 +564,12 @@ def primary_killed(stack: MultihostStack, n: int = 400, rate: float = 25.0,
     else:
         counts.problems.append("Sentinel promoted no replica within 30s")
         victim.start()
+    if refused:
+        counts.notes.append(f"refusals from {refused[0].answered_at - killed_at:.1f}s to "
+                            f"{refused[-1].answered_at - killed_at:.1f}s after the kill")
     counts.notes.append(f"{len(refused)} webhooks refused (non-2xx), "
-                        f"{stack.spooled() - spooled_before:g} kept in the spool")
+                        f"{stack.spooled() - spooled_before:g} kept in the spool; "
+                        + _answer_times(flow))
     _inbound_tally(stack, counts, accepted, timeout=90 + n / 5)
     if stack.restarts > restarts_before:
         counts.notes.append(f"{stack.restarts - restarts_before} workers exited and were "
@@ -671,8 +683,8 @@ def redis_frozen(stack: MultihostStack, n: int = 100, frozen_seconds: float = 15
     while time.monotonic() < deadline and not all_written():
         time.sleep(0.5)
     counts.seconds_to_recover = time.monotonic() - resumed_at
-    counts.notes.append(f"{stack.spooled() - spooled_before:g} kept in the spool; recover s = "
-                        "from SIGCONT until all were written")
+    counts.notes.append(f"{stack.spooled() - spooled_before:g} kept in the spool, "
+                        f"{_answer_times(flow)}; recover s = from SIGCONT until all written")
     if not all_written():
         counts.problems.append(f"not all {n} written within {written_bar:.0f}s of SIGCONT")
     _inbound_tally(stack, counts, accepted, timeout=60)
@@ -723,13 +735,16 @@ CI = Size(120, 20.0, 40, 12, 24.0, 40)
 
 
 def run(size: Size = FULL, min_replicas_ack: int = 1, log_dir: Path | None = None,
-        faults: tuple[str, ...] = ("a", "b", "c")) -> list[Counts]:
-    """Build the hosts, run the faults, tear everything down; the counted rows."""
+        faults: tuple[str, ...] = ("a", "b", "c"), spool: bool = True) -> list[Counts]:
+    """Build the hosts, run the faults, tear everything down; the counted rows. `spool`
+    False runs without the receiver's disk spool (fault c cannot pass then)."""
     overrides = {"REDIS_MIN_REPLICAS_ACK": str(min_replicas_ack)} \
         if supports("redis_min_replicas_ack") else {}
+    if not spool:
+        overrides["SPOOL_DIR"] = ""
     stack = MultihostStack(log_dir=log_dir, **overrides)
     print(f"multihost stack up (logs in {stack.log_dir}; Sentinel-aware: "
-          f"{stack.follows_sentinel}; spool: {supports('spool_dir')}; "
+          f"{stack.follows_sentinel}; spool: {stack.settings.spool_path is not None}; "
           f"REDIS_MIN_REPLICAS_ACK: {overrides.get('REDIS_MIN_REPLICAS_ACK', 'unsupported')})",
           flush=True)
     rows: list[Counts] = []
