@@ -55,9 +55,10 @@ def post_signed(client: Any, params: dict[str, str], path: str = "/webhooks/twil
 
 def our_log_files(log_dir: Path) -> list[Path]:
     """The logs our own processes wrote under `log_dir` (web, workers, tools): what the PHI
-    scans read. The sandboxes and Redis, which play the outside world, excluded."""
+    scans read. The sandboxes, Redis and its Sentinels, which play the outside world,
+    excluded."""
     return [p for p in log_dir.glob("*.log")
-            if not p.name.startswith(("fhir-sandbox", "provider-sandbox", "redis"))]
+            if not p.name.startswith(("fhir-sandbox", "provider-sandbox", "redis", "sentinel"))]
 
 
 def our_logs(log_dir: Path) -> str:

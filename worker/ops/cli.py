@@ -242,7 +242,7 @@ def cmd_dlq_prune(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_check(_: Settings | None, args: argparse.Namespace) -> int:
     """Validate the configuration and reach every dependency; print each problem and its fix."""
-    from worker.ops.health import configuration_warnings, readiness
+    from worker.ops.health import configuration_warnings, readiness, redis_topology
 
     try:
         settings = load_settings()
@@ -266,6 +266,13 @@ def cmd_check(_: Settings | None, args: argparse.Namespace) -> int:
         waiting = spool.status()
         print(f"ok   spool: {spool.directory} ({waiting.entries} entries waiting"
               f"{f', {waiting.kept} kept as unopenable' if waiting.kept else ''})")
+    # The Redis topology as this host sees it (docs/redis-ha.md): a replica lagging or a
+    # Sentinel down is a warning; REDIS_MIN_REPLICAS_ACK that cannot be met fails the check.
+    for check in redis_topology(settings):
+        hard = check.name in ("replica-acks", "redis-primary")
+        failed = failed or (hard and not check.ok)
+        status = "ok  " if check.ok else ("FAIL" if hard else "warn")
+        print(f"{status} {check.name}: {check.detail}" + ("" if check.ok else f" -> {check.fix}"))
     for warning in configuration_warnings(settings):
         print(f"warn {warning.name}: {warning.detail} -> {warning.fix}")
     return 1 if failed else 0

@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis
+from redis.sentinel import SentinelConnectionPool
 
 from worker.fhir.client import TokenSource
 from worker.httpclient import new_client
 from worker.settings import Settings
-from worker.stores.connection import redis_client
+from worker.stores.connection import redis_client, sentinel_kwargs
 
 
 @dataclass(frozen=True)
@@ -121,4 +123,98 @@ def configuration_warnings(settings: Settings) -> list[Check]:
     if not settings.public_base_url.startswith("https://"):
         out.append(Check("public-url", False, "PUBLIC_BASE_URL is not https",
                          "Twilio only calls https URLs outside development"))
+    return out
+
+
+# A replica more than this many seconds behind (INFO's `lag`: since its last acknowledgement)
+# is not counted as able to acknowledge a write in time.
+REPLICA_LAG_SECONDS = 1
+# What `switchboard check` writes to prove WAIT can be met (expires by itself).
+WAIT_PROBE_KEY = "switchboard:check:wait-probe"
+
+
+def _replicas(info: dict[str, object]) -> list[dict[str, object]]:
+    """INFO replication's `slaveN` entries (redis-py parses each into a dict)."""
+    return [v for k, v in sorted(info.items()) if k.startswith("slave") and isinstance(v, dict)]
+
+
+def _primary_address(client: redis.Redis) -> str:
+    """host:port of the primary `client` talks to (asked of the Sentinels when behind them)."""
+    pool = client.connection_pool
+    if isinstance(pool, SentinelConnectionPool):
+        host, port = pool.get_master_address()  # type: ignore[no-untyped-call]
+    else:
+        host, port = pool.connection_kwargs.get("host"), pool.connection_kwargs.get("port")
+    return f"{host}:{port}"
+
+
+def redis_topology(settings: Settings) -> list[Check]:
+    """What `switchboard check` shows of Redis: the Sentinels it reaches and the primary they
+    name, the primary's replicas with their lag, and whether REDIS_MIN_REPLICAS_ACK can be met
+    (a real write and WAIT). Addresses appear here, an operator's command, never in /readyz."""
+    out: list[Check] = []
+    if settings.redis_sentinels:
+        named = set()
+        reached = 0
+        for host, port in settings.sentinel_addresses():
+            s = redis.Redis(host=host, port=port, **sentinel_kwargs(settings))
+            try:
+                found = s.execute_command(  # type: ignore[no-untyped-call]
+                    "SENTINEL", "GET-MASTER-ADDR-BY-NAME", settings.redis_sentinel_master)
+                reached += 1
+                primary = f"{found[0].decode()}:{int(found[1])}" if found else ""
+                if primary:
+                    named.add(primary)
+                out.append(Check(f"sentinel {host}:{port}", bool(found),
+                                 f"names the primary {primary}" if found
+                                 else f"does not monitor {settings.redis_sentinel_master!r}",
+                                 "" if found else "check REDIS_SENTINEL_MASTER against "
+                                 "`sentinel monitor` in sentinel.conf"))
+            except redis.exceptions.RedisError as exc:
+                out.append(Check(f"sentinel {host}:{port}", False, type(exc).__name__,
+                                 "start it, or fix REDIS_SENTINELS / REDIS_SENTINEL_PASSWORD"))
+            finally:
+                s.close()
+        quorum = len(settings.sentinel_addresses()) // 2 + 1
+        out.append(Check("sentinels", reached >= quorum and len(named) == 1,
+                         f"{reached} of {len(settings.sentinel_addresses())} reachable"
+                         + (f", they disagree on the primary: {sorted(named)}"
+                            if len(named) > 1 else ""),
+                         "" if reached >= quorum else "a majority of Sentinels is needed to "
+                         "fail over"))
+    client = redis_client(settings, socket_timeout=3, socket_connect_timeout=3)
+    try:
+        info: dict[str, Any] = client.info("replication")  # type: ignore[assignment]
+        address = _primary_address(client)
+        replicas = _replicas(info)
+        out.append(Check("redis-primary", info.get("role") == "master",
+                         f"{address} role={info.get('role')}, "
+                         f"{len(replicas)} replica(s)",
+                         "" if info.get("role") == "master" else
+                         "REDIS_URL names a replica: point it at the primary (or use Sentinel)"))
+        for r in replicas:
+            lag = int(str(r.get("lag", 0)))
+            behind = int(str(info.get("master_repl_offset", 0))) - int(str(r.get("offset", 0)))
+            healthy = r.get("state") == "online" and lag <= REPLICA_LAG_SECONDS
+            out.append(Check(f"replica {r.get('ip')}:{r.get('port')}", healthy,
+                             f"state={r.get('state')} lag={lag}s behind={behind} bytes",
+                             "" if healthy else "a replica that is not online and current "
+                             "cannot acknowledge writes (REDIS_MIN_REPLICAS_ACK)"))
+        wanted = settings.redis_min_replicas_ack
+        if wanted:
+            pipe = client.pipeline(transaction=False)
+            pipe.set(WAIT_PROBE_KEY, "1", ex=60)
+            pipe.execute_command("WAIT", wanted, 500)  # type: ignore[no-untyped-call]
+            acked = int(pipe.execute()[1])
+            out.append(Check("replica-acks", acked >= wanted,
+                             f"REDIS_MIN_REPLICAS_ACK={wanted}: {acked} replica(s) acknowledged "
+                             "a write within 500 ms",
+                             "" if acked >= wanted else "the receiver answers 503 to every "
+                             "webhook until enough replicas are online: start them or lower "
+                             "REDIS_MIN_REPLICAS_ACK"))
+    except redis.exceptions.RedisError as exc:
+        out.append(Check("redis-primary", False, type(exc).__name__,
+                         "no primary reachable: check REDIS_URL / the Sentinels"))
+    finally:
+        client.close()
     return out

@@ -22,14 +22,30 @@ from worker.settings import Settings
 # How long a question to one Sentinel may take before the next Sentinel is asked. A Sentinel
 # answers from memory; this bounds a dead or partitioned one, not a busy one.
 SENTINEL_TIMEOUT_SECONDS = 0.5
-# kombu's Redis transport checks its long-lived connections (the BRPOP one included, kombu >=
-# 5.7.0) this often, and drops a BRPOP whose reply is this much overdue (worker/broker/
-# celery_app.py). Short, so a worker whose primary vanished without a TCP reset (a partition,
-# a SIGSTOPped or powered-off host) notices within seconds rather than 25.
-BROKER_HEALTH_CHECK_SECONDS = 2
+# How a worker follows a failover (celery/celery#6348: a worker blocked in BRPOP on a primary
+# that dies never fails over). A SIGKILLed primary is easy: its sockets are reset and Celery's
+# consumer reconnects through the Sentinels. A primary that goes silent (a stopped process, a
+# partitioned or powered-off host) resets nothing, and the worker's event loop holds two kinds
+# of stale connection: the BRPOP one (async pool) and the synchronous ones (sync pool; the
+# unacked bookkeeping after each BRPOP goes through them). Measured here (tests/integration/
+# test_redis_ha.py, SIGSTOP): with kombu's defaults the worker never resumed; with only a
+# socket timeout and a short health check, kombu dropped the stale BRPOP first, the new BRPOP
+# popped a message from the NEW primary, and recording it as unacked on a stale synchronous
+# connection timed out: the message was left to the inbox sweep (30 min). So, with stock options:
+# - the synchronous commands time out (BROKER_SOCKET_TIMEOUT_SECONDS), and kombu's unacked
+#   restore runs on them every second (unacked_restore_interval=1, the throttle is 1 already):
+#   within about a second of the primary going silent one of them times out on the event loop,
+#   and the next connection of that pool asks the Sentinels, which makes redis-py drop every
+#   idle connection to the old primary (SentinelConnectionPool.get_master_address);
+# - kombu's own check of a BRPOP overdue by brpop_timeout + health_check_interval drops the stale
+#   BRPOP later than that (BROKER_HEALTH_CHECK_SECONDS), so the first message popped from the
+#   new primary is recorded there too. The cost: ~3 Redis round trips a second per worker.
+BROKER_HEALTH_CHECK_SECONDS = 5
 # A synchronous broker command (publish, ack, the unacked bookkeeping) waiting longer than this
-# is on a dead connection: without a socket timeout it would wait forever (kombu's docs).
-BROKER_SOCKET_TIMEOUT_SECONDS = 5.0
+# is on a dead connection (kombu's docs: without a socket timeout it waits forever). It also
+# bounds how long the event loop stalls on one.
+BROKER_SOCKET_TIMEOUT_SECONDS = 3.0
+BROKER_UNACKED_RESTORE_SECONDS = 1
 
 
 def sentinel_kwargs(settings: Settings) -> dict[str, Any]:
@@ -77,9 +93,8 @@ def broker_url(settings: Settings) -> str:
                                                                         node.password))
         auth = f"{user}:{password}@"
     db = node.path.lstrip("/") or "0"
-    hosts = [f"[{h}]" if ":" in h else h for h, _ in settings.sentinel_addresses()]
-    return ";".join(f"sentinel://{auth}{host}:{port}/{db}"
-                    for host, (_, port) in zip(hosts, settings.sentinel_addresses(), strict=True))
+    hosts = [(f"[{h}]" if ":" in h else h, p) for h, p in settings.sentinel_addresses()]
+    return ";".join(f"sentinel://{auth}{host}:{port}/{db}" for host, port in hosts)
 
 
 def broker_transport_options(settings: Settings) -> dict[str, Any]:
@@ -93,4 +108,5 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
         "socket_timeout": BROKER_SOCKET_TIMEOUT_SECONDS,
         "socket_connect_timeout": BROKER_SOCKET_TIMEOUT_SECONDS,
         "health_check_interval": BROKER_HEALTH_CHECK_SECONDS,
+        "unacked_restore_interval": BROKER_UNACKED_RESTORE_SECONDS,
     }
