@@ -255,13 +255,11 @@ def _sentinel_state(address: str, port: int) -> dict[str, str]:
     """`SENTINEL MASTER <name>` of one Sentinel as text ({} when it does not answer)."""
     client = redis.Redis(host=address, port=port, socket_timeout=1, socket_connect_timeout=1)
     try:
-        raw = client.execute_command("SENTINEL", "MASTER", MASTER_NAME)
+        return devstack.sentinel_master_state(client, MASTER_NAME)
     except redis.exceptions.RedisError:
         return {}
     finally:
         client.close()
-    text = [v.decode() if isinstance(v, bytes) else str(v) for v in raw]
-    return dict(zip(text[::2], text[1::2], strict=True))
 
 
 def supports(setting: str) -> bool:
@@ -524,15 +522,21 @@ def _watch_primary(stack: MultihostStack) -> Iterator[dict[str, float | str]]:
 # -- the faults ---------------------------------------------------------------------------------
 
 
+def _begin(stack: MultihostStack, scenario: str, patients: int, n: int, prefix: str
+           ) -> tuple[float, Counts, list[dict[str, str]]]:
+    """A fault's start: (its start time, its row, n fresh webhooks from `patients` senders)."""
+    stack.reset()
+    started = time.monotonic()
+    senders = _patients(stack, patients)
+    return started, Counts(scenario), [sms(senders[i % patients], f"{prefix} {i}")
+                                       for i in range(n)]
+
+
 def primary_killed(stack: MultihostStack, n: int = 400, rate: float = 25.0,
                    kill_after: float = 4.0, recover_bar: float = 10.0) -> Counts:
     """a. SIGKILL the primary while n webhooks arrive at `rate`/s: every 2xx written once, and
     2xx again within `recover_bar` s of the promotion (or throughout, with the spool)."""
-    stack.reset()
-    started = time.monotonic()
-    counts = Counts("mh-a primary SIGKILLed")
-    senders = _patients(stack, 20)
-    messages = [sms(senders[i % len(senders)], f"mh primary {i}") for i in range(n)]
+    started, counts, messages = _begin(stack, "mh-a primary SIGKILLed", 20, n, "mh primary")
     spooled_before = stack.spooled()
     with _watch_primary(stack) as seen:
         flow = paced(stack.post_sms, messages, rate)
@@ -650,11 +654,8 @@ def redis_frozen(stack: MultihostStack, n: int = 100, frozen_seconds: float = 15
                  written_bar: float = 90.0) -> Counts:
     """c. SIGSTOP every Redis server for `frozen_seconds` while n webhooks arrive: all n
     answered 2xx (spooled), all n written within `written_bar` s of SIGCONT."""
-    stack.reset()
-    started = time.monotonic()
-    counts = Counts("mh-c all Redis SIGSTOPped 15s")
-    senders = _patients(stack, 10)
-    messages = [sms(senders[i % len(senders)], f"mh frozen {i}") for i in range(n)]
+    started, counts, messages = _begin(stack, "mh-c all Redis SIGSTOPped 15s", 10, n,
+                                       "mh frozen")
     spooled_before = stack.spooled()
     for node in stack.redis_nodes:
         node.signal(signal.SIGSTOP)
