@@ -1,7 +1,8 @@
 """Receiver throughput: a signed Twilio webhook → 200 through Switchboard's receiver, against a
 bare Flask handler doing one Redis LPUSH (gunicorn, 2 workers each, one Redis with AOF
 `appendfsync always` as in production, the same signed form from `wrk -t2 -c32`, alternating
-rounds). The ratio is the figure that matters; absolute numbers depend on the machine."""
+rounds). The ratio is the figure that matters; absolute numbers depend on the machine. Then the
+receiver behind a Sentinel with REDIS_MIN_REPLICAS_ACK 0 and 1: what WAIT costs."""
 
 from __future__ import annotations
 
@@ -64,6 +65,10 @@ def run(log_dir: Path, quick: bool = False) -> list[str]:
         return ["## Receiver", "", "wrk is not installed (`apt-get install wrk`): skipped."]
     rounds, seconds = (2, 5) if quick else (3, 10)
     rds = devstack.start_redis(log_dir, data_dir=log_dir / "bench-redis")
+    # Acknowledged = replicated (docs/redis-ha.md): the receiver behind a Sentinel, on a primary
+    # with one replica (AOF always on both), with REDIS_MIN_REPLICAS_ACK 0 and 1.
+    group = devstack.start_sentinel_group(log_dir, log_dir / "bench-ha", replicas=1,
+                                          sentinels=1)
     base = rds.url.rsplit("/", 1)[0]
     env = {"REDIS_URL": base + "/1", "FHIR_BASE_URL": "http://127.0.0.1:9/fhir/R4/",
            "FHIR_CLIENT_ID": "bench", "FHIR_CLIENT_SECRET": "bench",
@@ -71,8 +76,13 @@ def run(log_dir: Path, quick: bool = False) -> list[str]:
            "PUBLIC_BASE_URL": PUBLIC_BASE_URL, "LOG_FORMAT": "json",
            "DATA_ENCRYPTION_KEYS": DATA_KEY}  # the receiver seals every message it queues
     load_settings(env)  # fail here, not inside gunicorn, on a bad environment
-    ports = {name: devstack.free_port() for name in ("bare", "bare-gevent", "ours")}
+    ports = {name: devstack.free_port() for name in ("bare", "bare-gevent", "ours", "ha-0",
+                                                      "ha-1")}
     servers = [devstack.start_web(env, log_dir, ports["ours"], workers=2)]
+    for acks in (0, 1):
+        servers.append(devstack.start_web(
+            {**env, **group.env(db=1), "REDIS_MIN_REPLICAS_ACK": str(acks)}, log_dir,
+            ports[f"ha-{acks}"], workers=2, name=f"bench-ha-{acks}"))
     for name, worker_class in (("bare", "sync"), ("bare-gevent", "gevent")):
         servers.append(devstack.start_web(
             {**env, "BENCH_REDIS_URL": base + "/2"}, log_dir, ports[name], workers=2,
@@ -88,10 +98,13 @@ def run(log_dir: Path, quick: bool = False) -> list[str]:
             for db in (1, 2):  # keep Redis small between rounds (nothing consumes)
                 with redis.Redis.from_url(f"{base}/{db}") as client:
                     client.flushdb()
+            with group.node(group.primary().port) as client:
+                client.flushdb()
     finally:
         for server in servers:
             server.stop()
         rds.stop()
+        group.stop()
     rate = {name: statistics.median(r[0] for r in rows) for name, rows in results.items()}
     lines = ["## Receiver", "",
              f"Signed Twilio webhook → 200, `wrk -t2 -c32`, {rounds} alternating rounds of "
@@ -99,12 +112,18 @@ def run(log_dir: Path, quick: bool = False) -> list[str]:
              "| handler | req/s | p50 ms | p99 ms | non-2xx |", "|---|---:|---:|---:|---:|"]
     for name, label in (("bare", "bare Flask + one LPUSH (gunicorn sync, 2 workers)"),
                         ("bare-gevent", "bare Flask + one LPUSH (gunicorn gevent, 2 workers)"),
-                        ("ours", "Switchboard receiver as deployed (gunicorn gevent, 2 workers)")):
+                        ("ours", "Switchboard receiver as deployed (gunicorn gevent, 2 workers)"),
+                        ("ha-0", "the receiver behind Sentinel, REDIS_MIN_REPLICAS_ACK=0"),
+                        ("ha-1", "the receiver behind Sentinel, REDIS_MIN_REPLICAS_ACK=1 "
+                                 "(WAIT 1)")):
         rows = results[name]
         lines.append(f"| {label} | {statistics.median(r[0] for r in rows):.0f} | "
                      f"{statistics.median(r[1] for r in rows):.1f} | "
                      f"{statistics.median(r[2] for r in rows):.1f} | {sum(r[3] for r in rows)} |")
     lines += ["", f"**Receiver / bare LPUSH (sync, the issue's baseline): "
               f"{rate['ours'] / rate['bare']:.2f}** (goal ≥ 0.80); like for like, against the "
-              f"bare handler under gevent too: {rate['ours'] / rate['bare-gevent']:.2f}."]
+              f"bare handler under gevent too: {rate['ours'] / rate['bare-gevent']:.2f}.",
+              "", "Behind Sentinel the primary has one replica (AOF always on both, loopback); "
+              f"acknowledged = replicated (WAIT 1 after the one-step publish) keeps "
+              f"{rate['ha-1'] / rate['ha-0']:.2f} of the rate without it."]
     return lines

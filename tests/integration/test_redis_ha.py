@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from tests.conftest import make_env
 from tests.integration.test_inbound_sms import PATIENT
@@ -226,3 +227,62 @@ def test_switchboard_check_shows_the_topology_it_sees(
     assert f"warn sentinel 127.0.0.1:{group.sentinel_ports[0]}: ConnectionError" in out
     assert "ok   sentinels: 2 of 3 reachable" in out
     assert "FAIL replica-acks: REDIS_MIN_REPLICAS_ACK=2: 1 replica(s) acknowledged" in out
+
+
+def test_the_compose_sentinel_command_runs_a_sentinel_that_finds_the_primary(
+        log_dir: Path, tmp_path: Path) -> None:
+    # docker-compose.yml's Sentinel command, run here with the container's names mapped to
+    # loopback (`redis` -> `localhost`, which needs resolve-hostnames as in the container).
+    from tests.unit.test_compose import _compose, _shell_command
+
+    primary = devstack.start_redis(log_dir, data_dir=tmp_path / "primary")
+    port = devstack.free_port()
+    command = _shell_command(_compose()["services"]["sentinel-1"]).replace(
+        "/data/", f"{tmp_path}/").replace("port 26379", f"port {port}").replace(
+        "switchboard redis 6379", f"switchboard localhost {primary.port}").replace(
+        "exec redis-server", f"exec {devstack.redis_server_binary()}")
+    child = devstack._spawn(f"sentinel-compose-{port}", ["sh", "-c", command], log_dir)
+    try:
+        with redis.Redis(port=port, socket_timeout=1) as sentinel:
+            found = eventually(lambda: _master_addr(sentinel), timeout=20,
+                               what="the Sentinel naming the primary")
+        assert found == ["localhost", str(primary.port)]
+        assert (tmp_path / "sentinel.conf").exists()
+    finally:
+        child.stop()
+        primary.stop()
+
+
+def _master_addr(sentinel: redis.Redis) -> list[str] | None:
+    try:
+        found = sentinel.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "switchboard")
+    except redis.exceptions.RedisError:
+        return None
+    return [v.decode() for v in found] if found else None
+
+
+def test_flower_follows_the_failover(group: devstack.SentinelGroup,
+                                     fhir_server: devstack.FhirSandbox, log_dir: Path) -> None:
+    # Flower reads the app's broker URL and transport options (master_name, sentinel_kwargs).
+    env = ha_env(group, fhir_server)
+    port = devstack.free_port()
+    flower = devstack.start_flower(env, log_dir, port, "admin:flower-ha-pw")
+    app = _app(env)
+    try:
+        def queued() -> int | None:
+            resp = httpx.get(f"http://127.0.0.1:{port}/api/queues/length",
+                             auth=("admin", "flower-ha-pw"), timeout=10)
+            if resp.status_code != 200:
+                return None
+            return sum(q["messages"] for q in resp.json()["active_queues"]) + 1  # truthy
+
+        assert eventually(queued, timeout=30, what="queue lengths from Flower") == 1
+        old = group.primary().port
+        group.server(old).kill()
+        group.wait_for_new_primary(old)
+        eventually(lambda: _accepted(app, sms_params(PATIENT, "queued, no worker")),
+                   timeout=30, what="a message queued on the new primary")
+        eventually(lambda: queued() == 2, timeout=30,
+                   what="Flower counting it on the new primary")
+    finally:
+        flower.stop()

@@ -453,3 +453,79 @@ def test_env_example_covers_process_variables() -> None:
 def test_dockerfile_default_command_is_the_procfile_web_command() -> None:
     cmd = re.findall(r"(?m)^CMD\s+(\[.*\])\s*$", DOCKERFILE.read_text())[-1]
     assert json.loads(cmd) == ["sh", "-c", _procfile()["web"]]
+
+
+HA_DATA_NODES = ("redis-replica-1", "redis-replica-2")
+HA_SENTINELS = ("sentinel-1", "sentinel-2", "sentinel-3")
+
+
+def _flags(command: list[str]) -> dict[str, str]:
+    assert command[0] == "redis-server"
+    flags: dict[str, str] = {}
+    rest = command[1:]
+    while rest:
+        flag, rest = rest[0], rest[1:]
+        values = []
+        while rest and not rest[0].startswith("--"):
+            values.append(rest.pop(0))
+        flags[flag] = " ".join(values)
+    return flags
+
+
+def _sentinel_conf(name: str) -> list[str]:
+    """The lines of the config file a Sentinel service writes on its first start."""
+    command = _shell_command(_compose()["services"][name])
+    written = re.fullmatch(r"test -f /data/sentinel\.conf \|\| printf '%s\\n' (.+) > "
+                           r"/data/sentinel\.conf; exec redis-server /data/sentinel\.conf "
+                           r"--sentinel", command)
+    assert written, command
+    return re.findall(r"'([^']*)'", written[1])
+
+
+def test_ha_profile_is_a_primary_two_replicas_and_three_sentinels() -> None:
+    services = _compose()["services"]
+    ha = {n for n, s in services.items() if "ha" in s.get("profiles", [])}
+    assert ha == {*HA_DATA_NODES, *HA_SENTINELS}
+    primary = _flags(services["redis"]["command"])
+    for name in HA_DATA_NODES:
+        node = services[name]
+        flags = _flags(node["command"])
+        # Any replica may become the primary: as durable as the first one.
+        for flag in ("--appendonly", "--appendfsync", "--maxmemory-policy"):
+            assert flags[flag] == primary[flag], (name, flag)
+        assert flags["--replicaof"] == "redis 6379"
+        assert flags["--replica-announce-ip"] == name
+        assert node["depends_on"] == {"redis": {"condition": "service_healthy"}}
+        assert any(v.split(":")[1] == "/data" for v in node["volumes"])
+        assert "ports" not in node
+    assert primary["--replica-announce-ip"] == "redis"
+    volumes = set(_compose()["volumes"])
+    for name in HA_SENTINELS:
+        conf = _sentinel_conf(name)
+        assert "port 26379" in conf
+        assert "sentinel monitor switchboard redis 6379 2" in conf  # a majority of three
+        # resolve-hostnames must come before a monitor line that names a host.
+        assert conf.index("sentinel resolve-hostnames yes") < conf.index(
+            "sentinel monitor switchboard redis 6379 2")
+        assert "sentinel announce-hostnames yes" in conf
+        down = next(c for c in conf if c.startswith("sentinel down-after-milliseconds"))
+        assert int(down.split()[-1]) >= 1000
+        mount = services[name]["volumes"][0]
+        assert mount.endswith(":/data") and mount.split(":")[0] in volumes
+        assert "ports" not in services[name]
+    mounts = [services[n]["volumes"][0] for n in (*HA_DATA_NODES, *HA_SENTINELS)]
+    assert len(set(mounts)) == len(mounts)  # each Sentinel rewrites its own file
+
+
+def test_env_example_points_the_app_at_the_ha_sentinels() -> None:
+    lines = dict(re.findall(r"(?m)^#\s*(REDIS_SENTINELS|REDIS_SENTINEL_MASTER|"
+                            r"REDIS_MIN_REPLICAS_ACK)=(.*)$",
+                            ENV_EXAMPLE.read_text(encoding="utf-8")))
+    assert lines["REDIS_SENTINELS"] == ",".join(f"{n}:26379" for n in HA_SENTINELS)
+    assert lines["REDIS_SENTINEL_MASTER"] == "switchboard"
+    assert int(lines["REDIS_MIN_REPLICAS_ACK"]) <= len(HA_DATA_NODES)
+    from tests.unit.test_settings import GOOD
+    from worker.settings import load_settings
+
+    settings = load_settings({**GOOD, **lines})
+    assert settings.sentinel_addresses() == [(n, 26379) for n in HA_SENTINELS]
