@@ -115,10 +115,11 @@ def sendgrid_blueprint(settings: Settings, posts: EmailPosts) -> Blueprint:
         enqueuer: SpoolingEnqueuer = current_app.extensions["switchboard.spooling"]
         meta = {"received_at": datetime.now(UTC).isoformat(timespec="milliseconds")}
         try:
-            # Spooled, the entry carries the post: with Redis away the post store is too (the
-            # flush puts it back before the task). SPOOL_MAX_RECORD_BYTES bounds it.
+            # Spooled, the entry carries the post when the post store (Redis too) did not take
+            # it; the flush puts it there before the task. SPOOL_MAX_RECORD_BYTES bounds it.
             enqueuer.send(TASK_INBOUND_EMAIL, QUEUE_INBOUND, [record, meta],
-                          inbox_key="email:" + ref, post=(ref, body), queue_first=stored)
+                          inbox_key="email:" + ref, post=None if stored else (ref, body),
+                          queue_first=stored)
         except EnqueueFailed:
             # Neither queued nor spooled (docs/spool.md; a post over SPOOL_MAX_RECORD_BYTES
             # is not spooled): SendGrid retries a 5xx for up to 72 hours.
