@@ -33,7 +33,10 @@ COPY sandbox/providers ./sandbox/providers
 # `celery beat` writes its schedule file (celerybeat-schedule) to the current directory.
 RUN useradd --system --uid 10001 --home-dir /app --no-create-home --shell /usr/sbin/nologin \
         switchboard \
-    && chown switchboard /app
+    && chown switchboard /app \
+    && mkdir -m 700 /app/data && chown switchboard /app/data
+# /app/data is DATA_DIR, the receiver's spool (docs/spool.md): made here, owned by the user, so a
+# fresh named volume mounted on it (docker-compose.yml) takes this owner and mode.
 USER switchboard
 # 8000 the receiver (and its /metrics), 5555 Flower, 9540 a worker's /metrics.
 EXPOSE 8000 5555 9540

@@ -36,8 +36,9 @@ unit: $(PY_STAMP)
 clean:
 	rm -rf $(VENV) sandbox/fhir/node_modules .run .pytest_cache .mypy_cache .ruff_cache
 
-# The fault-injection suite at full size (loopback only; about 15 minutes: scenarios 1-11, the
-# clinic day, issue #26's input classes; `--only` picks parts): prints counted results.
+# The fault-injection suite at full size (loopback, and private network namespaces for the
+# multi-host part, which needs root; about 20 minutes: scenarios 1-11, the clinic day, issue
+# #26's input classes, issue #28's hosts; `--only` picks parts): prints counted results.
 reliability: install
 	$(BIN)/python -m tests.reliability
 

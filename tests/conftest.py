@@ -96,6 +96,9 @@ def make_env(redis_url: str, fhir_base: str, **overrides: str) -> dict[str, str]
         "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
         "PUBLIC_BASE_URL": PUBLIC_BASE_URL,
         "DATA_ENCRYPTION_KEYS": DATA_KEY,
+        # No disk spool unless a test gives one (tests/integration/test_spool.py): a Redis
+        # that is not there is then today's 503, and no test writes into the working tree.
+        "SPOOL_DIR": "",
         **FAST_RETRIES,
     }
     env.update(overrides)

@@ -15,11 +15,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from web.api import MAX_WAIT_SECONDS, api_blueprint
 from web.enqueue import Enqueuer
+from web.spooling import SpoolingEnqueuer, flusher
 from web.webhooks.fhir import fhir_blueprint
-from web.webhooks.sendgrid import INBOUND_PATH, sendgrid_blueprint
+from web.webhooks.sendgrid import INBOUND_PATH, post_store, sendgrid_blueprint
 from web.webhooks.sendgrid_events import body_limit, sendgrid_events_blueprint
 from web.webhooks.twilio import twilio_blueprint
 from web.webhooks.twilio_conversations import conversations_blueprint
+from worker.broker.spool import spool_from_settings
 from worker.channels.sendgrid_inbound import MAX_REQUEST_BYTES
 from worker.ops import logs
 from worker.ops.health import Check, readiness
@@ -83,13 +85,21 @@ def create_app(settings: Settings | None = None, enqueuer: Enqueuer | None = Non
     # Twilio posts small forms; anything bigger than this is not a Twilio webhook.
     app.config["MAX_CONTENT_LENGTH"] = 256 * 1024
     app.extensions["switchboard.settings"] = settings
-    app.extensions["switchboard.enqueuer"] = enqueuer or Enqueuer.from_settings(settings)
+    app.extensions["switchboard.enqueuer"] = enqueuer = enqueuer or Enqueuer.from_settings(settings)
     app.extensions["switchboard.metrics"] = process_metrics()
+    posts = post_store(settings)
+    spool = spool_from_settings(settings)
+    # The webhooks' enqueue falls back to the disk spool; the API's does not (docs/spool.md).
+    spooling = SpoolingEnqueuer(enqueuer, spool, posts, app.extensions["switchboard.metrics"])
+    app.extensions["switchboard.spooling"] = spooling
+    # Started per process after gunicorn's fork (web/gunicorn_conf.py), not here: a thread
+    # started before a fork does not exist in the child.
+    app.extensions["switchboard.spool_flusher"] = flusher(settings, spooling)
     metrics_redis = redis_client(settings, socket_timeout=5, socket_connect_timeout=3)
     app.register_blueprint(twilio_blueprint(settings))
     app.register_blueprint(conversations_blueprint(settings))
     app.register_blueprint(sendgrid_events_blueprint(settings))
-    app.register_blueprint(sendgrid_blueprint(settings))
+    app.register_blueprint(sendgrid_blueprint(settings, posts))
     app.register_blueprint(fhir_blueprint(settings))
     app.register_blueprint(api_blueprint(settings, redis_client(
         settings, socket_timeout=MAX_WAIT_SECONDS + 5, socket_connect_timeout=3)))
@@ -142,8 +152,9 @@ def create_app(settings: Settings | None = None, enqueuer: Enqueuer | None = Non
             return jsonify(status="unavailable", failed=failed), 503
         return jsonify(status="ready"), 200
 
-    # This host's web processes' counters plus the gauges read from Redis at scrape time.
-    registry = web_registry(metrics_redis)
+    # This host's web processes' counters plus the gauges read from Redis and the spool at
+    # scrape time.
+    registry = web_registry(metrics_redis, spool)
 
     @app.get("/metrics")
     def metrics_text() -> Response:

@@ -11,6 +11,7 @@ from celery import Celery
 from worker.broker.celery_app import create_celery
 from worker.broker.publish import (
     ACCEPT_AND_PUBLISH,
+    REPUBLISH_ONCE,
     TaskMessages,
     accept_and_publish,
     replicated,
@@ -46,9 +47,13 @@ class Enqueuer:
                  min_replicas: int = 0) -> None:
         self._messages = TaskMessages(celery, sealer)
         script = client.register_script(ACCEPT_AND_PUBLISH)
-        # Without replicas to wait for, the plain step: its speed is the receiver's.
+        once = client.register_script(REPUBLISH_ONCE)
+        # Without replicas to wait for, the plain step: its speed is the receiver's. A spooled
+        # entry the flusher publishes again waits for them too: the spool lets it go after.
         self._script: Any = replicated(script, min_replicas, REPLICA_WAIT_MS) \
             if min_replicas else script
+        self._once: Any = replicated(once, min_replicas, REPLICA_WAIT_MS) \
+            if min_replicas else once
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Enqueuer:
@@ -58,12 +63,15 @@ class Enqueuer:
         return cls(create_celery(settings), client, settings.sealer(),
                    settings.redis_min_replicas_ack)
 
-    def send(self, task: str, queue: str, args: list[Any], inbox_key: str) -> str:
+    def send(self, task: str, queue: str, args: list[Any], inbox_key: str,
+             once: str | None = None) -> str:
         """Record the message in the inbox and publish it; raises EnqueueFailed unless both
-        happened (the caller must then not answer 2xx). Returns the task id."""
+        happened (the caller must then not answer 2xx). Returns the task id. `once`: a
+        spooled entry's id, published at most once however often this is called with it."""
         try:
-            return accept_and_publish(self._script, self._messages, task, queue, args,
-                                      inbox_key, STEP_TIMEOUT_SECONDS, {INBOX_HEADER: inbox_key})
+            return accept_and_publish(self._once if once else self._script, self._messages,
+                                      task, queue, args, inbox_key, STEP_TIMEOUT_SECONDS,
+                                      {INBOX_HEADER: inbox_key}, once)
         except Exception as exc:  # redis raises many types; all mean "not kept" (or not
             # replicated: NotReplicated)
             log.error("enqueue of %s failed: %s", task, type(exc).__name__)

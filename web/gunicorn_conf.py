@@ -33,6 +33,16 @@ def on_starting(server: Any) -> None:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = made
 
 
+def post_worker_init(worker: Any) -> None:
+    """In each worker, once the app is loaded (and gevent has patched threading): start its
+    spool flusher (docs/spool.md). A thread started in the master would not survive the fork,
+    and every worker flushes, so a spool empties while any of them lives."""
+    app = worker.wsgi
+    flusher = getattr(app, "extensions", {}).get("switchboard.spool_flusher")
+    if flusher is not None:
+        flusher.start()
+
+
 def child_exit(server: Any, worker: Any) -> None:
     """A worker exited: its live gauges go (its counters keep counting in the total)."""
     from prometheus_client import multiprocess

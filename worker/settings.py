@@ -7,6 +7,7 @@ import hmac
 import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -304,6 +305,22 @@ class Settings(BaseSettings):
     # closed (slow clients must not hold the receiver's connection slots; Twilio waits 15 s).
     receiver_body_timeout_seconds: float = Field(default=10.0, gt=0, le=14)
     """a request body not fully arrived by then gets 408 and its connection is closed"""
+    # This host's own state on disk (the receiver's spool). Relative paths are taken from the
+    # working directory (/app in the image, where the non-root user may write).
+    data_dir: str = "data"
+    """directory of this host's local state (the receiver's spool)"""
+    # When Redis cannot take an accepted webhook in time, the receiver appends it here (sealed,
+    # fsynced) and still answers 2xx; each web process publishes the entries once Redis is back
+    # (docs/spool.md). Unset: DATA_DIR/spool. Empty: no spool (503 while Redis is away).
+    spool_dir: str | None = None
+    """where accepted webhooks wait while Redis is unreachable (default `DATA_DIR/spool`; empty:
+    no spool, the receiver answers 503 instead)"""
+    spool_max_bytes: int = Field(default=1024 * 1024 * 1024, ge=4096)
+    """the spool's size cap (1 GiB); past it the receiver answers 503 as without a spool"""
+    spool_max_record_bytes: int = Field(default=12 * 1024 * 1024, ge=4096)
+    """the largest spooled entry (an inbound email carries its post); a bigger one gets 503"""
+    spool_flush_interval_seconds: float = Field(default=1.0, gt=0, le=60)
+    """how often each web process tries to publish what the spool holds"""
     # Log lines: JSON (one object per line, for log shippers) or console text.
     log_format: Literal["json", "console"] = "json"
     """`json` (one object per line) or `console`"""
@@ -571,6 +588,13 @@ class Settings(BaseSettings):
     def fcm_credentials(self) -> str:
         """The service-account file for push (FCM_CREDENTIALS_FILE, else the Google default)."""
         return self.fcm_credentials_file or self.google_application_credentials
+    @property
+    def spool_path(self) -> Path | None:
+        """The spool directory (None: the spool is off)."""
+        if self.spool_dir == "":
+            return None
+        return Path(self.spool_dir) if self.spool_dir is not None else Path(self.data_dir) / "spool"
+
     def sealer(self) -> Sealer:
         """The Sealer of DATA_ENCRYPTION_KEYS (one per key set per process)."""
         return sealer_for(self.data_encryption_keys.get_secret_value())
@@ -583,6 +607,8 @@ class Settings(BaseSettings):
         """The settings as environment variables, to hand to a child process."""
         env: dict[str, str] = {}
         for name, value in self.model_dump().items():
+            if value is None:
+                continue  # unset (SPOOL_DIR): the child derives the same default
             if isinstance(value, SecretStr):
                 value = value.get_secret_value()
             env[name.upper()] = str(value)

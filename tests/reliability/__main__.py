@@ -4,7 +4,9 @@ python -m tests.reliability [--quick] [--only NAME ...]   (loopback only; stops 
 
 NAME: faults (scenarios 1-11, on one stack), clinic-day (scenario 12, about five minutes of
 traffic on its own stack at the default pacing), findings (issue #26's hostile-input classes,
-on their own stack). Default: all of them.
+on their own stack), multihost (issue #28's hosts as network namespaces and their faults:
+primary SIGKILLed, a worker host cut off, every Redis stopped; needs root and `ip`).
+Default: all of them.
 """
 
 from __future__ import annotations
@@ -17,18 +19,22 @@ from tests.reliability import scenarios
 from tests.reliability.harness import Counts, Stack, email_address, phone
 
 HEADER = ("scenario", "sent", "accepted", "written", "duplicates", "lost", "dead-lettered",
-          "seconds")
+          "seconds", "recover s")
 
 
 def table(rows: list[Counts]) -> str:
     """The results as a fixed-width table, with notes under it."""
-    lines = ["{:<30} {:>7} {:>9} {:>8} {:>11} {:>5} {:>14} {:>8}".format(*HEADER)]
+    lines = ["{:<30} {:>7} {:>9} {:>8} {:>11} {:>5} {:>14} {:>8} {:>9}".format(*HEADER)]
     for c in rows:
+        recover = "-" if c.seconds_to_recover is None else f"{c.seconds_to_recover:.1f}"
         lines.append(f"{c.scenario:<30} {c.sent:>7} {c.accepted:>9} {c.written:>8} "
-                     f"{c.duplicates:>11} {c.lost:>5} {c.dead_lettered:>14} {c.seconds:>8.1f}")
+                     f"{c.duplicates:>11} {c.lost:>5} {c.dead_lettered:>14} {c.seconds:>8.1f} "
+                     f"{recover:>9}")
     for c in rows:
         for note in c.notes:
             lines.append(f"  {c.scenario}: {note}")
+        for problem in c.problems:
+            lines.append(f"  {c.scenario}: FAILED BAR: {problem}")
     return "\n".join(lines)
 
 
@@ -90,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += clinic_day_row(args.quick)
     if "findings" in args.only:
         rows += findings_rows()
+    if "multihost" in args.only:
+        rows += multihost_rows(args.quick)
     print(table(rows))
     print(f"total {time.monotonic() - started:.0f}s")
     failed = [r.scenario for r in rows if not r.ok()]
@@ -100,7 +108,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-PARTS = ("faults", "clinic-day", "findings")
+PARTS = ("faults", "clinic-day", "findings", "multihost")
+
+
+def multihost_rows(quick: bool) -> list[Counts]:
+    """Issue #28's hosts (network namespaces) and their faults (multihost.py); needs root."""
+    from tests.reliability import multihost
+
+    why = multihost.missing_requirement()
+    if why:
+        print(f"multihost skipped: {why}", flush=True)
+        return [Counts("mh skipped", notes=[f"could not run: {why}"])]
+    return multihost.run(multihost.CI if quick else multihost.FULL)
 
 
 def clinic_day_row(quick: bool) -> list[Counts]:

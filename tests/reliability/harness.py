@@ -58,6 +58,7 @@ class Counts:
     dead_lettered: int = 0
     conflicts: int = 0  # FHIR serialization conflicts (409 40001) the service met
     seconds: float = 0.0
+    seconds_to_recover: float | None = None  # from the fault's end (or a promotion) to whole
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # other guarantees that failed, in words
 
@@ -73,23 +74,50 @@ class Stack:
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="switchboard-reliability-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.redis = devstack.start_redis(self.log_dir, data_dir=self.log_dir / "redis")
+        self.start_sandboxes()
+        self.env = self.app_env({"REDIS_URL": self.redis.url}, overrides)
+        self.settings: Settings = load_settings(self.env)
+        self.sandbox = Sandbox(self.fhir_server.origin, self.settings)
+        self.port = devstack.free_port()
+        self.web = devstack.start_web(self.env, self.log_dir, self.port, workers=2)
+        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60,
+                                 limits=httpx.Limits(max_connections=32))
+        self.workers = [self.start_worker(n) for n in range(workers)]
+        self.beat = devstack.start_beat(self.env, self.log_dir)
+        # Flower watches the whole run: scenario 10 reads its task pages for PHI.
+        self.flower_auth = ("admin", uuid.uuid4().hex)
+        self.flower_origin = f"http://127.0.0.1:{devstack.free_port()}"
+        self.flower = devstack.start_flower(self.env, self.log_dir,
+                                            int(self.flower_origin.rsplit(":", 1)[1]),
+                                            ":".join(self.flower_auth))
+        self.start_supervisor()
+        self._r = redis.Redis.from_url(self.redis.url)
+
+    # -- parts shared with the multi-host stack (multihost.py) ----------------------------------
+
+    def start_sandboxes(self, host: str = "127.0.0.1") -> None:
+        """The FHIR sandbox and the provider sandbox, listening on `host`."""
         # Contention mode throughout, as on Medplum with PostgreSQL: overlapping conditional
         # writes abort with 409 40001 once the server's own retry is spent.
         self.fhir_server = devstack.start_fhir_sandbox(self.log_dir, extra_env={
             "FHIR_SANDBOX_CLIENT_ID": FHIR_ID, "FHIR_SANDBOX_CLIENT_SECRET": FHIR_SECRET},
-            contention_rate=1.0)
-        event_keys = devstack.sendgrid_event_keys()
-        self.providers_child, origin = devstack.start_provider_sandbox(self.log_dir, [
-            "--twilio-account-sid", "ACtest", "--twilio-auth-token", AUTH_TOKEN,
-            "--sendgrid-api-key", "SG.reliability"],
-            env={"PROVIDER_SANDBOX_SENDGRID_EVENT_KEY": event_keys[0]})
-        self.providers = ProviderSandbox(origin, event_keys=event_keys)
+            contention_rate=1.0, host=host)
+        self.event_keys = devstack.sendgrid_event_keys()
+        self.providers_child, self.provider_origin = devstack.start_provider_sandbox(
+            self.log_dir, ["--twilio-account-sid", "ACtest", "--twilio-auth-token", AUTH_TOKEN,
+                           "--sendgrid-api-key", "SG.reliability", "--host", host],
+            env={"PROVIDER_SANDBOX_SENDGRID_EVENT_KEY": self.event_keys[0]})
+        self.providers = ProviderSandbox(self.provider_origin, event_keys=self.event_keys)
+
+    def app_env(self, redis_env: dict[str, str], overrides: dict[str, str]) -> dict[str, str]:
+        """The service's environment: `redis_env` says where Redis is, `overrides` win."""
+        origin, event_keys = self.provider_origin, self.event_keys
         # Push goes to the provider sandbox's FCM stand-in, with a service account whose
         # token_uri is the sandbox (scenario 12 sends pushes).
         account = devstack.write_sandbox_service_account(self.log_dir / "fcm-account.json",
                                                          origin)
-        self.env = {
-            "REDIS_URL": self.redis.url, "FHIR_BASE_URL": self.fhir_server.base_url,
+        return {
+            **redis_env, "FHIR_BASE_URL": self.fhir_server.base_url,
             "FHIR_CLIENT_ID": FHIR_ID, "FHIR_CLIENT_SECRET": FHIR_SECRET,
             "TWILIO_ACCOUNT_SID": "ACtest", "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
             "DATA_ENCRYPTION_KEYS": DATA_KEY, "PUBLIC_BASE_URL": PUBLIC_BASE_URL,
@@ -111,31 +139,11 @@ class Stack:
             "SENDGRID_INBOUND_VERIFICATION_KEY": VERIFICATION_KEY,
             "FCM_CREDENTIALS_FILE": str(account), "FCM_API_BASE_URL": origin,
             "TWILIO_CONVERSATIONS_IDENTITY": CONVERSATIONS_IDENTITY,
+            # The receiver's disk spool (docs/spool.md) in this run's directory: webhooks that
+            # arrive while Redis is down are answered 2xx and published when it is back.
+            "DATA_DIR": str(self.log_dir),
             **overrides,
         }
-        self.settings: Settings = load_settings(self.env)
-        self.sandbox = Sandbox(self.fhir_server.origin, self.settings)
-        self.port = devstack.free_port()
-        self.web = devstack.start_web(self.env, self.log_dir, self.port, workers=2)
-        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60,
-                                 limits=httpx.Limits(max_connections=32))
-        self.workers = [self.start_worker(n) for n in range(workers)]
-        self.beat = devstack.start_beat(self.env, self.log_dir)
-        # Flower watches the whole run: scenario 10 reads its task pages for PHI.
-        self.flower_auth = ("admin", uuid.uuid4().hex)
-        self.flower_origin = f"http://127.0.0.1:{devstack.free_port()}"
-        self.flower = devstack.start_flower(self.env, self.log_dir,
-                                            int(self.flower_origin.rsplit(":", 1)[1]),
-                                            ":".join(self.flower_auth))
-        # Like compose's `restart: unless-stopped` or a Procfile runner: a worker that exits is
-        # started again. (Celery exits with "Unrecoverable error" after some broker reconnects,
-        # an upstream bug, celery#8030 / #10205; deployments must supervise workers.)
-        self.restarts = 0
-        self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._supervisor = threading.Thread(target=self._supervise, daemon=True)
-        self._supervisor.start()
-        self._r = redis.Redis.from_url(self.redis.url)
 
     # -- processes ------------------------------------------------------------------------------
 
@@ -150,12 +158,26 @@ class Stack:
             self.workers[index].kill()
             self.workers[index] = self.start_worker(index)
 
+    def start_supervisor(self) -> None:
+        """Like compose's `restart: unless-stopped` or a Procfile runner: a worker that exits
+        is started again. (Celery exits with "Unrecoverable error" after some broker
+        reconnects, an upstream bug, celery#8030 / #10205; deployments must supervise
+        workers.)"""
+        self.restarts = 0
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._supervisor = threading.Thread(target=self._supervise, daemon=True)
+        self._supervisor.start()
+
     def _supervise(self) -> None:
         while not self._stopping.wait(0.5):
             with self._lock:
                 for i, w in enumerate(self.workers):
                     if w.proc.poll() is not None and not self._stopping.is_set():
-                        self.workers[i] = self.start_worker(i)
+                        try:
+                            self.workers[i] = self.start_worker(i)
+                        except devstack.StartError:
+                            continue  # its broker is unreachable (a partition): next tick
                         self.restarts += 1
 
     def stop(self) -> None:

@@ -25,7 +25,7 @@ from tests.reliability.harness import (
     shuffled,
     sms,
 )
-from tests.support import our_log_files
+from tests.support import metric, our_log_files
 from worker.channels.sendgrid import EMAIL_INBOUND_MESSAGE_ID_SYSTEM
 from worker.channels.twilio_conversations import MESSAGE_SYSTEM, WEBHOOK_PATH
 from worker.fhir.query import token
@@ -227,6 +227,7 @@ def redis_restart(stack: Stack, n: int, down_seconds: float = 2.0) -> Counts:
     messages = [sms(senders[i % len(senders)], f"redis {i}") for i in range(n)]
     codes: dict[str, int] = {}
     stop = threading.Event()
+    spooled_before = metric(stack.http.get("/metrics").text, "switchboard_spool_appended_total")
 
     def traffic() -> None:
         for m in messages:
@@ -245,8 +246,11 @@ def redis_restart(stack: Stack, n: int, down_seconds: float = 2.0) -> Counts:
     accepted = {sid for sid, c in codes.items() if 200 <= c < 300}
     counts.accepted = len(accepted)
     refused = sum(1 for c in codes.values() if c >= 500)
-    counts.notes.append(f"{refused} webhooks refused with 5xx while Redis was down "
-                        "(Twilio retries those)")
+    spooled = metric(stack.http.get("/metrics").text, "switchboard_spool_appended_total") \
+        - spooled_before
+    counts.notes.append(f"{spooled:g} webhooks spooled to disk while Redis was down and "
+                        f"published when it was back (docs/spool.md); {refused} refused with "
+                        "5xx (Twilio retries those)")
     restarts_before = stack.restarts
     _inbound_tally(stack, counts, accepted, timeout=90 + n / 5)
     if stack.restarts > restarts_before:

@@ -7,7 +7,8 @@ import logging
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from web.enqueue import EnqueueFailed, Enqueuer
+from web.enqueue import EnqueueFailed
+from web.spooling import SpoolingEnqueuer
 from web.webhooks import rejected
 from worker.broker.celery_app import QUEUE_OUTBOUND, TASK_SUBSCRIPTION_NOTIFIED
 from worker.ops.metrics import Metrics
@@ -60,7 +61,7 @@ def fhir_blueprint(settings: Settings) -> Blueprint:
         if not ids:
             ignored("no-communication", "a notification Bundle", metrics)
             return jsonify(status="ignored", reason="no-communication"), 200
-        enqueuer: Enqueuer = current_app.extensions["switchboard.enqueuer"]
+        enqueuer: SpoolingEnqueuer = current_app.extensions["switchboard.spooling"]
         try:
             for comm_id in ids:
                 # Only the id is queued: the worker reads the Communication itself.
@@ -68,8 +69,9 @@ def fhir_blueprint(settings: Settings) -> Blueprint:
                               [{"communication": comm_id}],
                               inbox_key=f"subscription:{comm_id}")
         except EnqueueFailed:
-            # Not queued: 5xx, so Medplum retries the delivery (those already queued are
-            # harmless twice: the worker sends each Communication at most once).
+            # Neither queued nor spooled (docs/spool.md): 5xx, so Medplum retries the
+            # delivery (those already queued or spooled are harmless twice: the worker sends
+            # each Communication at most once).
             return reject(503, "queue-unavailable", "queue unavailable, retry later")
         metrics.inc("switchboard_webhooks_enqueued", endpoint=ENDPOINT)
         return jsonify(status="queued", communications=len(ids)), 200

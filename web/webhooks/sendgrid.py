@@ -9,7 +9,8 @@ from datetime import UTC, datetime
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from web.enqueue import STEP_TIMEOUT_SECONDS, EnqueueFailed, Enqueuer
+from web.enqueue import STEP_TIMEOUT_SECONDS, EnqueueFailed
+from web.spooling import SpoolingEnqueuer
 from web.webhooks import rejected
 from worker.broker.celery_app import QUEUE_INBOUND, TASK_INBOUND_EMAIL
 from worker.channels.sendgrid_inbound import InvalidEmail, form_parts, require_email_fields
@@ -55,13 +56,17 @@ def request_problem(settings: Settings, body: bytes, headers: dict[str, str | No
     return 401, "bad-credentials" if headers.get("Authorization") else "unauthenticated"
 
 
-def sendgrid_blueprint(settings: Settings) -> Blueprint:
+def post_store(settings: Settings) -> EmailPosts:
+    """The post store as the receiver writes it (bounded in time, see above)."""
+    return EmailPosts.from_settings(redis_client(
+        settings, socket_timeout=POST_WRITE_TIMEOUT_SECONDS,
+        socket_connect_timeout=STEP_TIMEOUT_SECONDS), settings)
+
+
+def sendgrid_blueprint(settings: Settings, posts: EmailPosts) -> Blueprint:
     """Routes for SendGrid's Inbound Parse webhook."""
     bp = Blueprint("sendgrid_inbound", __name__)
     endpoint = "sendgrid-inbound"
-    posts = EmailPosts.from_settings(redis_client(
-        settings, socket_timeout=POST_WRITE_TIMEOUT_SECONDS,
-        socket_connect_timeout=STEP_TIMEOUT_SECONDS), settings)
 
     @bp.post(INBOUND_PATH)
     def inbound_email() -> tuple[Response, int]:
@@ -102,17 +107,22 @@ def sendgrid_blueprint(settings: Settings) -> Blueprint:
         ref = post_ref(body)
         try:
             posts.put(ref, body)
+            stored = True
         except Exception as exc:  # redis raises many types; all mean "not kept"
             log.error("storing an inbound email post failed: %s", type(exc).__name__)
-            return reject(503, "queue-unavailable", "queue unavailable, retry later")
+            stored = False
         record = {"email_ref": ref, "content_type": content_type}
-        enqueuer: Enqueuer = current_app.extensions["switchboard.enqueuer"]
+        enqueuer: SpoolingEnqueuer = current_app.extensions["switchboard.spooling"]
         meta = {"received_at": datetime.now(UTC).isoformat(timespec="milliseconds")}
         try:
+            # Spooled, the entry carries the post when the post store (Redis too) did not take
+            # it; the flush puts it there before the task. SPOOL_MAX_RECORD_BYTES bounds it.
             enqueuer.send(TASK_INBOUND_EMAIL, QUEUE_INBOUND, [record, meta],
-                          inbox_key="email:" + ref)
+                          inbox_key="email:" + ref, post=None if stored else (ref, body),
+                          queue_first=stored)
         except EnqueueFailed:
-            # SendGrid retries a 5xx for up to 72 hours: not accepted, and said so.
+            # Neither queued nor spooled (docs/spool.md; a post over SPOOL_MAX_RECORD_BYTES
+            # is not spooled): SendGrid retries a 5xx for up to 72 hours.
             return reject(503, "queue-unavailable", "queue unavailable, retry later")
         metrics.inc("switchboard_webhooks_enqueued", endpoint=endpoint)
         return jsonify(status="accepted"), 200

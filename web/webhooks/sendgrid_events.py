@@ -7,7 +7,8 @@ import logging
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from web.enqueue import EnqueueFailed, Enqueuer
+from web.enqueue import EnqueueFailed
+from web.spooling import SpoolingEnqueuer
 from web.webhooks import rejected
 from worker.broker.celery_app import QUEUE_STATUS, TASK_SENDGRID_EVENTS
 from worker.channels.sendgrid import (
@@ -64,13 +65,14 @@ def sendgrid_events_blueprint(settings: Settings) -> Blueprint:
         except EventBatchError as exc:
             return reject(400, exc.reason, "not a SendGrid event batch we can use",
                           exc.fields or None)
-        enqueuer: Enqueuer = current_app.extensions["switchboard.enqueuer"]
+        enqueuer: SpoolingEnqueuer = current_app.extensions["switchboard.spooling"]
         try:
             # SendGrid retries the same body when it got no 2xx: one inbox entry per body.
             key = "sendgrid-events:" + hashlib.sha256(body).hexdigest()[:32]
             enqueuer.send(TASK_SENDGRID_EVENTS, QUEUE_STATUS, [batch], inbox_key=key)
         except EnqueueFailed:
-            # SendGrid retries a 5xx (for up to 24 hours): nothing is lost.
+            # Neither queued nor spooled (docs/spool.md): SendGrid retries a 5xx (for up to
+            # 24 hours), nothing is lost.
             return reject(503, "queue-unavailable", "queue unavailable, retry later",
                           error="unavailable")
         metrics.inc("switchboard_webhooks_enqueued", endpoint=ENDPOINT)

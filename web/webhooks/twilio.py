@@ -7,7 +7,8 @@ from datetime import UTC, datetime
 
 from flask import Blueprint, Response, current_app, request
 
-from web.enqueue import EnqueueFailed, Enqueuer
+from web.enqueue import EnqueueFailed
+from web.spooling import SpoolingEnqueuer
 from web.webhooks import rejected
 from worker.broker.celery_app import (
     QUEUE_INBOUND,
@@ -71,7 +72,7 @@ def twilio_blueprint(settings: Settings) -> Blueprint:
         invalid = field_problems(kind, form.items(multi=True), settings.twilio_account_sid)
         if invalid:
             return reject(400, "invalid-fields", "malformed: " + ", ".join(invalid), invalid)
-        enqueuer: Enqueuer = current_app.extensions["switchboard.enqueuer"]
+        enqueuer: SpoolingEnqueuer = current_app.extensions["switchboard.spooling"]
         args: list[object] = [params]
         if with_meta:
             args.append({"received_at": datetime.now(UTC).isoformat(timespec="milliseconds")})
@@ -79,8 +80,9 @@ def twilio_blueprint(settings: Settings) -> Blueprint:
             key = ":".join([kind, *(params.get(f, "") for f in key_fields)])
             enqueuer.send(task, queue, args, inbox_key=key)
         except EnqueueFailed:
-            # Not accepted, and said so: Twilio retries only as the webhook URL's connection
-            # overrides allow (docs/operations.md: configure retries and a fallback URL).
+            # Neither queued nor spooled (docs/spool.md): not accepted, and said so. Twilio
+            # retries only as the webhook URL's connection overrides allow
+            # (docs/operations.md: configure retries and a fallback URL).
             return reject(503, "queue-unavailable", "queue unavailable, retry later",
                           error="unavailable")
         metrics.inc("switchboard_webhooks_enqueued", endpoint=endpoint)

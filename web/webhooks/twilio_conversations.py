@@ -6,7 +6,8 @@ from datetime import UTC, datetime
 
 from flask import Blueprint, Response, current_app, request
 
-from web.enqueue import EnqueueFailed, Enqueuer
+from web.enqueue import EnqueueFailed
+from web.spooling import SpoolingEnqueuer
 from web.webhooks import rejected
 from web.webhooks.twilio import public_url
 from worker.broker.celery_app import (
@@ -62,12 +63,12 @@ def conversations_blueprint(settings: Settings) -> Blueprint:
                 timespec="milliseconds")}]
         else:
             task, queue, args = TASK_CONVERSATIONS_DELIVERY, QUEUE_STATUS, [params]
-        enqueuer: Enqueuer = current_app.extensions["switchboard.enqueuer"]
+        enqueuer: SpoolingEnqueuer = current_app.extensions["switchboard.spooling"]
         try:
             enqueuer.send(task, queue, args, inbox_key=inbox_key(params))
         except EnqueueFailed:
-            # Not accepted, and said so: Twilio retries a post-event webhook per the
-            # Conversation's webhook settings.
+            # Neither queued nor spooled (docs/spool.md): not accepted, and said so. Twilio
+            # retries a post-event webhook per the Conversation's webhook settings.
             return reject(503, "queue-unavailable", "queue unavailable, retry later",
                           error="unavailable")
         metrics.inc("switchboard_webhooks_enqueued", endpoint=ENDPOINT)

@@ -39,17 +39,33 @@ from worker.stores.inbox import ENTRIES as INBOX_ENTRIES
 from worker.stores.inbox import INDEX as INBOX_INDEX
 
 # KEYS: inbox entries, inbox index, queue. ARGV: inbox key, inbox entry, message, deadline.
-ACCEPT_AND_PUBLISH = """
+_IN_TIME = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 if tonumber(ARGV[4]) > 0 and now > tonumber(ARGV[4]) then
   return 0
 end
+"""
+_WRITE = """
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[2], now, ARGV[1])
 redis.call('LPUSH', KEYS[3], ARGV[3])
 return 1
 """
+ACCEPT_AND_PUBLISH = _IN_TIME + _WRITE
+# The same, at most once per spooled entry (worker/broker/spool.py): KEYS[4] is the entry's
+# marker, ARGV[5] its lifetime. A flusher that died after the publish and before recording its
+# progress publishes the entry again; the marker, set in the same atomic step as the writes,
+# makes that a no-op (2) instead of a second task. Checked after the deadline, so a step run
+# too late leaves no marker behind.
+REPUBLISH_ONCE = _IN_TIME + """
+if not redis.call('SET', KEYS[4], '1', 'NX', 'EX', ARGV[5]) then
+  return 2
+end
+""" + _WRITE
+# How long a marker outlives its publish: far longer than a flusher takes to come back.
+ONCE_TTL_SECONDS = 7 * 86400
+ONCE_PREFIX = "switchboard:spool:published:"
 _TEMPLATE_TASK = "switchboard.template"
 _TEMPLATE_QUEUE = QUEUE_INBOUND  # any of our queues: the routing is set per message
 
@@ -138,21 +154,26 @@ def replicated(script: Any, replicas: int, timeout_ms: int) -> Any:
 
 def accept_and_publish(script: Any, messages: TaskMessages, task: str, queue: str,
                        args: list[Any], inbox_key: str, wait_seconds: float | None,
-                       extra_headers: dict[str, str]) -> str:
+                       extra_headers: dict[str, str], once: str | None = None) -> str:
     """Write the inbox entry and push the task message in one step; returns the task id.
 
     With `wait_seconds`, the step carries the time after which the caller no longer waits: run
     later than that by Redis's clock, it does nothing. An answer that comes back in time yet
     says "too late" means the caller's clock is behind Redis's, so the step is sent again
     without a deadline. `script` is the registered ACCEPT_AND_PUBLISH, or replicated(it) to
-    wait for replicas. Raises whatever redis-py raises (nothing was kept, or it is unknown),
-    or NotReplicated.
+    wait for replicas. With `once` (a spooled entry's id; `script` is then REPUBLISH_ONCE, or
+    replicated(it)), a second publish of the same id does nothing. Raises whatever redis-py
+    raises (nothing was kept, or it is unknown), or NotReplicated.
     """
     task_id, message, sealed = messages.build(task, queue, args, extra_headers)
     entry = json.dumps({"task": task, "queue": queue, "body": sealed})
     keys = [INBOX_ENTRIES, INBOX_INDEX, queue]
+    extra: list[Any] = []
+    if once is not None:
+        keys.append(ONCE_PREFIX + once)
+        extra.append(ONCE_TTL_SECONDS)
     if wait_seconds is not None and script(
-            keys=keys, args=[inbox_key, entry, message, time.time() + wait_seconds]):
+            keys=keys, args=[inbox_key, entry, message, time.time() + wait_seconds, *extra]):
         return task_id
-    script(keys=keys, args=[inbox_key, entry, message, 0])
+    script(keys=keys, args=[inbox_key, entry, message, 0, *extra])
     return task_id

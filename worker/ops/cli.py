@@ -14,6 +14,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from worker.broker.spool import Spool, spool_from_settings
 from worker.channels.phones import InvalidPhoneNumber, to_e164
 from worker.crypto import Unsealable, generate_key
 from worker.fhir.client import FhirClient
@@ -260,6 +261,11 @@ def cmd_check(_: Settings | None, args: argparse.Namespace) -> int:
         else:
             failed = True
             print(f"FAIL {check.name}: {check.detail} -> {check.fix}")
+    spool = spool_from_settings(settings)
+    if spool is not None:
+        waiting = spool.status()
+        print(f"ok   spool: {spool.directory} ({waiting.entries} entries waiting"
+              f"{f', {waiting.kept} kept as unopenable' if waiting.kept else ''})")
     # The Redis topology as this host sees it (docs/redis-ha.md): a replica lagging or a
     # Sentinel down is a warning; REDIS_MIN_REPLICAS_ACK that cannot be met fails the check.
     for check in redis_topology(settings):
@@ -412,6 +418,66 @@ def cmd_keys_rotate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+# -- the receiver's disk spool ---------------------------------------------------------------
+
+def _spool(settings: Settings) -> Spool | None:
+    spool = spool_from_settings(settings)
+    if spool is None:
+        print("the spool is off (SPOOL_DIR is empty)", file=sys.stderr)
+    return spool
+
+
+def cmd_spool_status(settings: Settings, args: argparse.Namespace) -> int:
+    """Entries waiting in this host's spool, their bytes, the oldest one's age."""
+    spool = _spool(settings)
+    if spool is None:
+        return 1
+    status = spool.status()
+    if args.json:
+        print(json.dumps({"directory": str(spool.directory), "entries": status.entries,
+                          "bytes": status.bytes, "segments": status.segments,
+                          "oldest_age_seconds": round(status.oldest_age(time.time()), 3),
+                          "kept": status.kept, "corrupt_bytes": status.corrupt_bytes}))
+        return 0
+    print(f"{spool.directory}: {status.entries} entries, {status.bytes} bytes in "
+          f"{status.segments} segments; oldest waiting {status.oldest_age(time.time()):.1f} s")
+    if status.kept:
+        print(f"{status.kept} entries set aside as unopenable (sealed with a key that is not in "
+              "DATA_ENCRYPTION_KEYS): put the key back, then `switchboard spool flush --kept`")
+    if status.corrupt_bytes:
+        print(f"{status.corrupt_bytes} damaged bytes kept in *.corrupt files (no entry in them "
+              "could be read)")
+    return 0
+
+
+def cmd_spool_flush(settings: Settings, args: argparse.Namespace) -> int:
+    """Publish every spooled entry now (the web processes' flushers do it on their own)."""
+    # The entries go out through the receiver's own publish (its inbox step, the one-step
+    # publish, the post store), the same path as the web processes' flushers.
+    from web.enqueue import Enqueuer
+    from web.spooling import SpoolingEnqueuer
+    from web.webhooks.sendgrid import post_store
+    from worker.ops.metrics import process_metrics
+
+    spool = _spool(settings)
+    if spool is None:
+        return 1
+    spooling = SpoolingEnqueuer(Enqueuer.from_settings(settings), spool, post_store(settings),
+                                process_metrics())
+    done = spool.flush(spooling.republish, kept=args.kept)
+    spool.remove_orphans()
+    print(f"published {done.published}; set aside as unopenable {done.kept}; "
+          f"unfinished records dropped {done.torn}")
+    if done.failed:
+        print(f"stopped: Redis did not take an entry ({done.failed}); the rest waits",
+              file=sys.stderr)
+        return 1
+    left = spool.status().entries
+    if left:
+        print(f"{left} entries left (a segment held by another flusher, or arriving now)")
+    return 0
+
+
 # -- make run ---------------------------------------------------------------------------------
 
 DEV_DEFAULTS = {
@@ -456,6 +522,7 @@ def cmd_run(_: Settings | None, args: argparse.Namespace) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**DEV_DEFAULTS, **{k: v for k, v in os.environ.items() if k in DEV_DEFAULTS}}
     env["DATA_ENCRYPTION_KEYS"] = os.environ.get("DATA_ENCRYPTION_KEYS") or _dev_key(log_dir)
+    env["DATA_DIR"] = str(log_dir)  # the receiver's spool beside Redis's data
     stack = devstack.Stack()
     try:
         if "REDIS_URL" in os.environ:
@@ -667,6 +734,17 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_subscription_install)
     subs.add_parser("status", help="what is installed, and failed deliveries").set_defaults(
         func=cmd_subscription_status)
+
+    spool = sub.add_parser("spool", help="the receiver's disk spool (webhooks accepted while "
+                                         "Redis was unreachable)").add_subparsers(
+        dest="spool", required=True)
+    sstatus = spool.add_parser("status", help="entries waiting, bytes, the oldest one's age")
+    sstatus.add_argument("--json", action="store_true")
+    sstatus.set_defaults(func=cmd_spool_status)
+    sflush = spool.add_parser("flush", help="publish every spooled entry now")
+    sflush.add_argument("--kept", action="store_true",
+                        help="also retry entries set aside as unopenable (the key is back)")
+    sflush.set_defaults(func=cmd_spool_flush)
 
     dlq = sub.add_parser("dlq", help="dead-letter store").add_subparsers(dest="dlq",
                                                                           required=True)

@@ -99,7 +99,11 @@ def _child_setup() -> None:
 
 
 def _spawn(name: str, cmd: list[str], log_dir: Path, env: Mapping[str, str] | None = None,
-           cwd: Path | None = None) -> Child:
+           cwd: Path | None = None, netns: str | None = None) -> Child:
+    if netns:
+        # `ip netns exec` enters the namespace and execs the command (same pid), so signals
+        # sent to the child reach the service itself (the multi-host fault suite's hosts).
+        cmd = ["ip", "netns", "exec", netns, *cmd]
     log_path = log_dir / f"{name}.log"
     out = open(log_path, "ab")
     offset = out.seek(0, os.SEEK_END)
@@ -119,6 +123,7 @@ def _wait_for(child: Child, ready: str, timeout: float) -> str:
         if child.proc.poll() is not None:
             raise StartError(f"{child.name} exited ({child.proc.returncode}):\n{text[-3000:]}")
         time.sleep(0.05)
+    child.kill()  # a caller that gives up on it must not leave it running unseen
     raise StartError(f"{child.name} not ready after {timeout:.0f}s:\n{child.output()[-3000:]}")
 
 
@@ -370,14 +375,15 @@ class FhirSandbox:
 
 
 def start_fhir_sandbox(log_dir: Path, port: int = 0, extra_env: Mapping[str, str] | None = None,
-                       contention_rate: float = 0.0) -> FhirSandbox:
+                       contention_rate: float = 0.0, host: str = "127.0.0.1") -> FhirSandbox:
     """Start the FHIR sandbox and wait until it has indexed the definitions.
 
     `contention_rate` > 0 makes overlapping conditional writes abort with Medplum's 409 (40001),
     as the real server on PostgreSQL does (sandbox/fhir/README.md, "Contention mode")."""
     env = {**os.environ, **(extra_env or {})}
     child = _spawn("fhir-sandbox", [str(node_binary()), "server.mjs", "--port", str(port),
-                                    "--contention-rate", str(contention_rate)],
+                                    "--contention-rate", str(contention_rate),
+                                    "--host", host],
                    log_dir, env=env, cwd=FHIR_SANDBOX_DIR)
     line = _wait_for(child, FHIR_READY_PREFIX, timeout=90)
     origin = line.split(FHIR_READY_PREFIX, 1)[1].strip().rstrip("/")
@@ -453,7 +459,8 @@ def _venv_bin(name: str) -> str:
 
 def start_worker(env: Mapping[str, str], log_dir: Path, name: str = "worker",
                  queues: str = "inbound,outbound,status", concurrency: int = 8,
-                 pool: str = "threads", app: str = "worker.app") -> Child:
+                 pool: str = "threads", app: str = "worker.app", netns: str | None = None,
+                 host: str = "127.0.0.1") -> Child:
     """A real Celery worker process (threads pool by default: the tasks wait on HTTP, not the
     CPU; the benchmarks also run prefork, and a bare baseline `app`). Not gevent: see
     tests/bench/outbound.py POOLS."""
@@ -463,18 +470,18 @@ def start_worker(env: Mapping[str, str], log_dir: Path, name: str = "worker",
     env = dict(env)
     if "WORKER_METRICS_PORT" not in env:
         # Each worker serves its metrics on a port of its own, and this host may run several.
-        env.update(WORKER_METRICS_PORT=str(free_port()), WORKER_METRICS_HOST="127.0.0.1")
-    child = _spawn(name, cmd, log_dir, env={**os.environ, **env}, cwd=ROOT)
+        env.update(WORKER_METRICS_PORT=str(free_port()), WORKER_METRICS_HOST=host)
+    child = _spawn(name, cmd, log_dir, env={**os.environ, **env}, cwd=ROOT, netns=netns)
     child.metrics_port = int(env["WORKER_METRICS_PORT"])
     _wait_for(child, " ready.", timeout=60)
     return child
 
 
-def start_beat(env: Mapping[str, str], log_dir: Path) -> Child:
+def start_beat(env: Mapping[str, str], log_dir: Path, netns: str | None = None) -> Child:
     """Celery beat (exactly one per deployment): reconciliation and inbox sweeps."""
     cmd = [_venv_bin("celery"), "-A", "worker.app", "beat", "--loglevel", "INFO",
            "-s", str(log_dir / "beat-schedule")]
-    child = _spawn("beat", cmd, log_dir, env={**os.environ, **env}, cwd=ROOT)
+    child = _spawn("beat", cmd, log_dir, env={**os.environ, **env}, cwd=ROOT, netns=netns)
     _wait_for(child, "beat: Starting", timeout=60)
     return child
 
@@ -491,7 +498,7 @@ def start_flower(env: Mapping[str, str], log_dir: Path, port: int, basic_auth: s
 
 def start_web(env: Mapping[str, str], log_dir: Path, port: int, workers: int = 2,
               app: str = "web.app:create_app()", worker_class: str = "gevent",
-              name: str = "web") -> Child:
+              name: str = "web", host: str = "127.0.0.1", netns: str | None = None) -> Child:
     """The receiver under gunicorn (gevent workers, as in the Procfile)."""
     # --timeout above the API's longest `Prefer: wait` (30 s). gevent: a slow or stalled client
     # holds one cheap greenlet, not a whole worker (a sync worker is held until it finishes).
@@ -499,9 +506,9 @@ def start_web(env: Mapping[str, str], log_dir: Path, port: int, workers: int = 2
     cmd = [_venv_bin("gunicorn"), "-c", "python:web.gunicorn_conf", "--timeout", "45",
            "-k", worker_class, "-w", str(workers),
            *(["--worker-connections", "1000"] if worker_class == "gevent" else []),
-           "-b", f"127.0.0.1:{port}",
+           "-b", f"{host}:{port}",
            "--access-logfile", "-", "--access-logformat", '%(m)s %(U)s %(s)s %(L)ss', app]
-    child = _spawn(name, cmd, log_dir, env={**os.environ, **env}, cwd=ROOT)
+    child = _spawn(name, cmd, log_dir, env={**os.environ, **env}, cwd=ROOT, netns=netns)
     _wait_for(child, "Booting worker", timeout=30)
     # Listening is not serving: the kernel accepts connections while a worker still imports
     # the app (seconds on a busy machine), and a client's bytes then wait unread. Ready means
@@ -509,7 +516,7 @@ def start_web(env: Mapping[str, str], log_dir: Path, port: int, workers: int = 2
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+            httpx.get(f"http://{host}:{port}/healthz", timeout=2)
             return child
         except httpx.HTTPError:
             pass

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -59,6 +61,15 @@ def check_fhir_token(settings: Settings) -> Check:
         http.close()
 
 
+def _writable(directory: Path) -> bool:
+    """Whether this process can create `directory` (or has) and write in it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError:
+        return False
+    return os.access(directory, os.W_OK | os.X_OK)
+
+
 def readiness(settings: Settings) -> list[Check]:
     """Every dependency the service needs to work."""
     return [check_redis(settings), check_fhir_token(settings)]
@@ -99,6 +110,16 @@ def configuration_warnings(settings: Settings) -> list[Check]:
                          "key derived from TWILIO_AUTH_TOKEN",
                          "set OPTOUT_HASH_KEY to a long random secret before rotating the "
                          "Twilio token (or opt-outs recorded so far are no longer found)"))
+    spool = settings.spool_path
+    if spool is None:
+        out.append(Check("spool", False, "SPOOL_DIR is empty: while Redis is unreachable the "
+                         "receiver answers webhooks 503 (Twilio retries only if configured to)",
+                         "unset SPOOL_DIR (DATA_DIR/spool) or set it to a directory on a "
+                         "persistent local disk (docs/spool.md)"))
+    elif not _writable(spool):
+        out.append(Check("spool", False, f"{spool} cannot be created or written: while Redis "
+                         "is unreachable webhooks get 503",
+                         "make DATA_DIR (or SPOOL_DIR) a directory this user may write"))
     if not settings.public_base_url.startswith("https://"):
         out.append(Check("public-url", False, "PUBLIC_BASE_URL is not https",
                          "Twilio only calls https URLs outside development"))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,6 +37,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from worker.broker.celery_app import QUEUES
+from worker.broker.spool import Spool
 from worker.stores.dead_letters import ENTRIES_KEY
 from worker.stores.inbox import INDEX as INBOX_INDEX
 
@@ -82,6 +84,15 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                                      ()),
     "switchboard_email_attachments_omitted": ("counter", "Attachments left out of inbound "
                                               "emails over EMAIL_MAX_BYTES", ()),
+    "switchboard_spool_appended": ("counter", "Accepted webhooks kept in the disk spool because "
+                                   "Redis did not take them in time", ()),
+    "switchboard_spool_refused": ("counter", "Webhooks answered 503 because neither Redis nor "
+                                  "the spool took them, by reason (full, too-large, disk-full, "
+                                  "disk-error, contended)", ("reason",)),
+    "switchboard_spool_published": ("counter", "Spooled entries published to Redis by a "
+                                    "flusher", ()),
+    "switchboard_spool_kept": ("counter", "Spooled entries set aside because they could not be "
+                               "opened (sealed with a key not configured)", ()),
     "switchboard_fhir_request_seconds": ("histogram", "FHIR request latency by operation",
                                          ("operation",)),
     # Set by the write controller at each change (worker/fhir/contention.py); `scope` is
@@ -208,11 +219,41 @@ class SharedGauges:
                                 value=float(pending))
 
 
-def web_registry(client: redis.Redis) -> CollectorRegistry:
-    """What the web app's /metrics serves: this host's web processes and the shared gauges."""
+class SpoolGauges:
+    """A collector reading this host's spool directory at scrape time (every web process of the
+    host shares it, so no process's own gauge would be the whole)."""
+
+    def __init__(self, spool: Spool) -> None:
+        self._spool = spool
+
+    def collect(self) -> Iterator[Metric]:
+        """Entries and bytes waiting in the spool, and the oldest one's age."""
+        try:
+            status = self._spool.status()
+        except OSError as exc:  # the scrape still answers; the gauges are left out
+            log.warning("metrics: the spool directory cannot be read: %s",
+                        exc.strerror or type(exc).__name__)
+            return
+        yield GaugeMetricFamily("switchboard_spool_entries", "Accepted webhooks waiting in "
+                                "this host's disk spool for Redis", value=float(status.entries))
+        yield GaugeMetricFamily("switchboard_spool_bytes", "Bytes of the entries waiting in "
+                                "this host's disk spool", value=float(status.bytes))
+        yield GaugeMetricFamily("switchboard_spool_oldest_age_seconds", "How long the oldest "
+                                "entry of this host's spool has waited (0: none)",
+                                value=status.oldest_age(time.time()))
+        yield GaugeMetricFamily("switchboard_spool_kept_entries", "Spooled entries set aside "
+                                "as unopenable (`switchboard spool flush --kept` retries them)",
+                                value=float(status.kept))
+
+
+def web_registry(client: redis.Redis, spool: Spool | None = None) -> CollectorRegistry:
+    """What the web app's /metrics serves: this host's web processes, the shared gauges and
+    this host's spool."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(process_registry())  # a registry is itself a collector
     registry.register(SharedGauges(client))
+    if spool is not None:
+        registry.register(SpoolGauges(spool))
     return registry
 
 
