@@ -88,6 +88,21 @@ def test_every_entry_is_published_once_oldest_first_and_the_files_go(tmp_path: P
     assert rec.got == list(range(21))
 
 
+def test_status_counts_what_was_appended_since_it_last_looked(tmp_path: Path) -> None:
+    spool = spool_at(tmp_path)
+    first = Spooled("t", "inbound", [{"n": 0}], "k0", received_at=time.time() - 60)
+    spool.append(first)
+    spool.append(entry(1))
+    before = spool.status()
+    assert (before.entries, before.segments) == (2, 1)
+    for n in range(2, 5):
+        spool.append(entry(n))
+    after = spool.status()
+    assert after.entries == 5 and after.bytes > before.bytes
+    assert after.oldest_received_at == first.received_at and after.oldest_age(time.time()) >= 60
+    assert spool_at(tmp_path).status() == after  # a fresh reader (another process) agrees
+
+
 def test_a_flush_stopped_by_redis_resumes_where_it_stopped(tmp_path: Path) -> None:
     spool = spool_at(tmp_path)
     for n in range(10):
