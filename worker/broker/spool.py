@@ -196,6 +196,24 @@ def last_offset(progress: bytes) -> int:
 
 
 @dataclass
+class _Counted:
+    """The whole records of a segment from `start` up to `end`, as status() last read them."""
+
+    start: int
+    end: int
+    entries: int = 0
+    first_received_at: float | None = None
+
+    def add(self, heads: Iterator[tuple[int, int, float]]) -> None:
+        """Count more records (read on from `end`)."""
+        for _, end, received_at in heads:
+            if self.first_received_at is None:
+                self.first_received_at = received_at
+            self.entries += 1
+            self.end = end
+
+
+@dataclass
 class SpoolStatus:
     """What `switchboard spool status` and the metrics show."""
 
@@ -264,6 +282,8 @@ class Spool:
         self._lock = threading.Lock()  # one append at a time in this process
         self._flush_lock = threading.Lock()
         self._segment: str | None = None
+        self._status_lock = threading.Lock()
+        self._counted: dict[str, _Counted] = {}  # status(): what each segment was seen to hold
 
     # -- the write path ------------------------------------------------------------------------
 
@@ -341,30 +361,39 @@ class Spool:
 
     def status(self) -> SpoolStatus:
         """Entries waiting, their bytes and the oldest one's time. Reads the record headers
-        only (no key needed, nothing opened): a scrape of /metrics does it."""
+        only (no key needed, nothing opened), and of each segment only what was appended since
+        the last call: a scrape of /metrics does it, during an outage, every few seconds."""
         out = SpoolStatus()
-        for name in self._names((*_SEGMENTS, KEPT, CORRUPT)):
-            path = self.directory / name
-            try:
-                if name.endswith(CORRUPT):
-                    out.corrupt_bytes += path.stat().st_size
+        seen: dict[str, _Counted] = {}
+        with self._status_lock:
+            for name in self._names((*_SEGMENTS, KEPT, CORRUPT)):
+                path = self.directory / name
+                try:
+                    if name.endswith(CORRUPT):
+                        out.corrupt_bytes += path.stat().st_size
+                        continue
+                    start = 0
+                    if name.endswith(FLUSHING):
+                        progress = self.directory / (_base(name) + PROGRESS)
+                        start = last_offset(progress.read_bytes()) if progress.exists() else 0
+                    counted = self._counted.get(name)
+                    if counted is None or counted.start != start:
+                        counted = _Counted(start, start)
+                    counted.add(_headers(path, counted.end))
+                except OSError:
+                    continue  # flushed meanwhile
+                seen[name] = counted
+                if name.endswith(KEPT):
+                    out.kept += counted.entries
                     continue
-                start = 0
-                if name.endswith(FLUSHING):
-                    progress = self.directory / (_base(name) + PROGRESS)
-                    start = last_offset(progress.read_bytes()) if progress.exists() else 0
-                heads = list(_headers(path, start))
-            except OSError:
-                continue  # flushed meanwhile
-            if name.endswith(KEPT):
-                out.kept += len(heads)
-                continue
-            out.segments += 1
-            out.entries += len(heads)
-            out.bytes += sum(end - begin for begin, end, _ in heads)
-            for _, _, received_at in heads[:1]:
-                if out.oldest_received_at is None or received_at < out.oldest_received_at:
-                    out.oldest_received_at = received_at
+                out.segments += 1
+                out.entries += counted.entries
+                out.bytes += counted.end - counted.start
+                first = counted.first_received_at
+                if first is not None and (out.oldest_received_at is None
+                                          or first < out.oldest_received_at):
+                    out.oldest_received_at = first
+            self._counted = seen
         return out
 
     def waiting(self) -> bool:
