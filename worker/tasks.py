@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 from celery import shared_task
 
 from worker.broker.celery_app import (
+    QUEUE_OUTBOUND,
     REDACTED_ARGS,
     TASK_DEVICE_UPDATE,
     TASK_INBOUND_EMAIL,
@@ -20,9 +22,11 @@ from worker.broker.celery_app import (
     TASK_SENDGRID_EVENTS,
     TASK_SUBSCRIPTION_NOTIFIED,
     TASK_TWILIO_STATUS,
+    TASK_WHATSAPP_EXPIRE,
+    TASK_WHATSAPP_RELEASE,
 )
 from worker.broker.retry import SwitchboardTask
-from worker.channels import twilio
+from worker.channels import twilio, whatsapp
 from worker.channels.sendgrid import EMAIL_INBOUND_KEY_SYSTEM
 from worker.channels.sendgrid_inbound import clinic_mailbox
 from worker.channels.twilio import TwilioSms
@@ -37,6 +41,12 @@ from worker.outbound.push import apply_device_change
 from worker.outbound.reconcile import reconcile_stuck
 from worker.outbound.sending import OutboundRequest
 from worker.outbound.status import apply_email_events, apply_status
+from worker.outbound.whatsapp import (
+    expire_held,
+    refused_outside_window,
+    release_held,
+    window_opened,
+)
 from worker.runtime import get_runtime
 from worker.stores.email_posts import EmailPosts
 from worker.stores.inbox import HEADER as INBOX_HEADER
@@ -62,6 +72,12 @@ def inbound_sms(self: SwitchboardTask, params: dict[str, str], meta: dict[str, A
     opted = apply_opt_keyword(msg, rt.outbound.optouts)
     if opted:
         log.info("%s recorded for the sender of %s", opted, msg.provider_message_id)
+    if msg.channel == whatsapp.CHANNEL:
+        queue = window_opened(rt.outbound, msg, params.get("MessagingServiceSid", ""))
+        if queue is not None:
+            # Held replies go out now, oldest first, in one task (worker/outbound/whatsapp.py).
+            self.app.send_task(TASK_WHATSAPP_RELEASE, args=[{"queue": queue}],
+                               queue=QUEUE_OUTBOUND, **REDACTED_ARGS)
     log.info("inbound %s: %s Communication/%s in %s", msg.provider_message_id, outcome.result,
              outcome.communication_id, outcome.thread_ref)
     return {"communication": outcome.communication_id, "thread": outcome.thread_ref,
@@ -179,8 +195,11 @@ def device_update(self: SwitchboardTask, payload: dict[str, Any]) -> dict[str, A
 def twilio_status(self: SwitchboardTask, params: dict[str, str]) -> dict[str, Any]:
     """Apply one Twilio status callback to the Communication it is about."""
     rt = get_runtime()
-    applied = apply_status(rt.fhir, rt.settings.message_id_system, params, rt.outbound.state,
-                           rt.settings.outbound_request_system)
+    applied = apply_status(
+        rt.fhir, rt.settings.message_id_system, params, rt.outbound.state,
+        rt.settings.outbound_request_system,
+        lambda comm_id, request_id, p: refused_outside_window(
+            rt.outbound, comm_id, request_id, p, rt.settings.message_id_system))
     log.info("status %s: %s", params.get("MessageSid", "?"), applied)
     return {"result": applied}
 
@@ -225,3 +244,22 @@ def sweep_inbox(self: SwitchboardTask) -> dict[str, int]:
         log.warning("inbox sweep re-published %d stale accepted messages", len(stale))
         rt.metrics.inc("switchboard_inbox_republished", len(stale))
     return {"republished": len(stale)}
+
+
+@shared_task(bind=True, base=SwitchboardTask, name=TASK_WHATSAPP_RELEASE)
+def whatsapp_release(self: SwitchboardTask, payload: dict[str, Any]) -> dict[str, Any]:
+    """Send the WhatsApp replies held for one (patient, sender): the patient just wrote."""
+    queue = payload.get("queue")
+    if not isinstance(queue, str) or not re.fullmatch(r"[0-9a-f]{40}", queue):
+        raise PermanentError("invalid-payload", "queue must be a held-reply queue name")
+    slot = payload.get("rate_slot")
+    counts = release_held(get_runtime().outbound, queue, str(self.request.id), send_outbound,
+                          float(slot) if isinstance(slot, int | float) else None)
+    log.info("whatsapp release: %s", ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+    return counts
+
+
+@shared_task(bind=True, base=SwitchboardTask, name=TASK_WHATSAPP_EXPIRE)
+def whatsapp_expire(self: SwitchboardTask) -> dict[str, int]:
+    """Fail the WhatsApp replies held longer than WHATSAPP_HOLD_HOURS (Celery beat)."""
+    return {"expired": expire_held(get_runtime().outbound)}
