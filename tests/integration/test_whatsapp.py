@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 
 from tests.conftest import API_TOKEN, CLINIC_SMS, Service, Services, outbound_env
+from tests.integration.test_operations import cli
 from tests.support import (
     ProviderSandbox,
     Sandbox,
     eventually,
-    new_sid,
     our_logs,
     post_signed,
     sms_params,
@@ -234,6 +234,10 @@ def test_a_held_reply_expires_with_its_reason(
     deps = build_runtime(svc.settings).outbound
     assert deps.whatsapp is not None
     assert [h.communication_id for h in deps.whatsapp.store.all()] == [done["communication"]]
+    listed = cli(svc.env, "whatsapp", "held")
+    assert listed.returncode == 0, listed.stderr
+    assert f"Communication/{done['communication']}  request={done['id']}" in listed.stdout
+    assert "1 held" in listed.stdout and PATIENT_4 not in listed.stdout
     time.sleep(1.5)
     from worker.outbound.whatsapp import expire_held
 
@@ -247,4 +251,4 @@ def test_a_held_reply_expires_with_its_reason(
     inbound(svc, sandbox, providers_clean, whatsapp_params(PATIENT_4, "too late"))
     time.sleep(1)
     assert [r["form"].get("ContentSid") for r in twilio_sends(providers_clean)] == [TEMPLATE]
-    assert new_sid()  # (helper import kept for parity with the SMS tests)
+    assert "0 held" in cli(svc.env, "whatsapp", "held").stdout

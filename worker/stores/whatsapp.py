@@ -22,6 +22,7 @@ from typing import Any
 import redis
 
 from worker.crypto import Sealer
+from worker.stores import Resealed, reseal_strings, sealed_text
 
 PREFIX = "switchboard:whatsapp:"
 WINDOW = PREFIX + "window:"
@@ -145,3 +146,7 @@ class WhatsAppStore:
     def held_before(self, cutoff: float) -> list[str]:
         """The Communication ids held before `cutoff` (epoch seconds), oldest first."""
         return [m.decode() for m in self._r.zrangebyscore(ALL, "-inf", f"({cutoff:.3f}")]
+
+    def reseal(self) -> Resealed:
+        """Seal every held reply's record with the first key (`switchboard keys rotate`)."""
+        return reseal_strings(self._r, ITEM + "*", sealed_text(self._sealer))
