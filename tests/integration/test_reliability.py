@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.reliability import scenarios
-from tests.reliability.harness import Counts, Stack, email_address, phone
+from tests.reliability.harness import Counts, Stack, email_address, phone, profile_name
 
 USED_NUMBERS: list[str] = []
 
@@ -77,11 +77,21 @@ def test_inbound_email(stack: Stack) -> None:
     assert counts.accepted == counts.sent == 36 and counts.written == 12
 
 
+def test_whatsapp(stack: Stack) -> None:
+    counts = scenarios.whatsapp(stack, n=10)
+    assert counts.ok() and counts.lost == 0 and counts.dead_lettered == 0, counts
+    # 10 inbound written once each, 5 held replies released once each.
+    assert counts.accepted == counts.sent == 10 * 3 + 5 and counts.written == 15, counts
+
+
 def test_privacy(stack: Stack) -> None:
     numbers = [phone(i) for i in range(30)] + [phone(5000 + i) for i in range(15)]
     numbers += [email_address(i) for i in range(4)]
+    # WhatsApp: the numbers, and the display names (ProfileName) of scenario 14.
+    numbers += [phone(7000 + i) for i in range(10)] + [phone(7500 + i) for i in range(5)]
     bodies = ["storm 1", "kill 3", "outage 2", "redis 4", "faults reply 1", "kill reply 2",
-              "email body 1", "email body 3"]
+              "email body 1", "email body 3", "whatsapp 3", "whatsapp reply",
+              *(profile_name(i) for i in range(10))]
     counts = scenarios.privacy(stack, numbers, bodies)
     assert counts.sent > 100  # there were logs to scan
     assert counts.duplicates == 0, counts.notes

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections import Counter
 from typing import Any
 
 from tests.email_payloads import new_message_id, parsed_post, raw_email, raw_post
@@ -18,8 +19,12 @@ from tests.reliability.harness import (
     Stack,
     email_address,
     phone,
+    profile_name,
     shuffled,
     sms,
+)
+from tests.reliability.harness import (
+    whatsapp as whatsapp_message,
 )
 from tests.support import our_log_files
 from worker.channels.sendgrid import EMAIL_INBOUND_MESSAGE_ID_SYSTEM
@@ -420,5 +425,64 @@ def contention(stack: Stack, n: int, patients: int = 50) -> Counts:
         f"{events['retried'] / per:.2f} per message in the FHIR client and "
         f"{events['task-retry'] / per:.2f} per message as task retries "
         f"({rate:.0f} msgs/s written)")
+    counts.seconds = time.monotonic() - started
+    return counts
+
+
+def whatsapp(stack: Stack, n: int) -> Counts:
+    """14. WhatsApp: n inbound messages (each delivered 3x concurrently, display names and
+    all) written once each; then a reply to each of n/2 patients who never wrote (outside the
+    24-hour window): held, one template each, and released exactly once when the patient
+    writes. `written` counts inbound messages written plus replies sent free-form once."""
+    stack.reset()
+    started = time.monotonic()
+    counts = Counts("14 WhatsApp (window, hold, release)")
+    numbers = [phone(7000 + i) for i in range(n)]
+    messages = [whatsapp_message(numbers[i], f"whatsapp {i}", profile_name(i))
+                for i in range(n)]
+    codes = stack.parallel(stack.post_sms, shuffled([m for m in messages for _ in range(3)]),
+                           threads=16)
+    counts.sent = len(codes)
+    counts.accepted = sum(1 for c in codes if 200 <= c < 300)
+    _inbound_tally(stack, counts, {m["MessageSid"] for m in messages}, timeout=60 + n / 5)
+    quiet = [phone(7500 + i) for i in range(max(1, n // 2))]
+    comms = []
+    for number in quiet:
+        patient = stack.sandbox.patient(number)
+        comms.append(stack.sandbox.fhir.create({
+            "resourceType": "Communication", "status": "in-progress",
+            "recipient": [{"reference": f"Patient/{patient['id']}"}],
+            "payload": [{"contentString": f"whatsapp reply {number[-4:]}"}]}).resource["id"])
+    for comm in comms:
+        status, _ = stack.send_on(comm, "whatsapp")
+        counts.sent += 1
+        counts.accepted += int(200 <= status < 300)
+
+    def templates() -> bool:
+        return len([r for r in stack.providers.requests("twilio")
+                    if r["method"] == "POST" and r["form"].get("ContentSid")]) >= len(quiet)
+
+    if not stack.settle(60, templates):
+        counts.problems.append("not every held reply's template went out")
+    answers = [whatsapp_message(number, "ok", profile_name(7500 + i))
+               for i, number in enumerate(quiet)]
+    stack.parallel(stack.post_sms, answers, threads=8)
+
+    def free_form() -> list[dict[str, Any]]:
+        return [r for r in stack.providers.requests("twilio")
+                if r["method"] == "POST" and r["form"].get("Body", "").startswith(
+                    "whatsapp reply")]
+
+    if not stack.settle(60, lambda: len(free_form()) >= len(quiet)):
+        counts.notes.append("did not settle within 60s")
+    time.sleep(1.0)  # a second copy, were there one, would show now
+    sends = Counter(r["form"]["To"] for r in free_form())
+    counts.written += len(sends)
+    counts.duplicates += sum(k - 1 for k in sends.values() if k > 1)
+    counts.lost += len(quiet) - len(sends)
+    held = [r for r in stack.providers.requests("twilio") if r["method"] == "POST"
+            and r["form"].get("ContentSid")]
+    if len(held) != len(quiet):
+        counts.problems.append(f"{len(held)} templates for {len(quiet)} held replies")
     counts.seconds = time.monotonic() - started
     return counts
