@@ -28,6 +28,9 @@ EXPECTED = {
     "inbound-email": r"^email accepted \(HTTP 200\); landed as Communication/\S+ in thread "
                      r"Communication/\S+$",
     "push": r"^request \w+: sent by push \(Communication/\S+;",
+    "whatsapp": r"^request \w+: held \(template sent\), released by the patient's WhatsApp "
+                r"answer \(Communication/\S+ in thread Communication/\S+\); sent by whatsapp "
+                r"as SM[0-9a-f]{32} ",
 }
 
 

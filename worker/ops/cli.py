@@ -443,6 +443,7 @@ DEMO_PATIENT_PHONE = "+15551234567"
 DEMO_CLINIC_PHONE = "+15557654321"
 DEMO_PATIENT_EMAIL = "demo.patient@example.org"
 DEMO_CLINIC_EMAIL = "care@clinic.example"
+DEMO_WHATSAPP_TEMPLATE = "HX" + "d" * 32  # the provider sandbox takes any well-formed one
 
 
 def _dev_key(log_dir: Path) -> str:
@@ -516,6 +517,11 @@ def cmd_run(_: Settings | None, args: argparse.Namespace) -> int:
             env.update({"SENDGRID_EVENT_VERIFICATION_KEY": event_public,
                         "TWILIO_API_BASE_URL": providers_origin,
                         "TWILIO_FROM_NUMBER": DEMO_CLINIC_PHONE,
+                        # WhatsApp from the same number, with a (sandbox) approved template
+                        # that asks the patient to write when the 24-hour window is closed.
+                        "TWILIO_WHATSAPP_FROM": "whatsapp:" + DEMO_CLINIC_PHONE,
+                        "WHATSAPP_TEMPLATE_CONTENT_SID": DEMO_WHATSAPP_TEMPLATE,
+                        "WHATSAPP_TEMPLATE_VARIABLES": '{"1": "the demo clinic"}',
                         "SENDGRID_API_BASE_URL": providers_origin,
                         "SENDGRID_API_KEY": DEV_SENDGRID_KEY,
                         "SENDGRID_FROM_EMAIL": DEMO_CLINIC_EMAIL,
@@ -570,7 +576,8 @@ Switchboard is running (logs in {log_dir}; Ctrl-C stops everything).
                                     if providers_origin else "") + f"""
 
 Next, in another shell:  {_switchboard_command()} demo sms
-  (the demo patient texts the clinic; then try: demo reply, email, inbound-email, push;
+  (the demo patient texts the clinic; then try: demo reply, email, inbound-email, push,
+   whatsapp;
    docs/development.md says what each shows)
 """, flush=True)
         while all(_alive(c) for c in stack.children):
@@ -647,7 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("flow", choices=demo.DEMOS, help="sms: the demo patient texts the clinic; "
                       "reply: a clinician writes a reply into FHIR; email: the clinic emails "
                       "the patient through /v1/messages; inbound-email: the patient emails the "
-                      "clinic; push: a push to the patient's registered phone")
+                      "clinic; push: a push to the patient's registered phone; whatsapp: "
+                      "the clinic writes on WhatsApp, held for the 24-hour window until the "
+                      "patient answers")
     show.add_argument("--text", help="the message text (else a demo text)")
     show.add_argument("--log-dir", default=".run", help="the log directory of `make run`")
     show.set_defaults(func=cmd_demo, needs_settings=False)
