@@ -252,3 +252,39 @@ def test_a_held_reply_expires_with_its_reason(
     time.sleep(1)
     assert [r["form"].get("ContentSid") for r in twilio_sends(providers_clean)] == [TEMPLATE]
     assert "0 held" in cli(svc.env, "whatsapp", "held").stdout
+
+
+PATIENT_5 = "+15553334449"
+
+
+def test_stop_on_whatsapp_opts_out_of_whatsapp_and_start_opts_back_in(
+        services: Services, sandbox: Sandbox, providers_clean: ProviderSandbox) -> None:
+    svc = service(services, providers_clean)
+    sandbox.patient(PATIENT_5)
+    stop = inbound(svc, sandbox, providers_clean, whatsapp_params(PATIENT_5, "STOP"))
+    eventually(lambda: "opt-out recorded" in svc.worker.output() if svc.worker else None,
+               what="the opt-out")
+    done = api_send(svc, reply(stop["partOf"][0]["reference"], "After STOP"))
+    assert done["status"] == "failed" and done["error"] == "opted-out", done
+    assert twilio_sends(providers_clean) == []
+    inbound(svc, sandbox, providers_clean, whatsapp_params(PATIENT_5, "START"))
+    eventually(lambda: "opt-in recorded" in svc.worker.output() if svc.worker else None,
+               what="the opt-in")
+    again = api_send(svc, reply(stop["partOf"][0]["reference"], "After START"))
+    assert again["status"] == "sent" and again["channel"] == "whatsapp", again
+
+
+@pytest.mark.parametrize("strategy", ["active-thread", "new-thread"])
+def test_other_strategies_are_unchanged_by_whatsapp(
+        services: Services, sandbox: Sandbox, providers_clean: ProviderSandbox,
+        strategy: str) -> None:
+    svc = service(services, providers_clean, SMS_THREAD_STRATEGY=strategy)
+    sandbox.patient(PATIENT_5)
+    sms = sms_params(PATIENT_5, "by text")
+    assert post_signed(svc.app().test_client(), sms).status_code == 200
+    first = eventually(lambda: sandbox.messages(sms["MessageSid"]), what="the SMS")[0]
+    wa = inbound(svc, sandbox, providers_clean, whatsapp_params(PATIENT_5, "on WhatsApp"))
+    assert wa["medium"][0]["coding"][0]["code"] == "whatsapp"
+    # active-thread: the patient's open thread, whatever the channel; new-thread: its own.
+    same = wa["partOf"] == first["partOf"]
+    assert same is (strategy == "active-thread")
