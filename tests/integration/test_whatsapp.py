@@ -21,6 +21,7 @@ from tests.support import (
 )
 from worker.fhir.resources import SWITCHBOARD_MEDIUM
 from worker.outbound.status_map import READ_AT_EXTENSION
+from worker.outbound.whatsapp import REFUSED_SID_SYSTEM
 from worker.runtime import build_runtime
 
 # Each test its own patient: the services keep their Redis (and so its windows) across tests.
@@ -199,14 +200,25 @@ def test_twilio_63016_holds_the_reply_although_our_window_was_open(
     comm = eventually(lambda: (c := sandbox.fhir.read("Communication", done["communication"])
                                .resource).get("note") and c, what="the refused send undone")
     assert comm["status"] == "on-hold"
-    assert not any(i.get("value") == done["provider_id"] for i in comm["identifier"])
+    assert [i["system"] for i in comm["identifier"] if i["value"] == done["provider_id"]] == [
+        REFUSED_SID_SYSTEM]
+    # Twilio may post the callback again: still held, one template.
+    status_callback(svc, PATIENT_2, done["provider_id"], "failed", ErrorCode="63016")
     forms = [r["form"] for r in twilio_sends(providers_clean)]
     assert forms[-1].get("ContentSid") == TEMPLATE
     inbound(svc, sandbox, providers_clean, whatsapp_params(PATIENT_2, "here I am"))
     again = state(svc, done["id"], "sent")
     assert again["provider_id"] != done["provider_id"]
+    # A late copy of the refusal, after the reply went out anew, changes nothing.
+    status_callback(svc, PATIENT_2, done["provider_id"], "failed", ErrorCode="63016")
+    time.sleep(1.5)
     bodies = [r["form"].get("Body") for r in twilio_sends(providers_clean)]
     assert bodies == ["Free-form reply", None, "Free-form reply"]
+    final = sandbox.fhir.read("Communication", done["communication"]).resource
+    assert final["status"] == "in-progress"
+    assert [i["value"] for i in final["identifier"]
+            if i["system"] == svc.settings.message_id_system] == [again["provider_id"]]
+    assert state(svc, done["id"], "sent")["provider_id"] == again["provider_id"]
 
 
 def test_without_a_template_a_reply_outside_the_window_fails_with_its_reason(
@@ -288,3 +300,24 @@ def test_other_strategies_are_unchanged_by_whatsapp(
     # active-thread: the patient's open thread, whatever the channel; new-thread: its own.
     same = wa["partOf"] == first["partOf"]
     assert same is (strategy == "active-thread")
+
+
+PATIENT_6 = "+15553334450"
+
+
+def test_a_63016_answered_by_the_api_takes_the_same_path(
+        services: Services, sandbox: Sandbox, providers_clean: ProviderSandbox) -> None:
+    svc = service(services, providers_clean)
+    sandbox.patient(PATIENT_6)
+    msg = inbound(svc, sandbox, providers_clean, whatsapp_params(PATIENT_6, "hello"))
+    providers_clean.fault(provider="twilio", to="whatsapp:" + PATIENT_6, status=400,
+                          twilio_code=63016, count=1)
+    done = api_send(svc, reply(msg["partOf"][0]["reference"], "Refused at once"))
+    assert done["status"] == "held", done
+    forms = [r["form"] for r in twilio_sends(providers_clean)]
+    assert [f.get("Body") for f in forms] == ["Refused at once", None]
+    assert forms[1]["ContentSid"] == TEMPLATE
+    inbound(svc, sandbox, providers_clean, whatsapp_params(PATIENT_6, "back again"))
+    assert state(svc, done["id"], "sent")["channel"] == "whatsapp"
+    assert [r["form"].get("Body") for r in twilio_sends(providers_clean)] == [
+        "Refused at once", None, "Refused at once"]

@@ -33,6 +33,7 @@ from worker.outbound.status_map import (
     sendgrid_event_kind,
     sendgrid_status_event,
 )
+from worker.outbound.whatsapp import REFUSED_SID_SYSTEM
 from worker.stores.optouts import OptOuts
 from worker.stores.outbound_state import OutboundState
 
@@ -97,21 +98,29 @@ def apply_status(fhir: FhirClient, sid_system: str, params: Mapping[str, str],
     error_code = (params.get("ErrorCode") or "").strip()
     if not re.fullmatch(r"[0-9]{1,6}", error_code):
         error_code = ""  # the receiver refuses other shapes; never trust one that got here
-    found = fhir.search("Communication", [("identifier", token(sid_system, sid)),
-                                          ("_count", "2")])
+    found = fhir.search("Communication", [
+        ("identifier", ",".join((token(sid_system, sid), token(REFUSED_SID_SYSTEM, sid)))),
+        ("_count", "2")])
     entries = [e["resource"] for e in found.get("entry") or []]
     if not entries:
         # Twilio can call back before our own record of the send reached FHIR: try again.
         raise TransientError("communication-not-found", "no Communication has this MessageSid")
 
     comm = entries[0]
+    idents = [i for i in comm.get("identifier") or [] if isinstance(i, Mapping)]
+    current = {i.get("value") for i in idents if i.get("system") == sid_system}
+    refused = sid in {i.get("value") for i in idents if i.get("system") == REFUSED_SID_SYSTEM}
     if (outside_window is not None and error_code == "63016"
             and status in ("failed", "undelivered") and medium_channel(comm) == "whatsapp"
-            and comm.get("status") not in TERMINAL):
-        # WhatsApp refused a free-form reply outside the 24-hour window: held, not failed.
-        request_id = next((str(i.get("value")) for i in comm.get("identifier") or []
+            and comm.get("status") not in TERMINAL
+            and (sid in current or (refused and not current))):
+        # WhatsApp refused a free-form reply outside the 24-hour window: held, not failed
+        # (again, for a redelivered callback, until the reply is sent anew).
+        request_id = next((str(i.get("value")) for i in idents
                            if i.get("system") == request_system), None)
         return outside_window(str(comm["id"]), request_id, params)
+    if sid not in current:
+        return "ignored"  # about a send refused with 63016, which is no longer a send of it
 
     def reason() -> dict[str, Any]:
         codings = [{"system": TWILIO_ERROR_SYSTEM, "code": error_code}] if error_code else []

@@ -33,6 +33,9 @@ OUTSIDE_WINDOW = "outside-whatsapp-window"
 HOLD_EXPIRED = "whatsapp-hold-expired"
 SEND_ERROR_SYSTEM = "urn:switchboard:send-error"
 HELD = "held"  # the API request's status while its reply waits
+# Where a send refused with 63016 keeps its MessageSid on the Communication: no longer a send
+# of it (a release sends again), still findable by a late or repeated callback about it.
+REFUSED_SID_SYSTEM = "urn:switchboard:whatsapp-refused-message"
 FINAL = frozenset({"completed", "stopped", "entered-in-error", "not-done"})
 
 
@@ -85,8 +88,6 @@ def hold_reply(deps: OutboundDeps, impl: TwilioWhatsApp, comm_id: str, request_i
     wa.store.hold(queue, comm_id, request_id, now)
     _mark(deps, comm_id, "on-hold", OUTSIDE_WINDOW,
           f"{detail}; held until the patient writes on WhatsApp")
-    deps.state.update(request_id, HELD, communication=comm_id, channel=CHANNEL,
-                      held_until=round(now + wa.hold_seconds, 3))
     if wa.store.template_due(queue, wa.hold_seconds):
         try:
             sent = impl.send_template(to, wa.template_sid, wa.template_variables)
@@ -103,21 +104,28 @@ def hold_reply(deps: OutboundDeps, impl: TwilioWhatsApp, comm_id: str, request_i
             count_send(deps, CHANNEL, "template")
             log.info("WhatsApp template sent as %s for held Communication/%s", sent.provider_id,
                      comm_id)
+    # Last: a caller told `held` finds the template asked already.
+    deps.state.update(request_id, HELD, communication=comm_id, channel=CHANNEL,
+                      held_until=round(now + wa.hold_seconds, 3))
     log.info("outbound Communication/%s held for the WhatsApp window", comm_id)
     return SendResult("", HELD)
 
 
 def _mark(deps: OutboundDeps, comm_id: str, status: str, code: str, text: str,
-          drop_identifier: tuple[str, str] | None = None) -> None:
+          refused: tuple[str, str] | None = None) -> None:
     def change(c: dict[str, Any]) -> dict[str, Any] | None:
         if c.get("status") in FINAL:
             return None
-        if drop_identifier is not None:
-            system, value = drop_identifier
-            c["identifier"] = [i for i in c.get("identifier") or []
-                               if (i.get("system"), i.get("value")) != (system, value)]
-            c["note"] = [*(c.get("note") or []), {"text": f"WhatsApp message {value} was "
-                                                  "refused outside the 24-hour window (63016)"}]
+        if refused is not None:
+            system, value = refused
+            idents = list(c.get("identifier") or [])
+            if {"system": system, "value": value} in idents:
+                c["identifier"] = [{"system": REFUSED_SID_SYSTEM, "value": value}
+                                   if i == {"system": system, "value": value} else i
+                                   for i in idents]
+                c["note"] = [*(c.get("note") or []), {"text": f"WhatsApp message {value} was "
+                                                      "refused outside the 24-hour window "
+                                                      "(Twilio 63016)"}]
         c["status"] = status
         c["statusReason"] = {"coding": [{"system": SEND_ERROR_SYSTEM, "code": code}],
                              "text": text}
@@ -142,19 +150,21 @@ def refused_outside_window(deps: OutboundDeps, comm_id: str, request_id: str | N
         return "ignored"
     wa = policy(deps)
     wa.store.close(wa.store.queue(to, impl.sender_key()))
-    sid = str(params.get("MessageSid") or "")
-    try:
-        hold_reply(deps, impl, comm_id, request_id, to, "Twilio 63016: outside the WhatsApp "
-                   "24-hour window")
-    except SendError as exc:  # no template: the reply fails, said so
-        _mark(deps, comm_id, "stopped", exc.kind, exc.detail)
-        deps.state.update(request_id, "failed", communication=comm_id, error=exc.kind,
-                          provider_code=63016, channel=CHANNEL, detail=exc.detail)
+    why = "Twilio 63016: outside the WhatsApp 24-hour window"
+    if not wa.template_sid:  # the reply fails, said so
+        detail = why + "; no WHATSAPP_TEMPLATE_CONTENT_SID is configured"
+        _mark(deps, comm_id, "stopped", OUTSIDE_WINDOW, detail)
+        deps.state.update(request_id, "failed", communication=comm_id, error=OUTSIDE_WINDOW,
+                          provider_code=63016, channel=CHANNEL, detail=detail)
         return "failed"
-    # The send is undone only once the reply is held: a release sends it again.
+    # In this order, each step repeatable: the refused send stops being a send of it (on the
+    # Communication, then in the ledger) before the reply is held, so a release, which may
+    # start as soon as it is held, sends it again. A redelivered callback finds the SID under
+    # REFUSED_SID_SYSTEM and comes back here (apply_status).
+    _mark(deps, comm_id, "on-hold", OUTSIDE_WINDOW, why + "; held until the patient writes on "
+          "WhatsApp", (sid_system, str(params.get("MessageSid") or "")))
     deps.ledger.undo(comm_id)
-    _mark(deps, comm_id, "on-hold", OUTSIDE_WINDOW, "Twilio 63016: outside the WhatsApp "
-          "24-hour window; held until the patient writes on WhatsApp", (sid_system, sid))
+    hold_reply(deps, impl, comm_id, request_id, to, why)
     return HELD
 
 
@@ -169,7 +179,7 @@ def expire_held(deps: OutboundDeps, now: float | None = None) -> int:
         if deps.ledger.done(comm_id) is not None:
             wa.store.release(comm_id)
             continue
-        if deps.ledger.client.exists(deps.ledger.CLAIM + comm_id):
+        if deps.ledger.claimed(comm_id):
             continue
         text = (f"held {wa.hold_seconds / 3600:g} hours for the patient's WhatsApp answer, "
                 "which did not come")
