@@ -40,14 +40,14 @@ from worker.outbound.pipeline import send_outbound
 from worker.outbound.push import apply_device_change
 from worker.outbound.reconcile import reconcile_stuck
 from worker.outbound.sending import OutboundRequest
-from worker.outbound.status import apply_email_events, apply_status
+from worker.outbound.status import OutsideWindow, apply_email_events, apply_status
 from worker.outbound.whatsapp import (
     expire_held,
     refused_outside_window,
     release_held,
     window_opened,
 )
-from worker.runtime import get_runtime
+from worker.runtime import Runtime, get_runtime
 from worker.stores.email_posts import EmailPosts
 from worker.stores.inbox import HEADER as INBOX_HEADER
 
@@ -195,13 +195,16 @@ def device_update(self: SwitchboardTask, payload: dict[str, Any]) -> dict[str, A
 def twilio_status(self: SwitchboardTask, params: dict[str, str]) -> dict[str, Any]:
     """Apply one Twilio status callback to the Communication it is about."""
     rt = get_runtime()
-    applied = apply_status(
-        rt.fhir, rt.settings.message_id_system, params, rt.outbound.state,
-        rt.settings.outbound_request_system,
-        lambda comm_id, request_id, p: refused_outside_window(
-            rt.outbound, comm_id, request_id, p, rt.settings.message_id_system))
+    applied = apply_status(rt.fhir, rt.settings.message_id_system, params, rt.outbound.state,
+                           rt.settings.outbound_request_system, _outside_window(rt))
     log.info("status %s: %s", params.get("MessageSid", "?"), applied)
     return {"result": applied}
+
+
+def _outside_window(rt: Runtime) -> OutsideWindow:
+    """A WhatsApp send Twilio failed with 63016: hold the reply (worker/outbound/whatsapp.py)."""
+    return lambda comm_id, request_id, params: refused_outside_window(
+        rt.outbound, comm_id, request_id, params, rt.settings.message_id_system)
 
 
 @shared_task(bind=True, base=SwitchboardTask, name=TASK_SENDGRID_EVENTS)
@@ -228,7 +231,8 @@ def reconcile(self: SwitchboardTask, stuck_after: float | None = None) -> dict[s
     s = rt.settings
     return reconcile_stuck(rt.fhir, sms, s.message_id_system, s.outbound_request_system,
                            rt.outbound.state, rt.metrics,
-                           s.stuck_after_seconds if stuck_after is None else stuck_after)
+                           s.stuck_after_seconds if stuck_after is None else stuck_after,
+                           outside_window=_outside_window(rt))
 
 
 @shared_task(bind=True, base=SwitchboardTask, name=TASK_INBOX_SWEEP)

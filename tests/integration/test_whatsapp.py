@@ -4,6 +4,7 @@ provider sandbox (the real Twilio SDK), which enforces the 24-hour window as Twi
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -20,8 +21,9 @@ from tests.support import (
     whatsapp_params,
 )
 from worker.fhir.resources import SWITCHBOARD_MEDIUM
+from worker.outbound.reconcile import reconcile_stuck
 from worker.outbound.status_map import READ_AT_EXTENSION
-from worker.outbound.whatsapp import REFUSED_SID_SYSTEM
+from worker.outbound.whatsapp import REFUSED_SID_SYSTEM, expire_held, refused_outside_window
 from worker.runtime import build_runtime
 
 # Each test its own patient: the services keep their Redis (and so its windows) across tests.
@@ -251,8 +253,6 @@ def test_a_held_reply_expires_with_its_reason(
     assert f"Communication/{done['communication']}  request={done['id']}" in listed.stdout
     assert "1 held" in listed.stdout and PATIENT_4 not in listed.stdout
     time.sleep(1.5)
-    from worker.outbound.whatsapp import expire_held
-
     assert expire_held(deps) == 1
     assert state(svc, done["id"], "failed")["error"] == "whatsapp-hold-expired"
     comm = sandbox.fhir.read("Communication", done["communication"]).resource
@@ -321,3 +321,32 @@ def test_a_63016_answered_by_the_api_takes_the_same_path(
     assert state(svc, done["id"], "sent")["channel"] == "whatsapp"
     assert [r["form"].get("Body") for r in twilio_sends(providers_clean)] == [
         "Refused at once", None, "Refused at once"]
+
+
+PATIENT_7 = "+15553334451"
+
+
+def test_a_lost_63016_callback_is_found_by_the_reconciler_and_held(
+        services: Services, sandbox: Sandbox, providers_clean: ProviderSandbox) -> None:
+    svc = service(services, providers_clean)
+    sandbox.patient(PATIENT_7)
+    msg = inbound(svc, sandbox, providers_clean, whatsapp_params(PATIENT_7, "hello"))
+    providers_clean.whatsapp_window("whatsapp:" + PATIENT_7, CLINIC_WA, None)
+    done = api_send(svc, reply(msg["partOf"][0]["reference"], "Callback lost"))
+    assert done["status"] == "sent", done
+    eventually(lambda: [m for m in providers_clean.messages() if m["sid"] == done["provider_id"]
+                        and m["error_code"] == 63016], what="the sandbox's 63016")
+    # Its callback went to the public URL, which is not this test's app: it was lost.
+    rt = build_runtime(svc.settings)
+    sms = rt.outbound.channels["sms"]
+    counts = reconcile_stuck(
+        rt.fhir, sms, svc.settings.message_id_system,  # type: ignore[arg-type]
+        svc.settings.outbound_request_system, rt.outbound.state, rt.metrics, stuck_after=0,
+        now=datetime.now(UTC) + timedelta(seconds=5),
+        outside_window=lambda c, r, p: refused_outside_window(
+            rt.outbound, c, r, p, svc.settings.message_id_system))
+    assert counts["checked"] == 1, counts
+    assert state(svc, done["id"], "held")
+    assert sandbox.fhir.read("Communication", done["communication"]).resource[
+        "status"] == "on-hold"
+    assert [r["form"].get("ContentSid") for r in twilio_sends(providers_clean)][-1] == TEMPLATE

@@ -463,8 +463,8 @@ class TwilioSms:
             raise SendError("outcome-unknown", type(exc).__name__) from None
         return SendResult(provider_id=str(created.sid), status=str(created.status))
 
-    def fetch_status(self, sid: str) -> tuple[str, str]:
-        """Ask Twilio for a message's current status: (status, error code or "")."""
+    def fetch_status(self, sid: str) -> tuple[str, str, str]:
+        """Ask Twilio for a message's current status: (status, error code or "", its To)."""
         from twilio.base.exceptions import TwilioException
 
         try:
@@ -475,7 +475,8 @@ class TwilioSms:
         except httpx.HTTPError as exc:
             raise SendError("provider-unavailable", type(exc).__name__) from None
         code = message.error_code
-        return str(message.status), "" if code in (None, "") else str(code)
+        return (str(message.status), "" if code in (None, "") else str(code),
+                str(message.to or ""))
 
 
 # The largest Twilio answer read (a Message resource is about 2 KB of JSON; a page of them
