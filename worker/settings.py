@@ -11,7 +11,14 @@ from collections.abc import Mapping
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.channels.phones import DEFAULT_REGION, valid_region
@@ -20,6 +27,13 @@ from worker.crypto import Sealer, parse_keys, sealer_for
 ThreadStrategy = Literal["conversation", "active-thread", "new-thread"]
 UnknownSenderPolicy = Literal["reject", "create-patient"]
 CHANNELS = ("sms", "email", "push", "whatsapp")
+# Shapes of the WhatsApp settings: (pattern, what it says when it does not match).
+_WHATSAPP_SHAPES = {
+    "twilio_whatsapp_from": (r"whatsapp:\+[1-9][0-9]{6,14}",
+                             "whatsapp:+E164 (e.g. whatsapp:+14155238886)"),
+    "whatsapp_template_content_sid": (r"HX[0-9a-f]{32}",
+                                      "a Twilio Content SID (HX + 32 hex digits)"),
+}
 
 # What to tell an operator for each setting that is missing or wrong.
 _HINTS: dict[str, str] = {
@@ -441,18 +455,12 @@ class Settings(BaseSettings):
             raise ValueError("AUTOMATIC_OUTBOUND_CLIENTS must list ClientApplication ids")
         return ",".join(ids)
 
-    @field_validator("twilio_whatsapp_from")
+    @field_validator("twilio_whatsapp_from", "whatsapp_template_content_sid")
     @classmethod
-    def _whatsapp_from(cls, v: str) -> str:
-        if v and not re.fullmatch(r"whatsapp:\+[1-9][0-9]{6,14}", v):
-            raise ValueError("must be whatsapp:+E164 (e.g. whatsapp:+14155238886)")
-        return v
-
-    @field_validator("whatsapp_template_content_sid")
-    @classmethod
-    def _content_sid(cls, v: str) -> str:
-        if v and not re.fullmatch(r"HX[0-9a-f]{32}", v):
-            raise ValueError("must be a Twilio Content SID (HX + 32 hex digits)")
+    def _whatsapp_shapes(cls, v: str, info: ValidationInfo) -> str:
+        pattern, shape = _WHATSAPP_SHAPES[str(info.field_name)]
+        if v and not re.fullmatch(pattern, v):
+            raise ValueError(f"must be {shape}")
         return v
 
     @field_validator("whatsapp_template_variables")

@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import API_TOKEN, CLINIC_SMS, Service, Services, outbound_env
 from tests.integration.test_operations import cli
+from tests.integration.test_outbound import state
 from tests.support import (
     ProviderSandbox,
     Sandbox,
@@ -32,6 +33,9 @@ PATIENT_1 = "+15553334445"
 PATIENT_2 = "+15553334446"
 PATIENT_3 = "+15553334447"
 PATIENT_4 = "+15553334448"
+PATIENT_5 = "+15553334449"
+PATIENT_6 = "+15553334450"
+PATIENT_7 = "+15553334451"
 CLINIC_WA = "whatsapp:" + CLINIC_SMS
 TEMPLATE = "HX" + "b" * 32
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
@@ -70,19 +74,25 @@ def api_send(svc: Service, body: dict[str, Any], wait: int = 20) -> dict[str, An
     return dict(resp.get_json())
 
 
-def state(svc: Service, request_id: str, *statuses: str) -> dict[str, Any]:
-    client = svc.app().test_client()
-
-    def check() -> dict[str, Any] | None:
-        body = client.get(f"/v1/messages/{request_id}", headers=AUTH).get_json()
-        return body if body.get("status") in statuses else None
-
-    return eventually(check, timeout=30, what=f"request {request_id} in {statuses}")
-
-
 def reply(thread: str, text: str) -> dict[str, Any]:
     return {"resourceType": "Communication", "status": "in-progress",
             "partOf": [{"reference": thread}], "payload": [{"contentString": text}]}
+
+
+def refused_by_twilio(svc: Service, sandbox: Sandbox, providers: ProviderSandbox,
+                      patient: str, text: str) -> dict[str, Any]:
+    """A reply in the patient's WhatsApp thread, sent free-form (our window is open) and
+    failed by Twilio with 63016 (the window closed there); the API request's state."""
+    sandbox.patient(patient)
+    msg = inbound(svc, sandbox, providers, whatsapp_params(patient, "hello"))
+    providers.whatsapp_window("whatsapp:" + patient, CLINIC_WA, None)
+    done = api_send(svc, reply(msg["partOf"][0]["reference"], text))
+    assert done["status"] == "sent", done
+    refused = eventually(lambda: [m for m in providers.messages()
+                                  if m["sid"] == done["provider_id"]
+                                  and m["error_code"] == 63016], what="the sandbox's 63016")
+    assert refused[0]["status"] == "failed"
+    return done
 
 
 def twilio_sends(providers: ProviderSandbox) -> list[dict[str, Any]]:
@@ -185,16 +195,7 @@ def test_outside_the_window_the_template_goes_out_and_held_replies_follow_the_an
 def test_twilio_63016_holds_the_reply_although_our_window_was_open(
         services: Services, sandbox: Sandbox, providers_clean: ProviderSandbox) -> None:
     svc = service(services, providers_clean)
-    sandbox.patient(PATIENT_2)
-    msg = inbound(svc, sandbox, providers_clean, whatsapp_params(PATIENT_2, "hello"))
-    # Twilio's record differs from ours (the window closed there).
-    providers_clean.whatsapp_window("whatsapp:" + PATIENT_2, CLINIC_WA, None)
-    done = api_send(svc, reply(msg["partOf"][0]["reference"], "Free-form reply"))
-    assert done["status"] == "sent", done
-    refused = eventually(lambda: [m for m in providers_clean.messages()
-                                  if m["sid"] == done["provider_id"]
-                                  and m["error_code"] == 63016], what="the sandbox's 63016")
-    assert refused[0]["status"] == "failed"
+    done = refused_by_twilio(svc, sandbox, providers_clean, PATIENT_2, "Free-form reply")
     # The callback Twilio posts (the sandbox's goes to the public URL, not this test app).
     status_callback(svc, PATIENT_2, done["provider_id"], "failed", ErrorCode="63016")
     state(svc, done["id"], "held")
@@ -266,8 +267,6 @@ def test_a_held_reply_expires_with_its_reason(
     assert "0 held" in cli(svc.env, "whatsapp", "held").stdout
 
 
-PATIENT_5 = "+15553334449"
-
 
 def test_stop_on_whatsapp_opts_out_of_whatsapp_and_start_opts_back_in(
         services: Services, sandbox: Sandbox, providers_clean: ProviderSandbox) -> None:
@@ -302,8 +301,6 @@ def test_other_strategies_are_unchanged_by_whatsapp(
     assert same is (strategy == "active-thread")
 
 
-PATIENT_6 = "+15553334450"
-
 
 def test_a_63016_answered_by_the_api_takes_the_same_path(
         services: Services, sandbox: Sandbox, providers_clean: ProviderSandbox) -> None:
@@ -323,19 +320,11 @@ def test_a_63016_answered_by_the_api_takes_the_same_path(
         "Refused at once", None, "Refused at once"]
 
 
-PATIENT_7 = "+15553334451"
-
 
 def test_a_lost_63016_callback_is_found_by_the_reconciler_and_held(
         services: Services, sandbox: Sandbox, providers_clean: ProviderSandbox) -> None:
     svc = service(services, providers_clean)
-    sandbox.patient(PATIENT_7)
-    msg = inbound(svc, sandbox, providers_clean, whatsapp_params(PATIENT_7, "hello"))
-    providers_clean.whatsapp_window("whatsapp:" + PATIENT_7, CLINIC_WA, None)
-    done = api_send(svc, reply(msg["partOf"][0]["reference"], "Callback lost"))
-    assert done["status"] == "sent", done
-    eventually(lambda: [m for m in providers_clean.messages() if m["sid"] == done["provider_id"]
-                        and m["error_code"] == 63016], what="the sandbox's 63016")
+    done = refused_by_twilio(svc, sandbox, providers_clean, PATIENT_7, "Callback lost")
     # Its callback went to the public URL, which is not this test's app: it was lost.
     rt = build_runtime(svc.settings)
     sms = rt.outbound.channels["sms"]
