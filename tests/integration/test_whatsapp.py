@@ -36,6 +36,7 @@ PATIENT_4 = "+15553334448"
 PATIENT_5 = "+15553334449"
 PATIENT_6 = "+15553334450"
 PATIENT_7 = "+15553334451"
+PATIENT_8 = "+15553334452"
 CLINIC_WA = "whatsapp:" + CLINIC_SMS
 TEMPLATE = "HX" + "b" * 32
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
@@ -318,6 +319,24 @@ def test_a_63016_answered_by_the_api_takes_the_same_path(
     assert state(svc, done["id"], "sent")["channel"] == "whatsapp"
     assert [r["form"].get("Body") for r in twilio_sends(providers_clean)] == [
         "Refused at once", None, "Refused at once"]
+
+
+def test_a_held_reply_the_clinic_withdrew_is_not_sent_when_the_window_opens(
+        services: Services, sandbox: Sandbox, providers_clean: ProviderSandbox) -> None:
+    svc = service(services, providers_clean)
+    patient = sandbox.patient(PATIENT_8)
+    held = [api_send(svc, {"resourceType": "Communication", "status": "in-progress",
+                           "recipient": [{"reference": f"Patient/{patient['id']}"}],
+                           "payload": [{"contentString": text}], "channel": "whatsapp"})
+            for text in ("Wrong patient, sorry", "Still wanted")]
+    assert [h["status"] for h in held] == ["held", "held"], held
+    withdrawn = sandbox.fhir.read("Communication", held[0]["communication"]).resource
+    sandbox.fhir.update({**withdrawn, "status": "entered-in-error"})
+    inbound(svc, sandbox, providers_clean, whatsapp_params(PATIENT_8, "yes?"))
+    assert state(svc, held[1]["id"], "sent")
+    assert state(svc, held[0]["id"], "failed")["error"] == "withdrawn"
+    assert [r["form"].get("Body") for r in twilio_sends(providers_clean)] == [
+        None, "Still wanted"]
 
 
 

@@ -656,12 +656,11 @@ def _malformed(params: dict[str, str], kind: str, rng: random.Random
         out.append(("from-not-a-number", {**params, "From": "javascript:alert(1)"}))
     if "WaId" in params:
         # WhatsApp's fields: the id must be From's number, the name printable and bounded, and
-        # a WhatsApp message must not pass itself off as an SMS (or the reverse).
+        # an SMS may not carry a WhatsApp id.
         out.append(("waid-of-another-number", {**params, "WaId": "15550000000"}))
         out.append(("waid-not-digits", {**params, "WaId": params["WaId"] + "x"}))
         out.append(("profile-name-control-chars", {**params, "ProfileName": "Ann\x00\x1b[2J"}))
         out.append(("profile-name-huge", {**params, "ProfileName": "A" * 5000}))
-        out.append(("whatsapp-to-sms-number", {**params, "To": params["To"][len("whatsapp:"):]}))
         out.append(("whatsapp-scheme-smuggled", {**params, "From": "whatsapp:javascript:1"}))
         out.append(("sms-claims-waid", {**params, "From": params["From"][len("whatsapp:"):],
                                         "To": params["To"][len("whatsapp:"):]}))

@@ -455,8 +455,11 @@ def whatsapp(stack: Stack, n: int) -> Counts:
             "payload": [{"contentString": f"whatsapp reply {number[-4:]}"}]}).resource["id"])
     for comm in comms:
         status, _ = stack.send_on(comm, "whatsapp")
+        codes.append(status)
         counts.sent += 1
         counts.accepted += int(200 <= status < 300)
+    if counts.accepted != counts.sent:
+        counts.notes.append(f"answers (webhooks, then sends): {codes}")
 
     def templates() -> bool:
         return len([r for r in stack.providers.requests("twilio")

@@ -55,7 +55,7 @@ def test_a_whatsapp_sender_that_is_no_number_is_refused_with_its_reason() -> Non
     ({"WaId": "44770090012a"}, ["WaId", "WaId (not From's number)"]),
     ({"WaId": "4477009001234567"}, ["WaId", "WaId (not From's number)"]),  # 16 digits
     ({"WaId": "15550001111"}, ["WaId (not From's number)"]),
-    ({"To": "+15557654321"}, ["To (channel differs from From)"]),
+    ({"To": "+15557654321"}, []),  # the channel follows From
     ({"From": "whatsapp:+44 7700 900123; DROP"}, ["From"]),
     ({"From": "whatsapp:+15550001111"}, ["WaId (not From's number)"]),
     ({"Latitude": "51.5", "Longitude": "-0.12", "MessageType": "location"}, []),

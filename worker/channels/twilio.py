@@ -160,12 +160,11 @@ def is_whatsapp(address: str) -> bool:
 
 def whatsapp_problems(seen: Mapping[str, str]) -> list[str]:
     """What is inconsistent about an incoming message's WhatsApp fields (names, never values):
-    From and To are both WhatsApp addresses or neither, and WaId (when given) is the digits
-    of From's number, so a signed SMS cannot be passed off as WhatsApp or the reverse."""
-    sender, to = seen.get("From", ""), seen.get("To", "")
+    WaId (when given) is the digits of a WhatsApp From's number, so a signed SMS cannot carry
+    another number's WhatsApp id. (`To` is not compared with `From`: which channel a message
+    is follows `From` alone, and only our own numbers receive.)"""
+    sender = seen.get("From", "")
     problems: list[str] = []
-    if sender and to and is_whatsapp(sender) != is_whatsapp(to):
-        problems.append("To (channel differs from From)")
     wa_id = seen.get("WaId")
     if wa_id is not None and (not is_whatsapp(sender)
                               or re.sub(r"[^0-9]", "", sender) != wa_id):

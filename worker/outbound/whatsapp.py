@@ -37,6 +37,8 @@ HELD = "held"  # the API request's status while its reply waits
 # of it (a release sends again), still findable by a late or repeated callback about it.
 REFUSED_SID_SYSTEM = "urn:switchboard:whatsapp-refused-message"
 FINAL = frozenset({"completed", "stopped", "entered-in-error", "not-done"})
+# A held reply whose Communication is now one of these is not sent when the window opens.
+WITHDRAWN = frozenset({"stopped", "entered-in-error", "not-done", "completed"})
 
 
 def policy(deps: OutboundDeps) -> WhatsAppPolicy:
@@ -199,16 +201,27 @@ def release_held(deps: OutboundDeps, queue: str, task_id: str,
     wrote: each through the ordinary send (`send` is worker.outbound.pipeline.send_outbound),
     so its claim and the ledger keep it from going out twice. A reply that cannot go yet
     (another worker is on it, a rate wait, a transient failure) stops the release there: the
-    task is retried and the order kept. One that fails for good is released as failed."""
+    task is retried and the order kept. One that fails for good is released as failed; one
+    the clinic withdrew meanwhile (its Communication `stopped`, `entered-in-error`…) is
+    released unsent (`withdrawn`)."""
     from worker.errors import PermanentError
     from worker.outbound.sending import OutboundRequest
 
     wa = policy(deps)
-    counts = {"sent": 0, "failed": 0, "held": 0}
+    counts = {"sent": 0, "failed": 0, "held": 0, "withdrawn": 0}
     for comm_id in wa.store.held(queue):
         reply = wa.store.get(comm_id)
         if reply is None:
             wa.store.release(comm_id)
+            continue
+        status = str(deps.fhir.read("Communication", comm_id).resource.get("status") or "")
+        if status in WITHDRAWN:
+            # The clinic withdrew it while it waited (or it ended otherwise): not sent.
+            wa.store.release(comm_id)
+            deps.state.update(reply.request_id, "failed", communication=comm_id,
+                              error="withdrawn", channel=CHANNEL,
+                              detail=f"the Communication became {status} while held")
+            counts["withdrawn"] += 1
             continue
         req = OutboundRequest(reply.request_id, comm_id, channel=CHANNEL, rate_slot=rate_slot)
         rate_slot = None  # a reserved slot is the first reply's
