@@ -75,6 +75,13 @@ def api_send(svc: Service, body: dict[str, Any], wait: int = 20) -> dict[str, An
     return dict(resp.get_json())
 
 
+def to_patient(svc: Service, patient: dict[str, Any], text: str) -> dict[str, Any]:
+    """A new message to the patient, forced on WhatsApp through the API (its first verdict)."""
+    return api_send(svc, {"resourceType": "Communication", "status": "in-progress",
+                          "recipient": [{"reference": f"Patient/{patient['id']}"}],
+                          "payload": [{"contentString": text}], "channel": "whatsapp"})
+
+
 def reply(thread: str, text: str) -> dict[str, Any]:
     return {"resourceType": "Communication", "status": "in-progress",
             "partOf": [{"reference": thread}], "payload": [{"contentString": text}]}
@@ -167,10 +174,7 @@ def test_outside_the_window_the_template_goes_out_and_held_replies_follow_the_an
         services: Services, sandbox: Sandbox, providers_clean: ProviderSandbox) -> None:
     svc = service(services, providers_clean)
     patient = sandbox.patient(PATIENT_1)
-    sent = [api_send(svc, {"resourceType": "Communication", "status": "in-progress",
-                           "recipient": [{"reference": f"Patient/{patient['id']}"}],
-                           "payload": [{"contentString": text}]} | {"channel": "whatsapp"})
-            for text in ("Your results are in", "Please call us")]
+    sent = [to_patient(svc, patient, text) for text in ("Your results are in", "Please call us")]
     assert [s["status"] for s in sent] == ["held", "held"], sent
     (template,) = twilio_sends(providers_clean)  # one template for the hold, no free text
     assert template["form"]["ContentSid"] == TEMPLATE and "Body" not in template["form"]
@@ -229,9 +233,7 @@ def test_without_a_template_a_reply_outside_the_window_fails_with_its_reason(
         services: Services, sandbox: Sandbox, providers_clean: ProviderSandbox) -> None:
     svc = service(services, providers_clean, WHATSAPP_TEMPLATE_CONTENT_SID="")
     patient = sandbox.patient(PATIENT_3)
-    done = api_send(svc, {"resourceType": "Communication", "status": "in-progress",
-                          "recipient": [{"reference": f"Patient/{patient['id']}"}],
-                          "payload": [{"contentString": "x"}], "channel": "whatsapp"})
+    done = to_patient(svc, patient, "x")
     assert done["status"] == "failed" and done["error"] == "outside-whatsapp-window", done
     comm = sandbox.fhir.read("Communication", done["communication"]).resource
     assert comm["status"] == "stopped"
@@ -243,9 +245,7 @@ def test_a_held_reply_expires_with_its_reason(
         services: Services, sandbox: Sandbox, providers_clean: ProviderSandbox) -> None:
     svc = service(services, providers_clean, WHATSAPP_HOLD_HOURS="0.0003")  # ~1 s
     patient = sandbox.patient(PATIENT_4)
-    done = api_send(svc, {"resourceType": "Communication", "status": "in-progress",
-                          "recipient": [{"reference": f"Patient/{patient['id']}"}],
-                          "payload": [{"contentString": "x"}], "channel": "whatsapp"})
+    done = to_patient(svc, patient, "x")
     assert done["status"] == "held", done
     deps = build_runtime(svc.settings).outbound
     assert deps.whatsapp is not None
@@ -325,10 +325,7 @@ def test_a_held_reply_the_clinic_withdrew_is_not_sent_when_the_window_opens(
         services: Services, sandbox: Sandbox, providers_clean: ProviderSandbox) -> None:
     svc = service(services, providers_clean)
     patient = sandbox.patient(PATIENT_8)
-    held = [api_send(svc, {"resourceType": "Communication", "status": "in-progress",
-                           "recipient": [{"reference": f"Patient/{patient['id']}"}],
-                           "payload": [{"contentString": text}], "channel": "whatsapp"})
-            for text in ("Wrong patient, sorry", "Still wanted")]
+    held = [to_patient(svc, patient, text) for text in ("Wrong patient, sorry", "Still wanted")]
     assert [h["status"] for h in held] == ["held", "held"], held
     withdrawn = sandbox.fhir.read("Communication", held[0]["communication"]).resource
     sandbox.fhir.update({**withdrawn, "status": "entered-in-error"})
