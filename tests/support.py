@@ -39,6 +39,16 @@ def sms_params(sender: str, body: str = "hello", sid: str | None = None, to: str
             "Body": body, "NumMedia": "0", **extra}
 
 
+def whatsapp_params(sender: str, body: str = "hello", sid: str | None = None,
+                    to: str = CLINIC, profile_name: str = "Pat Example", **extra: str
+                    ) -> dict[str, str]:
+    """The form Twilio posts for an incoming WhatsApp message (the SMS webhook's, with
+    `whatsapp:` addresses, WaId and ProfileName)."""
+    return sms_params("whatsapp:" + sender, body, sid, "whatsapp:" + to,
+                      WaId=sender.lstrip("+"), ProfileName=profile_name, MessageType="text",
+                      **extra)
+
+
 def sign(params: dict[str, str], path: str = "/webhooks/twilio/sms",
          auth_token: str = AUTH_TOKEN, base: str = PUBLIC_BASE_URL) -> str:
     """X-Twilio-Signature, computed by the Twilio SDK, for a POST of `params` to `path`."""
@@ -255,6 +265,15 @@ class ProviderSandbox:
         if error_code:
             body["error_code"] = error_code
         self._http.post("/__status", json=body).raise_for_status()
+
+    def whatsapp_window(self, user: str, sender: str, at: float | None) -> None:
+        """Tell the sandbox when a WhatsApp user last wrote to a sender (None: never)."""
+        self._http.post("/__whatsapp/window", json={"user": user, "sender": sender, "at": at}
+                        ).raise_for_status()
+
+    def messages(self) -> list[dict[str, Any]]:
+        """Every message the sandbox's Messages API holds, with its current status."""
+        return list(self._http.get("/__messages").json())
 
     def close(self) -> None:
         """Close the HTTP client."""

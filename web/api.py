@@ -59,7 +59,7 @@ class ByReference(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     communication: CommunicationRef
-    channel: Literal["sms", "email", "push"] | None = None
+    channel: Literal["sms", "email", "push", "whatsapp"] | None = None
 
 
 # The posted resource is a closed shape: only the Communication elements Switchboard uses or
@@ -163,7 +163,7 @@ class ByResource(BaseModel):
     category: list[Concept] | None = Field(default=None, max_length=10)
     priority: Literal["routine", "urgent", "asap", "stat"] | None = None
     note: list[Note] | None = Field(default=None, max_length=10)
-    channel: Literal["sms", "email", "push"] | None = None
+    channel: Literal["sms", "email", "push", "whatsapp"] | None = None
 
 
 PatientRef = Annotated[str, _reference_to("Patient")]
@@ -313,7 +313,9 @@ def api_blueprint(settings: Settings, client: redis.Redis) -> Blueprint:
         current = state.get(request_id)
         while time.monotonic() < deadline:
             current = state.wait(request_id, max(0.0, deadline - time.monotonic()))
-            if current and (current["status"] in SETTLED or current.get("last_error")):
+            # `held`: a WhatsApp reply waits for the patient's answer; the caller hears now.
+            if current and (current["status"] in (*SETTLED, "held")
+                            or current.get("last_error")):
                 break
         return _verdict(request_id, current)
 
@@ -374,9 +376,9 @@ def openapi_document() -> dict[str, Any]:
     """OpenAPI 3.1 description of /v1/messages, with the request schemas from the models."""
     state = {"type": "object", "properties": {
         "id": {"type": "string"}, "status_url": {"type": "string"},
-        "status": {"enum": ["queued", "sent", "failed", "delivered"]},
-        "provider_id": {"type": "string"}, "channel": {"enum": ["sms", "email", "push",
-                                                             "conversations"]},
+        "status": {"enum": ["queued", "held", "sent", "failed", "delivered"]},
+        "provider_id": {"type": "string"},
+        "channel": {"enum": ["sms", "email", "push", "whatsapp", "conversations"]},
         "communication": {"type": "string"}, "error": {"type": "string"},
         "provider_code": {"type": ["integer", "null"]}, "last_error": {"type": "string"},
         "devices": {"type": "integer", "description": "push: devices that accepted it"}}}

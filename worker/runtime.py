@@ -11,12 +11,13 @@ import redis
 
 from worker.channels.registry import build_channels
 from worker.channels.twilio_conversations import MESSAGE_SYSTEM as CONVERSATIONS_MESSAGE_SYSTEM
+from worker.channels.whatsapp import WINDOW_SECONDS
 from worker.fhir.budget import ClusterWriteBudget
 from worker.fhir.client import FhirClient, WriteSlots
 from worker.fhir.contention import LimitState, Tuning, WriteLimit
 from worker.fhir.resources import IdentifierSystems
 from worker.ops.metrics import Metrics, process_metrics
-from worker.outbound.sending import OutboundDeps
+from worker.outbound.sending import OutboundDeps, WhatsAppPolicy
 from worker.settings import Settings, load_settings
 from worker.stores.binaries import StoredBinaries
 from worker.stores.connection import redis_client
@@ -27,6 +28,7 @@ from worker.stores.optouts import OptOuts
 from worker.stores.outbound_state import OutboundState
 from worker.stores.seen import RedisSeenMessages
 from worker.stores.send_ledger import SendLedger
+from worker.stores.whatsapp import WhatsAppStore
 
 
 @dataclass
@@ -78,9 +80,13 @@ def build_runtime(settings: Settings) -> Runtime:
         state=OutboundState(client, sealer),
         rates={"sms": settings.sms_rate_per_second, "email": settings.email_rate_per_second,
                "push": settings.push_rate_per_second,
+               "whatsapp": settings.whatsapp_rate_per_second,
                # A Conversation's messages leave through its SMS/WhatsApp number: SMS's pace.
                "conversations": settings.sms_rate_per_second},
+        # WhatsApp messages are Twilio messages: the same SID system, so the status callback
+        # and the reconciler find them as they find SMS.
         id_systems={"sms": settings.message_id_system,
+                    "whatsapp": settings.message_id_system,
                     "email": settings.email_message_id_system,
                     "push": settings.push_message_id_system,
                     "conversations": CONVERSATIONS_MESSAGE_SYSTEM},
@@ -89,7 +95,11 @@ def build_runtime(settings: Settings) -> Runtime:
         claim_seconds=settings.send_claim_seconds,
         max_countdown=settings.broker_visibility_timeout_seconds / 2, metrics=metrics,
         device_system=settings.device_token_system, channel_order=settings.channel_list(),
-        phone_region=settings.phone_default_region)
+        phone_region=settings.phone_default_region,
+        whatsapp=WhatsAppPolicy(
+            WhatsAppStore(client, sealer, settings.optout_key(), WINDOW_SECONDS),
+            settings.whatsapp_template_content_sid, settings.whatsapp_template_variables,
+            settings.whatsapp_hold_hours * 3600))
     return Runtime(settings, fhir, client, DeadLetterStore(
         client, sealer, retention_seconds=settings.dead_letter_retention_days * 86400),
                    RedisSeenMessages(client, settings.inbound_seen_ttl_seconds),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -11,7 +12,14 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.channels.phones import DEFAULT_REGION, valid_region
@@ -19,12 +27,19 @@ from worker.crypto import Sealer, parse_keys, sealer_for
 
 ThreadStrategy = Literal["conversation", "active-thread", "new-thread"]
 UnknownSenderPolicy = Literal["reject", "create-patient"]
-CHANNELS = ("sms", "email", "push")
 # A Sentinel address: a host name or IPv4 address, or a bracketed IPv6 address, and a port.
 _HOST_PORT = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?"
                         r"|\[[0-9A-Fa-f:.]{2,45}\]):[0-9]{1,5}")
 # What Sentinel accepts as a master name in practice (it is also a key in its own config file).
 _MASTER_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+CHANNELS = ("sms", "email", "push", "whatsapp")
+# Shapes of the WhatsApp settings: (pattern, what it says when it does not match).
+_WHATSAPP_SHAPES = {
+    "twilio_whatsapp_from": (r"whatsapp:\+[1-9][0-9]{6,14}",
+                             "whatsapp:+E164 (e.g. whatsapp:+14155238886)"),
+    "whatsapp_template_content_sid": (r"HX[0-9a-f]{32}",
+                                      "a Twilio Content SID (HX + 32 hex digits)"),
+}
 
 # What to tell an operator for each setting that is missing or wrong.
 _HINTS: dict[str, str] = {
@@ -276,6 +291,25 @@ class Settings(BaseSettings):
     that choose to send it through Google"""
     push_rate_per_second: float = Field(default=20.0, gt=0)
     """push pace per FCM project, shared by all workers"""
+    # WhatsApp through Twilio's Messages API (docs/channels.md, "WhatsApp").
+    twilio_whatsapp_from: str = ""
+    """the WhatsApp sender, `whatsapp:+E164`; without it WhatsApp sends go through
+    TWILIO_MESSAGING_SERVICE_SID (which must then hold a WhatsApp sender), and without either
+    they fail as `misconfigured`"""
+    whatsapp_template_content_sid: str = ""
+    """the approved WhatsApp template (`HX…` Content SID) sent when a reply falls outside the
+    24-hour window; the reply is held until the patient answers. Empty: such a reply fails
+    with `outside-whatsapp-window`"""
+    whatsapp_template_variables: str = "{}"
+    """the template's `ContentVariables`, a JSON object of strings, the same for every patient
+    (e.g. `{"1": "Riverside Clinic"}`): never anything about the patient"""
+    whatsapp_hold_hours: float = Field(default=72.0, gt=0)
+    """how long a reply held for a closed WhatsApp window waits for the patient's answer; then
+    it fails (`whatsapp-hold-expired` on the Communication and the API request)"""
+    whatsapp_rate_per_second: float = Field(default=1.0, gt=0)
+    """WhatsApp send pace per sender, shared by all workers"""
+    whatsapp_expire_interval_seconds: float = Field(default=300.0, gt=0)
+    """how often beat fails held WhatsApp replies older than WHATSAPP_HOLD_HOURS"""
     # Where a device token is kept on its FHIR Device (identifier system), and the provider
     # id system of the pushes recorded on a Communication.
     device_token_system: str = "urn:switchboard:fcm-token"  # noqa: S105 (a URI, no secret)
@@ -535,6 +569,26 @@ class Settings(BaseSettings):
         if bad:
             raise ValueError("AUTOMATIC_OUTBOUND_CLIENTS must list ClientApplication ids")
         return ",".join(ids)
+
+    @field_validator("twilio_whatsapp_from", "whatsapp_template_content_sid")
+    @classmethod
+    def _whatsapp_shapes(cls, v: str, info: ValidationInfo) -> str:
+        pattern, shape = _WHATSAPP_SHAPES[str(info.field_name)]
+        if v and not re.fullmatch(pattern, v):
+            raise ValueError(f"must be {shape}")
+        return v
+
+    @field_validator("whatsapp_template_variables")
+    @classmethod
+    def _template_variables(cls, v: str) -> str:
+        try:
+            parsed = json.loads(v or "{}")
+        except ValueError as exc:
+            raise ValueError("must be a JSON object of strings") from exc
+        if not isinstance(parsed, dict) or not all(
+                isinstance(k, str) and isinstance(x, str) for k, x in parsed.items()):
+            raise ValueError("must be a JSON object of strings")
+        return json.dumps(parsed, separators=(",", ":"))
 
     @field_validator("channel_order")
     @classmethod

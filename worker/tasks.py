@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 from celery import shared_task
 
 from worker.broker.celery_app import (
+    QUEUE_OUTBOUND,
     REDACTED_ARGS,
     TASK_CONVERSATIONS_DELIVERY,
     TASK_DEVICE_UPDATE,
@@ -22,9 +24,11 @@ from worker.broker.celery_app import (
     TASK_SENDGRID_EVENTS,
     TASK_SUBSCRIPTION_NOTIFIED,
     TASK_TWILIO_STATUS,
+    TASK_WHATSAPP_EXPIRE,
+    TASK_WHATSAPP_RELEASE,
 )
 from worker.broker.retry import SwitchboardTask
-from worker.channels import twilio
+from worker.channels import twilio, whatsapp
 from worker.channels.registry import conversations_client
 from worker.channels.sendgrid import EMAIL_INBOUND_KEY_SYSTEM
 from worker.channels.sendgrid_inbound import clinic_mailbox
@@ -46,8 +50,14 @@ from worker.outbound.pipeline import send_outbound
 from worker.outbound.push import apply_device_change
 from worker.outbound.reconcile import reconcile_stuck
 from worker.outbound.sending import OutboundRequest
-from worker.outbound.status import apply_email_events, apply_status
-from worker.runtime import get_runtime
+from worker.outbound.status import OutsideWindow, apply_email_events, apply_status
+from worker.outbound.whatsapp import (
+    expire_held,
+    refused_outside_window,
+    release_held,
+    window_opened,
+)
+from worker.runtime import Runtime, get_runtime
 from worker.stores.email_posts import EmailPosts
 from worker.stores.inbox import HEADER as INBOX_HEADER
 
@@ -72,6 +82,12 @@ def inbound_sms(self: SwitchboardTask, params: dict[str, str], meta: dict[str, A
     opted = apply_opt_keyword(msg, rt.outbound.optouts)
     if opted:
         log.info("%s recorded for the sender of %s", opted, msg.provider_message_id)
+    if msg.channel == whatsapp.CHANNEL:
+        queue = window_opened(rt.outbound, msg, params.get("MessagingServiceSid", ""))
+        if queue is not None:
+            # Held replies go out now, oldest first, in one task (worker/outbound/whatsapp.py).
+            self.app.send_task(TASK_WHATSAPP_RELEASE, args=[{"queue": queue}],
+                               queue=QUEUE_OUTBOUND, **REDACTED_ARGS)
     log.info("inbound %s: %s Communication/%s in %s", msg.provider_message_id, outcome.result,
              outcome.communication_id, outcome.thread_ref)
     return {"communication": outcome.communication_id, "thread": outcome.thread_ref,
@@ -224,9 +240,15 @@ def twilio_status(self: SwitchboardTask, params: dict[str, str]) -> dict[str, An
     """Apply one Twilio status callback to the Communication it is about."""
     rt = get_runtime()
     applied = apply_status(rt.fhir, rt.settings.message_id_system, params, rt.outbound.state,
-                           rt.settings.outbound_request_system)
+                           rt.settings.outbound_request_system, _outside_window(rt))
     log.info("status %s: %s", params.get("MessageSid", "?"), applied)
     return {"result": applied}
+
+
+def _outside_window(rt: Runtime) -> OutsideWindow:
+    """A WhatsApp send Twilio failed with 63016: hold the reply (worker/outbound/whatsapp.py)."""
+    return lambda comm_id, request_id, params: refused_outside_window(
+        rt.outbound, comm_id, request_id, params, rt.settings.message_id_system)
 
 
 @shared_task(bind=True, base=SwitchboardTask, name=TASK_SENDGRID_EVENTS)
@@ -253,7 +275,8 @@ def reconcile(self: SwitchboardTask, stuck_after: float | None = None) -> dict[s
     s = rt.settings
     return reconcile_stuck(rt.fhir, sms, s.message_id_system, s.outbound_request_system,
                            rt.outbound.state, rt.metrics,
-                           s.stuck_after_seconds if stuck_after is None else stuck_after)
+                           s.stuck_after_seconds if stuck_after is None else stuck_after,
+                           outside_window=_outside_window(rt))
 
 
 @shared_task(bind=True, base=SwitchboardTask, name=TASK_INBOX_SWEEP)
@@ -269,3 +292,22 @@ def sweep_inbox(self: SwitchboardTask) -> dict[str, int]:
         log.warning("inbox sweep re-published %d stale accepted messages", len(stale))
         rt.metrics.inc("switchboard_inbox_republished", len(stale))
     return {"republished": len(stale)}
+
+
+@shared_task(bind=True, base=SwitchboardTask, name=TASK_WHATSAPP_RELEASE)
+def whatsapp_release(self: SwitchboardTask, payload: dict[str, Any]) -> dict[str, Any]:
+    """Send the WhatsApp replies held for one (patient, sender): the patient just wrote."""
+    queue = payload.get("queue")
+    if not isinstance(queue, str) or not re.fullmatch(r"[0-9a-f]{40}", queue):
+        raise PermanentError("invalid-payload", "queue must be a held-reply queue name")
+    slot = payload.get("rate_slot")
+    counts = release_held(get_runtime().outbound, queue, str(self.request.id), send_outbound,
+                          float(slot) if isinstance(slot, int | float) else None)
+    log.info("whatsapp release: %s", ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+    return counts
+
+
+@shared_task(bind=True, base=SwitchboardTask, name=TASK_WHATSAPP_EXPIRE)
+def whatsapp_expire(self: SwitchboardTask) -> dict[str, int]:
+    """Fail the WhatsApp replies held longer than WHATSAPP_HOLD_HOURS (Celery beat)."""
+    return {"expired": expire_held(get_runtime().outbound)}

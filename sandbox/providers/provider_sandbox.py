@@ -95,7 +95,16 @@ TWILIO_MESSAGES: dict[int, str] = {
     30005: "Unknown destination handset",
     30006: "Landline or unreachable carrier",
     30007: "Message filtered",
+    21619: "A text message body, media URL or content SID must be provided.",
+    63016: "Failed to send freeform message because you are outside the allowed window. If "
+           "you are using WhatsApp, please use a Message Template.",
 }
+WHATSAPP = "whatsapp:"
+WHATSAPP_WINDOW_S = 24 * 3600
+CONTENT_SID = re.compile(r"HX[0-9a-f]{32}")
+# How long after the API accepted a free-form WhatsApp message outside the window the sandbox
+# fails it with 63016, as Twilio does: the create answers 201 and the status callback says.
+WHATSAPP_REFUSAL_DELAY_S = 0.2
 # FCM v1 answers per HTTP status: (google.rpc status, FcmError errorCode, message).
 FCM_ERRORS: dict[int, tuple[str, str, str]] = {
     400: ("INVALID_ARGUMENT", "INVALID_ARGUMENT", "Request contains an invalid argument."),
@@ -297,6 +306,9 @@ class State:
     next_fault_id: int = 1
     # Google access tokens handed out by the token endpoint: token -> expiry (epoch seconds).
     access_tokens: dict[str, float] = field(default_factory=dict)
+    # WhatsApp's 24-hour windows: (user `whatsapp:+…`, our sender `whatsapp:+…` or MG…) -> when
+    # the user last wrote, from the inbound messages the sandbox delivered or was told of.
+    wa_windows: dict[tuple[str, str], float] = field(default_factory=dict)
 
     def reset(self) -> None:
         with self.lock:
@@ -305,6 +317,7 @@ class State:
             self.emails.clear()
             self.event_posts.clear()
             self.faults.clear()
+            self.wa_windows.clear()
             # Access tokens stay valid until they expire, as Google's do: a client holding one
             # is not told about a reset.
 
@@ -562,12 +575,18 @@ class Handler(BaseHTTPRequestHandler):
         media = form.get("MediaUrl") or []
         media_urls = [media] if isinstance(media, str) else [m for m in media if m]
         to, from_, service, body = one("To"), one("From"), one("MessagingServiceSid"), one("Body")
+        content_sid, variables = one("ContentSid"), one("ContentVariables")
+        whatsapp = to.lower().startswith(WHATSAPP)
         error: tuple[int, str] | None = None
         if not to:
             error = (21604, TWILIO_MESSAGES[21604])
         elif not from_ and not service:
             error = (21603, TWILIO_MESSAGES[21603])
-        elif not body and not media_urls:
+        elif content_sid and (not CONTENT_SID.fullmatch(content_sid) or body or media_urls
+                              or not _json_object(variables or "{}")):
+            # A template goes as ContentSid (+ ContentVariables, a JSON object), nothing else.
+            error = (21619, TWILIO_MESSAGES[21619])
+        elif not body and not media_urls and not content_sid:
             error = (21602, TWILIO_MESSAGES[21602])
         if error is not None:
             code, text = error
@@ -604,11 +623,27 @@ class Handler(BaseHTTPRequestHandler):
             "uri": uri,
             "_status_callback": one("StatusCallback") or None,
             "_media_urls": media_urls,
+            "_content_sid": content_sid or None,
+            "_content_variables": variables or None,
         }
         with self.server.state.lock:
             self.server.state.messages[sid] = message
             public = self._public(message)
+            opened = self.server.state.wa_windows.get((to.lower(), (from_ or service).lower()))
+        if whatsapp and not content_sid and (opened is None
+                                             or now - opened >= WHATSAPP_WINDOW_S):
+            # Twilio takes the message, then fails it: the status callback carries 63016.
+            threading.Timer(WHATSAPP_REFUSAL_DELAY_S, self._refuse_outside_window,
+                            args=(sid,)).start()
         return 201, public
+
+    def _refuse_outside_window(self, sid: str) -> None:
+        state, config = self.server.state, self.server.config
+        with state.lock:
+            message = state.messages[sid]
+            callback_url, params, _ = self._advance(message, "failed", 63016, {}, time.time())
+        if callback_url:
+            self._post_callback(callback_url, params, config.signing_token)
 
     # --- SendGrid ---------------------------------------------------------------------------
 
@@ -1002,6 +1037,10 @@ class Handler(BaseHTTPRequestHandler):
             with state.lock:
                 rows = [dict(p) for p in state.event_posts]
             self._json(200, rows)
+        elif route == ("POST", "/__whatsapp/inbound"):
+            self._whatsapp_inbound(body)
+        elif route == ("POST", "/__whatsapp/window"):
+            self._whatsapp_window(body)
         elif route == ("GET", "/__inbound_email/key"):
             self._json(200, {"verification_key": SANDBOX_INBOUND_VERIFICATION_KEY})
         elif route == ("POST", "/__inbound_email"):
@@ -1014,6 +1053,53 @@ class Handler(BaseHTTPRequestHandler):
                 self._json(400, {"error": str(exc)})
         else:
             self._json(404, {"error": f"no control route {method} {path}"})
+
+    def _whatsapp_inbound(self, body: bytes) -> None:
+        """A user writes on WhatsApp: the incoming-message webhook as Twilio posts it (signed),
+        and the user's 24-hour window with that sender opens."""
+        try:
+            spec = self._load_json(body)
+            if not isinstance(spec, dict) or not all(isinstance(spec.get(k), str)
+                                                     for k in ("url", "from", "to")):
+                raise BadFault('body must be {"url": ..., "from": "+…", "to": "+…", ...}')
+            params = whatsapp_inbound_params(spec, self.server.config.twilio_account_sid)
+        except BadFault as exc:
+            self._json(400, {"error": str(exc)})
+            return
+        url = spec["url"]
+        if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+            self._json(400, {"error": "url must be an http(s) URL"})
+            return
+        with self.server.state.lock:  # Twilio has the message whatever our webhook answers
+            self.server.state.wa_windows[(params["From"].lower(), params["To"].lower())] = \
+                time.time()
+        posted = post_webhook(url, urllib.parse.urlencode(params).encode(), {
+            "Content-Type": "application/x-www-form-urlencoded; charset=utf-8",
+            "User-Agent": "TwilioProxy/1.1",
+            "X-Twilio-Signature": twilio_signature(self.server.config.signing_token, url,
+                                                   params),
+            "I-Twilio-Idempotency-Token": str(uuid.uuid4())})
+        self._json(200, {"params": params, **posted})
+
+    def _whatsapp_window(self, body: bytes) -> None:
+        """Tell the sandbox when a user last wrote to a sender (`at`: epoch seconds; null
+        closes the window): a window opened or closed outside the sandbox's view."""
+        try:
+            spec = self._load_json(body)
+            if not isinstance(spec, dict) or not isinstance(spec.get("user"), str) \
+                    or not isinstance(spec.get("sender"), str):
+                raise BadFault('body must be {"user": "+…", "sender": "+…|MG…", "at": ...}')
+        except BadFault as exc:
+            self._json(400, {"error": str(exc)})
+            return
+        key = (_wa(spec["user"]).lower(), (spec["sender"] if spec["sender"].startswith("MG")
+                                           else _wa(spec["sender"])).lower())
+        with self.server.state.lock:
+            if isinstance(spec.get("at"), int | float):
+                self.server.state.wa_windows[key] = float(spec["at"])
+            else:
+                self.server.state.wa_windows.pop(key, None)
+        self._json(200, {"user": key[0], "sender": key[1], "at": spec.get("at")})
 
     def _load_json(self, body: bytes) -> Any:
         try:
@@ -1091,6 +1177,10 @@ class Handler(BaseHTTPRequestHandler):
             params["From"] = message["from"]
         if message["messaging_service_sid"]:
             params["MessagingServiceSid"] = message["messaging_service_sid"]
+        if str(message["to"]).lower().startswith(WHATSAPP):
+            # WhatsApp's status callbacks name the channel and the user's number.
+            params["ChannelPrefix"] = "whatsapp"
+            params["ChannelToAddress"] = str(message["to"])[len(WHATSAPP):]
         if error_code is not None:
             params["ErrorCode"] = str(error_code)
         return callback_url, params, self._public(message)
@@ -1107,6 +1197,52 @@ class Handler(BaseHTTPRequestHandler):
             "X-Twilio-Signature": twilio_signature(token, url, params),
             "I-Twilio-Idempotency-Token": str(uuid.uuid4()),
         })}
+
+
+# --- WhatsApp inbound -----------------------------------------------------------------------------
+
+
+def _wa(number: str) -> str:
+    return number if number.lower().startswith(WHATSAPP) else WHATSAPP + number
+
+
+def _json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
+def whatsapp_inbound_params(spec: dict[str, Any], account_sid: str | None) -> dict[str, str]:
+    """The form of Twilio's incoming-message webhook for a WhatsApp message: From/To as
+    `whatsapp:+E164`, WaId (the user's number, digits), ProfileName, MessageType, media as for
+    MMS (MediaUrlN / MediaContentTypeN). `extra` adds or overrides fields (hostile tests)."""
+    sender = _wa(str(spec["from"]))
+    media = spec.get("media") or []
+    if not isinstance(media, list):
+        raise BadFault("media must be a list of {url, content_type}")
+    sid = str(spec.get("sid") or ("SM" if not media else "MM") + uuid.uuid4().hex)
+    params = {
+        "MessageSid": sid, "SmsMessageSid": sid, "SmsSid": sid,
+        "AccountSid": account_sid or "AC" + "0" * 32, "MessagingServiceSid": "",
+        "From": sender, "To": _wa(str(spec["to"])), "Body": str(spec.get("body") or ""),
+        "NumMedia": str(len(media)), "NumSegments": "1", "SmsStatus": "received",
+        "ApiVersion": API_VERSION, "WaId": re.sub(r"[^0-9]", "", sender),
+        "ProfileName": str(spec.get("profile_name") or "WhatsApp User"),
+        "MessageType": "image" if media else "text",
+    }
+    for i, item in enumerate(media):
+        params[f"MediaUrl{i}"] = str(item.get("url"))
+        params[f"MediaContentType{i}"] = str(item.get("content_type") or "image/jpeg")
+    if spec.get("messaging_service_sid"):
+        params["MessagingServiceSid"] = str(spec["messaging_service_sid"])
+    else:
+        del params["MessagingServiceSid"]
+    extra = spec.get("extra") or {}
+    if not isinstance(extra, dict):
+        raise BadFault("extra must be an object of strings")
+    params.update({str(k): str(v) for k, v in extra.items()})
+    return params
 
 
 # --- SendGrid Inbound Parse ---------------------------------------------------------------------

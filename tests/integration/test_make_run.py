@@ -32,6 +32,9 @@ EXPECTED = {
                      r"Communication/\S+ in thread Communication/\S+ \(https://twilio\.com\|"
                      r"CH[0-9a-f]{32}\); reply Communication/\S+ posted into the Conversation "
                      r"as IM[0-9a-f]{32} ",
+    "whatsapp": r"^request \w+: held \(template sent\), released by the patient's WhatsApp "
+                r"answer \(Communication/\S+ in thread Communication/\S+\); sent by whatsapp "
+                r"as SM[0-9a-f]{32} ",
 }
 
 

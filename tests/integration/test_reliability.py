@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.reliability import scenarios
-from tests.reliability.harness import Counts, Stack, email_address, phone
+from tests.reliability.harness import Counts, Stack, email_address, phone, profile_name
 
 USED_NUMBERS: list[str] = []
 
@@ -83,12 +83,23 @@ def test_conversations(stack: Stack) -> None:
     assert counts.accepted == counts.sent == 8 * 5 and counts.written == 8
 
 
+def test_whatsapp(stack: Stack) -> None:
+    counts = scenarios.whatsapp(stack, n=10)
+    assert counts.ok() and counts.lost == 0 and counts.dead_lettered == 0, counts
+    # 10 inbound written once each (each accepted in one of its 3 copies at least: a 503 is
+    # allowed right after the Redis restart scenario), 5 held replies released once each.
+    assert counts.sent == 10 * 3 + 5 and counts.written == 15, counts
+
+
 def test_privacy(stack: Stack) -> None:
     numbers = [phone(i) for i in range(30)] + [phone(5000 + i) for i in range(15)]
     numbers += [phone(7000 + i) for i in range(8)]  # the Conversations scenario's
     numbers += [email_address(i) for i in range(4)]
+    # WhatsApp: the numbers, and the display names (ProfileName) of scenario 14.
+    numbers += [phone(8000 + i) for i in range(10)] + [phone(8500 + i) for i in range(5)]
     bodies = ["storm 1", "kill 3", "outage 2", "redis 4", "faults reply 1", "kill reply 2",
-              "email body 1", "email body 3", "conversation 3", "conversation reply 5"]
+              "email body 1", "email body 3", "conversation 3", "conversation reply 5",
+              "whatsapp 3", "whatsapp reply", *(profile_name(i) for i in range(10))]
     counts = scenarios.privacy(stack, numbers, bodies)
     assert counts.sent > 100  # there were logs to scan
     assert counts.duplicates == 0, counts.notes

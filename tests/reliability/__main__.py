@@ -16,7 +16,7 @@ import sys
 import time
 
 from tests.reliability import scenarios
-from tests.reliability.harness import Counts, Stack, email_address, phone
+from tests.reliability.harness import Counts, Stack, email_address, phone, profile_name
 
 HEADER = ("scenario", "sent", "accepted", "written", "duplicates", "lost", "dead-lettered",
           "seconds", "recover s")
@@ -178,17 +178,23 @@ def faults(q: bool) -> list[Counts]:
         rows.append(scenarios.inbound_email(stack, 30 if q else 200, 10))
         rows.append(scenarios.conversations(stack, 10 if q else 50))
         rows.extend(hostile_input(stack, examples=300 if q else 2000, n=30 if q else 200))
+        wa = 10 if q else 100
+        rows.append(scenarios.whatsapp(stack, wa))
         numbers = [phone(i) for i in range(25)] + [phone(5000 + i)
                                                    for i in range(200)]
         numbers += [email_address(i) for i in range(10)]
         numbers += [phone(7000 + i) for i in range(50 if not q else 10)]
+        numbers += [phone(8000 + i) for i in range(wa)] + [phone(8500 + i)
+                                                          for i in range(wa // 2)]
         bodies = ["storm 1", "kill 3", "outage 2", "redis 4", "faults reply 1",
-                  "email body 1", "email body 4", "conversation 1", "conversation reply 2"]
+                  "email body 1", "email body 4", "conversation 1", "conversation reply 2",
+                  "whatsapp reply", *(profile_name(i) for i in range(wa))]
         rows.append(scenarios.privacy(stack, numbers, bodies))
         rows.append(scenarios.at_rest(stack, numbers, [
             f"{what} {i}" for what in ("storm", "kill", "outage", "redis", "faults reply",
-                                       "email body", "conversation",
-                                       "conversation reply") for i in range(50)]))
+                                       "email body", "conversation", "conversation reply",
+                                       "whatsapp") for i in range(50)]
+            + [profile_name(i) for i in range(wa)]))
     finally:
         stack.stop()
     return rows

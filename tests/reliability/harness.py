@@ -42,6 +42,7 @@ from worker.stores.email_posts import EmailPosts
 API_TOKEN = "reliability-api-token"
 CONVERSATIONS_IDENTITY = "clinic-desk"
 CLINIC = "+15557654321"
+WHATSAPP_TEMPLATE = "HX" + "a" * 32
 FHIR_ID, FHIR_SECRET = "reliability", "reliability-secret"
 
 
@@ -123,6 +124,8 @@ class Stack:
             "DATA_ENCRYPTION_KEYS": DATA_KEY, "PUBLIC_BASE_URL": PUBLIC_BASE_URL,
             "TWILIO_API_BASE_URL": origin,
             "TWILIO_FROM_NUMBER": CLINIC, "SENDGRID_API_KEY": "SG.reliability",
+            "TWILIO_WHATSAPP_FROM": "whatsapp:" + CLINIC, "WHATSAPP_RATE_PER_SECOND": "1000",
+            "WHATSAPP_TEMPLATE_CONTENT_SID": WHATSAPP_TEMPLATE,
             "SENDGRID_FROM_EMAIL": "care@clinic.example", "SENDGRID_API_BASE_URL": origin,
             "SENDGRID_EVENT_VERIFICATION_KEY": event_keys[1], "API_TOKENS": API_TOKEN,
             "FHIR_SUBSCRIPTION_SECRET": "reliability-sub-secret",
@@ -257,6 +260,16 @@ class Stack:
             return 599, ""
         return resp.status_code, str((resp.json() or {}).get("id", ""))
 
+    def send_on(self, communication_id: str, channel: str) -> tuple[int, str]:
+        """Ask the API to send a Communication on `channel`; (status, request id)."""
+        try:
+            resp = self.http.post("/v1/messages", json={
+                "communication": f"Communication/{communication_id}", "channel": channel},
+                headers={"Authorization": f"Bearer {API_TOKEN}"})
+        except httpx.HTTPError:
+            return 599, ""
+        return resp.status_code, str((resp.json() or {}).get("id", ""))
+
     def parallel(self, fn: Any, items: list[Any], threads: int = 16) -> list[Any]:
         """Run fn over items on a thread pool, keeping order."""
         with cf.ThreadPoolExecutor(threads) as pool:
@@ -352,6 +365,17 @@ def sms(sender: str, body: str) -> dict[str, str]:
     """A fresh inbound SMS from `sender`."""
     return {"MessageSid": "SM" + uuid.uuid4().hex, "AccountSid": "ACtest", "From": sender,
             "To": CLINIC, "Body": body, "NumMedia": "0"}
+
+
+def whatsapp(sender: str, body: str, profile_name: str) -> dict[str, str]:
+    """A fresh inbound WhatsApp message from `sender` (its display name is PHI too)."""
+    return {**sms("whatsapp:" + sender, body), "To": "whatsapp:" + CLINIC,
+            "WaId": sender.lstrip("+"), "ProfileName": profile_name, "MessageType": "text"}
+
+
+def profile_name(n: int) -> str:
+    """Distinct WhatsApp display names (searched for in logs and at rest)."""
+    return f"Zelda{n} Quartermain"
 
 
 def email_address(n: int) -> str:

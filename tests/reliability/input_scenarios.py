@@ -513,9 +513,17 @@ def _payload(rng: random.Random, kind: str, account_sid: str) -> dict[str, str]:
         if rng.random() < 0.3:
             out.update(NumMedia="1", MediaUrl0=f"https://api.twilio.com/media/{_sid(rng, 'ME')}",
                        MediaContentType0="image/jpeg")
+        if rng.random() < 0.4:  # WhatsApp, on the same webhook: its own fields (PHI included)
+            out.update(From="whatsapp:" + out["From"], To="whatsapp:" + out["To"],
+                       WaId=out["From"][1:], MessageType="text",
+                       ProfileName="".join(rng.choice(_BODY_CHARS.replace("\n", ""))
+                                           for _ in range(rng.randint(1, 40))))
         return out
     out = {**common, "MessageStatus": rng.choice(_STATUSES)}
     out["SmsStatus"] = out["MessageStatus"]
+    if rng.random() < 0.4:  # a WhatsApp send's callback (`read` among its statuses)
+        out.update(From="whatsapp:" + out["From"], To="whatsapp:" + out["To"],
+                   ChannelPrefix="whatsapp", ChannelToAddress=out["To"])
     if out["MessageStatus"] in ("failed", "undelivered"):
         out["ErrorCode"] = rng.choice(["30003", "30005", "21610"])
     return out
@@ -692,6 +700,19 @@ def _malformed(params: dict[str, str], kind: str, rng: random.Random
         out.append(("media-not-a-list", {**params, "Media": '{"Sid": "ME1"}'}))
         out.append(("media-foreign-sid", {**params, "Media": json.dumps(
             [{"Sid": "../../etc/passwd", "ContentType": "image/jpeg"}])}))
+    if "WaId" in params:
+        # WhatsApp's fields: the id must be From's number, the name printable and bounded, and
+        # an SMS may not carry a WhatsApp id.
+        out.append(("waid-of-another-number", {**params, "WaId": "15550000000"}))
+        out.append(("waid-not-digits", {**params, "WaId": params["WaId"] + "x"}))
+        out.append(("profile-name-control-chars", {**params, "ProfileName": "Ann\x00\x1b[2J"}))
+        out.append(("profile-name-huge", {**params, "ProfileName": "A" * 5000}))
+        out.append(("whatsapp-scheme-smuggled", {**params, "From": "whatsapp:javascript:1"}))
+        out.append(("sms-claims-waid", {**params, "From": params["From"][len("whatsapp:"):],
+                                        "To": params["To"][len("whatsapp:"):]}))
+    if params.get("ChannelPrefix"):
+        out.append(("channel-prefix-not-a-word", {**params, "ChannelPrefix": "what sapp"}))
+        out.append(("channel-address-not-a-number", {**params, "ChannelToAddress": "x;y"}))
     out.append(("sid-with-comma", {**params, "MessageSid": params["MessageSid"] + ",SM" +
                                    "0" * 32}))
     out.append(("foreign-account", {**params, "AccountSid": "AC" + "f" * 32}))

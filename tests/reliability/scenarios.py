@@ -22,8 +22,12 @@ from tests.reliability.harness import (
     Stack,
     email_address,
     phone,
+    profile_name,
     shuffled,
     sms,
+)
+from tests.reliability.harness import (
+    whatsapp as whatsapp_message,
 )
 from tests.support import metric, our_log_files
 from worker.channels.sendgrid import EMAIL_INBOUND_MESSAGE_ID_SYSTEM
@@ -509,5 +513,75 @@ def contention(stack: Stack, n: int, patients: int = 50) -> Counts:
         f"{events['retried'] / per:.2f} per message in the FHIR client and "
         f"{events['task-retry'] / per:.2f} per message as task retries "
         f"({rate:.0f} msgs/s written)")
+    counts.seconds = time.monotonic() - started
+    return counts
+
+
+def whatsapp(stack: Stack, n: int) -> Counts:
+    """14. WhatsApp: n inbound messages (each delivered 3x concurrently, display names and
+    all) written once each; then a reply to each of n/2 patients who never wrote (outside the
+    24-hour window): held, one template each, and released exactly once when the patient
+    writes. `written` counts inbound messages written plus replies sent free-form once."""
+    stack.reset()
+    started = time.monotonic()
+    counts = Counts("14 WhatsApp (window, hold, release)")
+    numbers = [phone(8000 + i) for i in range(n)]
+    messages = [whatsapp_message(numbers[i], f"whatsapp {i}", profile_name(i))
+                for i in range(n)]
+    copies = shuffled([m for m in messages for _ in range(3)])
+    codes = stack.parallel(stack.post_sms, copies, threads=16)
+    counts.sent = len(codes)
+    counts.accepted = sum(1 for c in codes if 200 <= c < 300)
+    # A message counts as accepted when one of its copies was (a 503 is Twilio's to retry).
+    accepted = {m["MessageSid"] for m, c in zip(copies, codes, strict=True) if 200 <= c < 300}
+    if len(accepted) != n:
+        counts.problems.append(f"{n - len(accepted)} messages refused in every copy")
+    _inbound_tally(stack, counts, accepted, timeout=60 + n / 5)
+    quiet = [phone(8500 + i) for i in range(max(1, n // 2))]
+    comms = []
+    for number in quiet:
+        patient = stack.sandbox.patient(number)
+        comms.append(stack.sandbox.fhir.create({
+            "resourceType": "Communication", "status": "in-progress",
+            "recipient": [{"reference": f"Patient/{patient['id']}"}],
+            "payload": [{"contentString": f"whatsapp reply {number[-4:]}"}]}).resource["id"])
+    for comm in comms:
+        for _ in range(3):  # 503 / no answer: not queued, so asking again is safe (http-api.md)
+            status, _ = stack.send_on(comm, "whatsapp")
+            codes.append(status)
+            if status not in (503, 599):
+                break
+            time.sleep(0.5)
+        counts.sent += 1
+        counts.accepted += int(200 <= status < 300)
+    if counts.accepted != counts.sent or any(c >= 300 for c in codes):
+        counts.notes.append(f"answers (webhooks, then sends): {codes}")
+
+    def templates() -> bool:
+        return len([r for r in stack.providers.requests("twilio")
+                    if r["method"] == "POST" and r["form"].get("ContentSid")]) >= len(quiet)
+
+    if not stack.settle(60, templates):
+        counts.problems.append("not every held reply's template went out")
+    answers = [whatsapp_message(number, "ok", profile_name(8500 + i))
+               for i, number in enumerate(quiet)]
+    stack.parallel(stack.post_sms, answers, threads=8)
+
+    def free_form() -> list[dict[str, Any]]:
+        return [r for r in stack.providers.requests("twilio")
+                if r["method"] == "POST" and r["form"].get("Body", "").startswith(
+                    "whatsapp reply")]
+
+    if not stack.settle(60, lambda: len(free_form()) >= len(quiet)):
+        counts.notes.append("did not settle within 60s")
+    time.sleep(1.0)  # a second copy, were there one, would show now
+    sends = Counter(r["form"]["To"] for r in free_form())
+    counts.written += len(sends)
+    counts.duplicates += sum(k - 1 for k in sends.values() if k > 1)
+    counts.lost += len(quiet) - len(sends)
+    held = [r for r in stack.providers.requests("twilio") if r["method"] == "POST"
+            and r["form"].get("ContentSid")]
+    if len(held) != len(quiet):
+        counts.problems.append(f"{len(held)} templates for {len(quiet)} held replies")
     counts.seconds = time.monotonic() - started
     return counts

@@ -31,6 +31,10 @@ TASK_INBOX_SWEEP = "switchboard.inbox.sweep"
 TASK_DEVICE_UPDATE = "switchboard.devices.update"
 TASK_INBOUND_CONVERSATIONS = "switchboard.inbound.conversations"
 TASK_CONVERSATIONS_DELIVERY = "switchboard.status.conversations"
+# WhatsApp replies held for a closed 24-hour window: released when the patient writes, failed
+# when they wait too long (worker/outbound/whatsapp.py).
+TASK_WHATSAPP_RELEASE = "switchboard.whatsapp.release"
+TASK_WHATSAPP_EXPIRE = "switchboard.whatsapp.expire"
 # Publish options that keep payloads out of task events (and so out of Flower): the args of
 # our tasks carry phone numbers and message bodies.
 REDACTED_ARGS = {"argsrepr": "(redacted)", "kwargsrepr": "{}"}
@@ -122,12 +126,19 @@ def create_celery(settings: Settings) -> Celery:
                      TASK_TWILIO_STATUS: {"queue": QUEUE_STATUS},
                      TASK_SENDGRID_EVENTS: {"queue": QUEUE_STATUS},
                      TASK_RECONCILE: {"queue": QUEUE_STATUS},
-                     TASK_INBOX_SWEEP: {"queue": QUEUE_STATUS}},
+                     TASK_INBOX_SWEEP: {"queue": QUEUE_STATUS},
+                     TASK_WHATSAPP_RELEASE: {"queue": QUEUE_OUTBOUND},
+                     TASK_WHATSAPP_EXPIRE: {"queue": QUEUE_STATUS}},
         # `celery beat` (one per deployment) asks for stuck sends to be reconciled.
         beat_schedule={"reconcile-stuck-sends": {
             "task": TASK_RECONCILE, "schedule": settings.reconcile_interval_seconds,
             "options": {"queue": QUEUE_STATUS,
                         "expires": settings.reconcile_interval_seconds}},
+            "expire-held-whatsapp": {
+                "task": TASK_WHATSAPP_EXPIRE,
+                "schedule": settings.whatsapp_expire_interval_seconds,
+                "options": {"queue": QUEUE_STATUS,
+                            "expires": settings.whatsapp_expire_interval_seconds}},
             "sweep-inbox": {
                 "task": TASK_INBOX_SWEEP, "schedule": settings.inbox_sweep_interval_seconds,
                 "options": {"queue": QUEUE_STATUS,

@@ -24,6 +24,9 @@ SEND_ERROR_KINDS: dict[str, bool] = {
     "opted-out": False,  # Twilio 21610: the patient replied STOP
     "rejected": False,  # any other permanent refusal (SendGrid 400/403/413, 30007 filtered)
     "misconfigured": False,  # no credentials / sender configured for this channel
+    # WhatsApp: free-form text only within 24 hours of the patient's last message (Twilio
+    # 63016), and no approved template is configured to ask them to write (docs/channels.md).
+    "outside-whatsapp-window": False,
     # The request may or may not have reached the provider (a read timeout, a worker killed
     # mid-call): sending again could text the patient twice, so a person decides.
     "outcome-unknown": False,

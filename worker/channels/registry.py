@@ -25,6 +25,16 @@ def build_channels(settings: Settings) -> dict[str, Channel]:
             settings.public_base_url + STATUS_CALLBACK_PATH, settings.twilio_api_base_url)
     if settings.twilio_conversations_identity:
         channels["conversations"] = conversations_client(settings)
+    if settings.twilio_whatsapp_from or settings.twilio_messaging_service_sid:
+        from worker.channels.whatsapp import TwilioWhatsApp
+
+        # Its own sender when configured, else the Messaging Service (which must hold a
+        # WhatsApp sender; Twilio refuses the send otherwise, mapped as `misconfigured`).
+        channels["whatsapp"] = TwilioWhatsApp(
+            settings.twilio_account_sid, settings.twilio_auth_token.get_secret_value(),
+            settings.twilio_whatsapp_from,
+            "" if settings.twilio_whatsapp_from else settings.twilio_messaging_service_sid,
+            settings.public_base_url + STATUS_CALLBACK_PATH, settings.twilio_api_base_url)
     if settings.sendgrid_api_key.get_secret_value() and settings.sendgrid_from_email:
         from worker.channels.sendgrid import SendGridEmail
 

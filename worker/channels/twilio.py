@@ -16,13 +16,24 @@ from twilio.request_validator import RequestValidator
 
 from worker.broker.backoff import retry_after_seconds
 from worker.channels import SendError
-from worker.channels.phones import DEFAULT_REGION, SHAPE, InvalidPhoneNumber, to_e164
+from worker.channels.phones import (
+    DEFAULT_REGION,
+    SHAPE,
+    WHATSAPP,
+    InvalidPhoneNumber,
+    to_e164,
+)
 from worker.errors import PermanentError
 from worker.httpclient import fetch, never_sent, new_client
 from worker.messages import Attachment, InboundMessage, OutboundMessage, SendResult
 
 CHANNEL = "sms"
 MEDIUM_CODE = "SMSWRIT"
+# WhatsApp shares Twilio's Messages API and this webhook (worker/channels/whatsapp.py sends).
+WHATSAPP_CHANNEL = "whatsapp"
+# Its medium code, in Switchboard's own system (worker.fhir.resources.WHATSAPP_MEDIUM_CODE,
+# which channels may not import: a unit test keeps the two equal).
+WHATSAPP_MEDIUM_CODE = "whatsapp"
 REQUIRED_FIELDS = ("MessageSid", "From", "To")
 STATUS_FIELDS = ("MessageSid", "MessageStatus")
 TWILIO_API = "https://api.twilio.com"
@@ -117,7 +128,7 @@ def field_problems(kind: str, params: Mapping[str, str] | Iterable[tuple[str, st
         elif not PARAM_NAME.fullmatch(name) or any(
                 name.startswith(known) for known in KNOWN_NAMES):
             problems.append(f"{name} (unknown parameter)")
-        elif shapes.get(previous) is _free:
+        elif shapes.get(previous) in FREE_TEXT:
             # Right after free text in the signed string: the tail of the body cut off into a
             # new name (`Body="Cancel "` + `Friday=" appointment…"` signs like the original
             # and turned a message into an opt-out keyword, found by the hostile review).
@@ -132,6 +143,7 @@ def field_problems(kind: str, params: Mapping[str, str] | Iterable[tuple[str, st
         if alias in seen and seen[alias] != seen.get("MessageSid"):
             problems.append(alias)
     if kind == "sms":
+        problems += whatsapp_problems(seen)
         count = seen.get("NumMedia", "0")
         count = count if _digits(count, 2) else "0"
         for name in seen:
@@ -139,6 +151,25 @@ def field_problems(kind: str, params: Mapping[str, str] | Iterable[tuple[str, st
             if found and int(found.group(2)) >= int(count):
                 problems.append(f"{name} (beyond NumMedia)")
     return sorted(set(problems), key=problems.index)
+
+
+def is_whatsapp(address: str) -> bool:
+    """Whether a Twilio address names a WhatsApp user (`whatsapp:+E164`)."""
+    return address[:len(WHATSAPP)].lower() == WHATSAPP
+
+
+def whatsapp_problems(seen: Mapping[str, str]) -> list[str]:
+    """What is inconsistent about an incoming message's WhatsApp fields (names, never values):
+    WaId (when given) is the digits of a WhatsApp From's number, so a signed SMS cannot carry
+    another number's WhatsApp id. (`To` is not compared with `From`: which channel a message
+    is follows `From` alone, and only our own numbers receive.)"""
+    sender = seen.get("From", "")
+    problems: list[str] = []
+    wa_id = seen.get("WaId")
+    if wa_id is not None and (not is_whatsapp(sender)
+                              or re.sub(r"[^0-9]", "", sender) != wa_id):
+        problems.append("WaId (not From's number)")
+    return problems
 
 
 def _digits(value: str, most: int) -> bool:
@@ -162,6 +193,15 @@ def _free(value: str) -> bool:
     return True  # free text (the message itself): any content, checked where it is written
 
 
+def _profile_name(value: str) -> bool:
+    # WhatsApp's display name of the sender (PHI: never logged): any printable text, bounded.
+    return len(value) <= 256 and re.fullmatch(r"[^\x00-\x1f\x7f]*", value) is not None
+
+
+# Fields after which an unknown name is suspect (see field_problems): free text.
+FREE_TEXT = (_free, _profile_name)
+
+
 _COMMON: dict[str, Callable[[str], bool]] = {
     "MessageSid": lambda v: MESSAGE_SID.fullmatch(v) is not None,
     "SmsSid": lambda v: MESSAGE_SID.fullmatch(v) is not None,
@@ -181,6 +221,27 @@ SMS_FIELDS: dict[str, Callable[[str], bool]] = {
     "SmsStatus": lambda v: v.lower() in STATUSES,
     "ConversationSid": lambda v: CONVERSATION_SID.fullmatch(v) is not None,
     "OptOutType": _text(16, "[A-Z]"),
+    # WhatsApp adds these to the incoming-message webhook (Twilio's "WhatsApp-specific
+    # parameters"): the sender's WhatsApp id (their number's digits) and display name, the
+    # kind of message, a shared location, quick-reply buttons, forwards, the message replied
+    # to, and click-to-WhatsApp ad referrals.
+    "WaId": lambda v: _digits(v, 15),
+    "ProfileName": _profile_name,
+    "MessageType": _text(32, "[a-z_]"),
+    "Latitude": lambda v: re.fullmatch(r"-?[0-9]{1,3}(\.[0-9]{1,15})?", v) is not None,
+    "Longitude": lambda v: re.fullmatch(r"-?[0-9]{1,3}(\.[0-9]{1,15})?", v) is not None,
+    "Address": _free,
+    "Label": _free,
+    "ButtonText": _free,
+    "ButtonPayload": _free,
+    "Forwarded": lambda v: v in ("true", "false"),
+    "FrequentlyForwarded": lambda v: v in ("true", "false"),
+    "OriginalRepliedMessageSid": lambda v: MESSAGE_SID.fullmatch(v) is not None,
+    "OriginalRepliedMessageSender": _phone,
+    "ChannelMetadata": _free,
+    **{f"Referral{part}": _free for part in (
+        "Body", "Headline", "SourceId", "SourceType", "SourceUrl", "MediaId",
+        "MediaContentType", "MediaUrl", "CtwaClid")},
     **{f"{side}{part}": shape for side in ("From", "To") for part, shape in (
         ("City", _text(64)), ("State", _text(64)), ("Zip", _text(16, r"[A-Za-z0-9 \-]")),
         ("Country", _text(2, "[A-Z]")))},
@@ -195,6 +256,11 @@ STATUS_FIELDS_SHAPES: dict[str, Callable[[str], bool]] = {
     "ErrorCode": lambda v: _digits(v, 6),
     "ErrorMessage": _free,
     "RawDlrDoneDate": lambda v: _digits(v, 14),
+    # WhatsApp status callbacks (`read` among the statuses) name the channel too.
+    "ChannelPrefix": _text(16, "[a-z]"),
+    "ChannelToAddress": lambda v: re.fullmatch(r"\+?[0-9]{1,16}", v) is not None,
+    "ChannelInstallSid": lambda v: re.fullmatch(r"XE[0-9a-f]{32}", v) is not None,
+    "ChannelStatusMessage": _free,
 }
 MEDIA_FIELD = re.compile(r"(MediaUrl|MediaContentType)([0-9]{1,2})")
 PARAM_NAME = re.compile(r"[A-Z][A-Za-z0-9]{0,63}")
@@ -249,9 +315,12 @@ def parse_inbound(params: Mapping[str, str], received_at: str,
         for i in range(num_media)
         if params.get(f"MediaUrl{i}") and _twilio_media(params[f"MediaUrl{i}"])
     )
+    # WhatsApp arrives on the same webhook, its addresses `whatsapp:+E164` (to_e164 reads the
+    # number): a message of its own channel and medium, so its thread and replies stay on it.
+    whatsapp = is_whatsapp(params["From"].strip())
     return InboundMessage(
-        channel=CHANNEL,
-        medium_code=MEDIUM_CODE,
+        channel=WHATSAPP_CHANNEL if whatsapp else CHANNEL,
+        medium_code=WHATSAPP_MEDIUM_CODE if whatsapp else MEDIUM_CODE,
         provider_message_id=params["MessageSid"].strip(),
         sender=sender,
         clinic_address=clinic,
@@ -284,10 +353,10 @@ ERROR_KINDS: dict[int, str] = {
 }
 
 
-def classify_error(status: int | None, code: int | None, retry_after: float | None = None
-                   ) -> SendError:
+def classify_error(status: int | None, code: int | None, retry_after: float | None = None,
+                   kinds: Mapping[int, str] = ERROR_KINDS) -> SendError:
     """The SendError for a Twilio failure (pure): the code decides, then the HTTP status."""
-    kind = ERROR_KINDS.get(code or 0)
+    kind = kinds.get(code or 0)
     if kind is None:
         if status == 429:
             kind = "throttled"
@@ -310,6 +379,7 @@ class TwilioSms:
 
     name = CHANNEL
     medium_code = MEDIUM_CODE
+    error_kinds: Mapping[int, str] = ERROR_KINDS
 
     def __init__(self, account_sid: str, auth_token: str, from_number: str,
                  messaging_service_sid: str, status_callback: str, api_base_url: str,
@@ -344,18 +414,28 @@ class TwilioSms:
 
     def send(self, message: OutboundMessage) -> SendResult:
         """Send one message; raises SendError."""
-        from twilio.base.exceptions import TwilioException
-
-        client = self._client()
-        kwargs: dict[str, Any] = {"to": message.to, "status_callback": self._callback}
-        if self._service:
-            kwargs["messaging_service_sid"] = self._service
-        else:
-            kwargs["from_"] = self._from
+        kwargs: dict[str, Any] = {}
         if message.body:
             kwargs["body"] = message.body
         if message.attachments:
             kwargs["media_url"] = [a.url for a in message.attachments]
+        return self._create(message.to, kwargs)
+
+    def _address(self, to: str) -> str:
+        """The `To` of a message to this E.164 number (WhatsApp prefixes it)."""
+        return to
+
+    def _create(self, to: str, content: dict[str, Any]) -> SendResult:
+        """Create one message to `to` with `content` (body, media, or a template)."""
+        from twilio.base.exceptions import TwilioException
+
+        client = self._client()
+        kwargs: dict[str, Any] = {"to": self._address(to), "status_callback": self._callback,
+                                  **content}
+        if self._service:
+            kwargs["messaging_service_sid"] = self._service
+        else:
+            kwargs["from_"] = self._from
         try:
             created = client.messages.create(**kwargs)
         except TwilioException as exc:
@@ -364,7 +444,7 @@ class TwilioSms:
             # The Retry-After header is not on the exception: our HTTP client kept it.
             retry_after = retry_after_seconds(client.http_client.last_headers)
             raise classify_error(getattr(exc, "status", None), getattr(exc, "code", None),
-                                 retry_after) from None
+                                 retry_after, self.error_kinds) from None
         except httpx.HTTPError as exc:
             if never_sent(exc):  # refused, unresolvable, connect timeout: nothing left us
                 raise SendError("provider-unavailable", type(exc).__name__) from None
@@ -375,8 +455,8 @@ class TwilioSms:
             raise SendError("outcome-unknown", type(exc).__name__) from None
         return SendResult(provider_id=str(created.sid), status=str(created.status))
 
-    def fetch_status(self, sid: str) -> tuple[str, str]:
-        """Ask Twilio for a message's current status: (status, error code or "")."""
+    def fetch_status(self, sid: str) -> tuple[str, str, str]:
+        """Ask Twilio for a message's current status: (status, error code or "", its To)."""
         from twilio.base.exceptions import TwilioException
 
         try:
@@ -387,7 +467,8 @@ class TwilioSms:
         except httpx.HTTPError as exc:
             raise SendError("provider-unavailable", type(exc).__name__) from None
         code = message.error_code
-        return str(message.status), "" if code in (None, "") else str(code)
+        return (str(message.status), "" if code in (None, "") else str(code),
+                str(message.to or ""))
 
 
 # The largest Twilio answer read (a Message resource is about 2 KB of JSON; a page of them

@@ -22,7 +22,8 @@ WHATSAPP_MEDIUM_CODE = "whatsapp"
 _MEDIUM_SYSTEM = {WHATSAPP_MEDIUM_CODE: SWITCHBOARD_MEDIUM}
 _MEDIUM_DISPLAY = {"SMSWRIT": "SMS writing", "EMAILWRIT": "email writing",
                    WHATSAPP_MEDIUM_CODE: "WhatsApp"}
-_TOPIC = {"sms": "SMS conversation", "email": "Email conversation"}
+_TOPIC = {"sms": "SMS conversation", "email": "Email conversation",
+          "whatsapp": "WhatsApp conversation"}
 
 Resource = dict[str, Any]
 

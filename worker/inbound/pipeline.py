@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from worker.channels.twilio import CHANNEL, opt_keyword
+from worker.channels.twilio import CHANNEL, WHATSAPP_CHANNEL, opt_keyword
 from worker.errors import PermanentError
 from worker.fhir.outcome import FhirPermanentError
 from worker.fhir.resources import patient_with_email, patient_with_phone
@@ -23,7 +23,8 @@ class OptOutList(Protocol):
 def apply_opt_keyword(msg: InboundMessage, optouts: OptOutList) -> str | None:
     """A STOP keeps later sends to this sender from leaving; a START (UNSTOP, YES) lifts it.
     The message itself is written like any other: the clinic sees it too."""
-    change = opt_keyword(msg.body) if msg.channel == CHANNEL else None
+    # WhatsApp too: Twilio honours the same keywords there (its Advanced Opt-Out).
+    change = opt_keyword(msg.body) if msg.channel in (CHANNEL, WHATSAPP_CHANNEL) else None
     if change == "opt-out":
         optouts.add(msg.channel, msg.sender)
     elif change == "opt-in":

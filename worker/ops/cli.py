@@ -14,8 +14,11 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from redis import Redis
+
 from worker.broker.spool import Spool, spool_from_settings
 from worker.channels.phones import InvalidPhoneNumber, to_e164
+from worker.channels.whatsapp import WINDOW_SECONDS
 from worker.crypto import Unsealable, generate_key
 from worker.fhir.client import FhirClient
 from worker.ops import demo, logs
@@ -29,6 +32,7 @@ from worker.stores.dead_letters import (
     quarantined,
 )
 from worker.stores.optouts import OptOuts
+from worker.stores.whatsapp import WhatsAppStore
 
 
 def _ts(t: float) -> str:
@@ -121,7 +125,7 @@ def cmd_dlq_quarantined(settings: Settings, args: argparse.Namespace) -> int:
 
 def _optouts(settings: Settings, args: argparse.Namespace) -> tuple[OptOuts, str]:
     address = args.address.strip()
-    if args.channel == "sms":
+    if args.channel in ("sms", "whatsapp"):
         # Read as stored numbers are, so the digest matches what a send to it checks.
         address = to_e164(address, settings.phone_default_region)  # reported by cmd_optout
     else:
@@ -149,6 +153,24 @@ def cmd_optout(settings: Settings, args: argparse.Namespace) -> int:
     found = optouts.has(args.channel, address)
     print("opted out" if found else "not opted out")
     return 0 if found else 1
+
+
+def _whatsapp_store(settings: Settings, client: Redis) -> WhatsAppStore:
+    return WhatsAppStore(client, settings.sealer(), settings.optout_key(), WINDOW_SECONDS)
+
+
+def cmd_whatsapp_held(settings: Settings, args: argparse.Namespace) -> int:
+    """List the WhatsApp replies held for a closed 24-hour window, oldest first: their
+    Communication, API request, since when and until when (no patient details)."""
+    client = redis_client(settings, socket_timeout=5)
+    held = _whatsapp_store(settings, client).all()
+    hold = settings.whatsapp_hold_hours * 3600
+    for reply in held:
+        print(f"Communication/{reply.communication_id}  request={reply.request_id}  "
+              f"held={_ts(reply.held_at)}  expires={_ts(reply.held_at + hold)}")
+    print(f"{len(held)} held" + ("" if settings.whatsapp_template_content_sid else
+                                 " (no WHATSAPP_TEMPLATE_CONTENT_SID: none can be held)"))
+    return 0
 
 
 def cmd_dlq_show(settings: Settings, args: argparse.Namespace) -> int:
@@ -399,7 +421,8 @@ def cmd_keys_rotate(settings: Settings, args: argparse.Namespace) -> int:
               "inbox entries": Inbox(client, sealer).reseal,
               "request states": OutboundState(client, sealer).reseal,
               "send records": SendLedger(client, sealer).reseal,
-              "inbound email posts": EmailPosts.from_settings(client, settings).reseal}
+              "inbound email posts": EmailPosts.from_settings(client, settings).reseal,
+              "held WhatsApp replies": _whatsapp_store(settings, client).reseal}
     log = _dlq_log(settings)
     unopenable = 0
     for what, reseal in passes.items():
@@ -495,6 +518,7 @@ DEMO_CLINIC_PHONE = "+15557654321"
 DEMO_PATIENT_EMAIL = "demo.patient@example.org"
 DEMO_CLINIC_EMAIL = "care@clinic.example"
 DEMO_CONVERSATIONS_IDENTITY = "clinic-desk"
+DEMO_WHATSAPP_TEMPLATE = "HX" + "d" * 32  # the provider sandbox takes any well-formed one
 
 
 def _dev_key(log_dir: Path) -> str:
@@ -569,6 +593,11 @@ def cmd_run(_: Settings | None, args: argparse.Namespace) -> int:
             env.update({"SENDGRID_EVENT_VERIFICATION_KEY": event_public,
                         "TWILIO_API_BASE_URL": providers_origin,
                         "TWILIO_FROM_NUMBER": DEMO_CLINIC_PHONE,
+                        # WhatsApp from the same number, with a (sandbox) approved template
+                        # that asks the patient to write when the 24-hour window is closed.
+                        "TWILIO_WHATSAPP_FROM": "whatsapp:" + DEMO_CLINIC_PHONE,
+                        "WHATSAPP_TEMPLATE_CONTENT_SID": DEMO_WHATSAPP_TEMPLATE,
+                        "WHATSAPP_TEMPLATE_VARIABLES": '{"1": "the demo clinic"}',
                         "SENDGRID_API_BASE_URL": providers_origin,
                         "SENDGRID_API_KEY": DEV_SENDGRID_KEY,
                         "SENDGRID_FROM_EMAIL": DEMO_CLINIC_EMAIL,
@@ -627,7 +656,7 @@ Switchboard is running (logs in {log_dir}; Ctrl-C stops everything).
 
 Next, in another shell:  {_switchboard_command()} demo sms
   (the demo patient texts the clinic; then try: demo reply, email, inbound-email, push,
-   conversations;
+   conversations, whatsapp;
    docs/development.md says what each shows)
 """, flush=True)
         while all(_alive(c) for c in stack.children):
@@ -706,7 +735,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "the patient through /v1/messages; inbound-email: the patient emails the "
                       "clinic; push: a push to the patient's registered phone; conversations: "
                       "the patient writes into a Twilio Conversation and a clinician's reply "
-                      "goes back into it")
+                      "goes back into it; whatsapp: the clinic writes on WhatsApp, held for "
+                      "the 24-hour window until the patient answers")
     show.add_argument("--text", help="the message text (else a demo text)")
     show.add_argument("--log-dir", default=".run", help="the log directory of `make run`")
     show.set_defaults(func=cmd_demo, needs_settings=False)
@@ -725,8 +755,13 @@ def build_parser() -> argparse.ArgumentParser:
     optout = sub.add_parser("optout", help="the local opt-out list (STOP / 21610)")
     optout.add_argument("action", choices=("check", "add", "remove"))
     optout.add_argument("address", help="phone number (any common format) or email address")
-    optout.add_argument("--channel", choices=("sms", "email"), default="sms")
+    optout.add_argument("--channel", choices=("sms", "whatsapp", "email"), default="sms")
     optout.set_defaults(func=cmd_optout)
+
+    wa = sub.add_parser("whatsapp", help="WhatsApp replies held for the 24-hour window"
+                        ).add_subparsers(dest="whatsapp", required=True)
+    wa.add_parser("held", help="list the held replies, oldest first").set_defaults(
+        func=cmd_whatsapp_held)
 
     subs = sub.add_parser("subscription", help="the FHIR Subscription of automatic outbound"
                           ).add_subparsers(dest="subscription", required=True)

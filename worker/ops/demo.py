@@ -24,7 +24,7 @@ import httpx
 from twilio.request_validator import RequestValidator
 
 STATE_FILE = "demo.json"
-DEMOS = ("sms", "reply", "email", "inbound-email", "push", "conversations")
+DEMOS = ("sms", "reply", "email", "inbound-email", "push", "conversations", "whatsapp")
 WAIT_SECONDS = 30.0  # how long a demo waits for the flow to finish before saying it did not
 T = TypeVar("T")
 
@@ -77,7 +77,7 @@ def run_demo(name: str, stack: DemoStack, text: str | None = None) -> str:
         flows: dict[str, Callable[[str | None], str]] = {
             "sms": demo.sms, "reply": demo.reply, "email": demo.email,
             "inbound-email": demo.inbound_email, "push": demo.push,
-            "conversations": demo.conversations}
+            "conversations": demo.conversations, "whatsapp": demo.whatsapp}
         return flows[name](text)
 
 
@@ -301,3 +301,40 @@ class _Demo:
                 f"thread {thread} ({CONVERSATION_SYSTEM}|{conv['conversation_sid']}); reply "
                 f"Communication/{answer['id']} posted into the Conversation as {reply} (see "
                 f"{control}/__conversations/messages)")
+    def whatsapp(self, text: str | None) -> str:
+        """The clinic writes to the demo patient on WhatsApp through /v1/messages. Outside the
+        24-hour window (the patient has not written on WhatsApp lately) the reply is held and
+        the approved template asks them to write; the patient answers (the provider sandbox
+        posts Twilio's signed WhatsApp webhook), the answer lands in the WhatsApp thread and
+        the held reply goes out on WhatsApp."""
+        sent = self._api_send("whatsapp", {"payload": [
+            {"contentString": text or "Your prescription is ready to collect"}]})
+        request_id = str(sent["id"])
+        first = _until("the reply's first verdict", lambda: (
+            state if (state := self._request_state(request_id)).get("status") in (
+                "held", "sent", "delivered", "failed") else None))
+        if first.get("status") == "failed":
+            raise DemoFailed(f"the reply failed: {first.get('error')}")
+        story = "sent at once (the patient's window was open)"
+        if first.get("status") == "held":
+            answer = self.http.post(self.s.providers_origin + "/__whatsapp/inbound", json={
+                "url": self.s.public_base_url + "/webhooks/twilio/sms",
+                "from": self.s.patient_phone, "to": self.s.clinic_phone,
+                "body": "Hi, I got your message", "profile_name": "Demo Patient"}).json()
+            if answer.get("status") != 200:
+                raise DemoFailed(f"the receiver answered {answer.get('status')} to the "
+                                 f"patient's WhatsApp message")
+            sid = str(answer["params"]["MessageSid"])
+            comm = _until("writing the patient's WhatsApp answer", lambda: next(iter(
+                self._search("Communication", [
+                    ("identifier", f"{self.s.message_id_system}|{sid}")])), None))
+            story = (f"held (template sent), released by the patient's WhatsApp answer "
+                     f"(Communication/{comm['id']} in thread {self._thread_of(comm)})")
+        done = _until("sending the reply on WhatsApp", lambda: (
+            state if (state := self._request_state(request_id)).get("status") in (
+                "sent", "delivered", "failed") else None))
+        if done.get("status") == "failed":
+            raise DemoFailed(f"the reply failed: {done.get('error')}")
+        return (f"request {request_id}: {story}; sent by whatsapp as "
+                f"{done.get('provider_id')} (Communication/{done.get('communication')}; see "
+                f"{self.s.providers_origin}/__requests?provider=twilio)")

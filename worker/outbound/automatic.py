@@ -283,8 +283,9 @@ def on_notification(req: OutboundRequest, deps: OutboundDeps, task_id: str,
                  if deps.ledger.done(i) is None]
         if ahead:
             raise Deferred(order_wait(comm, now), "thread-order")
-    send_outbound(req, deps, task_id)
-    return "sent"
+    result = send_outbound(req, deps, task_id)
+    # A WhatsApp reply outside the 24-hour window waits for the patient (outbound/whatsapp.py).
+    return "held" if result.status == "held" else "sent"
 
 
 def _thread_messages(comm: Mapping[str, Any], deps: OutboundDeps) -> list[dict[str, Any]]:

@@ -30,6 +30,7 @@ from worker.channels.sendgrid import (
     EMAIL_MESSAGE_ID_SYSTEM,
     clean_subject,
 )
+from worker.channels.whatsapp import TwilioWhatsApp
 from worker.errors import Deferred, PermanentError, TransientError
 from worker.fhir.reference import parse_reference
 from worker.fhir.resources import identifier
@@ -51,6 +52,8 @@ from worker.outbound.sending import (
     deferral,
     record_sent,
 )
+from worker.outbound.whatsapp import OUTSIDE_WINDOW, hold_reply, window_open
+from worker.outbound.whatsapp import policy as wa_policy
 
 log = logging.getLogger("switchboard.outbound")
 SEND_ERROR_SYSTEM = "urn:switchboard:send-error"
@@ -134,6 +137,12 @@ def _send(req: OutboundRequest, deps: OutboundDeps, comm: Mapping[str, Any], com
     if channel == "email":
         # Before the claim: a FHIR failure here is an ordinary retry, not a held claim.
         message = _email_thread(message, thread, deps)
+    whatsapp_queue, wa_impl = None, impl if isinstance(impl, TwilioWhatsApp) else None
+    if wa_impl is not None:
+        # Before the claim too (it may ask FHIR); acted on after the gate, so an opted-out
+        # patient gets no template and the template keeps the channel's pace.
+        whatsapp_queue = wa_policy(deps).store.queue(to, wa_impl.sender_key())
+        window = window_open(deps, whatsapp_queue, thread.patient_id)
     gate = deps.gate.open(comm_id, task_id, f"{channel}:{impl.sender_key()}",
                           deps.rates[channel], req.rate_slot, opt_out=(channel, to))
     if gate.done is not None:  # sent by an earlier run that died before FHIR heard of it
@@ -150,12 +159,21 @@ def _send(req: OutboundRequest, deps: OutboundDeps, comm: Mapping[str, Any], com
         # A claim this old without a result: its holder died while the provider answered.
         # The text may or may not have gone out; sending again could text the patient twice.
         raise SendError("outcome-unknown", "a worker died while the provider was answering")
+    if wa_impl is not None and not window:
+        deps.ledger.release(comm_id)  # nothing goes out: the reply is held
+        return hold_reply(deps, wa_impl, comm_id, req.request_id, to,
+                          "outside the WhatsApp 24-hour window")
     try:
         result = impl.send(message)
     except SendError as exc:
         count_send(deps, channel, exc.kind)
         if exc.kind != "outcome-unknown":
             deps.ledger.release(comm_id)  # the provider refused: nothing went out
+        if exc.kind == OUTSIDE_WINDOW and wa_impl is not None and whatsapp_queue:
+            # Twilio knows better than our record (63016): hold as if we had known.
+            wa_policy(deps).store.close(whatsapp_queue)
+            return hold_reply(deps, wa_impl, comm_id, req.request_id, to,
+                              "Twilio 63016: outside the WhatsApp 24-hour window")
         if exc.kind == "opted-out":
             deps.optouts.add(channel, to)
         exc.attempts, exc.channel = req.attempts, channel
@@ -248,14 +266,19 @@ def _already_sent(req: OutboundRequest, comm: Mapping[str, Any], comm_id: str,
     send gate answers it (one Redis step with the claim), and so do the failure paths below,
     before they would mark a sent message failed (_sent_before).
     """
-    systems = {v: k for k, v in deps.id_systems.items()}
+    systems: dict[str, str] = {}
+    for name, system in deps.id_systems.items():  # SMS and WhatsApp share Twilio's SIDs
+        systems.setdefault(system, name)
     idents = [i for i in _list(comm.get("identifier")) if isinstance(i, Mapping)]
     if not any(i.get("system") == deps.request_system for i in idents):
         return None
     recorded = next((i for i in idents if i.get("system") in systems), None)
     if recorded is None:
         return None
-    done = {"provider_id": str(recorded.get("value")), "channel": systems[recorded["system"]],
+    by_medium = medium_channel(comm)
+    channel = by_medium if by_medium and deps.id_systems.get(by_medium) == recorded[
+        "system"] else systems[recorded["system"]]
+    done = {"provider_id": str(recorded.get("value")), "channel": channel,
             "message_id": ""}
     deps.state.update(req.request_id, "sent", communication=comm_id, **done)
     return SendResult(done["provider_id"], "sent", "")

@@ -16,7 +16,7 @@ from worker.channels.twilio import TwilioSms
 from worker.errors import TransientError
 from worker.fhir.client import FhirClient
 from worker.ops.metrics import Metrics
-from worker.outbound.status import apply_status
+from worker.outbound.status import OutsideWindow, apply_status
 from worker.stores.outbound_state import OutboundState
 
 log = logging.getLogger("switchboard.reconcile")
@@ -24,8 +24,11 @@ log = logging.getLogger("switchboard.reconcile")
 
 def reconcile_stuck(fhir: FhirClient, channel: TwilioSms, sid_system: str, request_system: str,
                     state: OutboundState, metrics: Metrics, stuck_after: float,
-                    batch: int = 100, now: datetime | None = None) -> dict[str, int]:
-    """Reconcile up to `batch` stuck SMS sends; returns counts by outcome."""
+                    batch: int = 100, now: datetime | None = None,
+                    outside_window: OutsideWindow | None = None) -> dict[str, int]:
+    """Reconcile up to `batch` stuck SMS and WhatsApp sends (one Messages API, one SID
+    system); returns counts by outcome. A WhatsApp send Twilio failed with 63016 is held as
+    its callback would have held it (`outside_window`)."""
     cutoff = (now or datetime.now(UTC)) - timedelta(seconds=stuck_after)
     bundle = fhir.search("Communication", [
         ("status", "in-progress"),
@@ -44,11 +47,11 @@ def reconcile_stuck(fhir: FhirClient, channel: TwilioSms, sid_system: str, reque
             continue
         counts["checked"] += 1
         try:
-            status, error_code = channel.fetch_status(str(sid))
+            status, error_code, to = channel.fetch_status(str(sid))
             result = apply_status(fhir, sid_system, {"MessageSid": str(sid),
                                                      "MessageStatus": status,
-                                                     "ErrorCode": error_code},
-                                  state, request_system)
+                                                     "ErrorCode": error_code, "To": to},
+                                  state, request_system, outside_window)
         except (SendError, TransientError) as exc:
             counts["errors"] += 1
             log.warning("reconcile %s failed: %s", sid, getattr(exc, "kind", None) or

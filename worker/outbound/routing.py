@@ -6,14 +6,16 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from worker.channels import fcm, sendgrid, twilio, twilio_conversations
+from worker.channels import fcm, sendgrid, twilio, twilio_conversations, whatsapp
 from worker.channels.phones import DEFAULT_REGION, InvalidPhoneNumber, to_e164
 
 # Each channel module names its v3-ParticipationMode code; the mapping follows from them.
 MEDIUM_TO_CHANNEL = {twilio.MEDIUM_CODE: twilio.CHANNEL, sendgrid.MEDIUM_CODE: sendgrid.CHANNEL,
-                     fcm.MEDIUM_CODE: fcm.CHANNEL}
+                     fcm.MEDIUM_CODE: fcm.CHANNEL, whatsapp.MEDIUM_CODE: whatsapp.CHANNEL}
 CHANNEL_TO_MEDIUM = {v: k for k, v in MEDIUM_TO_CHANNEL.items()}
-_SYSTEMS = {"sms": ("sms", "phone"), "email": ("email",)}
+# Channels that address a patient by phone number (Patient.telecom sms/phone, read as E.164).
+PHONE_CHANNELS = frozenset({twilio.CHANNEL, whatsapp.CHANNEL})
+_SYSTEMS = {"sms": ("sms", "phone"), "whatsapp": ("sms", "phone"), "email": ("email",)}
 
 
 def medium_channel(resource: Mapping[str, Any] | None) -> str | None:
@@ -59,12 +61,12 @@ def pick_contact(telecoms: Iterable[Mapping[str, Any]], channel: str,
         if not _current(t, channel, now):
             continue
         value = str(t["value"]).strip()
-        if channel == "sms":
+        if channel in PHONE_CHANNELS:
             try:
                 value = to_e164(value, region)
             except InvalidPhoneNumber:
                 continue
-        mobile_first = 0 if (channel != "sms" or t.get("use") == "mobile") else 1
+        mobile_first = 0 if (channel not in PHONE_CHANNELS or t.get("use") == "mobile") else 1
         candidates.append((mobile_first, int(t.get("rank") or 1_000_000), order, value))
     return min(candidates)[3] if candidates else None
 

@@ -28,6 +28,7 @@ from worker.stores.optouts import OptOuts
 from worker.stores.outbound_state import OutboundState
 from worker.stores.send_gate import Opened, SendGate
 from worker.stores.send_ledger import SendLedger
+from worker.stores.whatsapp import WhatsAppStore
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,9 @@ class OutboundRequest:
         resource = payload.get("resource")
         channel = payload.get("channel")
         # `conversations` is set by the pipeline itself (a deferred reply keeps its channel).
-        if channel not in (None, "sms", "email", "push", "conversations"):
-            raise PermanentError("invalid-payload", "channel must be sms, email or push")
+        if channel not in (None, "sms", "email", "push", "whatsapp", "conversations"):
+            raise PermanentError("invalid-payload",
+                                 "channel must be sms, email, push or whatsapp")
         if comm is not None:
             if not isinstance(comm, str):
                 raise PermanentError("invalid-payload", "communication must be a string")
@@ -67,6 +69,18 @@ class OutboundRequest:
                    resource if isinstance(resource, dict) else None, channel,
                    tuple(str(a) for a in payload.get("attempts") or ()),
                    float(slot) if isinstance(slot, int | float) else None)
+
+
+@dataclass(frozen=True)
+class WhatsAppPolicy:
+    """What a closed WhatsApp window needs: the store of windows and held replies, the
+    approved template (empty: a closed window fails the reply), its patient-free variables,
+    and how long a reply waits."""
+
+    store: WhatsAppStore
+    template_sid: str
+    template_variables: str
+    hold_seconds: float
 
 
 @dataclass
@@ -89,6 +103,7 @@ class OutboundDeps:
     device_system: str = "urn:switchboard:fcm-token"  # push tokens on FHIR Devices
     channel_order: tuple[str, ...] = ("sms", "email")  # CHANNEL_ORDER
     phone_region: str = DEFAULT_REGION  # PHONE_DEFAULT_REGION: stored numbers without +CC
+    whatsapp: WhatsAppPolicy | None = None  # the 24-hour window and held replies
     # Sent before? opted out? a send slot? the claim? One Redis step over the stores' keys.
     gate: SendGate = field(init=False)
 
@@ -145,7 +160,7 @@ def record_sent(deps: OutboundDeps, comm_id: str, channel: str, result: SendResu
         if channel in CHANNEL_TO_MEDIUM:  # a Conversation's medium is its header's already
             c["medium"] = [medium(CHANNEL_TO_MEDIUM[channel])]
         c["sent"] = c.get("sent") or datetime.now(UTC).isoformat(timespec="milliseconds")
-        if c.get("status") in (None, "preparation"):
+        if c.get("status") in (None, "preparation", "on-hold"):  # on-hold: WhatsApp window
             c["status"] = "in-progress"
         if attempts:
             c["note"] = [*(c.get("note") or []), *({"text": a} for a in attempts)]

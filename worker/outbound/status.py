@@ -10,6 +10,7 @@ import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from worker.channels.sendgrid import ARG_COMMUNICATION, ARG_REQUEST, provider_message_id
@@ -23,12 +24,16 @@ from worker.fhir.update import guarded_update
 from worker.ids import REQUEST_ID
 from worker.outbound.routing import medium_channel
 from worker.outbound.status_map import (
+    READ_AT_EXTENSION,
     SENDGRID_TO_FHIR,
+    TERMINAL,
     TWILIO_TO_FHIR,
     next_status,
+    records_read,
     sendgrid_event_kind,
     sendgrid_status_event,
 )
+from worker.outbound.whatsapp import REFUSED_SID_SYSTEM
 from worker.stores.optouts import OptOuts
 from worker.stores.outbound_state import OutboundState
 
@@ -45,9 +50,17 @@ def _move(fhir: FhirClient, comm_id: str, status: str, table: Mapping[str, str],
     outcome: dict[str, str] = {"result": "ignored"}
 
     def change(c: dict[str, Any]) -> dict[str, Any] | None:
-        target = next_status(str(c.get("status", "")), status, table)
+        current = str(c.get("status", ""))
+        target = next_status(current, status, table)
+        extensions = list(c.get("extension") or [])
+        if records_read(current, status, any(e.get("url") == READ_AT_EXTENSION
+                                             for e in extensions)):
+            # The callback carries no time of its own: the time we heard of it.
+            c["extension"] = [*extensions, {"url": READ_AT_EXTENSION, "valueDateTime": datetime.now(
+                UTC).isoformat(timespec="milliseconds")}]
+            outcome["result"] = "read"
         if target is None:
-            return None
+            return c if outcome["result"] == "read" else None
         c["status"] = target
         if target == "stopped":
             c["statusReason"] = reason()
@@ -68,10 +81,16 @@ def _move(fhir: FhirClient, comm_id: str, status: str, table: Mapping[str, str],
     return outcome["result"]
 
 
+# What a WhatsApp send refused outside the 24-hour window (63016) turns into:
+# worker.outbound.whatsapp.refused_outside_window(comm_id, request_id, params).
+OutsideWindow = Callable[[str, str | None, Mapping[str, str]], str]
+
+
 def apply_status(fhir: FhirClient, sid_system: str, params: Mapping[str, str],
-                 state: OutboundState, request_system: str = "urn:switchboard:outbound-request"
-                 ) -> str:
-    """Apply one Twilio status callback; returns what happened ("completed", "ignored", …)."""
+                 state: OutboundState, request_system: str = "urn:switchboard:outbound-request",
+                 outside_window: OutsideWindow | None = None) -> str:
+    """Apply one Twilio status callback; returns what happened ("completed", "read",
+    "held", "ignored", …)."""
     sid = (params.get("MessageSid") or params.get("SmsSid") or "").strip()
     status = (params.get("MessageStatus") or params.get("SmsStatus") or "").strip().lower()
     if not sid or not status:
@@ -79,12 +98,29 @@ def apply_status(fhir: FhirClient, sid_system: str, params: Mapping[str, str],
     error_code = (params.get("ErrorCode") or "").strip()
     if not re.fullmatch(r"[0-9]{1,6}", error_code):
         error_code = ""  # the receiver refuses other shapes; never trust one that got here
-    found = fhir.search("Communication", [("identifier", token(sid_system, sid)),
-                                          ("_count", "2")])
+    found = fhir.search("Communication", [
+        ("identifier", ",".join((token(sid_system, sid), token(REFUSED_SID_SYSTEM, sid)))),
+        ("_count", "2")])
     entries = [e["resource"] for e in found.get("entry") or []]
     if not entries:
         # Twilio can call back before our own record of the send reached FHIR: try again.
         raise TransientError("communication-not-found", "no Communication has this MessageSid")
+
+    comm = entries[0]
+    idents = [i for i in comm.get("identifier") or [] if isinstance(i, Mapping)]
+    current = {i.get("value") for i in idents if i.get("system") == sid_system}
+    refused = sid in {i.get("value") for i in idents if i.get("system") == REFUSED_SID_SYSTEM}
+    if (outside_window is not None and error_code == "63016"
+            and status in ("failed", "undelivered") and medium_channel(comm) == "whatsapp"
+            and comm.get("status") not in TERMINAL
+            and (sid in current or (refused and not current))):
+        # WhatsApp refused a free-form reply outside the 24-hour window: held, not failed
+        # (again, for a redelivered callback, until the reply is sent anew).
+        request_id = next((str(i.get("value")) for i in idents
+                           if i.get("system") == request_system), None)
+        return outside_window(str(comm["id"]), request_id, params)
+    if sid not in current:
+        return "ignored"  # about a send refused with 63016, which is no longer a send of it
 
     def reason() -> dict[str, Any]:
         codings = [{"system": TWILIO_ERROR_SYSTEM, "code": error_code}] if error_code else []

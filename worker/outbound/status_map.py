@@ -65,3 +65,18 @@ def sendgrid_status_event(event: str, bounce_type: str = "") -> str:
     """The event name to map: a `bounce` whose `type` is `blocked` is a block."""
     name = event.lower()
     return "blocked" if name == "bounce" and bounce_type.lower() == "blocked" else name
+
+
+# When the patient read a message (WhatsApp's `read` status): FHIR's Communication has no
+# element for it (`received` is delivery), so an extension of ours carries the time, a
+# valueDateTime (docs/channels.md, "WhatsApp").
+READ_AT_EXTENSION = "urn:switchboard:fhir:communication-read-at"
+
+
+def records_read(current: str, provider_status: str, already_read: bool) -> bool:
+    """Whether this status says the patient read the message and that is not recorded yet
+    (pure). Recorded whatever the status is, even a final one (a late `read` after
+    `delivered`, or one after a failure Twilio reported first), except on a withdrawn
+    message (`entered-in-error`); the status itself moves only as next_status says."""
+    return (provider_status.lower() == "read" and not already_read
+            and current != "entered-in-error")

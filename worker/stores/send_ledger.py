@@ -88,6 +88,15 @@ class SendLedger:
         """Give the claim back (the provider refused before sending, so a retry is safe)."""
         self._r.delete(self.CLAIM + communication_id)
 
+    def claimed(self, communication_id: str) -> bool:
+        """Whether a send of this Communication is claimed (in flight, or died mid-send)."""
+        return bool(self._r.exists(self.CLAIM + communication_id))
+
+    def undo(self, communication_id: str) -> None:
+        """Forget a send the provider reported as never delivered because it could not be
+        (WhatsApp's 63016 outside the 24-hour window), so the held reply can go out again."""
+        self._r.delete(self.DONE + communication_id, self.CLAIM + communication_id)
+
     def record(self, communication_id: str, result: dict[str, str],
                state: StateChange | None = None) -> None:
         """Remember that the provider took the message (first thing after its answer). The API
