@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from flask import Blueprint, Response, current_app, request
@@ -38,6 +39,24 @@ def public_url(settings: Settings) -> str:
     return settings.public_base_url + request.path + (f"?{query}" if query else "")
 
 
+Reject = Callable[..., tuple[Response, int]]
+
+
+def refused_as_unsigned(settings: Settings, signature: TwilioSignature, reject: Reject
+                        ) -> tuple[Response, int] | None:
+    """The refusal of a post that is not a form Twilio signed for our public URL (415, 403),
+    or None: the first check of every Twilio webhook (SMS, status, Conversations)."""
+    if request.mimetype != "application/x-www-form-urlencoded":
+        # Twilio only ever posts urlencoded forms; multipart bodies can carry nameless
+        # parts the signature check cannot even sort (found by the fuzz scenario).
+        return reject(415, "unsupported-media-type",
+                      "expected application/x-www-form-urlencoded")
+    if not signature.is_valid(public_url(settings), request.form,
+                              request.headers.get("X-Twilio-Signature")):
+        return reject(403, "bad-signature", "X-Twilio-Signature is missing or does not match")
+    return None
+
+
 def twilio_blueprint(settings: Settings) -> Blueprint:
     """Routes for Twilio webhooks."""
     bp = Blueprint("twilio", __name__)
@@ -55,16 +74,10 @@ def twilio_blueprint(settings: Settings) -> Blueprint:
             return rejected(endpoint, f"twilio {kind} webhook", status, reason, detail, fields,
                             error)
 
-        if request.mimetype != "application/x-www-form-urlencoded":
-            # Twilio only ever posts urlencoded forms; multipart bodies can carry nameless
-            # parts the signature check cannot even sort (found by the fuzz scenario).
-            return reject(415, "unsupported-media-type",
-                          "expected application/x-www-form-urlencoded")
+        refusal = refused_as_unsigned(settings, signature, reject)
+        if refusal:
+            return refusal
         form = request.form
-        if not signature.is_valid(public_url(settings), form,
-                                  request.headers.get("X-Twilio-Signature")):
-            return reject(403, "bad-signature",
-                          "X-Twilio-Signature is missing or does not match")
         params = form.to_dict(flat=True)
         missing = missing_fields(params, required)
         if missing:

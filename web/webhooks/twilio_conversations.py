@@ -9,7 +9,7 @@ from flask import Blueprint, Response, current_app, request
 from web.enqueue import EnqueueFailed
 from web.spooling import SpoolingEnqueuer
 from web.webhooks import rejected
-from web.webhooks.twilio import public_url
+from web.webhooks.twilio import refused_as_unsigned
 from worker.broker.celery_app import (
     QUEUE_INBOUND,
     QUEUE_STATUS,
@@ -45,13 +45,10 @@ def conversations_blueprint(settings: Settings) -> Blueprint:
     def conversations_event() -> tuple[Response, int]:
         metrics: Metrics = current_app.extensions["switchboard.metrics"]
         metrics.inc("switchboard_webhooks_received", endpoint=ENDPOINT)
-        if request.mimetype != "application/x-www-form-urlencoded":
-            return reject(415, "unsupported-media-type",
-                          "expected application/x-www-form-urlencoded")
+        refusal = refused_as_unsigned(settings, signature, reject)
+        if refusal:
+            return refusal
         form = request.form
-        if not signature.is_valid(public_url(settings), form,
-                                  request.headers.get("X-Twilio-Signature")):
-            return reject(403, "bad-signature", "X-Twilio-Signature is missing or does not match")
         invalid = field_problems(form.items(multi=True), settings.twilio_account_sid)
         if invalid:
             return reject(400, "invalid-fields", "malformed or missing: " + ", ".join(invalid),
